@@ -1,0 +1,571 @@
+//! The replication job: change types, their typed params, and the JSON
+//! contract (`schemas/replication-event.v1.json`) decoded once at the edge.
+//!
+//! Decoding is hand-written over `serde_json::Value` rather than derived so that
+//! every rejection names the offending field by its path (`params.prune`).
+
+use serde_json::{Map, Value};
+use std::fmt;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+/// The kind of a job, as Praefect spells it on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ChangeType {
+    Update,
+    Create,
+    Delete,
+    DeleteReplica,
+    Rename,
+    GarbageCollect,
+    RepackFull,
+    RepackIncremental,
+    Cleanup,
+    PackRefs,
+    WriteCommitGraph,
+    MidxRepack,
+    OptimizeRepository,
+}
+
+impl ChangeType {
+    /// Every change type, in a stable order (metrics, docs, tests).
+    pub const ALL: [ChangeType; 13] = [
+        ChangeType::Update,
+        ChangeType::Create,
+        ChangeType::Delete,
+        ChangeType::DeleteReplica,
+        ChangeType::Rename,
+        ChangeType::GarbageCollect,
+        ChangeType::RepackFull,
+        ChangeType::RepackIncremental,
+        ChangeType::Cleanup,
+        ChangeType::PackRefs,
+        ChangeType::WriteCommitGraph,
+        ChangeType::MidxRepack,
+        ChangeType::OptimizeRepository,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChangeType::Update => "update",
+            ChangeType::Create => "create",
+            ChangeType::Delete => "delete",
+            ChangeType::DeleteReplica => "delete_replica",
+            ChangeType::Rename => "rename",
+            ChangeType::GarbageCollect => "gc",
+            ChangeType::RepackFull => "repack_full",
+            ChangeType::RepackIncremental => "repack_incremental",
+            ChangeType::Cleanup => "cleanup",
+            ChangeType::PackRefs => "pack_refs",
+            ChangeType::WriteCommitGraph => "write_commit_graph",
+            ChangeType::MidxRepack => "midx_repack",
+            ChangeType::OptimizeRepository => "optimize_repository",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<ChangeType> {
+        ChangeType::ALL.into_iter().find(|c| c.as_str() == s)
+    }
+
+    /// `update` and `create` copy data from a source replica; nothing else does.
+    pub fn needs_source(self) -> bool {
+        matches!(self, ChangeType::Update | ChangeType::Create)
+    }
+}
+
+impl fmt::Display for ChangeType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `WriteCommitGraph`'s split strategy; Gitaly's enum has one value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SplitStrategy {
+    #[default]
+    SizeMultiple,
+}
+
+impl SplitStrategy {
+    /// The enum number on the wire.
+    pub fn as_i32(self) -> i32 {
+        match self {
+            SplitStrategy::SizeMultiple => 0,
+        }
+    }
+}
+
+/// A change type with its typed params.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    Update,
+    Create,
+    Delete,
+    DeleteReplica,
+    Rename {
+        new_relative_path: String,
+    },
+    GarbageCollect {
+        create_bitmap: bool,
+        prune: bool,
+    },
+    RepackFull {
+        create_bitmap: bool,
+    },
+    RepackIncremental,
+    Cleanup,
+    PackRefs {
+        all_refs: bool,
+    },
+    WriteCommitGraph {
+        split_strategy: SplitStrategy,
+    },
+    MidxRepack,
+    OptimizeRepository,
+}
+
+impl Change {
+    pub fn change_type(&self) -> ChangeType {
+        match self {
+            Change::Update => ChangeType::Update,
+            Change::Create => ChangeType::Create,
+            Change::Delete => ChangeType::Delete,
+            Change::DeleteReplica => ChangeType::DeleteReplica,
+            Change::Rename { .. } => ChangeType::Rename,
+            Change::GarbageCollect { .. } => ChangeType::GarbageCollect,
+            Change::RepackFull { .. } => ChangeType::RepackFull,
+            Change::RepackIncremental => ChangeType::RepackIncremental,
+            Change::Cleanup => ChangeType::Cleanup,
+            Change::PackRefs { .. } => ChangeType::PackRefs,
+            Change::WriteCommitGraph { .. } => ChangeType::WriteCommitGraph,
+            Change::MidxRepack => ChangeType::MidxRepack,
+            Change::OptimizeRepository => ChangeType::OptimizeRepository,
+        }
+    }
+
+    fn params_json(&self) -> Option<Value> {
+        let mut m = Map::new();
+        match self {
+            Change::Rename { new_relative_path } => {
+                m.insert("new_relative_path".into(), new_relative_path.clone().into());
+            }
+            Change::GarbageCollect {
+                create_bitmap,
+                prune,
+            } => {
+                m.insert("create_bitmap".into(), (*create_bitmap).into());
+                m.insert("prune".into(), (*prune).into());
+            }
+            Change::RepackFull { create_bitmap } => {
+                m.insert("create_bitmap".into(), (*create_bitmap).into());
+            }
+            Change::PackRefs { all_refs } => {
+                m.insert("all_refs".into(), (*all_refs).into());
+            }
+            Change::WriteCommitGraph { split_strategy } => {
+                let s = match split_strategy {
+                    SplitStrategy::SizeMultiple => "size_multiple",
+                };
+                m.insert("split_strategy".into(), s.into());
+            }
+            _ => return None,
+        }
+        Some(Value::Object(m))
+    }
+}
+
+/// One replication job: one change for one repository, aimed at one target storage.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Job {
+    pub change: Change,
+    pub virtual_storage: String,
+    pub relative_path: String,
+    pub target_node_storage: String,
+    /// Required for `update`/`create`; may be set on others (it then takes part
+    /// in completion dedup, as in Praefect).
+    pub source_node_storage: Option<String>,
+    pub correlation_id: Option<String>,
+    /// When the job was created; the consumer falls back to the stream's
+    /// timestamp when absent.
+    pub created_at: Option<OffsetDateTime>,
+    /// Praefect's later job fields, carried through untouched.
+    pub repository_id: Option<i64>,
+    pub replica_path: Option<String>,
+}
+
+/// Why a payload is not a valid job. `field` is a JSON path such as `params.prune`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid replication event: {field}: {reason}")]
+pub struct InvalidEvent {
+    pub field: String,
+    pub reason: String,
+}
+
+impl InvalidEvent {
+    pub fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        InvalidEvent {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+const TOP_LEVEL_FIELDS: [&str; 10] = [
+    "change",
+    "virtual_storage",
+    "relative_path",
+    "target_node_storage",
+    "source_node_storage",
+    "params",
+    "correlation_id",
+    "created_at",
+    "repository_id",
+    "replica_path",
+];
+
+/// Longest accepted storage name, relative path or correlation id, in bytes.
+pub const MAX_TEXT_LEN: usize = 4096;
+
+impl Job {
+    pub fn change_type(&self) -> ChangeType {
+        self.change.change_type()
+    }
+
+    /// Decodes and validates one JSON payload.
+    pub fn from_json(payload: &[u8]) -> Result<Job, InvalidEvent> {
+        let value: Value = serde_json::from_slice(payload)
+            .map_err(|e| InvalidEvent::new("$", format!("not valid JSON: {e}")))?;
+        Job::from_value(&value)
+    }
+
+    /// Validates an already parsed JSON value.
+    pub fn from_value(value: &Value) -> Result<Job, InvalidEvent> {
+        let obj = value
+            .as_object()
+            .ok_or_else(|| InvalidEvent::new("$", "expected a JSON object"))?;
+        if let Some(unknown) = obj.keys().find(|k| !TOP_LEVEL_FIELDS.contains(&k.as_str())) {
+            return Err(InvalidEvent::new(unknown.clone(), "unknown field"));
+        }
+        let change_str = required_str(obj, "change")?;
+        let change_type = ChangeType::parse(change_str).ok_or_else(|| {
+            InvalidEvent::new(
+                "change",
+                format!("unknown change type {change_str:?}; expected one of {}", all_names()),
+            )
+        })?;
+        let virtual_storage = name_field(obj, "virtual_storage")?;
+        let relative_path = path_field(obj, "relative_path")?;
+        let target = name_field(obj, "target_node_storage")?;
+        let source = match optional_str(obj, "source_node_storage")? {
+            None | Some("") => None,
+            Some(s) => Some(check_name("source_node_storage", s)?.to_owned()),
+        };
+        if change_type.needs_source() {
+            match &source {
+                None => {
+                    return Err(InvalidEvent::new(
+                        "source_node_storage",
+                        format!("required for change {change_type}"),
+                    ));
+                }
+                Some(s) if *s == target => {
+                    return Err(InvalidEvent::new(
+                        "source_node_storage",
+                        "must differ from target_node_storage",
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
+        let change = decode_params(change_type, obj.get("params"))?;
+        let correlation_id = match optional_str(obj, "correlation_id")? {
+            None | Some("") => None,
+            Some(s) if s.len() > MAX_TEXT_LEN => {
+                return Err(InvalidEvent::new("correlation_id", "too long"));
+            }
+            Some(s) => Some(s.to_owned()),
+        };
+        let created_at = match optional_str(obj, "created_at")? {
+            None => None,
+            Some(s) => Some(OffsetDateTime::parse(s, &Rfc3339).map_err(|e| {
+                InvalidEvent::new("created_at", format!("not an RFC 3339 time: {e}"))
+            })?),
+        };
+        let repository_id = match obj.get("repository_id") {
+            None | Some(Value::Null) => None,
+            Some(v) => Some(v.as_i64().ok_or_else(|| {
+                InvalidEvent::new("repository_id", "expected an integer")
+            })?),
+        };
+        let replica_path = optional_str(obj, "replica_path")?.map(str::to_owned);
+        Ok(Job {
+            change,
+            virtual_storage: virtual_storage.to_owned(),
+            relative_path: relative_path.to_owned(),
+            target_node_storage: target.to_owned(),
+            source_node_storage: source,
+            correlation_id,
+            created_at,
+            repository_id,
+            replica_path,
+        })
+    }
+
+    /// The JSON value of this job, in the shape `from_value` accepts.
+    pub fn to_value(&self) -> Value {
+        let mut m = Map::new();
+        m.insert("change".into(), self.change_type().as_str().into());
+        m.insert("virtual_storage".into(), self.virtual_storage.clone().into());
+        m.insert("relative_path".into(), self.relative_path.clone().into());
+        m.insert(
+            "target_node_storage".into(),
+            self.target_node_storage.clone().into(),
+        );
+        if let Some(s) = &self.source_node_storage {
+            m.insert("source_node_storage".into(), s.clone().into());
+        }
+        if let Some(p) = self.change.params_json() {
+            m.insert("params".into(), p);
+        }
+        if let Some(c) = &self.correlation_id {
+            m.insert("correlation_id".into(), c.clone().into());
+        }
+        if let Some(t) = self.created_at
+            && let Ok(s) = t.format(&Rfc3339)
+        {
+            m.insert("created_at".into(), s.into());
+        }
+        if let Some(id) = self.repository_id {
+            m.insert("repository_id".into(), id.into());
+        }
+        if let Some(p) = &self.replica_path {
+            m.insert("replica_path".into(), p.clone().into());
+        }
+        Value::Object(m)
+    }
+
+    pub fn to_json(&self) -> Vec<u8> {
+        // Serialising a Value built from strings, bools and integers cannot fail.
+        serde_json::to_vec(&self.to_value()).unwrap_or_default()
+    }
+
+    /// The repository this job works on within the target: the key of the
+    /// per-repository exclusion.
+    pub fn repository_key(&self) -> (&str, &str, &str) {
+        (
+            &self.virtual_storage,
+            &self.relative_path,
+            &self.target_node_storage,
+        )
+    }
+}
+
+fn all_names() -> String {
+    ChangeType::ALL
+        .iter()
+        .map(|c| c.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn optional_str<'a>(obj: &'a Map<String, Value>, key: &str) -> Result<Option<&'a str>, InvalidEvent> {
+    match obj.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(_) => Err(InvalidEvent::new(key, "expected a string")),
+    }
+}
+
+fn required_str<'a>(obj: &'a Map<String, Value>, key: &str) -> Result<&'a str, InvalidEvent> {
+    match optional_str(obj, key)? {
+        None => Err(InvalidEvent::new(key, "required")),
+        Some("") => Err(InvalidEvent::new(key, "must not be empty")),
+        Some(s) => Ok(s),
+    }
+}
+
+fn check_name<'a>(key: &str, s: &'a str) -> Result<&'a str, InvalidEvent> {
+    if s.len() > MAX_TEXT_LEN {
+        return Err(InvalidEvent::new(key, "too long"));
+    }
+    if s.chars().any(char::is_control) {
+        return Err(InvalidEvent::new(key, "must not contain control characters"));
+    }
+    Ok(s)
+}
+
+fn name_field<'a>(obj: &'a Map<String, Value>, key: &str) -> Result<&'a str, InvalidEvent> {
+    check_name(key, required_str(obj, key)?)
+}
+
+fn path_field<'a>(obj: &'a Map<String, Value>, key: &str) -> Result<&'a str, InvalidEvent> {
+    let s = name_field(obj, key)?;
+    check_relative_path(key, s)?;
+    Ok(s)
+}
+
+/// A relative path stays inside its storage: not absolute, no `..` component.
+pub fn check_relative_path(key: &str, s: &str) -> Result<(), InvalidEvent> {
+    if s.starts_with('/') {
+        return Err(InvalidEvent::new(key, "must be relative, not absolute"));
+    }
+    if s.split('/').any(|c| c == "..") {
+        return Err(InvalidEvent::new(key, "must not contain a `..` component"));
+    }
+    Ok(())
+}
+
+/// Reads `params` for a change type. Types without params accept none, `null` or `{}`.
+fn decode_params(change_type: ChangeType, params: Option<&Value>) -> Result<Change, InvalidEvent> {
+    let empty = Map::new();
+    let p = match params {
+        None | Some(Value::Null) => &empty,
+        Some(Value::Object(m)) => m,
+        Some(_) => return Err(InvalidEvent::new("params", "expected an object or null")),
+    };
+    let allowed: &[&str] = match change_type {
+        ChangeType::Rename => &["new_relative_path"],
+        ChangeType::GarbageCollect => &["create_bitmap", "prune"],
+        ChangeType::RepackFull => &["create_bitmap"],
+        ChangeType::PackRefs => &["all_refs"],
+        ChangeType::WriteCommitGraph => &["split_strategy"],
+        _ => &[],
+    };
+    if let Some(k) = p.keys().find(|k| !allowed.contains(&k.as_str())) {
+        return Err(InvalidEvent::new(
+            format!("params.{k}"),
+            format!("not a param of change {change_type}"),
+        ));
+    }
+    let bool_param = |k: &str, required: bool| -> Result<bool, InvalidEvent> {
+        match p.get(k) {
+            Some(Value::Bool(b)) => Ok(*b),
+            None | Some(Value::Null) if !required => Ok(false),
+            None | Some(Value::Null) => Err(InvalidEvent::new(
+                format!("params.{k}"),
+                format!("required for change {change_type}"),
+            )),
+            Some(_) => Err(InvalidEvent::new(format!("params.{k}"), "expected a boolean")),
+        }
+    };
+    Ok(match change_type {
+        ChangeType::Update => Change::Update,
+        ChangeType::Create => Change::Create,
+        ChangeType::Delete => Change::Delete,
+        ChangeType::DeleteReplica => Change::DeleteReplica,
+        ChangeType::Rename => {
+            let key = "params.new_relative_path";
+            let new = match p.get("new_relative_path") {
+                Some(Value::String(s)) if !s.is_empty() => s,
+                Some(Value::String(_)) => return Err(InvalidEvent::new(key, "must not be empty")),
+                None | Some(Value::Null) => {
+                    return Err(InvalidEvent::new(key, "required for change rename"));
+                }
+                Some(_) => return Err(InvalidEvent::new(key, "expected a string")),
+            };
+            check_name(key, new)?;
+            check_relative_path(key, new)?;
+            Change::Rename {
+                new_relative_path: new.clone(),
+            }
+        }
+        ChangeType::GarbageCollect => Change::GarbageCollect {
+            create_bitmap: bool_param("create_bitmap", true)?,
+            prune: bool_param("prune", true)?,
+        },
+        ChangeType::RepackFull => Change::RepackFull {
+            create_bitmap: bool_param("create_bitmap", true)?,
+        },
+        ChangeType::RepackIncremental => Change::RepackIncremental,
+        ChangeType::Cleanup => Change::Cleanup,
+        ChangeType::PackRefs => Change::PackRefs {
+            all_refs: bool_param("all_refs", false)?,
+        },
+        ChangeType::WriteCommitGraph => {
+            let split_strategy = match p.get("split_strategy") {
+                None | Some(Value::Null) => SplitStrategy::SizeMultiple,
+                Some(Value::String(s)) if s == "size_multiple" => SplitStrategy::SizeMultiple,
+                // Praefect serialised the enum as its number.
+                Some(Value::Number(n)) if n.as_i64() == Some(0) => SplitStrategy::SizeMultiple,
+                Some(_) => {
+                    return Err(InvalidEvent::new(
+                        "params.split_strategy",
+                        "expected \"size_multiple\" or 0",
+                    ));
+                }
+            };
+            Change::WriteCommitGraph { split_strategy }
+        }
+        ChangeType::MidxRepack => Change::MidxRepack,
+        ChangeType::OptimizeRepository => Change::OptimizeRepository,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn base(change: &str) -> Value {
+        json!({
+            "change": change,
+            "virtual_storage": "default",
+            "relative_path": "@hashed/aa/bb/aabb.git",
+            "target_node_storage": "gitaly-2",
+            "source_node_storage": "gitaly-1",
+        })
+    }
+
+    #[test]
+    fn every_change_type_round_trips_through_json() {
+        for ct in ChangeType::ALL {
+            let mut v = base(ct.as_str());
+            let params = match ct {
+                ChangeType::Rename => json!({"new_relative_path": "@hashed/new.git"}),
+                ChangeType::GarbageCollect => json!({"create_bitmap": true, "prune": false}),
+                ChangeType::RepackFull => json!({"create_bitmap": true}),
+                ChangeType::PackRefs => json!({"all_refs": true}),
+                ChangeType::WriteCommitGraph => json!({"split_strategy": "size_multiple"}),
+                _ => Value::Null,
+            };
+            v["params"] = params;
+            v["created_at"] = json!("2026-11-25T08:00:00Z");
+            let job = Job::from_value(&v).unwrap();
+            assert_eq!(job.change_type(), ct);
+            let again = Job::from_json(&job.to_json()).unwrap();
+            assert_eq!(again, job);
+        }
+    }
+
+    #[test]
+    fn errors_name_the_offending_field() {
+        let mut v = base("gc");
+        v["params"] = json!({"create_bitmap": true, "prune": "yes"});
+        assert_eq!(Job::from_value(&v).unwrap_err().field, "params.prune");
+        let mut v = base("update");
+        v.as_object_mut().unwrap().remove("source_node_storage");
+        assert_eq!(Job::from_value(&v).unwrap_err().field, "source_node_storage");
+        let mut v = base("update");
+        v["relative_path"] = json!("../etc/passwd");
+        assert_eq!(Job::from_value(&v).unwrap_err().field, "relative_path");
+        let mut v = base("update");
+        v["colour"] = json!("red");
+        assert_eq!(Job::from_value(&v).unwrap_err().field, "colour");
+        let mut v = base("frobnicate");
+        v["change"] = json!("frobnicate");
+        assert_eq!(Job::from_value(&v).unwrap_err().field, "change");
+    }
+
+    #[test]
+    fn praefect_numeric_split_strategy_is_accepted() {
+        let mut v = base("write_commit_graph");
+        v["params"] = json!({"split_strategy": 0});
+        let job = Job::from_value(&v).unwrap();
+        assert_eq!(
+            job.change,
+            Change::WriteCommitGraph {
+                split_strategy: SplitStrategy::SizeMultiple
+            }
+        );
+    }
+}
