@@ -102,24 +102,13 @@ pub enum Change {
     Create,
     Delete,
     DeleteReplica,
-    Rename {
-        new_relative_path: String,
-    },
-    GarbageCollect {
-        create_bitmap: bool,
-        prune: bool,
-    },
-    RepackFull {
-        create_bitmap: bool,
-    },
+    Rename { new_relative_path: String },
+    GarbageCollect { create_bitmap: bool, prune: bool },
+    RepackFull { create_bitmap: bool },
     RepackIncremental,
     Cleanup,
-    PackRefs {
-        all_refs: bool,
-    },
-    WriteCommitGraph {
-        split_strategy: SplitStrategy,
-    },
+    PackRefs { all_refs: bool },
+    WriteCommitGraph { split_strategy: SplitStrategy },
     MidxRepack,
     OptimizeRepository,
 }
@@ -250,7 +239,10 @@ impl Job {
         let change_type = ChangeType::parse(change_str).ok_or_else(|| {
             InvalidEvent::new(
                 "change",
-                format!("unknown change type {change_str:?}; expected one of {}", all_names()),
+                format!(
+                    "unknown change type {change_str:?}; expected one of {}",
+                    all_names()
+                ),
             )
         })?;
         let virtual_storage = name_field(obj, "virtual_storage")?;
@@ -293,9 +285,10 @@ impl Job {
         };
         let repository_id = match obj.get("repository_id") {
             None | Some(Value::Null) => None,
-            Some(v) => Some(v.as_i64().ok_or_else(|| {
-                InvalidEvent::new("repository_id", "expected an integer")
-            })?),
+            Some(v) => Some(
+                v.as_i64()
+                    .ok_or_else(|| InvalidEvent::new("repository_id", "expected an integer"))?,
+            ),
         };
         let replica_path = optional_str(obj, "replica_path")?.map(str::to_owned);
         Ok(Job {
@@ -315,7 +308,10 @@ impl Job {
     pub fn to_value(&self) -> Value {
         let mut m = Map::new();
         m.insert("change".into(), self.change_type().as_str().into());
-        m.insert("virtual_storage".into(), self.virtual_storage.clone().into());
+        m.insert(
+            "virtual_storage".into(),
+            self.virtual_storage.clone().into(),
+        );
         m.insert("relative_path".into(), self.relative_path.clone().into());
         m.insert(
             "target_node_storage".into(),
@@ -368,7 +364,10 @@ fn all_names() -> String {
         .join(", ")
 }
 
-fn optional_str<'a>(obj: &'a Map<String, Value>, key: &str) -> Result<Option<&'a str>, InvalidEvent> {
+fn optional_str<'a>(
+    obj: &'a Map<String, Value>,
+    key: &str,
+) -> Result<Option<&'a str>, InvalidEvent> {
     match obj.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s)),
@@ -389,7 +388,10 @@ fn check_name<'a>(key: &str, s: &'a str) -> Result<&'a str, InvalidEvent> {
         return Err(InvalidEvent::new(key, "too long"));
     }
     if s.chars().any(char::is_control) {
-        return Err(InvalidEvent::new(key, "must not contain control characters"));
+        return Err(InvalidEvent::new(
+            key,
+            "must not contain control characters",
+        ));
     }
     Ok(s)
 }
@@ -445,7 +447,10 @@ fn decode_params(change_type: ChangeType, params: Option<&Value>) -> Result<Chan
                 format!("params.{k}"),
                 format!("required for change {change_type}"),
             )),
-            Some(_) => Err(InvalidEvent::new(format!("params.{k}"), "expected a boolean")),
+            Some(_) => Err(InvalidEvent::new(
+                format!("params.{k}"),
+                "expected a boolean",
+            )),
         }
     };
     Ok(match change_type {
@@ -544,7 +549,10 @@ mod tests {
         assert_eq!(Job::from_value(&v).unwrap_err().field, "params.prune");
         let mut v = base("update");
         v.as_object_mut().unwrap().remove("source_node_storage");
-        assert_eq!(Job::from_value(&v).unwrap_err().field, "source_node_storage");
+        assert_eq!(
+            Job::from_value(&v).unwrap_err().field,
+            "source_node_storage"
+        );
         let mut v = base("update");
         v["relative_path"] = json!("../etc/passwd");
         assert_eq!(Job::from_value(&v).unwrap_err().field, "relative_path");

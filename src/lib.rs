@@ -2,7 +2,17 @@
 //! Cluster in step, with NATS JetStream as the job queue and Postgres as the
 //! repository store.
 
+pub mod config;
 pub mod event;
+pub mod gitaly;
+pub mod metrics;
+pub mod ops_server;
+pub mod queue;
+pub mod replicator;
+pub mod retry_delay;
+pub mod service;
+pub mod store;
+pub mod subject;
 
 /// Code generated from `proto/`.
 pub mod proto {

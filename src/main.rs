@@ -1,1 +1,22 @@
-fn main(){}
+//! The `gitaly-replicator` command line: parse, load config (exit 64 when it
+//! is bad, before touching the network), set up logging, run one command.
+
+mod cli;
+
+use clap::Parser;
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let args = cli::Args::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("gitaly-replicator: cannot start the async runtime: {e}");
+            return ExitCode::from(70);
+        }
+    };
+    runtime.block_on(cli::dispatch(args))
+}

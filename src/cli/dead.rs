@@ -1,0 +1,138 @@
+//! `dead list | replay | purge`: the dead-letter stream for operators.
+
+use clap::Subcommand;
+use gitaly_replicator::config::Config;
+use gitaly_replicator::queue::connect::connect;
+use gitaly_replicator::queue::dead_letter::{self, headers};
+use gitaly_replicator::queue::layout::Layout;
+use gitaly_replicator::subject::dead_letter_prefix;
+use gitaly_replicator::subject::parse_job_subject;
+use time::format_description::well_known::Rfc3339;
+
+#[derive(Debug, Subcommand)]
+pub enum DeadCommand {
+    /// List dead jobs, oldest first.
+    List {
+        /// Start at this dead-letter sequence.
+        #[arg(long, default_value_t = 1)]
+        from: u64,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Print each job as one JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send dead jobs back to work (fresh attempts) and remove them here.
+    Replay {
+        /// Dead-letter sequences to replay.
+        sequences: Vec<u64>,
+        /// Replay every dead job.
+        #[arg(long, conflicts_with = "sequences")]
+        all: bool,
+    },
+    /// Delete dead jobs.
+    Purge {
+        sequences: Vec<u64>,
+        /// Delete every dead job.
+        #[arg(long, conflicts_with = "sequences")]
+        all: bool,
+    },
+}
+
+pub async fn run(config: &Config, command: DeadCommand) -> anyhow::Result<()> {
+    let client = connect(&config.nats, "gitaly-replicator dead").await?;
+    let js = async_nats::jetstream::new(client.clone());
+    let layout = Layout::from_config(config);
+    match command {
+        DeadCommand::List { from, limit, json } => {
+            let dead = dead_letter::list(&js, &layout, from, limit).await?;
+            for m in &dead {
+                let storages =
+                    parse_job_subject(&dead_letter_prefix(&layout.subject_prefix), &m.subject)
+                        .map(|(vs, t)| format!("{vs}/{t}"))
+                        .unwrap_or_else(|_| m.subject.clone());
+                let job: serde_json::Value =
+                    serde_json::from_slice(&m.payload).unwrap_or(serde_json::Value::Null);
+                if json {
+                    let line = serde_json::json!({
+                        "sequence": m.sequence,
+                        "time": m.time.format(&Rfc3339).unwrap_or_default(),
+                        "target": storages,
+                        "reason": m.header(headers::REASON),
+                        "attempts": m.header(headers::ATTEMPTS),
+                        "error": m.header(headers::ERROR),
+                        "original_subject": m.header(headers::ORIGINAL_SUBJECT),
+                        "payload": String::from_utf8_lossy(&m.payload),
+                    });
+                    println!("{line}");
+                } else {
+                    println!(
+                        "{:>6}  {}  {}  {} {}  reason={} attempts={}  {}",
+                        m.sequence,
+                        m.time.format(&Rfc3339).unwrap_or_default(),
+                        storages,
+                        job.get("change").and_then(|v| v.as_str()).unwrap_or("?"),
+                        job.get("relative_path")
+                            .and_then(|v| v.as_str())
+                            .unwrap_or("?"),
+                        m.header(headers::REASON).unwrap_or("?"),
+                        m.header(headers::ATTEMPTS).unwrap_or("?"),
+                        m.header(headers::ERROR).unwrap_or(""),
+                    );
+                }
+            }
+            if dead.is_empty() {
+                eprintln!("no dead jobs");
+            }
+        }
+        DeadCommand::Replay { sequences, all } => {
+            let chosen = choose(&js, &layout, sequences, all).await?;
+            for m in &chosen {
+                dead_letter::replay(&js, &layout, m).await?;
+            }
+            println!("replayed {} job(s)", chosen.len());
+        }
+        DeadCommand::Purge { sequences, all } => {
+            if all {
+                println!(
+                    "purged {} job(s)",
+                    dead_letter::purge_all(&js, &layout).await?
+                );
+            } else {
+                for s in &sequences {
+                    dead_letter::delete(&js, &layout, *s).await?;
+                }
+                println!("purged {} job(s)", sequences.len());
+            }
+        }
+    }
+    client.flush().await.ok();
+    Ok(())
+}
+
+async fn choose(
+    js: &async_nats::jetstream::Context,
+    layout: &Layout,
+    sequences: Vec<u64>,
+    all: bool,
+) -> anyhow::Result<Vec<dead_letter::DeadMessage>> {
+    if !all && sequences.is_empty() {
+        anyhow::bail!("name the dead-letter sequences to replay, or pass --all");
+    }
+    let every = dead_letter::list(js, layout, 1, usize::MAX).await?;
+    if all {
+        return Ok(every);
+    }
+    let found: Vec<_> = every
+        .into_iter()
+        .filter(|m| sequences.contains(&m.sequence))
+        .collect();
+    if found.len() != sequences.len() {
+        let missing: Vec<_> = sequences
+            .iter()
+            .filter(|s| !found.iter().any(|m| m.sequence == **s))
+            .collect();
+        anyhow::bail!("no dead job with sequence {missing:?}");
+    }
+    Ok(found)
+}

@@ -1,0 +1,152 @@
+//! `publish`: one job from flags, or JSON lines from stdin.
+
+use anyhow::Context as _;
+use clap::Args;
+use gitaly_replicator::config::Config;
+use gitaly_replicator::event::Job;
+use gitaly_replicator::queue::connect::connect;
+use gitaly_replicator::queue::layout::Layout;
+use gitaly_replicator::queue::publisher::Publisher;
+use serde_json::{Map, Value};
+use std::io::BufRead;
+use std::process::ExitCode;
+
+#[derive(Debug, Args)]
+pub struct PublishArgs {
+    /// Read one JSON job per line from stdin instead of flags.
+    #[arg(long, conflicts_with_all = ["change", "relative_path"])]
+    stdin: bool,
+    /// Change type (update, delete, gc, ...).
+    #[arg(long, required_unless_present = "stdin")]
+    change: Option<String>,
+    #[arg(long, default_value = "default")]
+    virtual_storage: String,
+    #[arg(long, required_unless_present = "stdin")]
+    relative_path: Option<String>,
+    /// Target storage.
+    #[arg(long, required_unless_present = "stdin")]
+    target: Option<String>,
+    /// Source storage (update and create).
+    #[arg(long)]
+    source: Option<String>,
+    /// A param as key=value, e.g. --param prune=true (repeatable).
+    #[arg(long = "param", value_name = "KEY=VALUE")]
+    params: Vec<String>,
+    #[arg(long)]
+    correlation_id: Option<String>,
+    /// Idempotency key used as Nats-Msg-Id (a fresh UUID by default). Reuse it
+    /// only to retry the same logical publish.
+    #[arg(long)]
+    message_id: Option<String>,
+}
+
+fn job_from_flags(a: &PublishArgs) -> anyhow::Result<Job> {
+    let mut m = Map::new();
+    m.insert("change".into(), a.change.clone().unwrap_or_default().into());
+    m.insert("virtual_storage".into(), a.virtual_storage.clone().into());
+    m.insert(
+        "relative_path".into(),
+        a.relative_path.clone().unwrap_or_default().into(),
+    );
+    m.insert(
+        "target_node_storage".into(),
+        a.target.clone().unwrap_or_default().into(),
+    );
+    if let Some(s) = &a.source {
+        m.insert("source_node_storage".into(), s.clone().into());
+    }
+    if let Some(c) = &a.correlation_id {
+        m.insert("correlation_id".into(), c.clone().into());
+    }
+    if !a.params.is_empty() {
+        let mut p = Map::new();
+        for kv in &a.params {
+            let (k, v) = kv
+                .split_once('=')
+                .with_context(|| format!("--param {kv:?}: expected KEY=VALUE"))?;
+            // true/false/numbers as JSON, anything else as a string.
+            let value = serde_json::from_str(v).unwrap_or_else(|_| Value::String(v.to_owned()));
+            p.insert(k.to_owned(), value);
+        }
+        m.insert("params".into(), Value::Object(p));
+    }
+    Ok(Job::from_value(&Value::Object(m))?)
+}
+
+pub async fn run(config: &Config, args: PublishArgs) -> ExitCode {
+    match publish(config, args).await {
+        Ok(0) => ExitCode::SUCCESS,
+        Ok(failed) => {
+            eprintln!("gitaly-replicator: {failed} job(s) not published");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("gitaly-replicator: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Returns how many jobs failed.
+async fn publish(config: &Config, args: PublishArgs) -> anyhow::Result<usize> {
+    let mut jobs = Vec::new();
+    let mut failed = 0;
+    if args.stdin {
+        for (n, line) in std::io::stdin().lock().lines().enumerate() {
+            let line = line.context("reading stdin")?;
+            if line.trim().is_empty() {
+                continue;
+            }
+            match Job::from_json(line.as_bytes()) {
+                Ok(j) => jobs.push(j),
+                Err(e) => {
+                    println!("line {}: not published: {e}", n + 1);
+                    failed += 1;
+                }
+            }
+        }
+    } else {
+        jobs.push(job_from_flags(&args)?);
+    }
+    let client = connect(&config.nats, "gitaly-replicator publish").await?;
+    let publisher = Publisher::new(
+        async_nats::jetstream::new(client.clone()),
+        Layout::from_config(config),
+    );
+    if let (Some(id), [job]) = (&args.message_id, jobs.as_slice()) {
+        let p = publisher.publish(job, Some(id)).await?;
+        println!(
+            "published sequence={} message_id={} subject={}{}",
+            p.sequence,
+            p.message_id,
+            p.subject,
+            if p.duplicate {
+                " (duplicate dropped by the stream)"
+            } else {
+                ""
+            }
+        );
+    } else {
+        for (job, r) in jobs.iter().zip(publisher.publish_many(&jobs, 1000).await) {
+            match r {
+                Ok(p) => println!(
+                    "published sequence={} message_id={} subject={}{}",
+                    p.sequence,
+                    p.message_id,
+                    p.subject,
+                    if p.duplicate { " (duplicate)" } else { "" }
+                ),
+                Err(e) => {
+                    println!(
+                        "{} {}: not published: {e}",
+                        job.change_type(),
+                        job.relative_path
+                    );
+                    failed += 1;
+                }
+            }
+        }
+    }
+    client.flush().await.ok();
+    Ok(failed)
+}

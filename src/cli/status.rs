@@ -1,0 +1,37 @@
+//! `status`: queue depth per (virtual storage, target).
+
+use gitaly_replicator::config::Config;
+use gitaly_replicator::queue::connect::connect;
+use gitaly_replicator::queue::depth::snapshot;
+use gitaly_replicator::queue::layout::Layout;
+
+pub async fn run(config: &Config) -> anyhow::Result<()> {
+    let client = connect(&config.nats, "gitaly-replicator status").await?;
+    let js = async_nats::jetstream::new(client);
+    let rows = snapshot(&js, &Layout::from_config(config))
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let vs_w = rows
+        .iter()
+        .map(|r| r.virtual_storage.len())
+        .max()
+        .unwrap_or(0)
+        .max(15);
+    let t_w = rows
+        .iter()
+        .map(|r| r.target_storage.len())
+        .max()
+        .unwrap_or(0)
+        .max(6);
+    println!(
+        "{:<vs_w$}  {:<t_w$}  {:>9}  {:>9}  {:>11}  {:>7}",
+        "VIRTUAL STORAGE", "TARGET", "PENDING", "IN FLIGHT", "REDELIVERED", "DEAD"
+    );
+    for r in rows {
+        println!(
+            "{:<vs_w$}  {:<t_w$}  {:>9}  {:>9}  {:>11}  {:>7}",
+            r.virtual_storage, r.target_storage, r.pending, r.in_flight, r.redelivered, r.dead
+        );
+    }
+    Ok(())
+}

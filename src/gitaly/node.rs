@@ -1,0 +1,254 @@
+//! One lazily connected gRPC channel per configured storage node, shared by
+//! every job, and the per-call request decoration (auth, correlation id,
+//! deadline).
+
+use crate::config::{Config, Node, NodeAddress, Secret};
+use crate::gitaly::auth;
+use crate::gitaly::error::CallError;
+use crate::gitaly::metadata::CORRELATION_ID;
+use crate::proto::gitaly::object_pool_service_client::ObjectPoolServiceClient;
+use crate::proto::gitaly::ref_service_client::RefServiceClient;
+use crate::proto::gitaly::repository_service_client::RepositoryServiceClient;
+use crate::proto::health::HealthCheckRequest;
+use crate::proto::health::health_check_response::ServingStatus;
+use crate::proto::health::health_client::HealthClient;
+use hyper_util::rt::TokioIo;
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+use tonic::metadata::MetadataValue;
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+
+/// Why a node's channel could not be set up (before any network traffic).
+#[derive(Debug, thiserror::Error)]
+#[error("storage {storage:?} at {address}: {reason}")]
+pub struct ChannelError {
+    pub storage: String,
+    pub address: String,
+    pub reason: String,
+}
+
+/// Per-call settings that come from the job.
+#[derive(Debug, Clone, Default)]
+pub struct CallContext {
+    pub correlation_id: Option<String>,
+    /// When the job's time is up; `None` means no timeout (Praefect's default).
+    pub deadline: Option<Instant>,
+    /// The job timeout the deadline came from, for error messages.
+    pub timeout: Option<Duration>,
+}
+
+impl CallContext {
+    pub fn new(correlation_id: Option<String>, timeout: Option<Duration>) -> Self {
+        CallContext {
+            correlation_id,
+            deadline: timeout.map(|t| Instant::now() + t),
+            timeout,
+        }
+    }
+}
+
+/// A storage node: its identity, its token and a shared channel.
+pub struct NodeClient {
+    pub virtual_storage: String,
+    pub storage: String,
+    /// The address as configured (`tcp://…`, `unix:…`), sent to targets in
+    /// `gitaly-servers` so they can dial this node themselves.
+    pub address: String,
+    token: Secret,
+    channel: Channel,
+}
+
+impl std::fmt::Debug for NodeClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeClient")
+            .field("virtual_storage", &self.virtual_storage)
+            .field("storage", &self.storage)
+            .field("address", &self.address)
+            .finish_non_exhaustive()
+    }
+}
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+fn endpoint_for(address: &NodeAddress) -> Result<Endpoint, String> {
+    let uri = match address {
+        NodeAddress::Tcp { host, port } | NodeAddress::Tls { host, port } => {
+            let scheme = if matches!(address, NodeAddress::Tls { .. }) {
+                "https"
+            } else {
+                "http"
+            };
+            if host.contains(':') && !host.starts_with('[') {
+                format!("{scheme}://[{host}]:{port}")
+            } else {
+                format!("{scheme}://{host}:{port}")
+            }
+        }
+        // The URI is unused for unix sockets; the connector below dials the path.
+        NodeAddress::Unix { .. } => "http://unix.socket".to_owned(),
+    };
+    let mut endpoint = Endpoint::from_shared(uri)
+        .map_err(|e| e.to_string())?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_while_idle(true);
+    if matches!(address, NodeAddress::Tls { .. }) {
+        endpoint = endpoint
+            .tls_config(ClientTlsConfig::new().with_native_roots())
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(endpoint)
+}
+
+impl NodeClient {
+    /// Builds the node's channel without connecting; the first call dials.
+    pub fn new(virtual_storage: &str, node: &Node) -> Result<NodeClient, ChannelError> {
+        let err = |reason: String| ChannelError {
+            storage: node.storage.clone(),
+            address: node.address.to_string(),
+            reason,
+        };
+        let endpoint = endpoint_for(&node.address).map_err(err)?;
+        let channel = match &node.address {
+            NodeAddress::Unix { path } => {
+                let path: PathBuf = path.clone();
+                endpoint.connect_with_connector_lazy(tower::service_fn(move |_| {
+                    let path = path.clone();
+                    async move {
+                        let stream = tokio::net::UnixStream::connect(path).await?;
+                        Ok::<_, std::io::Error>(TokioIo::new(stream))
+                    }
+                }))
+            }
+            _ => endpoint.connect_lazy(),
+        };
+        Ok(NodeClient {
+            virtual_storage: virtual_storage.to_owned(),
+            storage: node.storage.clone(),
+            address: node.address.to_string(),
+            token: node.token.clone(),
+            channel,
+        })
+    }
+
+    /// The node's auth token, for the `gitaly-servers` metadata of a
+    /// replication that reads from this node.
+    pub fn token(&self) -> &Secret {
+        &self.token
+    }
+
+    pub fn repository_service(&self) -> RepositoryServiceClient<Channel> {
+        RepositoryServiceClient::new(self.channel.clone())
+    }
+
+    pub fn object_pool_service(&self) -> ObjectPoolServiceClient<Channel> {
+        ObjectPoolServiceClient::new(self.channel.clone())
+    }
+
+    pub fn ref_service(&self) -> RefServiceClient<Channel> {
+        RefServiceClient::new(self.channel.clone())
+    }
+
+    /// Wraps a message with a fresh v2 token, the correlation id and the
+    /// remaining job time as the gRPC deadline.
+    pub fn request<T>(&self, message: T, ctx: &CallContext) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        let md = request.metadata_mut();
+        if let Ok(v) = MetadataValue::try_from(auth::bearer(self.token.expose())) {
+            md.insert("authorization", v);
+        }
+        if let Some(id) = &ctx.correlation_id
+            && let Ok(v) = MetadataValue::try_from(id.as_str())
+        {
+            md.insert(CORRELATION_ID, v);
+        }
+        if let Some(deadline) = ctx.deadline {
+            request.set_timeout(deadline.saturating_duration_since(Instant::now()));
+        }
+        request
+    }
+
+    /// Awaits one call, bounded by the job's deadline, and classifies failure.
+    pub async fn call<T, F>(
+        &self,
+        method: &'static str,
+        ctx: &CallContext,
+        call: F,
+    ) -> Result<T, CallError>
+    where
+        F: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let result = match ctx.deadline {
+            Some(deadline) => match tokio::time::timeout_at(deadline, call).await {
+                Ok(r) => r,
+                Err(_) => {
+                    return Err(CallError::timed_out(
+                        method,
+                        &self.storage,
+                        ctx.timeout.unwrap_or_default(),
+                    ));
+                }
+            },
+            None => call.await,
+        };
+        result
+            .map(tonic::Response::into_inner)
+            .map_err(|status| CallError::from_status(method, &self.storage, &status))
+    }
+
+    /// `grpc.health.v1.Health/Check` for the whole server: Ok when SERVING.
+    pub async fn check_health(&self, timeout: Duration) -> Result<(), CallError> {
+        let ctx = CallContext::new(None, Some(timeout));
+        let mut client = HealthClient::new(self.channel.clone());
+        let request = self.request(
+            HealthCheckRequest {
+                service: String::new(),
+            },
+            &ctx,
+        );
+        let response = self
+            .call("grpc.health.v1.Health/Check", &ctx, client.check(request))
+            .await?;
+        if response.status == ServingStatus::Serving as i32 {
+            Ok(())
+        } else {
+            Err(CallError::from_status(
+                "grpc.health.v1.Health/Check",
+                &self.storage,
+                &tonic::Status::unavailable(format!("health status {}", response.status)),
+            ))
+        }
+    }
+}
+
+/// Every configured node, by (virtual storage, storage).
+#[derive(Debug, Default, Clone)]
+pub struct NodeSet {
+    nodes: HashMap<(String, String), Arc<NodeClient>>,
+}
+
+impl NodeSet {
+    pub fn from_config(config: &Config) -> Result<NodeSet, ChannelError> {
+        let mut nodes = HashMap::new();
+        for (vs, node) in config.targets() {
+            let client = NodeClient::new(&vs.name, node)?;
+            nodes.insert((vs.name.clone(), node.storage.clone()), Arc::new(client));
+        }
+        Ok(NodeSet { nodes })
+    }
+
+    pub fn get(&self, virtual_storage: &str, storage: &str) -> Option<&Arc<NodeClient>> {
+        // Allocation per lookup is negligible next to a gRPC call.
+        self.nodes
+            .get(&(virtual_storage.to_owned(), storage.to_owned()))
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<NodeClient>> {
+        self.nodes.values()
+    }
+}

@@ -1,0 +1,112 @@
+//! The operations endpoint: `/metrics` (Prometheus text), `/health/live` and
+//! `/health/ready`, on `prometheus_listen_addr`.
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use metrics_exporter_prometheus::PrometheusHandle;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Whether the service is ready to work: set once streams, consumers and the
+/// database are usable, cleared on shutdown.
+#[derive(Clone, Default)]
+pub struct Readiness(Arc<AtomicBool>);
+
+impl Readiness {
+    pub fn set(&self, ready: bool) {
+        self.0.store(ready, Ordering::SeqCst);
+    }
+    pub fn get(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+fn respond(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    if let Ok(v) = content_type.parse() {
+        r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+    }
+    r
+}
+
+/// Binds the listener; serving starts with [`serve`]. Split so a bind error is
+/// reported before anything else starts.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
+
+/// Serves until `shutdown` is cancelled.
+pub async fn serve(
+    listener: TcpListener,
+    handle: PrometheusHandle,
+    readiness: Readiness,
+    shutdown: CancellationToken,
+) {
+    // The Prometheus recorder needs periodic upkeep when it serves no HTTP itself.
+    let upkeep = {
+        let handle = handle.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tick.tick() => handle.run_upkeep(),
+                }
+            }
+        })
+    };
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics listener accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let handle = handle.clone();
+        let readiness = readiness.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req: Request<hyper::body::Incoming>| {
+                let handle = handle.clone();
+                let readiness = readiness.clone();
+                async move {
+                    let text = "text/plain; charset=utf-8";
+                    Ok::<_, Infallible>(match req.uri().path() {
+                        "/metrics" => respond(
+                            StatusCode::OK,
+                            "text/plain; version=0.0.4; charset=utf-8",
+                            handle.render(),
+                        ),
+                        "/health/live" => respond(StatusCode::OK, text, "ok\n".into()),
+                        "/health/ready" if readiness.get() => {
+                            respond(StatusCode::OK, text, "ready\n".into())
+                        }
+                        "/health/ready" => {
+                            respond(StatusCode::SERVICE_UNAVAILABLE, text, "not ready\n".into())
+                        }
+                        _ => respond(StatusCode::NOT_FOUND, text, "not found\n".into()),
+                    })
+                }
+            });
+            let _ = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+    upkeep.abort();
+}

@@ -1,0 +1,147 @@
+//! Stranded jobs: when the server gives up on a job at `max_deliver` (the
+//! process died during its last attempt, or its final ack was lost), it
+//! publishes a max-deliveries advisory, kept in the advisory stream. Each one
+//! moves its job out of the work stream, where nats-server 2.9 would keep it
+//! forever: to the dead letters, or back to work for `delete_replica`, whose
+//! attempts are unlimited.
+
+use crate::event::{ChangeType, Job};
+use crate::queue::dead_letter::{DeadJob, DeadReason, publish_dead};
+use crate::queue::layout::Layout;
+use crate::queue::puller::{Pulled, Puller};
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, Context};
+use serde::Deserialize;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Deserialize)]
+struct MaxDeliveriesAdvisory {
+    stream: String,
+    stream_seq: u64,
+    deliveries: u64,
+}
+
+/// Handles advisories until `stop`.
+pub async fn run(js: Context, layout: Layout, mut puller: Puller, stop: CancellationToken) {
+    loop {
+        if !puller.is_active() && puller.request(16).await.is_err() {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                _ = stop.cancelled() => break,
+            }
+        }
+        let step = tokio::select! {
+            s = puller.next() => s,
+            _ = stop.cancelled() => break,
+        };
+        match step {
+            Ok(Pulled::Messages(ms)) => {
+                for m in ms {
+                    handle(&js, &layout, &m).await;
+                }
+            }
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    for m in puller.close().await {
+        let _ = m.ack_with(jetstream::AckKind::Nak(None)).await;
+    }
+}
+
+/// Moves the advisory's job; acks the advisory only when that worked (or
+/// there was nothing left to move).
+pub async fn handle(js: &Context, layout: &Layout, m: &jetstream::Message) {
+    let advisory: MaxDeliveriesAdvisory = match serde_json::from_slice(&m.message.payload) {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::warn!(error = %e, "unreadable max-deliveries advisory dropped");
+            let _ = m.ack_with(jetstream::AckKind::Term).await;
+            return;
+        }
+    };
+    match move_stranded(js, layout, &advisory).await {
+        Ok(()) => {
+            let _ = m.ack().await;
+        }
+        Err(e) => {
+            tracing::error!(error = %e, stream_sequence = advisory.stream_seq, "could not move a stranded job; will retry");
+            let _ = m
+                .ack_with(jetstream::AckKind::Nak(Some(Duration::from_secs(5))))
+                .await;
+        }
+    }
+}
+
+async fn move_stranded(
+    js: &Context,
+    layout: &Layout,
+    a: &MaxDeliveriesAdvisory,
+) -> Result<(), String> {
+    if a.stream != layout.stream {
+        return Ok(());
+    }
+    let stream = js
+        .get_stream(&layout.stream)
+        .await
+        .map_err(|e| e.to_string())?;
+    let raw = match stream.get_raw_message(a.stream_seq).await {
+        Ok(raw) => raw,
+        Err(e) if e.kind() == jetstream::stream::RawMessageErrorKind::NoMessageFound => {
+            return Ok(()); // acked or moved already
+        }
+        Err(e) => return Err(e.to_string()),
+    };
+    let unlimited = Job::from_json(&raw.payload)
+        .map(|j| j.change_type() == ChangeType::DeleteReplica)
+        .unwrap_or(false);
+    if unlimited {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "Nats-Msg-Id",
+            format!(
+                "requeue-{}-{}-{}",
+                layout.stream, a.stream_seq, a.deliveries
+            )
+            .as_str(),
+        );
+        js.publish_with_headers(raw.subject.to_string(), h, raw.payload.clone())
+            .await
+            .map_err(|e| e.to_string())?
+            .await
+            .map_err(|e| e.to_string())?;
+        tracing::info!(
+            stream_sequence = a.stream_seq,
+            "stranded delete_replica job requeued (its attempts are unlimited)"
+        );
+    } else {
+        publish_dead(
+            js,
+            layout,
+            DeadJob {
+                work_subject: raw.subject.as_str(),
+                work_sequence: a.stream_seq,
+                payload: raw.payload.clone(),
+                reason: DeadReason::Stranded,
+                error: "max deliveries reached without an acknowledgement: the process stopped during the last attempt, or its acknowledgement was lost",
+                attempts: a.deliveries,
+            },
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        let (vs, target) =
+            crate::subject::parse_job_subject(&layout.subject_prefix, raw.subject.as_str())
+                .unwrap_or_default();
+        crate::metrics::TargetMetrics::new(&vs, &target).dead_letter(DeadReason::Stranded.as_str());
+        tracing::warn!(
+            stream_sequence = a.stream_seq,
+            "stranded job moved to the dead-letter stream"
+        );
+    }
+    stream
+        .delete_message(a.stream_seq)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(())
+}

@@ -1,0 +1,667 @@
+//! The consumer: for every target, pull jobs from its durable consumer, run
+//! each under the repository's exclusion, and acknowledge by outcome.
+//!
+//! Every delivered message is owned by one task from arrival to its final
+//! acknowledgement; while it waits (for the repository lock or a job slot) or
+//! runs, the task sends in-progress acks so JetStream does not redeliver it.
+//! Shutdown cancels waiting, never a dispatch: jobs that have not started are
+//! released at once, running ones get the grace period.
+
+use crate::event::Job;
+use crate::gitaly::NodeSet;
+use crate::gitaly::health::watch_health;
+use crate::metrics::TargetMetrics;
+use crate::queue::ack::{AckAction, attempts_for, decide};
+use crate::queue::dead_letter::{DeadJob, DeadReason, publish_dead};
+use crate::queue::exclusion::RepositoryLocks;
+use crate::queue::layout::{ConsumerSpec, Layout};
+use crate::queue::puller::{PullError, Pulled, Puller};
+use crate::replicator::{JobOutcome, Replicator, SkipReason};
+use crate::retry_delay::RetryPolicy;
+use crate::store::{CompletionKey, RepositoryStore, repository_lock_key};
+use crate::subject::parse_job_subject;
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, AckKind};
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use time::OffsetDateTime;
+use tokio::sync::{Semaphore, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+/// How the consumer runs.
+#[derive(Debug, Clone)]
+pub struct ConsumerSettings {
+    /// Jobs asked for per pull request.
+    pub batch_size: usize,
+    /// Pull requests kept open per target.
+    pub pull_loops_per_target: usize,
+    /// Jobs dispatching at once in this process.
+    pub max_concurrent_jobs: usize,
+    /// How long one pull request waits on the server.
+    pub fetch_expires: Duration,
+    /// The consumers' ack wait; in-progress acks go every third of it.
+    pub ack_wait: Duration,
+    /// Attempts per job (delete_replica: unlimited).
+    pub attempts: u32,
+    pub retry: RetryPolicy,
+    pub health_check_interval: Duration,
+    /// How long running jobs may finish after shutdown starts.
+    pub grace_period: Duration,
+    /// How often queue depth is read for the metrics.
+    pub queue_depth_interval: Duration,
+}
+
+impl Default for ConsumerSettings {
+    fn default() -> Self {
+        ConsumerSettings {
+            batch_size: 10,
+            pull_loops_per_target: 1,
+            max_concurrent_jobs: 64,
+            fetch_expires: Duration::from_secs(5),
+            ack_wait: Duration::from_secs(30),
+            attempts: 3,
+            retry: RetryPolicy::default(),
+            health_check_interval: Duration::from_secs(5),
+            grace_period: Duration::from_secs(60),
+            queue_depth_interval: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Why the consumer could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum ConsumerError {
+    #[error("target {virtual_storage}/{storage} is in the layout but not in the node set")]
+    UnknownTarget {
+        virtual_storage: String,
+        storage: String,
+    },
+    #[error(transparent)]
+    Pull(#[from] PullError),
+}
+
+/// What the consumer needs from the rest of the service.
+pub struct ConsumerDeps<R> {
+    pub client: async_nats::Client,
+    pub layout: Layout,
+    pub replicator: R,
+    pub store: RepositoryStore,
+    pub locks: Arc<RepositoryLocks>,
+    pub nodes: NodeSet,
+    pub settings: ConsumerSettings,
+}
+
+struct Shared<R> {
+    js: jetstream::Context,
+    layout: Layout,
+    replicator: R,
+    store: RepositoryStore,
+    locks: Arc<RepositoryLocks>,
+    permits: Arc<Semaphore>,
+    settings: ConsumerSettings,
+    /// Stop fetching; release jobs that have not started.
+    stop: CancellationToken,
+    /// Grace period over: abandon running dispatches (they are redelivered).
+    abort: CancellationToken,
+    tracker: TaskTracker,
+    warned_unsupported: Mutex<HashSet<(String, &'static str)>>,
+}
+
+struct Target {
+    spec: ConsumerSpec,
+    metrics: TargetMetrics,
+}
+
+/// Runs until `shutdown` resolves, then drains: stops fetching, releases
+/// jobs not yet started, waits up to the grace period for running ones.
+pub async fn run<R: Replicator>(
+    deps: ConsumerDeps<R>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ConsumerError> {
+    let ConsumerDeps {
+        client,
+        layout,
+        replicator,
+        store,
+        locks,
+        nodes,
+        settings,
+    } = deps;
+    let js = jetstream::new(client.clone());
+    let shared = Arc::new(Shared {
+        js,
+        layout: layout.clone(),
+        replicator,
+        store,
+        locks,
+        permits: Arc::new(Semaphore::new(settings.max_concurrent_jobs.max(1))),
+        settings,
+        stop: CancellationToken::new(),
+        abort: CancellationToken::new(),
+        tracker: TaskTracker::new(),
+        warned_unsupported: Mutex::new(HashSet::new()),
+    });
+    let background = CancellationToken::new();
+    let mut loops = Vec::new();
+    for spec in &layout.consumers {
+        let node = nodes
+            .get(&spec.virtual_storage, &spec.target_storage)
+            .ok_or_else(|| ConsumerError::UnknownTarget {
+                virtual_storage: spec.virtual_storage.clone(),
+                storage: spec.target_storage.clone(),
+            })?
+            .clone();
+        let target = Arc::new(Target {
+            spec: spec.clone(),
+            metrics: TargetMetrics::new(&spec.virtual_storage, &spec.target_storage),
+        });
+        let healthy = watch_health(
+            node,
+            shared.settings.health_check_interval,
+            target.metrics.clone(),
+            background.clone(),
+        );
+        for _ in 0..shared.settings.pull_loops_per_target.max(1) {
+            let puller = Puller::new(
+                client.clone(),
+                shared.js.clone(),
+                &layout.stream,
+                &spec.durable_name,
+                shared.settings.fetch_expires,
+            )
+            .await?;
+            loops.push(tokio::spawn(pull_loop(
+                shared.clone(),
+                target.clone(),
+                puller,
+                healthy.clone(),
+            )));
+        }
+    }
+    let advisories = Puller::new(
+        client.clone(),
+        shared.js.clone(),
+        &layout.advisory_stream,
+        &layout.advisory_consumer,
+        shared.settings.fetch_expires,
+    )
+    .await?;
+    loops.push(tokio::spawn(crate::queue::advisories::run(
+        shared.js.clone(),
+        layout.clone(),
+        advisories,
+        shared.stop.clone(),
+    )));
+    let depth = tokio::spawn(crate::queue::depth::poll(
+        shared.js.clone(),
+        layout.clone(),
+        shared.settings.queue_depth_interval,
+        background.clone(),
+    ));
+
+    shutdown.await;
+    tracing::info!("shutting down: no new jobs are fetched; running jobs may finish");
+    shared.stop.cancel();
+    for l in loops {
+        let _ = l.await;
+    }
+    shared.tracker.close();
+    if tokio::time::timeout(shared.settings.grace_period, shared.tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            grace_period = ?shared.settings.grace_period,
+            "grace period over: abandoning running jobs; JetStream redelivers them"
+        );
+        shared.abort.cancel();
+        shared.tracker.wait().await;
+    }
+    background.cancel();
+    let _ = depth.await;
+    Ok(())
+}
+
+async fn pull_loop<R: Replicator>(
+    shared: Arc<Shared<R>>,
+    target: Arc<Target>,
+    mut puller: Puller,
+    mut healthy: watch::Receiver<bool>,
+) {
+    let stop = shared.stop.clone();
+    let mut error_wait = Duration::from_millis(100);
+    loop {
+        // Only ask for jobs that can start: a target that is down or a
+        // process that is full leaves them in the stream.
+        if !puller.is_active() {
+            tokio::select! {
+                r = healthy.wait_for(|h| *h) => if r.is_err() { break },
+                _ = stop.cancelled() => break,
+            }
+            let permit = tokio::select! {
+                p = shared.permits.acquire() => p,
+                _ = stop.cancelled() => break,
+            };
+            drop(permit);
+            if let Err(e) = puller.request(shared.settings.batch_size.max(1)).await {
+                tracing::warn!(error = %e, consumer = %target.spec.durable_name, "pull request failed; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(error_wait) => {}
+                    _ = stop.cancelled() => break,
+                }
+                error_wait = (error_wait * 2).min(Duration::from_secs(5));
+                continue;
+            }
+            error_wait = Duration::from_millis(100);
+        }
+        let step = tokio::select! {
+            s = puller.next() => s,
+            _ = stop.cancelled() => break,
+        };
+        match step {
+            Ok(Pulled::Messages(batch)) => dispatch_batch(&shared, &target, batch),
+            Ok(Pulled::RequestDone(None)) => {}
+            Ok(Pulled::RequestDone(Some(reason))) => {
+                tracing::debug!(consumer = %target.spec.durable_name, %reason, "pull request ended by the server");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                    _ = stop.cancelled() => break,
+                }
+            }
+            Ok(Pulled::Stalled) => {
+                tracing::warn!(consumer = %target.spec.durable_name, "pull request went silent; renewing it");
+                target.metrics.pull_renewed();
+            }
+            Err(e) => {
+                tracing::error!(error = %e, consumer = %target.spec.durable_name, "pulling stopped");
+                break;
+            }
+        }
+    }
+    // Jobs that arrived after the stop are handed back at once.
+    for m in puller.close().await {
+        let _ = m.ack_with(AckKind::Nak(None)).await;
+    }
+}
+
+/// One delivered job before it runs.
+struct Delivered {
+    message: jetstream::Message,
+    job: Job,
+    delivered: u64,
+    sequence: u64,
+    created_at: OffsetDateTime,
+}
+
+fn delivery_facts(m: &jetstream::Message) -> (u64, u64, OffsetDateTime) {
+    match m.info() {
+        Ok(i) => (i.delivered.max(1) as u64, i.stream_sequence, i.published),
+        Err(_) => (1, 0, OffsetDateTime::now_utc()),
+    }
+}
+
+/// Decodes a batch, sends invalid messages to the dead letters, collapses
+/// identical updates, and starts one task per remaining job.
+fn dispatch_batch<R: Replicator>(
+    shared: &Arc<Shared<R>>,
+    target: &Arc<Target>,
+    batch: Vec<jetstream::Message>,
+) {
+    let mut leaders: Vec<(Delivered, Vec<jetstream::Message>)> = Vec::new();
+    let mut update_leader: HashMap<(String, String), usize> = HashMap::new();
+    for message in batch {
+        let (delivered, sequence, published) = delivery_facts(&message);
+        let job = match decode(&shared.layout, &message) {
+            Ok(job) => job,
+            Err(reason) => {
+                let shared = shared.clone();
+                let target = target.clone();
+                shared.tracker.clone().spawn(async move {
+                    target.metrics.outcome("unknown", "invalid");
+                    tracing::warn!(consumer = %target.spec.durable_name, stream_sequence = sequence, error = %reason, "invalid replication job");
+                    dead_letter(&shared, &target, &message, sequence, DeadReason::Invalid, &reason, delivered).await;
+                });
+                continue;
+            }
+        };
+        let created_at = job.created_at.unwrap_or(published);
+        let d = Delivered {
+            message,
+            job,
+            delivered,
+            sequence,
+            created_at,
+        };
+        if d.job.change_type().needs_source() {
+            let key = (
+                d.job.relative_path.clone(),
+                d.job.source_node_storage.clone().unwrap_or_default(),
+            );
+            if let Some(&i) = update_leader.get(&key) {
+                leaders[i].1.push(d.message);
+                continue;
+            }
+            update_leader.insert(key, leaders.len());
+        }
+        leaders.push((d, Vec::new()));
+    }
+    for (d, followers) in leaders {
+        let shared2 = shared.clone();
+        let target = target.clone();
+        let span = tracing::info_span!(
+            "replication_job",
+            virtual_storage = %d.job.virtual_storage,
+            replication_job_target = %d.job.target_node_storage,
+            replication_job_source = %d.job.source_node_storage.as_deref().unwrap_or(""),
+            change_type = %d.job.change_type(),
+            relative_path = %d.job.relative_path,
+            correlation_id = %d.job.correlation_id.as_deref().unwrap_or(""),
+            stream_sequence = d.sequence,
+            attempt = d.delivered,
+        );
+        shared
+            .tracker
+            .spawn(process(shared2, target, d, followers).instrument(span));
+    }
+}
+
+/// The job in a message, checked against the subject it came on.
+fn decode(layout: &Layout, m: &jetstream::Message) -> Result<Job, String> {
+    let job = Job::from_json(&m.message.payload).map_err(|e| e.to_string())?;
+    let (vs, target) = parse_job_subject(&layout.subject_prefix, m.message.subject.as_str())
+        .map_err(|e| e.to_string())?;
+    if vs != job.virtual_storage || target != job.target_node_storage {
+        return Err(format!(
+            "subject {} is for {vs}/{target} but the payload is for {}/{}",
+            m.message.subject, job.virtual_storage, job.target_node_storage
+        ));
+    }
+    Ok(job)
+}
+
+/// How far a job got before it was stopped.
+enum Ran {
+    Finished(JobOutcome, Option<Duration>),
+    /// Shutdown came before it started: release it now.
+    Released,
+    /// The grace period ended mid-dispatch: leave it for redelivery.
+    Abandoned,
+}
+
+async fn process<R: Replicator>(
+    shared: Arc<Shared<R>>,
+    target: Arc<Target>,
+    d: Delivered,
+    followers: Vec<jetstream::Message>,
+) {
+    let change_type = d.job.change_type();
+    let work = run_job(&shared, &target, &d);
+    tokio::pin!(work);
+    // In-progress acks keep the messages ours while we wait and run.
+    let every = (shared.settings.ack_wait / 3).max(Duration::from_millis(100));
+    let mut tick = tokio::time::interval_at(Instant::now() + every, every);
+    let ran = loop {
+        tokio::select! {
+            r = &mut work => break r,
+            _ = tick.tick() => {
+                let _ = d.message.ack_with(AckKind::Progress).await;
+                for f in &followers {
+                    let _ = f.ack_with(AckKind::Progress).await;
+                }
+            }
+        }
+    };
+    let (outcome, latency) = match ran {
+        Ran::Finished(o, l) => (o, l),
+        Ran::Released => {
+            release(&shared, &d, &followers).await;
+            return;
+        }
+        Ran::Abandoned => return,
+    };
+    let label = outcome.label();
+    target
+        .metrics
+        .job_finished(change_type.as_str(), label, latency);
+    match &outcome {
+        JobOutcome::Completed => {
+            tracing::info!(new_state = "completed", latency = ?latency, "replication job processing finished")
+        }
+        JobOutcome::Skipped(reason) => {
+            tracing::info!(new_state = "completed", skipped = %reason, "replication job processing finished")
+        }
+        JobOutcome::Failed(e) => {
+            tracing::warn!(new_state = "failed", error = %e, "replication job processing finished")
+        }
+        JobOutcome::Invalid(e) => {
+            tracing::warn!(new_state = "dead", error = %e, "replication job is invalid")
+        }
+        JobOutcome::Unsupported { method, message } => {
+            let first = shared
+                .warned_unsupported
+                .lock()
+                .map(|mut w| w.insert((target.spec.durable_name.clone(), *method)))
+                .unwrap_or(false);
+            if first {
+                tracing::warn!(method, %message, "target does not implement this RPC any more; such jobs are acknowledged without effect");
+            }
+        }
+    }
+    let attempts = attempts_for(change_type, shared.settings.attempts);
+    let action = decide(
+        &outcome,
+        d.delivered,
+        attempts,
+        shared.layout.max_deliver.max(1) as u64,
+        &shared.settings.retry,
+    );
+    let follower_ack = match &action {
+        AckAction::Ack => AckKind::Ack,
+        AckAction::Nak(delay) => AckKind::Nak(Some(*delay)),
+        // A collapsed twin of a dead job keeps its own attempts.
+        _ => AckKind::Nak(Some(shared.settings.retry.delay_after(1))),
+    };
+    match action {
+        AckAction::Ack => {
+            let _ = d.message.ack().await;
+        }
+        AckAction::Nak(delay) => {
+            let _ = d.message.ack_with(AckKind::Nak(Some(delay))).await;
+        }
+        AckAction::DeadLetter { invalid } => {
+            let error = match &outcome {
+                JobOutcome::Failed(e) => e.to_string(),
+                JobOutcome::Invalid(e) => e.clone(),
+                _ => String::new(),
+            };
+            let reason = if invalid {
+                DeadReason::Invalid
+            } else {
+                DeadReason::Dead
+            };
+            dead_letter(
+                &shared,
+                &target,
+                &d.message,
+                d.sequence,
+                reason,
+                &error,
+                d.delivered,
+            )
+            .await;
+        }
+        AckAction::Requeue => requeue(&shared, &d.message, d.sequence, d.delivered).await,
+    }
+    for f in &followers {
+        if matches!(follower_ack, AckKind::Ack) {
+            target.metrics.outcome(change_type.as_str(), "skipped");
+            tracing::debug!(skipped = %SkipReason::Collapsed, "collapsed update acknowledged");
+        }
+        let _ = f.ack_with(follower_ack).await;
+    }
+}
+
+/// Waits for the repository and a job slot, checks completion dedup, and
+/// dispatches.
+async fn run_job<R: Replicator>(shared: &Shared<R>, target: &Target, d: &Delivered) -> Ran {
+    let job = &d.job;
+    let key = repository_lock_key(
+        &job.virtual_storage,
+        &job.relative_path,
+        &job.target_node_storage,
+    );
+    let Some(guard) = shared.locks.acquire(key, &shared.stop).await else {
+        return Ran::Released;
+    };
+    let permit = tokio::select! {
+        p = shared.permits.acquire() => p,
+        _ = shared.stop.cancelled() => {
+            shared.locks.release(guard);
+            return Ran::Released;
+        }
+    };
+    let change = job.change_type();
+    let completion = CompletionKey {
+        virtual_storage: &job.virtual_storage,
+        relative_path: &job.relative_path,
+        target_storage: &job.target_node_storage,
+        change_type: change.as_str(),
+        source_storage: job.source_node_storage.as_deref().unwrap_or(""),
+    };
+    let superseded = match shared.store.superseded(&completion, d.created_at).await {
+        Ok(s) => s,
+        Err(e) => {
+            // Dedup only saves work; without it the job just runs.
+            tracing::warn!(error = %e, "completion dedup check failed; running the job");
+            false
+        }
+    };
+    let ran = if superseded {
+        Ran::Finished(JobOutcome::Skipped(SkipReason::Superseded), None)
+    } else {
+        let started_wall = OffsetDateTime::now_utc();
+        let delay = (started_wall - d.created_at)
+            .try_into()
+            .unwrap_or(Duration::ZERO);
+        target.metrics.job_started(change.as_str(), delay);
+        tracing::info!("replication job processing started");
+        let started = Instant::now();
+        let outcome = tokio::select! {
+            o = shared.replicator.replicate(job) => Some(o),
+            _ = shared.abort.cancelled() => None,
+        };
+        match outcome {
+            None => {
+                target
+                    .metrics
+                    .job_finished(change.as_str(), "abandoned", None);
+                drop(permit);
+                // The lock connection's session keeps the lock until the
+                // process exits, so no other process starts this repository
+                // while its abandoned call may still run.
+                std::mem::forget(guard);
+                return Ran::Abandoned;
+            }
+            Some(outcome) => {
+                let latency = matches!(outcome, JobOutcome::Completed).then(|| started.elapsed());
+                if matches!(outcome, JobOutcome::Completed)
+                    && let Err(e) = shared
+                        .store
+                        .record_completion(&completion, started_wall)
+                        .await
+                {
+                    tracing::warn!(error = %e, "recording the completion for dedup failed");
+                }
+                Ran::Finished(outcome, latency)
+            }
+        }
+    };
+    drop(permit);
+    shared.locks.release(guard);
+    ran
+}
+
+/// Hands back a job that never started. On its last server delivery a nak
+/// would strand it, so it is requeued instead.
+async fn release<R: Replicator>(
+    shared: &Shared<R>,
+    d: &Delivered,
+    followers: &[jetstream::Message],
+) {
+    tracing::info!("shutting down: job released before it started");
+    if d.delivered >= shared.layout.max_deliver.max(1) as u64 {
+        requeue(shared, &d.message, d.sequence, d.delivered).await;
+    } else {
+        let _ = d.message.ack_with(AckKind::Nak(None)).await;
+    }
+    for f in followers {
+        let _ = f.ack_with(AckKind::Nak(None)).await;
+    }
+}
+
+/// Publishes to the dead-letter stream, then terminates the job. If the
+/// dead-letter publish fails, the job is naked instead: never lost.
+async fn dead_letter<R: Replicator>(
+    shared: &Shared<R>,
+    target: &Target,
+    m: &jetstream::Message,
+    sequence: u64,
+    reason: DeadReason,
+    error: &str,
+    attempts: u64,
+) {
+    let dead = DeadJob {
+        work_subject: m.message.subject.as_str(),
+        work_sequence: sequence,
+        payload: m.message.payload.clone(),
+        reason,
+        error,
+        attempts,
+    };
+    match publish_dead(&shared.js, &shared.layout, dead).await {
+        Ok(()) => {
+            target.metrics.dead_letter(reason.as_str());
+            let _ = m.ack_with(AckKind::Term).await;
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "could not write the dead letter; the job stays queued");
+            let _ = m
+                .ack_with(AckKind::Nak(Some(shared.settings.retry.delay_after(1))))
+                .await;
+        }
+    }
+}
+
+/// Publishes a fresh copy of the job (new delivery count), then terminates
+/// the old message.
+async fn requeue<R: Replicator>(
+    shared: &Shared<R>,
+    m: &jetstream::Message,
+    sequence: u64,
+    delivered: u64,
+) {
+    let mut h = HeaderMap::new();
+    h.insert(
+        "Nats-Msg-Id",
+        format!("requeue-{}-{sequence}-{delivered}", shared.layout.stream).as_str(),
+    );
+    let published = match shared
+        .js
+        .publish_with_headers(m.message.subject.clone(), h, m.message.payload.clone())
+        .await
+    {
+        Ok(ack) => ack.await.is_ok(),
+        Err(_) => false,
+    };
+    if published {
+        let _ = m.ack_with(AckKind::Term).await;
+    } else {
+        tracing::error!("could not requeue the job; it stays queued");
+        let _ = m.ack_with(AckKind::Nak(None)).await;
+    }
+}

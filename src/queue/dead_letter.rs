@@ -1,0 +1,226 @@
+//! The dead-letter stream: jobs that ran out of attempts or were never valid.
+//! A dead message keeps the original payload and gains headers saying why,
+//! after how many attempts, from which subject, and when. Operators list,
+//! replay and purge it.
+
+use crate::queue::layout::Layout;
+use crate::subject::dead_letter_prefix;
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, Context};
+use bytes::Bytes;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+/// Headers a dead message carries.
+pub mod headers {
+    /// Why it died: `dead` (attempts used up), `invalid` (never valid),
+    /// `stranded` (the server stopped delivering it at max_deliver).
+    pub const REASON: &str = "Gitaly-Replicator-Reason";
+    /// The last error, or why the payload is invalid.
+    pub const ERROR: &str = "Gitaly-Replicator-Error";
+    /// Deliveries made before it died.
+    pub const ATTEMPTS: &str = "Gitaly-Replicator-Attempts";
+    /// The work subject it was published on.
+    pub const ORIGINAL_SUBJECT: &str = "Gitaly-Replicator-Original-Subject";
+    /// Its sequence in the work stream.
+    pub const ORIGINAL_SEQUENCE: &str = "Gitaly-Replicator-Original-Sequence";
+    /// When it died (RFC 3339).
+    pub const DEAD_AT: &str = "Gitaly-Replicator-Dead-At";
+}
+
+/// Why a job went to the dead-letter stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeadReason {
+    Dead,
+    Invalid,
+    Stranded,
+}
+
+impl DeadReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeadReason::Dead => "dead",
+            DeadReason::Invalid => "invalid",
+            DeadReason::Stranded => "stranded",
+        }
+    }
+}
+
+/// Why a dead-letter operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DeadLetterError {
+    #[error("publishing to the dead-letter stream failed: {0}")]
+    Publish(String),
+    #[error("dead-letter stream {stream}: {message}")]
+    Stream { stream: String, message: String },
+}
+
+/// The dead subject for a work subject: the prefix gains `-dead`, the
+/// storage tokens stay as they were (escaped).
+pub fn dead_subject_for(layout: &Layout, work_subject: &str) -> String {
+    let rest = work_subject
+        .strip_prefix(&layout.subject_prefix)
+        .and_then(|r| r.strip_prefix('.'))
+        .filter(|r| !r.is_empty())
+        .unwrap_or("unroutable");
+    format!("{}.{rest}", dead_letter_prefix(&layout.subject_prefix))
+}
+
+/// What to write for one dead job.
+pub struct DeadJob<'a> {
+    pub work_subject: &'a str,
+    pub work_sequence: u64,
+    pub payload: Bytes,
+    pub reason: DeadReason,
+    pub error: &'a str,
+    pub attempts: u64,
+}
+
+/// Header values must be one line of visible text.
+fn header_safe(s: &str) -> String {
+    let one_line: String = s
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    one_line.chars().take(2048).collect()
+}
+
+/// Publishes a dead job and waits for the stream's ack. The message id is
+/// derived from the work sequence, so a repeat (after a lost ack) is dropped
+/// by the stream's duplicate window.
+pub async fn publish_dead(
+    js: &Context,
+    layout: &Layout,
+    job: DeadJob<'_>,
+) -> Result<(), DeadLetterError> {
+    let mut h = HeaderMap::new();
+    h.insert(headers::REASON, job.reason.as_str());
+    h.insert(headers::ERROR, header_safe(job.error).as_str());
+    h.insert(headers::ATTEMPTS, job.attempts.to_string().as_str());
+    h.insert(headers::ORIGINAL_SUBJECT, job.work_subject);
+    h.insert(
+        headers::ORIGINAL_SEQUENCE,
+        job.work_sequence.to_string().as_str(),
+    );
+    let now = OffsetDateTime::now_utc()
+        .format(&Rfc3339)
+        .unwrap_or_default();
+    h.insert(headers::DEAD_AT, now.as_str());
+    h.insert(
+        "Nats-Msg-Id",
+        format!("dead-{}-{}", layout.stream, job.work_sequence).as_str(),
+    );
+    let subject = dead_subject_for(layout, job.work_subject);
+    js.publish_with_headers(subject, h, job.payload)
+        .await
+        .map_err(|e| DeadLetterError::Publish(e.to_string()))?
+        .await
+        .map_err(|e| DeadLetterError::Publish(e.to_string()))?;
+    Ok(())
+}
+
+/// One dead message as stored.
+#[derive(Debug, Clone)]
+pub struct DeadMessage {
+    pub sequence: u64,
+    pub subject: String,
+    pub time: OffsetDateTime,
+    pub payload: Bytes,
+    pub headers: HeaderMap,
+}
+
+impl DeadMessage {
+    pub fn header(&self, key: &str) -> Option<&str> {
+        self.headers.get(key).map(|v| v.as_str())
+    }
+}
+
+fn stream_err(layout: &Layout, e: impl std::fmt::Display) -> DeadLetterError {
+    DeadLetterError::Stream {
+        stream: layout.dead_letter_stream.clone(),
+        message: e.to_string(),
+    }
+}
+
+/// Reads dead messages in order, from `start` (sequence), at most `limit`.
+pub async fn list(
+    js: &Context,
+    layout: &Layout,
+    start: u64,
+    limit: usize,
+) -> Result<Vec<DeadMessage>, DeadLetterError> {
+    let mut stream = js
+        .get_stream(&layout.dead_letter_stream)
+        .await
+        .map_err(|e| stream_err(layout, e))?;
+    let info = stream.info().await.map_err(|e| stream_err(layout, e))?;
+    let (first, last) = (info.state.first_sequence, info.state.last_sequence);
+    let mut out = Vec::new();
+    let mut seq = start.max(first);
+    while seq <= last && out.len() < limit {
+        match stream.get_raw_message(seq).await {
+            Ok(m) => out.push(DeadMessage {
+                sequence: m.sequence,
+                subject: m.subject.to_string(),
+                time: m.time,
+                payload: m.payload,
+                headers: m.headers,
+            }),
+            // Deleted (replayed or purged) sequences leave gaps.
+            Err(e) if e.kind() == jetstream::stream::RawMessageErrorKind::NoMessageFound => {}
+            Err(e) => return Err(stream_err(layout, e)),
+        }
+        seq += 1;
+    }
+    Ok(out)
+}
+
+/// Sends a dead message back to its work subject as a new job (fresh
+/// attempts, new message id) and removes it from the dead-letter stream.
+pub async fn replay(
+    js: &Context,
+    layout: &Layout,
+    message: &DeadMessage,
+) -> Result<(), DeadLetterError> {
+    let work_subject = message
+        .header(headers::ORIGINAL_SUBJECT)
+        .map(str::to_owned)
+        .unwrap_or_else(|| {
+            message.subject.replacen(
+                &dead_letter_prefix(&layout.subject_prefix),
+                &layout.subject_prefix,
+                1,
+            )
+        });
+    let mut h = HeaderMap::new();
+    h.insert("Nats-Msg-Id", uuid::Uuid::new_v4().to_string().as_str());
+    js.publish_with_headers(work_subject, h, message.payload.clone())
+        .await
+        .map_err(|e| DeadLetterError::Publish(e.to_string()))?
+        .await
+        .map_err(|e| DeadLetterError::Publish(e.to_string()))?;
+    delete(js, layout, message.sequence).await
+}
+
+/// Deletes one dead message.
+pub async fn delete(js: &Context, layout: &Layout, sequence: u64) -> Result<(), DeadLetterError> {
+    let stream = js
+        .get_stream(&layout.dead_letter_stream)
+        .await
+        .map_err(|e| stream_err(layout, e))?;
+    stream
+        .delete_message(sequence)
+        .await
+        .map_err(|e| stream_err(layout, e))?;
+    Ok(())
+}
+
+/// Deletes every dead message; returns how many.
+pub async fn purge_all(js: &Context, layout: &Layout) -> Result<u64, DeadLetterError> {
+    let stream = js
+        .get_stream(&layout.dead_letter_stream)
+        .await
+        .map_err(|e| stream_err(layout, e))?;
+    let r = stream.purge().await.map_err(|e| stream_err(layout, e))?;
+    Ok(r.purged)
+}

@@ -1,0 +1,430 @@
+//! The JetStream layout: the work stream, the dead-letter stream, the stream
+//! that keeps max-deliveries advisories, and one durable pull consumer per
+//! (virtual storage, target storage). Created idempotently; an existing object
+//! is compared first, changed only where JetStream allows it (each change is
+//! reported), and refused with a clear error where it does not.
+
+use crate::config::Config;
+use crate::subject::{dead_letter_prefix, escape_token, job_subject};
+use async_nats::jetstream::Context;
+use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
+use async_nats::jetstream::stream::{self, DiscardPolicy, RetentionPolicy, StorageType};
+use std::time::Duration;
+
+/// Why the layout could not be ensured.
+#[derive(Debug, thiserror::Error)]
+pub enum LayoutError {
+    #[error(
+        "stream {stream} exists with {field} = {existing}, but the configuration needs {wanted}; \
+         JetStream cannot change this in place: migrate or delete the stream, or change the configuration"
+    )]
+    Incompatible {
+        stream: String,
+        field: &'static str,
+        existing: String,
+        wanted: String,
+    },
+    #[error(
+        "consumer {consumer} on stream {stream} exists with {field} = {existing}, but the configuration needs {wanted}; delete the consumer to recreate it"
+    )]
+    IncompatibleConsumer {
+        stream: String,
+        consumer: String,
+        field: &'static str,
+        existing: String,
+        wanted: String,
+    },
+    #[error("JetStream request for {what} failed: {message}")]
+    Api { what: String, message: String },
+}
+
+fn api(what: impl Into<String>, e: impl std::fmt::Display) -> LayoutError {
+    LayoutError::Api {
+        what: what.into(),
+        message: e.to_string(),
+    }
+}
+
+/// One consumer of the layout: a target of a virtual storage.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsumerSpec {
+    pub virtual_storage: String,
+    pub target_storage: String,
+    pub durable_name: String,
+    pub filter_subject: String,
+}
+
+/// Everything `setup` creates, derived from the configuration alone.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    pub subject_prefix: String,
+    pub stream: String,
+    pub dead_letter_stream: String,
+    pub advisory_stream: String,
+    pub advisory_consumer: String,
+    pub replicas: usize,
+    pub max_bytes: i64,
+    pub duplicate_window: Duration,
+    pub dead_letter_max_age: Duration,
+    pub ack_wait: Duration,
+    pub max_deliver: i64,
+    pub max_ack_pending: i64,
+    pub consumers: Vec<ConsumerSpec>,
+}
+
+/// What `ensure` did to one object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LayoutChange {
+    Created(String),
+    Updated {
+        object: String,
+        changes: Vec<String>,
+    },
+    Unchanged(String),
+}
+
+impl std::fmt::Display for LayoutChange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LayoutChange::Created(o) => write!(f, "created {o}"),
+            LayoutChange::Updated { object, changes } => {
+                write!(f, "updated {object}: {}", changes.join(", "))
+            }
+            LayoutChange::Unchanged(o) => write!(f, "unchanged {o}"),
+        }
+    }
+}
+
+/// The durable consumer name for a target: `<prefix>~<vs>~<target>` with
+/// each storage escaped as for subjects. `~` cannot occur in an escaped
+/// token, so the name is unambiguous.
+pub fn durable_name(consumer_prefix: &str, virtual_storage: &str, target: &str) -> String {
+    format!(
+        "{consumer_prefix}~{}~{}",
+        escape_token(virtual_storage),
+        escape_token(target)
+    )
+}
+
+impl Layout {
+    pub fn from_config(config: &Config) -> Layout {
+        let nats = &config.nats;
+        let consumers = config
+            .targets()
+            .map(|(vs, node)| ConsumerSpec {
+                virtual_storage: vs.name.clone(),
+                target_storage: node.storage.clone(),
+                durable_name: durable_name(&nats.consumer_prefix, &vs.name, &node.storage),
+                filter_subject: job_subject(&nats.subject_prefix, &vs.name, &node.storage),
+            })
+            .collect();
+        Layout {
+            subject_prefix: nats.subject_prefix.clone(),
+            stream: nats.stream.clone(),
+            dead_letter_stream: nats.dead_letter_stream.clone(),
+            advisory_stream: format!("{}_ADVISORIES", nats.stream),
+            advisory_consumer: format!("{}~advisories", nats.consumer_prefix),
+            replicas: nats.replicas,
+            max_bytes: nats.max_bytes,
+            duplicate_window: nats.duplicate_window,
+            dead_letter_max_age: nats.dead_letter_max_age,
+            ack_wait: nats.ack_wait,
+            max_deliver: i64::from(config.replication.attempts.max(1)),
+            max_ack_pending: nats.max_ack_pending,
+            consumers,
+        }
+    }
+
+    pub fn consumer(&self, virtual_storage: &str, target: &str) -> Option<&ConsumerSpec> {
+        self.consumers
+            .iter()
+            .find(|c| c.virtual_storage == virtual_storage && c.target_storage == target)
+    }
+
+    /// Work stream: WorkQueue retention, so an acked job is gone; a full
+    /// stream refuses publishers (discard new) instead of dropping jobs.
+    pub fn work_stream_config(&self) -> stream::Config {
+        stream::Config {
+            name: self.stream.clone(),
+            description: Some("gitaly-replicator replication jobs".into()),
+            subjects: vec![format!("{}.>", self.subject_prefix)],
+            retention: RetentionPolicy::WorkQueue,
+            storage: StorageType::File,
+            num_replicas: self.replicas,
+            duplicate_window: self.duplicate_window,
+            max_bytes: self.max_bytes,
+            discard: DiscardPolicy::New,
+            ..Default::default()
+        }
+    }
+
+    /// Dead letters: kept for `dead_letter_max_age`, then dropped.
+    pub fn dead_letter_stream_config(&self) -> stream::Config {
+        stream::Config {
+            name: self.dead_letter_stream.clone(),
+            description: Some("gitaly-replicator dead replication jobs".into()),
+            subjects: vec![format!("{}.>", dead_letter_prefix(&self.subject_prefix))],
+            retention: RetentionPolicy::Limits,
+            storage: StorageType::File,
+            num_replicas: self.replicas,
+            max_age: self.dead_letter_max_age,
+            duplicate_window: self.duplicate_window,
+            ..Default::default()
+        }
+    }
+
+    /// The server's max-deliveries advisories for the work stream, kept in a
+    /// stream so that one fired while no process was running is not lost.
+    pub fn advisory_stream_config(&self) -> stream::Config {
+        stream::Config {
+            name: self.advisory_stream.clone(),
+            description: Some("max-deliveries advisories of the replication work stream".into()),
+            subjects: vec![format!(
+                "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{}.*",
+                self.stream
+            )],
+            retention: RetentionPolicy::WorkQueue,
+            storage: StorageType::File,
+            num_replicas: self.replicas,
+            max_age: Duration::from_secs(7 * 24 * 3600),
+            ..Default::default()
+        }
+    }
+
+    pub fn consumer_config(&self, spec: &ConsumerSpec) -> pull::Config {
+        pull::Config {
+            durable_name: Some(spec.durable_name.clone()),
+            name: Some(spec.durable_name.clone()),
+            description: Some(format!(
+                "replication jobs for storage {:?} of virtual storage {:?}",
+                spec.target_storage, spec.virtual_storage
+            )),
+            filter_subject: spec.filter_subject.clone(),
+            ack_policy: AckPolicy::Explicit,
+            deliver_policy: DeliverPolicy::All,
+            ack_wait: self.ack_wait,
+            max_deliver: self.max_deliver,
+            max_ack_pending: self.max_ack_pending,
+            ..Default::default()
+        }
+    }
+
+    pub fn advisory_consumer_config(&self) -> pull::Config {
+        pull::Config {
+            durable_name: Some(self.advisory_consumer.clone()),
+            name: Some(self.advisory_consumer.clone()),
+            description: Some("moves stranded jobs to the dead-letter stream".into()),
+            ack_policy: AckPolicy::Explicit,
+            ack_wait: Duration::from_secs(30),
+            ..Default::default()
+        }
+    }
+
+    /// Creates what is missing, updates what JetStream can change, and refuses
+    /// what it cannot. Returns one entry per object.
+    pub async fn ensure(&self, js: &Context) -> Result<Vec<LayoutChange>, LayoutError> {
+        let mut report = Vec::new();
+        for config in [
+            self.work_stream_config(),
+            self.dead_letter_stream_config(),
+            self.advisory_stream_config(),
+        ] {
+            report.push(ensure_stream(js, config).await?);
+        }
+        let work = js
+            .get_stream(&self.stream)
+            .await
+            .map_err(|e| api(format!("stream {}", self.stream), e))?;
+        for spec in &self.consumers {
+            let wanted = self.consumer_config(spec);
+            report.push(ensure_consumer(&work, &self.stream, wanted).await?);
+        }
+        let advisories = js
+            .get_stream(&self.advisory_stream)
+            .await
+            .map_err(|e| api(format!("stream {}", self.advisory_stream), e))?;
+        report.push(
+            ensure_consumer(
+                &advisories,
+                &self.advisory_stream,
+                self.advisory_consumer_config(),
+            )
+            .await?,
+        );
+        Ok(report)
+    }
+}
+
+async fn ensure_stream(js: &Context, wanted: stream::Config) -> Result<LayoutChange, LayoutError> {
+    let object = format!("stream {}", wanted.name);
+    let mut existing = match js.get_stream(&wanted.name).await {
+        Ok(s) => s,
+        Err(e)
+            if matches!(
+                e.kind(),
+                async_nats::jetstream::context::GetStreamErrorKind::JetStream(ref je)
+                    if je.error_code() == async_nats::jetstream::ErrorCode::STREAM_NOT_FOUND
+            ) =>
+        {
+            js.create_stream(wanted.clone())
+                .await
+                .map_err(|e| api(&object, e))?;
+            return Ok(LayoutChange::Created(object));
+        }
+        Err(e) => return Err(api(&object, e)),
+    };
+    let have = existing
+        .info()
+        .await
+        .map_err(|e| api(&object, e))?
+        .config
+        .clone();
+    let incompatible =
+        |field: &'static str, existing: String, wanted: String| LayoutError::Incompatible {
+            stream: have.name.clone(),
+            field,
+            existing,
+            wanted,
+        };
+    if have.retention != wanted.retention {
+        return Err(incompatible(
+            "retention",
+            format!("{:?}", have.retention),
+            format!("{:?}", wanted.retention),
+        ));
+    }
+    if have.storage != wanted.storage {
+        return Err(incompatible(
+            "storage",
+            format!("{:?}", have.storage),
+            format!("{:?}", wanted.storage),
+        ));
+    }
+    let mut changes = Vec::new();
+    let mut updated = have.clone();
+    if have.subjects != wanted.subjects {
+        changes.push(format!(
+            "subjects {:?} -> {:?}",
+            have.subjects, wanted.subjects
+        ));
+        updated.subjects = wanted.subjects.clone();
+    }
+    if have.num_replicas != wanted.num_replicas {
+        changes.push(format!(
+            "replicas {} -> {}",
+            have.num_replicas, wanted.num_replicas
+        ));
+        updated.num_replicas = wanted.num_replicas;
+    }
+    if have.max_bytes != wanted.max_bytes {
+        changes.push(format!(
+            "max_bytes {} -> {}",
+            have.max_bytes, wanted.max_bytes
+        ));
+        updated.max_bytes = wanted.max_bytes;
+    }
+    if have.discard != wanted.discard {
+        changes.push(format!(
+            "discard {:?} -> {:?}",
+            have.discard, wanted.discard
+        ));
+        updated.discard = wanted.discard;
+    }
+    if have.max_age != wanted.max_age {
+        changes.push(format!(
+            "max_age {:?} -> {:?}",
+            have.max_age, wanted.max_age
+        ));
+        updated.max_age = wanted.max_age;
+    }
+    // The server fills in a default duplicate window (2m) when none is asked for.
+    if !wanted.duplicate_window.is_zero() && have.duplicate_window != wanted.duplicate_window {
+        changes.push(format!(
+            "duplicate_window {:?} -> {:?}",
+            have.duplicate_window, wanted.duplicate_window
+        ));
+        updated.duplicate_window = wanted.duplicate_window;
+    }
+    if changes.is_empty() {
+        return Ok(LayoutChange::Unchanged(object));
+    }
+    js.update_stream(updated)
+        .await
+        .map_err(|e| api(&object, e))?;
+    Ok(LayoutChange::Updated { object, changes })
+}
+
+async fn ensure_consumer(
+    stream: &stream::Stream,
+    stream_name: &str,
+    wanted: pull::Config,
+) -> Result<LayoutChange, LayoutError> {
+    let name = wanted.durable_name.clone().unwrap_or_default();
+    let object = format!("consumer {name} on {stream_name}");
+    let have = match stream.consumer_info(&name).await {
+        Ok(info) => info.config,
+        Err(_) => {
+            stream
+                .create_consumer(wanted)
+                .await
+                .map_err(|e| api(&object, e))?;
+            return Ok(LayoutChange::Created(object));
+        }
+    };
+    let incompatible =
+        |field: &'static str, existing: String, wanted: String| LayoutError::IncompatibleConsumer {
+            stream: stream_name.to_owned(),
+            consumer: name.clone(),
+            field,
+            existing,
+            wanted,
+        };
+    if have.ack_policy != wanted.ack_policy {
+        return Err(incompatible(
+            "ack_policy",
+            format!("{:?}", have.ack_policy),
+            format!("{:?}", wanted.ack_policy),
+        ));
+    }
+    if have.deliver_subject.is_some() {
+        return Err(incompatible(
+            "deliver_subject",
+            format!("{:?}", have.deliver_subject),
+            "none (a pull consumer)".into(),
+        ));
+    }
+    let mut changes = Vec::new();
+    if have.filter_subject != wanted.filter_subject {
+        changes.push(format!(
+            "filter_subject {:?} -> {:?}",
+            have.filter_subject, wanted.filter_subject
+        ));
+    }
+    if have.ack_wait != wanted.ack_wait {
+        changes.push(format!(
+            "ack_wait {:?} -> {:?}",
+            have.ack_wait, wanted.ack_wait
+        ));
+    }
+    if have.max_deliver != wanted.max_deliver {
+        changes.push(format!(
+            "max_deliver {} -> {}",
+            have.max_deliver, wanted.max_deliver
+        ));
+    }
+    if have.max_ack_pending != wanted.max_ack_pending {
+        changes.push(format!(
+            "max_ack_pending {} -> {}",
+            have.max_ack_pending, wanted.max_ack_pending
+        ));
+    }
+    if changes.is_empty() {
+        return Ok(LayoutChange::Unchanged(object));
+    }
+    // On nats-server 2.9 creating an existing durable updates it in place.
+    stream
+        .create_consumer(wanted)
+        .await
+        .map_err(|e| api(&object, e))?;
+    Ok(LayoutChange::Updated { object, changes })
+}

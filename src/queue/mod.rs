@@ -1,0 +1,13 @@
+//! JetStream: the layout, publishing, pulling, the consumer loop, and the
+//! dead-letter stream.
+
+pub mod ack;
+pub mod advisories;
+pub mod connect;
+pub mod consumer;
+pub mod dead_letter;
+pub mod depth;
+pub mod exclusion;
+pub mod layout;
+pub mod publisher;
+pub mod puller;

@@ -1,0 +1,144 @@
+//! The `run` command as a library function: connect everything the config
+//! names, provision the queue, serve metrics and health, and consume until
+//! the shutdown future resolves. Tests call this directly.
+
+use crate::config::Config;
+use crate::gitaly::{ChannelError, NodeSet};
+use crate::metrics;
+use crate::ops_server::{self, Readiness};
+use crate::queue::connect::{ConnectError, connect};
+use crate::queue::consumer::{self, ConsumerDeps, ConsumerError, ConsumerSettings};
+use crate::queue::exclusion::RepositoryLocks;
+use crate::queue::layout::{Layout, LayoutChange, LayoutError};
+use crate::replicator::GitalyReplicator;
+use crate::retry_delay::RetryPolicy;
+use crate::store::{RepositoryStore, StoreError};
+use sqlx::postgres::PgPoolOptions;
+use std::future::Future;
+use std::net::SocketAddr;
+use tokio_util::sync::CancellationToken;
+
+/// Why the service stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error("configuration: {0}")]
+    Config(#[from] crate::config::ConfigError),
+    #[error("cannot listen on prometheus_listen_addr {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("metrics recorder: {0}")]
+    Metrics(String),
+    #[error("cannot connect to Postgres ({url}): {source}")]
+    Database { url: String, source: sqlx::Error },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Nats(#[from] ConnectError),
+    #[error(transparent)]
+    Layout(#[from] LayoutError),
+    #[error(transparent)]
+    Node(#[from] ChannelError),
+    #[error(transparent)]
+    Consumer(#[from] ConsumerError),
+}
+
+/// The consumer settings a config describes.
+pub fn consumer_settings(config: &Config) -> ConsumerSettings {
+    let r = &config.replication;
+    ConsumerSettings {
+        batch_size: r.batch_size,
+        pull_loops_per_target: r.parallel_storage_processing_workers,
+        max_concurrent_jobs: r.max_concurrent_jobs,
+        fetch_expires: config.nats.fetch_expires,
+        ack_wait: config.nats.ack_wait,
+        attempts: r.attempts,
+        retry: RetryPolicy {
+            initial: r.retry_delay,
+            max: r.max_retry_delay,
+            ..RetryPolicy::default()
+        },
+        health_check_interval: r.health_check_interval,
+        grace_period: config.graceful_stop_timeout,
+        queue_depth_interval: std::time::Duration::from_secs(10),
+    }
+}
+
+/// Connects to Postgres with the configured pool and applies migrations.
+pub async fn connect_store(config: &Config) -> Result<RepositoryStore, ServiceError> {
+    let options = config.database.connect_options()?;
+    let pool = PgPoolOptions::new()
+        .max_connections(config.database.max_connections)
+        .acquire_timeout(config.database.connect_timeout)
+        .connect_with(options)
+        .await
+        .map_err(|source| ServiceError::Database {
+            url: config.database.masked_url().unwrap_or_default(),
+            source,
+        })?;
+    let store = RepositoryStore::new(pool);
+    store.migrate().await?;
+    Ok(store)
+}
+
+/// Creates or checks the JetStream layout; logs what changed.
+pub async fn provision(
+    client: &async_nats::Client,
+    layout: &Layout,
+) -> Result<Vec<LayoutChange>, ServiceError> {
+    let js = async_nats::jetstream::new(client.clone());
+    let changes = layout.ensure(&js).await?;
+    for c in &changes {
+        match c {
+            LayoutChange::Unchanged(_) => tracing::debug!("{c}"),
+            _ => tracing::info!("{c}"),
+        }
+    }
+    Ok(changes)
+}
+
+/// Runs the service until `shutdown` resolves, then drains.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), ServiceError> {
+    let handle = metrics::install().map_err(ServiceError::Metrics)?;
+    let readiness = Readiness::default();
+    let background = CancellationToken::new();
+    if let Some(addr) = config.prometheus_listen_addr {
+        let listener = ops_server::bind(addr)
+            .await
+            .map_err(|source| ServiceError::Listen { addr, source })?;
+        tracing::info!(%addr, "serving /metrics, /health/live and /health/ready");
+        tokio::spawn(ops_server::serve(
+            listener,
+            handle,
+            readiness.clone(),
+            background.clone(),
+        ));
+    }
+    let store = connect_store(&config).await?;
+    let client = connect(&config.nats, "gitaly-replicator").await?;
+    let layout = Layout::from_config(&config);
+    provision(&client, &layout).await?;
+    let nodes = NodeSet::from_config(&config)?;
+    let job_timeout =
+        (!config.replication.job_timeout.is_zero()).then_some(config.replication.job_timeout);
+    let replicator = GitalyReplicator::new(nodes.clone(), store.clone(), job_timeout);
+    let locks = RepositoryLocks::start(config.database.connect_options()?, background.clone());
+    readiness.set(true);
+    let deps = ConsumerDeps {
+        client: client.clone(),
+        layout,
+        replicator,
+        store: store.clone(),
+        locks,
+        nodes,
+        settings: consumer_settings(&config),
+    };
+    let result = consumer::run(deps, shutdown).await;
+    readiness.set(false);
+    background.cancel();
+    let _ = client.flush().await;
+    store.pool().close().await;
+    tracing::info!("stopped");
+    result.map_err(Into::into)
+}

@@ -1,0 +1,621 @@
+//! The repository store: Praefect's `repositories` and `storage_repositories`
+//! tables in Postgres, our completion record, and the per-repository advisory
+//! lock. Every SQL statement of the crate lives here, one function per
+//! statement or transaction. Writes are idempotent, because JetStream delivers
+//! a job at least once.
+
+use sqlx::migrate::{MigrateError, Migrator};
+use sqlx::pool::PoolConnection;
+use sqlx::{PgPool, Postgres};
+use time::OffsetDateTime;
+
+static MIGRATOR: Migrator = sqlx::migrate!();
+
+/// Handle on the repository store; cheap to clone (the pool is shared).
+#[derive(Debug, Clone)]
+pub struct RepositoryStore {
+    pool: PgPool,
+}
+
+/// What replicating from a source replica to a target replica should do,
+/// decided from the generations both hold (Praefect's rule).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplicatedGeneration {
+    /// Replicate, then record `generation` (the source's; -1 when the source
+    /// has no record, in which case there is nothing to record).
+    Replicate { generation: i64 },
+    /// The target already holds the source's generation.
+    UpToDate { generation: i64 },
+    /// The target is newer than the source: replicating would lose writes.
+    Downgrade {
+        target_generation: i64,
+        source_generation: i64,
+    },
+}
+
+/// Identifies a job for completion dedup: twins share every field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct CompletionKey<'a> {
+    pub virtual_storage: &'a str,
+    pub relative_path: &'a str,
+    pub target_storage: &'a str,
+    pub change_type: &'a str,
+    /// `""` when the job has no source.
+    pub source_storage: &'a str,
+}
+
+/// A held per-repository advisory lock and the session that holds it.
+///
+/// Advisory locks belong to a Postgres session, so the connection must not
+/// go back to the pool while the lock is held: dropped without
+/// [`release`](Self::release), the connection is closed instead, which makes
+/// Postgres free the lock.
+pub struct RepositoryLock {
+    conn: Option<PoolConnection<Postgres>>,
+    key: i64,
+}
+
+/// A repository store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("repository store: {operation}: {source}")]
+    Query {
+        /// The store function that failed, e.g. `set_generation`.
+        operation: &'static str,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("repository store: migrate: {source}")]
+    Migrate {
+        #[source]
+        source: MigrateError,
+    },
+}
+
+impl StoreError {
+    /// The store function that failed.
+    pub fn operation(&self) -> &'static str {
+        match self {
+            Self::Query { operation, .. } => operation,
+            Self::Migrate { .. } => "migrate",
+        }
+    }
+
+    /// True when trying again later may succeed: the connection, the pool, a
+    /// timeout, a serialization failure or deadlock, a server restarting.
+    /// Constraint violations, bad data and broken migrations are permanent.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::Query { source, .. } => is_transient(source),
+            Self::Migrate { source } => match source {
+                MigrateError::Execute(e) | MigrateError::ExecuteMigration(e, _) => is_transient(e),
+                _ => false,
+            },
+        }
+    }
+}
+
+fn is_transient(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::PoolTimedOut
+        // Closed only while shutting down: another process can take the job.
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(e) => e.code().is_some_and(|code| is_transient_sqlstate(&code)),
+        _ => false,
+    }
+}
+
+fn is_transient_sqlstate(code: &str) -> bool {
+    code.starts_with("08") // connection exception
+        || code.starts_with("53") // insufficient resources, too many connections
+        || matches!(
+            code,
+            "40001" // serialization_failure
+            | "40P01" // deadlock_detected
+            | "40003" // statement_completion_unknown
+            | "55P03" // lock_not_available (lock_timeout)
+            | "57014" // query_canceled (statement_timeout)
+            | "57P01" | "57P02" | "57P03" // server shutting down or starting
+            | "25006" // read_only_sql_transaction: reached a standby during failover
+            // foreign_key_violation: only set_generation inserts a reference,
+            // and it fails so only when a concurrent delete removed the
+            // repository; the retry then finds no row and writes nothing.
+            | "23503"
+        )
+}
+
+fn failed(operation: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
+    move |source| StoreError::Query { operation, source }
+}
+
+impl ReplicatedGeneration {
+    fn decide(source: i64, target: Option<i64>) -> Self {
+        match target {
+            None => Self::Replicate { generation: source },
+            Some(target) if target == source => Self::UpToDate { generation: target },
+            Some(target) if target > source => Self::Downgrade {
+                target_generation: target,
+                source_generation: source,
+            },
+            Some(_) => Self::Replicate { generation: source },
+        }
+    }
+}
+
+/// The advisory lock key of a replica: 64-bit FNV-1a over the three names,
+/// each preceded by its length so that no two triples run together. Stable
+/// across processes and builds (std's hasher is randomly seeded).
+pub fn repository_lock_key(virtual_storage: &str, relative_path: &str, target: &str) -> i64 {
+    const OFFSET_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    let mut hash = OFFSET_BASIS;
+    for field in [virtual_storage, relative_path, target] {
+        let len = (field.len() as u64).to_le_bytes();
+        for byte in len.iter().chain(field.as_bytes()) {
+            hash ^= u64::from(*byte);
+            hash = hash.wrapping_mul(PRIME);
+        }
+    }
+    // Postgres keys are bigint: keep the bits, not the value.
+    hash as i64
+}
+
+impl RepositoryStore {
+    pub fn new(pool: PgPool) -> Self {
+        Self { pool }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Applies the embedded migrations; safe to run again and on a database
+    /// whose Praefect tables already exist.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        MIGRATOR
+            .run(&self.pool)
+            .await
+            .map_err(|source| StoreError::Migrate { source })
+    }
+
+    /// Praefect's rule: reads the source's and the target's replica
+    /// generations (-1 = no row) in one statement and decides between
+    /// replicate, up to date and downgrade.
+    pub async fn replicated_generation(
+        &self,
+        virtual_storage: &str,
+        relative_path: &str,
+        source: &str,
+        target: &str,
+    ) -> Result<ReplicatedGeneration, StoreError> {
+        let (source_generation, target_generation): (i64, Option<i64>) = sqlx::query_as(
+            "SELECT
+                COALESCE((SELECT generation FROM storage_repositories
+                          WHERE virtual_storage = $1 AND relative_path = $2 AND storage = $3), -1),
+                (SELECT generation FROM storage_repositories
+                 WHERE virtual_storage = $1 AND relative_path = $2 AND storage = $4)",
+        )
+        .bind(virtual_storage)
+        .bind(relative_path)
+        .bind(source)
+        .bind(target)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(failed("replicated_generation"))?;
+        Ok(ReplicatedGeneration::decide(
+            source_generation,
+            target_generation,
+        ))
+    }
+
+    /// Records that `storage` holds `generation`, in one statement: upserts the
+    /// replica row, never lowering it, and raises the repository's generation
+    /// when lower (or NULL). Returns true when the replica row now holds
+    /// `generation` (inserted, raised or rewritten); false when skipped: -1,
+    /// no repository row, or the replica already newer.
+    pub async fn set_generation(
+        &self,
+        virtual_storage: &str,
+        relative_path: &str,
+        storage: &str,
+        generation: i64,
+    ) -> Result<bool, StoreError> {
+        if generation == -1 {
+            return Ok(false);
+        }
+        let result = sqlx::query(
+            "WITH repository AS (
+                UPDATE repositories SET generation = $4
+                WHERE virtual_storage = $1 AND relative_path = $2
+                  AND (generation IS NULL OR generation < $4)
+            )
+            INSERT INTO storage_repositories
+                (repository_id, virtual_storage, relative_path, storage, generation)
+            SELECT repository_id, virtual_storage, relative_path, $3, $4
+            FROM repositories
+            WHERE virtual_storage = $1 AND relative_path = $2
+            ON CONFLICT (virtual_storage, relative_path, storage) DO UPDATE
+                SET repository_id = EXCLUDED.repository_id, generation = EXCLUDED.generation
+                WHERE storage_repositories.generation <= EXCLUDED.generation",
+        )
+        .bind(virtual_storage)
+        .bind(relative_path)
+        .bind(storage)
+        .bind(generation)
+        .execute(&self.pool)
+        .await
+        .map_err(failed("set_generation"))?;
+        // The command tag counts only the outer INSERT, not the CTE's UPDATE.
+        Ok(result.rows_affected() > 0)
+    }
+
+    /// Deletes the repository row and the replica rows of `storages` in one
+    /// statement. Returns false when none of them existed.
+    pub async fn delete_repository(
+        &self,
+        virtual_storage: &str,
+        relative_path: &str,
+        storages: &[&str],
+    ) -> Result<bool, StoreError> {
+        sqlx::query_scalar(
+            "WITH repository AS (
+                DELETE FROM repositories
+                WHERE virtual_storage = $1 AND relative_path = $2
+                RETURNING 1
+            ), replicas AS (
+                DELETE FROM storage_repositories
+                WHERE virtual_storage = $1 AND relative_path = $2 AND storage = ANY($3)
+                RETURNING 1
+            )
+            SELECT EXISTS (SELECT FROM repository) OR EXISTS (SELECT FROM replicas)",
+        )
+        .bind(virtual_storage)
+        .bind(relative_path)
+        .bind(storages)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(failed("delete_repository"))
+    }
+
+    /// Deletes the replica row of `storage`. Returns false when there was none.
+    pub async fn delete_replica(
+        &self,
+        virtual_storage: &str,
+        relative_path: &str,
+        storage: &str,
+    ) -> Result<bool, StoreError> {
+        let result = sqlx::query(
+            "DELETE FROM storage_repositories
+            WHERE virtual_storage = $1 AND relative_path = $2 AND storage = $3",
+        )
+        .bind(virtual_storage)
+        .bind(relative_path)
+        .bind(storage)
+        .execute(&self.pool)
+        .await
+        .map_err(failed("delete_replica"))?;
+        Ok(result.rows_affected() > 0)
+    }
+
+    /// Moves the repository row (relative and replica path) and the replica
+    /// row of `storage` to `new_relative_path`, in one statement. Returns
+    /// false when neither was at the old path (e.g. already renamed).
+    pub async fn rename_repository(
+        &self,
+        virtual_storage: &str,
+        relative_path: &str,
+        storage: &str,
+        new_relative_path: &str,
+    ) -> Result<bool, StoreError> {
+        sqlx::query_scalar(
+            "WITH repository AS (
+                UPDATE repositories SET relative_path = $4, replica_path = $4
+                WHERE virtual_storage = $1 AND relative_path = $2
+                RETURNING 1
+            ), replica AS (
+                UPDATE storage_repositories SET relative_path = $4
+                WHERE virtual_storage = $1 AND relative_path = $2 AND storage = $3
+                RETURNING 1
+            )
+            SELECT EXISTS (SELECT FROM repository) OR EXISTS (SELECT FROM replica)",
+        )
+        .bind(virtual_storage)
+        .bind(relative_path)
+        .bind(storage)
+        .bind(new_relative_path)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(failed("rename_repository"))
+    }
+
+    /// Deletes the replica row of `storage`, and the repository row when no
+    /// other replica remains, in one transaction. The repository row is locked
+    /// first, so two of these for different storages cannot both see the
+    /// other's replica and leave the repository row behind (which one
+    /// statement with CTEs could, all of it reading one snapshot). Returns
+    /// false when neither row was deleted.
+    pub async fn delete_invalid_repository(
+        &self,
+        virtual_storage: &str,
+        relative_path: &str,
+        storage: &str,
+    ) -> Result<bool, StoreError> {
+        const OPERATION: &str = "delete_invalid_repository";
+        let mut tx = self.pool.begin().await.map_err(failed(OPERATION))?;
+        sqlx::query(
+            "SELECT FROM repositories
+            WHERE virtual_storage = $1 AND relative_path = $2
+            FOR UPDATE",
+        )
+        .bind(virtual_storage)
+        .bind(relative_path)
+        .execute(&mut *tx)
+        .await
+        .map_err(failed(OPERATION))?;
+        let replica = sqlx::query(
+            "DELETE FROM storage_repositories
+            WHERE virtual_storage = $1 AND relative_path = $2 AND storage = $3",
+        )
+        .bind(virtual_storage)
+        .bind(relative_path)
+        .bind(storage)
+        .execute(&mut *tx)
+        .await
+        .map_err(failed(OPERATION))?;
+        let repository = sqlx::query(
+            "DELETE FROM repositories
+            WHERE virtual_storage = $1 AND relative_path = $2
+              AND NOT EXISTS (SELECT FROM storage_repositories
+                              WHERE virtual_storage = $1 AND relative_path = $2)",
+        )
+        .bind(virtual_storage)
+        .bind(relative_path)
+        .execute(&mut *tx)
+        .await
+        .map_err(failed(OPERATION))?;
+        tx.commit().await.map_err(failed(OPERATION))?;
+        Ok(replica.rows_affected() > 0 || repository.rows_affected() > 0)
+    }
+
+    /// The generation the replica on `storage` holds; None when it has no row.
+    pub async fn generation(
+        &self,
+        virtual_storage: &str,
+        relative_path: &str,
+        storage: &str,
+    ) -> Result<Option<i64>, StoreError> {
+        sqlx::query_scalar(
+            "SELECT generation FROM storage_repositories
+            WHERE virtual_storage = $1 AND relative_path = $2 AND storage = $3",
+        )
+        .bind(virtual_storage)
+        .bind(relative_path)
+        .bind(storage)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(failed("generation"))
+    }
+
+    /// Ensures, in one statement, a repository row (with `primary` and a
+    /// replica path equal to the relative path) and a replica row on each of
+    /// `replicas`, all at least at `generation`: existing rows are raised,
+    /// never lowered, and an existing repository keeps its primary. Returns
+    /// the repository id. For demos, benchmarks and tests.
+    pub async fn create_repository(
+        &self,
+        virtual_storage: &str,
+        relative_path: &str,
+        primary: &str,
+        generation: i64,
+        replicas: &[&str],
+    ) -> Result<i64, StoreError> {
+        sqlx::query_scalar(
+            "WITH repository AS (
+                INSERT INTO repositories
+                    (virtual_storage, relative_path, generation, \"primary\", replica_path)
+                VALUES ($1, $2, $3, $4, $2)
+                ON CONFLICT (virtual_storage, relative_path) DO UPDATE
+                    SET generation = GREATEST(repositories.generation, EXCLUDED.generation)
+                RETURNING repository_id
+            ), replicas AS (
+                INSERT INTO storage_repositories
+                    (repository_id, virtual_storage, relative_path, storage, generation)
+                SELECT repository_id, $1, $2, storage, $3
+                FROM repository CROSS JOIN (SELECT DISTINCT unnest($5::text[]) AS storage) AS s
+                ON CONFLICT (virtual_storage, relative_path, storage) DO UPDATE
+                    SET generation = GREATEST(storage_repositories.generation, EXCLUDED.generation)
+            )
+            SELECT repository_id FROM repository",
+        )
+        .bind(virtual_storage)
+        .bind(relative_path)
+        .bind(generation)
+        .bind(primary)
+        .bind(replicas)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(failed("create_repository"))
+    }
+
+    /// Records that a job with this key, started at `started_at`, completed;
+    /// keeps the latest start per key, so redelivery and reordering are
+    /// harmless.
+    pub async fn record_completion(
+        &self,
+        key: &CompletionKey<'_>,
+        started_at: OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO replication_completions
+                (virtual_storage, relative_path, target_storage, change_type, source_storage,
+                 started_at)
+            VALUES ($1, $2, $3, $4, $5, $6)
+            ON CONFLICT (virtual_storage, relative_path, target_storage, change_type,
+                         source_storage) DO UPDATE
+                SET started_at = EXCLUDED.started_at
+                WHERE replication_completions.started_at < EXCLUDED.started_at",
+        )
+        .bind(key.virtual_storage)
+        .bind(key.relative_path)
+        .bind(key.target_storage)
+        .bind(key.change_type)
+        .bind(key.source_storage)
+        .bind(started_at)
+        .execute(&self.pool)
+        .await
+        .map_err(failed("record_completion"))?;
+        Ok(())
+    }
+
+    /// True when a twin job (same key) completed that had started after
+    /// `created_at`: its work covers this job's, which is then superseded.
+    /// Times are compared at Postgres' microsecond precision, which can only
+    /// make a job look not superseded, never wrongly superseded.
+    pub async fn superseded(
+        &self,
+        key: &CompletionKey<'_>,
+        created_at: OffsetDateTime,
+    ) -> Result<bool, StoreError> {
+        sqlx::query_scalar(
+            "SELECT EXISTS (
+                SELECT FROM replication_completions
+                WHERE virtual_storage = $1 AND relative_path = $2 AND target_storage = $3
+                  AND change_type = $4 AND source_storage = $5 AND started_at > $6
+            )",
+        )
+        .bind(key.virtual_storage)
+        .bind(key.relative_path)
+        .bind(key.target_storage)
+        .bind(key.change_type)
+        .bind(key.source_storage)
+        .bind(created_at)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(failed("superseded"))
+    }
+
+    /// Takes the replica's advisory lock without waiting, on a connection of
+    /// its own that stays checked out while the lock is held, so at most one
+    /// job per (virtual storage, relative path, target) runs across all
+    /// processes sharing the database. None when someone else holds it.
+    ///
+    /// Each held lock keeps a pool connection: the pool must be larger than
+    /// the number of jobs allowed in flight.
+    pub async fn try_lock_repository(
+        &self,
+        virtual_storage: &str,
+        relative_path: &str,
+        target: &str,
+    ) -> Result<Option<RepositoryLock>, StoreError> {
+        const OPERATION: &str = "try_lock_repository";
+        let conn = self.pool.acquire().await.map_err(failed(OPERATION))?;
+        // Guard the connection before asking: if this future is cancelled
+        // after Postgres granted the lock, the drop closes the session.
+        let mut lock = RepositoryLock {
+            conn: Some(conn),
+            key: repository_lock_key(virtual_storage, relative_path, target),
+        };
+        let locked = lock
+            .ask("SELECT pg_try_advisory_lock($1)", OPERATION)
+            .await?;
+        if locked {
+            Ok(Some(lock))
+        } else {
+            // Holds no lock: back to the pool.
+            drop(lock.conn.take());
+            Ok(None)
+        }
+    }
+}
+
+impl RepositoryLock {
+    /// Runs `sql`, a Postgres advisory lock function of the key, on the
+    /// lock's session.
+    async fn ask(
+        &mut self,
+        sql: &'static str,
+        operation: &'static str,
+    ) -> Result<bool, StoreError> {
+        match self.conn.as_mut() {
+            Some(conn) => sqlx::query_scalar(sql)
+                .bind(self.key)
+                .fetch_one(&mut **conn)
+                .await
+                .map_err(failed(operation)),
+            // No session, no lock.
+            None => Ok(false),
+        }
+    }
+
+    /// The advisory lock key (see [`repository_lock_key`]).
+    pub fn key(&self) -> i64 {
+        self.key
+    }
+
+    /// Releases the lock and returns the connection to the pool. The lock is
+    /// freed even when this fails or is cancelled: the connection is then
+    /// closed instead, which ends the session that held it.
+    pub async fn release(mut self) -> Result<(), StoreError> {
+        self.ask("SELECT pg_advisory_unlock($1)", "release_repository_lock")
+            .await?;
+        // Unlocked: the session is clean again and may be reused.
+        drop(self.conn.take());
+        Ok(())
+    }
+}
+
+impl Drop for RepositoryLock {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            // Detached, the connection is closed right here instead of being
+            // pooled, and Postgres ends the session and its locks.
+            drop(conn.detach());
+        }
+    }
+}
+
+impl std::fmt::Debug for RepositoryLock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RepositoryLock")
+            .field("key", &self.key)
+            .field("held", &self.conn.is_some())
+            .finish()
+    }
+}
+
+/// Takes, without waiting, the session advisory locks of `keys` on `conn`, in
+/// one statement; one answer per key, in order. Locks are reentrant per
+/// session, so the caller must not ask twice for a key it holds unless it
+/// also unlocks twice.
+pub async fn try_advisory_locks(
+    conn: &mut sqlx::PgConnection,
+    keys: &[i64],
+) -> Result<Vec<bool>, StoreError> {
+    sqlx::query_scalar(
+        "SELECT pg_try_advisory_lock(k) FROM unnest($1::bigint[]) WITH ORDINALITY AS t(k, i) ORDER BY i",
+    )
+    .bind(keys)
+    .fetch_all(conn)
+    .await
+    .map_err(failed("try_advisory_locks"))
+}
+
+/// Releases the session advisory locks of `keys` on `conn`, in one statement.
+/// A key the session does not hold is ignored (Postgres logs a warning).
+pub async fn advisory_unlocks(
+    conn: &mut sqlx::PgConnection,
+    keys: &[i64],
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "SELECT count(*) FILTER (WHERE pg_advisory_unlock(k)) FROM unnest($1::bigint[]) AS t(k)",
+    )
+    .bind(keys)
+    .execute(conn)
+    .await
+    .map_err(failed("advisory_unlocks"))?;
+    Ok(())
+}

@@ -1,0 +1,150 @@
+//! Subject naming: `<prefix>.<virtual_storage>.<target_storage>`, with each
+//! storage name escaped into one NATS token.
+//!
+//! Storage names are free text, but a NATS subject token cannot hold `.`, `*`,
+//! `>` or whitespace. Every byte outside `[A-Za-z0-9_-]` becomes `%XX`
+//! (upper-case hex), which is reversible and keeps common names readable.
+
+use std::fmt::Write;
+
+/// Escapes one storage name into a subject token.
+pub fn escape_token(name: &str) -> String {
+    let mut out = String::with_capacity(name.len());
+    for b in name.bytes() {
+        if b.is_ascii_alphanumeric() || b == b'_' || b == b'-' {
+            out.push(b as char);
+        } else {
+            // Writing to a String cannot fail.
+            let _ = write!(out, "%{b:02X}");
+        }
+    }
+    out
+}
+
+/// Why a subject token could not be unescaped.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SubjectError {
+    #[error("subject token {0:?} has a malformed %XX escape")]
+    BadEscape(String),
+    #[error("subject token {0:?} does not decode to UTF-8")]
+    NotUtf8(String),
+    #[error("subject {subject:?} is not under prefix {prefix:?} with two storage tokens")]
+    WrongShape { subject: String, prefix: String },
+}
+
+/// Reverses [`escape_token`].
+pub fn unescape_token(token: &str) -> Result<String, SubjectError> {
+    let bytes = token.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if b == b'%' {
+            let hex = bytes
+                .get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok())
+                .filter(|h| {
+                    h.bytes()
+                        .all(|c| c.is_ascii_digit() || (b'A'..=b'F').contains(&c))
+                })
+                .ok_or_else(|| SubjectError::BadEscape(token.to_owned()))?;
+            let v = u8::from_str_radix(hex, 16)
+                .map_err(|_| SubjectError::BadEscape(token.to_owned()))?;
+            out.push(v);
+            i += 3;
+        } else if b.is_ascii_alphanumeric() || b == b'_' || b == b'-' {
+            out.push(b);
+            i += 1;
+        } else {
+            return Err(SubjectError::BadEscape(token.to_owned()));
+        }
+    }
+    String::from_utf8(out).map_err(|_| SubjectError::NotUtf8(token.to_owned()))
+}
+
+/// The subject jobs for one target are published on.
+pub fn job_subject(prefix: &str, virtual_storage: &str, target_storage: &str) -> String {
+    format!(
+        "{prefix}.{}.{}",
+        escape_token(virtual_storage),
+        escape_token(target_storage)
+    )
+}
+
+/// The dead-letter stream's subject prefix: `<prefix>-dead`.
+pub fn dead_letter_prefix(prefix: &str) -> String {
+    format!("{prefix}-dead")
+}
+
+/// The dead-letter subject for a job that was published on `subject`.
+pub fn dead_letter_subject(prefix: &str, virtual_storage: &str, target_storage: &str) -> String {
+    job_subject(&dead_letter_prefix(prefix), virtual_storage, target_storage)
+}
+
+/// Splits a job subject back into (virtual storage, target storage).
+pub fn parse_job_subject(prefix: &str, subject: &str) -> Result<(String, String), SubjectError> {
+    let wrong = || SubjectError::WrongShape {
+        subject: subject.to_owned(),
+        prefix: prefix.to_owned(),
+    };
+    let rest = subject
+        .strip_prefix(prefix)
+        .and_then(|r| r.strip_prefix('.'))
+        .ok_or_else(wrong)?;
+    let (vs, target) = rest.split_once('.').ok_or_else(wrong)?;
+    if target.contains('.') || vs.is_empty() || target.is_empty() {
+        return Err(wrong());
+    }
+    Ok((unescape_token(vs)?, unescape_token(target)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn awkward_storage_names_round_trip() {
+        for name in [
+            "gitaly-1",
+            "default",
+            "a.b.c",
+            "*",
+            ">",
+            "with space",
+            "tab\there",
+            "ünïcødé-存储",
+            "100%",
+            "%41",
+            "",
+            "a/b\\c",
+        ] {
+            let token = escape_token(name);
+            assert!(
+                token
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'%'),
+                "{token:?} is not a safe token"
+            );
+            assert_eq!(unescape_token(&token).unwrap(), name);
+        }
+    }
+
+    #[test]
+    fn subjects_parse_back_into_their_storages() {
+        let s = job_subject("gitaly.replication", "vs.one", "gitaly *2>");
+        assert_eq!(s, "gitaly.replication.vs%2Eone.gitaly%20%2A2%3E");
+        assert_eq!(
+            parse_job_subject("gitaly.replication", &s).unwrap(),
+            ("vs.one".to_owned(), "gitaly *2>".to_owned())
+        );
+        assert!(parse_job_subject("gitaly.replication", "gitaly.replication.only").is_err());
+        assert!(parse_job_subject("other", &s).is_err());
+        assert!(unescape_token("%4").is_err());
+        assert!(unescape_token("%zz").is_err());
+        assert!(
+            unescape_token("%ff").is_err(),
+            "lower-case hex is not our encoding"
+        );
+        assert!(unescape_token("%FF").is_err(), "a lone 0xFF is not UTF-8");
+    }
+}

@@ -1,0 +1,106 @@
+//! A Postgres database per test: created on the shared server with a unique
+//! name, migrated, and dropped (with `FORCE`) when the fixture is dropped.
+
+use gitaly_replicator::store::RepositoryStore;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{Connection, PgConnection};
+use std::str::FromStr;
+
+/// Overrides the server the test databases are created on; the URL names a
+/// database to connect to for CREATE and DROP.
+pub const SERVER_URL_ENV: &str = "GITALY_REPLICATOR_TEST_DATABASE_URL";
+const DEFAULT_SERVER_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+
+pub struct TestDatabase {
+    pub store: RepositoryStore,
+    /// URL of this test's own database.
+    pub url: String,
+    pub name: String,
+    server: PgConnectOptions,
+}
+
+impl TestDatabase {
+    /// A fresh, migrated database.
+    pub async fn new() -> Self {
+        let db = Self::empty().await;
+        db.store.migrate().await.unwrap();
+        db
+    }
+
+    /// A fresh database without migrations, for tests that prepare the schema
+    /// themselves first.
+    pub async fn empty() -> Self {
+        let server_url =
+            std::env::var(SERVER_URL_ENV).unwrap_or_else(|_| DEFAULT_SERVER_URL.to_owned());
+        let server = PgConnectOptions::from_str(&server_url).unwrap();
+        let name = format!("gr_test_{}", uuid::Uuid::new_v4().simple());
+
+        // Same server, user and options; only the database differs.
+        let mut url = url::Url::parse(&server_url).unwrap();
+        url.set_path(&name);
+        let url = url.to_string();
+        // Lazy, so the fixture (which drops the database) exists before the
+        // database does and nothing in between can leak it.
+        let pool = PgPoolOptions::new()
+            .max_connections(5)
+            .connect_lazy(&url)
+            .unwrap();
+        let db = Self {
+            store: RepositoryStore::new(pool),
+            url,
+            name,
+            server,
+        };
+
+        let mut admin = PgConnection::connect_with(&db.server).await.unwrap();
+        sqlx::query(&format!("CREATE DATABASE \"{}\"", db.name))
+            .execute(&mut admin)
+            .await
+            .unwrap();
+        admin.close().await.unwrap();
+        db
+    }
+
+    /// Another store on the same database with a pool of its own, as a
+    /// second replicator process would have.
+    pub async fn second_store(&self) -> RepositoryStore {
+        let pool = PgPoolOptions::new()
+            .max_connections(5)
+            .connect(&self.url)
+            .await
+            .unwrap();
+        RepositoryStore::new(pool)
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        // Drop runs inside the test's runtime, which cannot be blocked on;
+        // a thread with its own runtime does the async cleanup. FORCE ends
+        // the sessions the test's pools still hold.
+        let server = self.server.clone();
+        let name = self.name.clone();
+        let dropped = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(async {
+                let mut admin = PgConnection::connect_with(&server).await?;
+                sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+                    .execute(&mut admin)
+                    .await?;
+                admin.close().await?;
+                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
+            })
+        })
+        .join();
+        match dropped {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => eprintln!("could not drop test database {}: {e}", self.name),
+            Err(_) => eprintln!(
+                "could not drop test database {}: cleanup panicked",
+                self.name
+            ),
+        }
+    }
+}

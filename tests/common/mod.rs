@@ -1,0 +1,5 @@
+//! Fixtures shared by the integration tests; each owns a real resource and
+//! cleans it up on drop.
+#![allow(dead_code)]
+
+pub mod db;
