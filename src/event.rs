@@ -272,16 +272,11 @@ impl Job {
         let change = decode_params(change_type, obj.get("params"))?;
         let correlation_id = match optional_str(obj, "correlation_id")? {
             None | Some("") => None,
-            Some(s) if s.len() > MAX_TEXT_LEN => {
-                return Err(InvalidEvent::new("correlation_id", "too long"));
-            }
-            Some(s) => Some(s.to_owned()),
+            Some(s) => Some(check_name("correlation_id", s)?.to_owned()),
         };
         let created_at = match optional_str(obj, "created_at")? {
             None => None,
-            Some(s) => Some(OffsetDateTime::parse(s, &Rfc3339).map_err(|e| {
-                InvalidEvent::new("created_at", format!("not an RFC 3339 time: {e}"))
-            })?),
+            Some(s) => Some(parse_rfc3339("created_at", s)?),
         };
         let repository_id = match obj.get("repository_id") {
             None | Some(Value::Null) => None,
@@ -290,7 +285,10 @@ impl Job {
                     .ok_or_else(|| InvalidEvent::new("repository_id", "expected an integer"))?,
             ),
         };
-        let replica_path = optional_str(obj, "replica_path")?.map(str::to_owned);
+        let replica_path = match obj.get("replica_path") {
+            None | Some(Value::Null) => None,
+            Some(_) => Some(path_field(obj, "replica_path")?.to_owned()),
+        };
         Ok(Job {
             change,
             virtual_storage: virtual_storage.to_owned(),
@@ -354,6 +352,19 @@ impl Job {
             &self.target_node_storage,
         )
     }
+}
+
+/// RFC 3339 as the schema's `date-time`: the `time` crate alone also takes
+/// any byte between date and time, where RFC 3339 allows only `T` or `t`.
+fn parse_rfc3339(key: &str, s: &str) -> Result<OffsetDateTime, InvalidEvent> {
+    if !matches!(s.as_bytes().get(10), Some(b'T' | b't')) {
+        return Err(InvalidEvent::new(
+            key,
+            "not an RFC 3339 time: date and time must be separated by `T`",
+        ));
+    }
+    OffsetDateTime::parse(s, &Rfc3339)
+        .map_err(|e| InvalidEvent::new(key, format!("not an RFC 3339 time: {e}")))
 }
 
 fn all_names() -> String {
