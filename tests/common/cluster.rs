@@ -3,6 +3,7 @@
 //! removed when the fixture is dropped.
 
 use super::db::TestDatabase;
+use async_nats::jetstream::Context;
 use gitaly_replicator::config::Config;
 use gitaly_replicator::event::Job;
 use gitaly_replicator::gitaly::NodeSet;
@@ -14,7 +15,6 @@ use gitaly_replicator::queue::layout::Layout;
 use gitaly_replicator::queue::publisher::Publisher;
 use gitaly_replicator::replicator::GitalyReplicator;
 use gitaly_replicator::retry_delay::RetryPolicy;
-use async_nats::jetstream::Context;
 use std::str::FromStr;
 use std::time::Duration;
 use tokio::sync::oneshot;
@@ -60,9 +60,17 @@ pub struct NodeSpec {
 }
 
 /// The TOML of a test config; `extra` is appended inside `[replication]`.
-pub fn config_toml(names: &TestNames, nodes: &[NodeSpec], database_url: &str, nats_url: &str) -> String {
+pub fn config_toml(
+    names: &TestNames,
+    nodes: &[NodeSpec],
+    database_url: &str,
+    nats_url: &str,
+) -> String {
     let mut s = String::from("prometheus_listen_addr = \"\"\ngraceful_stop_timeout = \"10s\"\n\n");
-    s += &format!("[[virtual_storage]]\nname = \"{}\"\n", names.virtual_storage);
+    s += &format!(
+        "[[virtual_storage]]\nname = \"{}\"\n",
+        names.virtual_storage
+    );
     for n in nodes {
         s += &format!(
             "[[virtual_storage.node]]\nstorage = \"{}\"\naddress = \"{}\"\ntoken = \"{}\"\n",
@@ -81,7 +89,10 @@ pub fn config_toml(names: &TestNames, nodes: &[NodeSpec], database_url: &str, na
 /// Deletes the test's streams (and with them the consumers).
 pub fn delete_streams(nats_url: String, names: TestNames) {
     let _ = std::thread::spawn(move || {
-        let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
             return;
         };
         rt.block_on(async move {
@@ -240,7 +251,9 @@ impl Cluster {
     }
 
     pub async fn dead_letters(&self) -> Vec<DeadMessage> {
-        dead_letter::list(&self.js, &self.layout, 1, 100_000).await.unwrap()
+        dead_letter::list(&self.js, &self.layout, 1, 100_000)
+            .await
+            .unwrap()
     }
 
     /// Polls `check` every 50 ms until it holds or `timeout` passes.

@@ -2,4 +2,5 @@
 //! cleans it up on drop.
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod db;
