@@ -1,0 +1,2 @@
+//! `storage-node`: a git-backed Gitaly-protocol node (work in progress).
+fn main() {}

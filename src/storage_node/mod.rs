@@ -1,0 +1,1 @@
+//! A small git-backed storage node that speaks Gitaly's protocol (work in progress).
