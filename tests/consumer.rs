@@ -190,10 +190,16 @@ fn short_ack_wait(toml: &mut String) {
 #[tokio::test]
 async fn an_update_for_a_target_already_at_the_generation_is_skipped_without_a_call() {
     let c = Cluster::start(2).await;
-    c.db.store.create_repository(c.vs(), "s.git", "gitaly-1", 7, &["gitaly-1", "gitaly-2"]).await.unwrap();
+    c.db.store
+        .create_repository(c.vs(), "s.git", "gitaly-1", 7, &["gitaly-1", "gitaly-2"])
+        .await
+        .unwrap();
     let consumer = c.consumer().await;
     c.publish(&c.job(json!({"change": "update", "relative_path": "s.git", "target_node_storage": "gitaly-2", "source_node_storage": "gitaly-1"}))).await;
-    assert!(c.eventually(WAIT, || async { c.work_messages().await == 0 }).await);
+    assert!(
+        c.eventually(WAIT, || async { c.work_messages().await == 0 })
+            .await
+    );
     assert!(c.node(2).calls().is_empty());
     assert!(c.dead_letters().await.is_empty());
     consumer.stop().await.unwrap();
@@ -204,13 +210,31 @@ async fn a_job_whose_subject_disagrees_with_its_payload_is_invalid() {
     let c = Cluster::start(3).await;
     let consumer = c.consumer().await;
     // Published on gitaly-2's subject, but addressed to gitaly-3.
-    let subject = c.layout.consumer(c.vs(), "gitaly-2").unwrap().filter_subject.clone();
-    let job = c.job(json!({"change": "cleanup", "relative_path": "x.git", "target_node_storage": "gitaly-3"}));
-    c.js.publish(subject, job.to_json().into()).await.unwrap().await.unwrap();
-    assert!(c.eventually(WAIT, || async { c.dead_letters().await.len() == 1 }).await);
+    let subject = c
+        .layout
+        .consumer(c.vs(), "gitaly-2")
+        .unwrap()
+        .filter_subject
+        .clone();
+    let job = c.job(
+        json!({"change": "cleanup", "relative_path": "x.git", "target_node_storage": "gitaly-3"}),
+    );
+    c.js.publish(subject, job.to_json().into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(
+        c.eventually(WAIT, || async { c.dead_letters().await.len() == 1 })
+            .await
+    );
     let dead = &c.dead_letters().await[0];
     assert_eq!(dead.header(headers::REASON), Some("invalid"));
-    assert!(dead.header(headers::ERROR).unwrap().contains("the payload is for"));
+    assert!(
+        dead.header(headers::ERROR)
+            .unwrap()
+            .contains("the payload is for")
+    );
     assert!(c.node(2).calls().is_empty() && c.node(3).calls().is_empty());
     consumer.stop().await.unwrap();
 }
@@ -219,10 +243,22 @@ async fn a_job_whose_subject_disagrees_with_its_payload_is_invalid() {
 async fn a_job_naming_an_unknown_source_storage_is_invalid() {
     let c = Cluster::start(2).await;
     let consumer = c.consumer().await;
-    let subject = c.layout.consumer(c.vs(), "gitaly-2").unwrap().filter_subject.clone();
+    let subject = c
+        .layout
+        .consumer(c.vs(), "gitaly-2")
+        .unwrap()
+        .filter_subject
+        .clone();
     let job = c.job(json!({"change": "update", "relative_path": "x.git", "target_node_storage": "gitaly-2", "source_node_storage": "gitaly-9"}));
-    c.js.publish(subject, job.to_json().into()).await.unwrap().await.unwrap();
-    assert!(c.eventually(WAIT, || async { c.dead_letters().await.len() == 1 }).await);
+    c.js.publish(subject, job.to_json().into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(
+        c.eventually(WAIT, || async { c.dead_letters().await.len() == 1 })
+            .await
+    );
     let dead = &c.dead_letters().await[0];
     assert_eq!(dead.header(headers::REASON), Some("invalid"));
     assert!(dead.header(headers::ERROR).unwrap().contains("gitaly-9"));
@@ -233,11 +269,19 @@ async fn a_job_naming_an_unknown_source_storage_is_invalid() {
 #[tokio::test]
 async fn a_job_running_longer_than_ack_wait_is_kept_alive_and_not_redelivered() {
     let c = Cluster::start_with(2, short_ack_wait).await;
-    c.node(2).respond("RepackFull", Behaviour::delay(Duration::from_millis(3500)));
+    c.node(2)
+        .respond("RepackFull", Behaviour::delay(Duration::from_millis(3500)));
     let consumer = c.consumer().await;
     c.publish(&c.job(json!({"change": "repack_full", "relative_path": "slow.git", "target_node_storage": "gitaly-2", "params": {"create_bitmap": false}}))).await;
-    assert!(c.eventually(WAIT, || async { c.work_messages().await == 0 }).await);
-    assert_eq!(c.node(2).calls_to("RepackFull").len(), 1, "redelivered while running");
+    assert!(
+        c.eventually(WAIT, || async { c.work_messages().await == 0 })
+            .await
+    );
+    assert_eq!(
+        c.node(2).calls_to("RepackFull").len(),
+        1,
+        "redelivered while running"
+    );
     assert_eq!(c.node(2).max_overlap(), 1);
     consumer.stop().await.unwrap();
 }
@@ -246,33 +290,67 @@ async fn a_job_running_longer_than_ack_wait_is_kept_alive_and_not_redelivered() 
 async fn delete_replica_never_runs_out_of_attempts() {
     let c = Cluster::start(2).await;
     // Fails five times (more than the 3 attempts of other jobs), then works.
-    c.node(2).respond("RemoveRepository", Behaviour::fail(Code::Unavailable, "down").times(5));
-    c.db.store.create_repository(c.vs(), "dr.git", "gitaly-1", 1, &["gitaly-1", "gitaly-2"]).await.unwrap();
+    c.node(2).respond(
+        "RemoveRepository",
+        Behaviour::fail(Code::Unavailable, "down").times(5),
+    );
+    c.db.store
+        .create_repository(c.vs(), "dr.git", "gitaly-1", 1, &["gitaly-1", "gitaly-2"])
+        .await
+        .unwrap();
     let consumer = c.consumer().await;
     c.publish(&c.job(json!({"change": "delete_replica", "relative_path": "dr.git", "target_node_storage": "gitaly-2"}))).await;
-    assert!(c.eventually(Duration::from_secs(40), || async {
-        c.db.store.generation(c.vs(), "dr.git", "gitaly-2").await.unwrap().is_none()
-    }).await);
+    assert!(
+        c.eventually(Duration::from_secs(40), || async {
+            c.db.store
+                .generation(c.vs(), "dr.git", "gitaly-2")
+                .await
+                .unwrap()
+                .is_none()
+        })
+        .await
+    );
     assert_eq!(c.node(2).calls_to("RemoveRepository").len(), 6);
-    assert!(c.eventually(WAIT, || async { c.work_messages().await == 0 }).await);
+    assert!(
+        c.eventually(WAIT, || async { c.work_messages().await == 0 })
+            .await
+    );
     assert!(c.dead_letters().await.is_empty());
-    assert_eq!(c.db.store.generation(c.vs(), "dr.git", "gitaly-1").await.unwrap(), Some(1));
+    assert_eq!(
+        c.db.store
+            .generation(c.vs(), "dr.git", "gitaly-1")
+            .await
+            .unwrap(),
+        Some(1)
+    );
     consumer.stop().await.unwrap();
 }
 
 #[tokio::test]
 async fn identical_updates_in_one_batch_are_dispatched_once() {
     let c = Cluster::start(2).await;
-    c.db.store.create_repository(c.vs(), "dup.git", "gitaly-1", 3, &["gitaly-1"]).await.unwrap();
+    c.db.store
+        .create_repository(c.vs(), "dup.git", "gitaly-1", 3, &["gitaly-1"])
+        .await
+        .unwrap();
     let job = c.job(json!({"change": "update", "relative_path": "dup.git", "target_node_storage": "gitaly-2", "source_node_storage": "gitaly-1"}));
     // Queued before the consumer starts, so they arrive in one batch.
     for _ in 0..5 {
         c.publish(&job).await;
     }
     let consumer = c.consumer().await;
-    assert!(c.eventually(WAIT, || async { c.work_messages().await == 0 }).await);
+    assert!(
+        c.eventually(WAIT, || async { c.work_messages().await == 0 })
+            .await
+    );
     assert_eq!(c.node(2).calls_to("ReplicateRepository").len(), 1);
-    assert_eq!(c.db.store.generation(c.vs(), "dup.git", "gitaly-2").await.unwrap(), Some(3));
+    assert_eq!(
+        c.db.store
+            .generation(c.vs(), "dup.git", "gitaly-2")
+            .await
+            .unwrap(),
+        Some(3)
+    );
     consumer.stop().await.unwrap();
 }
 
@@ -285,10 +363,16 @@ async fn a_job_created_before_its_twin_completed_is_skipped_as_superseded() {
     let fresh = c.job(json!({"change": "gc", "relative_path": "sup.git", "target_node_storage": "gitaly-2", "params": {"create_bitmap": false, "prune": true}}));
     c.publish(&fresh).await;
     assert!(c.node(2).wait_for_calls(1, WAIT).await);
-    assert!(c.eventually(WAIT, || async { c.work_messages().await == 0 }).await);
+    assert!(
+        c.eventually(WAIT, || async { c.work_messages().await == 0 })
+            .await
+    );
     // Created five minutes ago, delivered after the twin completed.
     c.publish(&old).await;
-    assert!(c.eventually(WAIT, || async { c.work_messages().await == 0 }).await);
+    assert!(
+        c.eventually(WAIT, || async { c.work_messages().await == 0 })
+            .await
+    );
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(c.node(2).calls_to("GarbageCollect").len(), 1);
     // A job created after the completion still runs.
@@ -307,21 +391,33 @@ async fn jobs_for_an_unhealthy_target_wait_in_the_queue_with_attempts_intact() {
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(c.node(2).calls().is_empty());
-    let info = c.js.get_stream(&c.layout.stream).await.unwrap()
-        .consumer_info(&c.layout.consumer(c.vs(), "gitaly-2").unwrap().durable_name).await.unwrap();
+    let info =
+        c.js.get_stream(&c.layout.stream)
+            .await
+            .unwrap()
+            .consumer_info(&c.layout.consumer(c.vs(), "gitaly-2").unwrap().durable_name)
+            .await
+            .unwrap();
     assert_eq!(info.num_pending, 3);
     assert_eq!(info.num_ack_pending, 0, "nothing was fetched");
-    assert_eq!(info.delivered.stream_sequence, 0, "no delivery used up an attempt");
+    assert_eq!(
+        info.delivered.stream_sequence, 0,
+        "no delivery used up an attempt"
+    );
     c.node(2).set_serving(true);
     assert!(c.node(2).wait_for_calls(3, WAIT).await);
-    assert!(c.eventually(WAIT, || async { c.work_messages().await == 0 }).await);
+    assert!(
+        c.eventually(WAIT, || async { c.work_messages().await == 0 })
+            .await
+    );
     consumer.stop().await.unwrap();
 }
 
 #[tokio::test]
 async fn two_consumers_never_work_on_one_repository_at_once() {
     let c = Cluster::start(2).await;
-    c.node(2).respond("*", Behaviour::delay(Duration::from_millis(30)));
+    c.node(2)
+        .respond("*", Behaviour::delay(Duration::from_millis(30)));
     let a = c.consumer().await;
     let b = c.consumer().await;
     // Six repositories, eight maintenance jobs each; distinct change types,
@@ -348,9 +444,18 @@ async fn two_consumers_never_work_on_one_repository_at_once() {
     for r in c.publisher().publish_many(&jobs, 100).await {
         r.unwrap();
     }
-    assert!(c.eventually(Duration::from_secs(30), || async { c.work_messages().await == 0 }).await);
+    assert!(
+        c.eventually(Duration::from_secs(30), || async {
+            c.work_messages().await == 0
+        })
+        .await
+    );
     assert_eq!(c.node(2).calls().len(), 48);
-    assert_eq!(c.node(2).max_overlap(), 1, "two jobs of one repository overlapped");
+    assert_eq!(
+        c.node(2).max_overlap(),
+        1,
+        "two jobs of one repository overlapped"
+    );
     a.stop().await.unwrap();
     b.stop().await.unwrap();
 }
@@ -358,7 +463,8 @@ async fn two_consumers_never_work_on_one_repository_at_once() {
 #[tokio::test]
 async fn shutdown_in_the_middle_of_a_batch_loses_nothing() {
     let c = Cluster::start(2).await;
-    c.node(2).respond("*", Behaviour::delay(Duration::from_millis(300)));
+    c.node(2)
+        .respond("*", Behaviour::delay(Duration::from_millis(300)));
     let mut settings = c.settings();
     settings.max_concurrent_jobs = 2;
     let consumer = c.consumer_with(settings.clone()).await;
@@ -371,11 +477,22 @@ async fn shutdown_in_the_middle_of_a_batch_loses_nothing() {
     assert!(c.node(2).wait_for_calls(2, WAIT).await);
     consumer.stop().await.unwrap();
     let done_first = c.node(2).calls().len();
-    assert!(done_first < 20, "all jobs ran before the shutdown: {done_first}");
+    assert!(
+        done_first < 20,
+        "all jobs ran before the shutdown: {done_first}"
+    );
     // What was fetched but not started went back at once (no ack-wait delay).
     let second = c.consumer_with(settings).await;
-    assert!(c.eventually(WAIT, || async { c.work_messages().await == 0 }).await);
-    let mut paths: Vec<_> = c.node(2).calls().into_iter().map(|c| c.relative_path).collect();
+    assert!(
+        c.eventually(WAIT, || async { c.work_messages().await == 0 })
+            .await
+    );
+    let mut paths: Vec<_> = c
+        .node(2)
+        .calls()
+        .into_iter()
+        .map(|c| c.relative_path)
+        .collect();
     paths.sort();
     paths.dedup();
     assert_eq!(paths.len(), 20, "every job ran");
@@ -388,14 +505,29 @@ async fn a_job_stranded_at_max_deliver_is_moved_to_the_dead_letters_from_the_adv
     let c = Cluster::start_with(2, short_ack_wait).await;
     c.publish(&c.job(json!({"change": "cleanup", "relative_path": "stranded.git", "target_node_storage": "gitaly-2"}))).await;
     // A process that takes the job and dies before acking, three times over.
-    let durable = c.layout.consumer(c.vs(), "gitaly-2").unwrap().durable_name.clone();
-    let raw: async_nats::jetstream::consumer::PullConsumer = c
-        .js.get_stream(&c.layout.stream).await.unwrap()
-        .get_consumer(&durable).await.unwrap();
+    let durable = c
+        .layout
+        .consumer(c.vs(), "gitaly-2")
+        .unwrap()
+        .durable_name
+        .clone();
+    let raw: async_nats::jetstream::consumer::PullConsumer =
+        c.js.get_stream(&c.layout.stream)
+            .await
+            .unwrap()
+            .get_consumer(&durable)
+            .await
+            .unwrap();
     use futures::StreamExt;
     let mut deliveries = 0;
     while deliveries < 3 {
-        let mut batch = raw.fetch().max_messages(1).expires(Duration::from_secs(3)).messages().await.unwrap();
+        let mut batch = raw
+            .fetch()
+            .max_messages(1)
+            .expires(Duration::from_secs(3))
+            .messages()
+            .await
+            .unwrap();
         if let Some(Ok(_unacked)) = batch.next().await {
             deliveries += 1;
         }
@@ -403,13 +535,23 @@ async fn a_job_stranded_at_max_deliver_is_moved_to_the_dead_letters_from_the_adv
     // The server gives up one ack wait after the third delivery; the advisory
     // stream keeps the advisory until a consumer runs.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert_eq!(c.work_messages().await, 1, "nats-server keeps the stranded job");
+    assert_eq!(
+        c.work_messages().await,
+        1,
+        "nats-server keeps the stranded job"
+    );
     let consumer = c.consumer().await;
-    assert!(c.eventually(WAIT, || async { c.dead_letters().await.len() == 1 }).await);
+    assert!(
+        c.eventually(WAIT, || async { c.dead_letters().await.len() == 1 })
+            .await
+    );
     let dead = &c.dead_letters().await[0];
     assert_eq!(dead.header(headers::REASON), Some("stranded"));
     assert_eq!(dead.header(headers::ATTEMPTS), Some("3"));
-    assert!(c.eventually(WAIT, || async { c.work_messages().await == 0 }).await);
+    assert!(
+        c.eventually(WAIT, || async { c.work_messages().await == 0 })
+            .await
+    );
     assert!(c.node(2).calls().is_empty());
     consumer.stop().await.unwrap();
 }

@@ -119,6 +119,8 @@ pub struct Cluster {
     pub client: async_nats::Client,
     pub js: Context,
     pub layout: Layout,
+    /// The config as TOML, for tests that run the binary.
+    pub toml: String,
     nats_url: String,
 }
 
@@ -161,6 +163,7 @@ impl Cluster {
             client,
             js,
             layout,
+            toml,
             nats_url,
         }
     }

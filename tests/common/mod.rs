@@ -4,3 +4,5 @@
 
 pub mod cluster;
 pub mod db;
+pub mod gitaly;
+pub mod process;
