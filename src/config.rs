@@ -659,6 +659,8 @@ pub struct NatsConfig {
     pub max_ack_pending: i64,
     /// Work stream size limit in bytes, discard new (-1 for unlimited).
     pub max_bytes: i64,
+    /// Work stream limit in messages (discard new); -1 for unlimited.
+    pub max_messages: i64,
     /// Window in which a repeated `Nats-Msg-Id` is dropped.
     pub duplicate_window: Duration,
     /// How long dead letters are kept.
@@ -686,7 +688,8 @@ impl Default for NatsConfig {
             replicas: 1,
             ack_wait: Duration::from_secs(30),
             max_ack_pending: 1000,
-            max_bytes: 1 << 30,
+            max_bytes: -1,
+            max_messages: 10_000_000,
             duplicate_window: Duration::from_secs(120),
             dead_letter_max_age: Duration::from_secs(30 * 24 * 3600),
             fetch_expires: Duration::from_secs(5),
@@ -714,6 +717,7 @@ impl fmt::Debug for NatsConfig {
             .field("ack_wait", &self.ack_wait)
             .field("max_ack_pending", &self.max_ack_pending)
             .field("max_bytes", &self.max_bytes)
+            .field("max_messages", &self.max_messages)
             .field("duplicate_window", &self.duplicate_window)
             .field("dead_letter_max_age", &self.dead_letter_max_age)
             .field("fetch_expires", &self.fetch_expires)
@@ -811,6 +815,11 @@ impl NatsConfig {
         check(
             self.max_bytes == -1 || self.max_bytes >= 1,
             "nats.max_bytes",
+            "must be at least 1, or -1 for unlimited",
+        )?;
+        check(
+            self.max_messages == -1 || self.max_messages >= 1,
+            "nats.max_messages",
             "must be at least 1, or -1 for unlimited",
         )?;
         for (key, value) in [
@@ -1085,6 +1094,7 @@ impl Config {
         out.duration("ack_wait", n.ack_wait);
         out.kv("max_ack_pending", n.max_ack_pending);
         out.kv("max_bytes", n.max_bytes);
+        out.kv("max_messages", n.max_messages);
         out.duration("duplicate_window", n.duplicate_window);
         out.duration("dead_letter_max_age", n.dead_letter_max_age);
         out.duration("fetch_expires", n.fetch_expires);
@@ -1704,6 +1714,7 @@ fn parse_nats(ctx: &mut Ctx, mut s: Section) -> Result<NatsConfig, ConfigError> 
             .integer(ctx, "max_ack_pending")?
             .unwrap_or(d.max_ack_pending),
         max_bytes: s.integer(ctx, "max_bytes")?.unwrap_or(d.max_bytes),
+        max_messages: s.integer(ctx, "max_messages")?.unwrap_or(d.max_messages),
         duplicate_window: s.duration(ctx, "duplicate_window", d.duplicate_window)?,
         dead_letter_max_age: s.duration(ctx, "dead_letter_max_age", d.dead_letter_max_age)?,
         fetch_expires: s.duration(ctx, "fetch_expires", d.fetch_expires)?,

@@ -641,8 +641,8 @@ fn the_defaults_are_those_of_the_design() {
     );
     assert_eq!(n.consumer_prefix, "gitaly-replicator");
     assert_eq!(
-        (n.replicas, n.max_ack_pending, n.max_bytes),
-        (1, 1000, 1 << 30)
+        (n.replicas, n.max_ack_pending, n.max_bytes, n.max_messages),
+        (1, 1000, -1, 10_000_000)
     );
     assert_eq!(n.ack_wait, Duration::from_secs(30));
     assert_eq!(n.duplicate_window, Duration::from_secs(120));

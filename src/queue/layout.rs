@@ -34,6 +34,12 @@ pub enum LayoutError {
         existing: String,
         wanted: String,
     },
+    #[error(
+        "nats.max_bytes = {max_bytes} cannot be used with nats-server {version}: before 2.10.6 it \
+         enforces a byte limit by silently deleting the oldest accepted jobs (nats-server#4771); \
+         set nats.max_bytes = -1 and bound the queue with nats.max_messages"
+    )]
+    UnsafeByteLimit { max_bytes: i64, version: String },
     #[error("JetStream request for {what} failed: {message}")]
     Api { what: String, message: String },
 }
@@ -64,6 +70,7 @@ pub struct Layout {
     pub advisory_consumer: String,
     pub replicas: usize,
     pub max_bytes: i64,
+    pub max_messages: i64,
     pub duplicate_window: Duration,
     pub dead_letter_max_age: Duration,
     pub ack_wait: Duration,
@@ -126,6 +133,7 @@ impl Layout {
             advisory_consumer: format!("{}~advisories", nats.consumer_prefix),
             replicas: nats.replicas,
             max_bytes: nats.max_bytes,
+            max_messages: nats.max_messages,
             duplicate_window: nats.duplicate_window,
             dead_letter_max_age: nats.dead_letter_max_age,
             ack_wait: nats.ack_wait,
@@ -153,6 +161,7 @@ impl Layout {
             num_replicas: self.replicas,
             duplicate_window: self.duplicate_window,
             max_bytes: self.max_bytes,
+            max_messages: self.max_messages,
             discard: DiscardPolicy::New,
             ..Default::default()
         }
@@ -169,6 +178,8 @@ impl Layout {
             num_replicas: self.replicas,
             max_age: self.dead_letter_max_age,
             duplicate_window: self.duplicate_window,
+            max_bytes: -1,
+            max_messages: -1,
             ..Default::default()
         }
     }
@@ -187,6 +198,8 @@ impl Layout {
             storage: StorageType::File,
             num_replicas: self.replicas,
             max_age: Duration::from_secs(7 * 24 * 3600),
+            max_bytes: -1,
+            max_messages: -1,
             ..Default::default()
         }
     }
@@ -216,6 +229,8 @@ impl Layout {
             description: Some("moves stranded jobs to the dead-letter stream".into()),
             ack_policy: AckPolicy::Explicit,
             ack_wait: Duration::from_secs(30),
+            max_deliver: -1,
+            max_ack_pending: 1000,
             ..Default::default()
         }
     }
@@ -223,6 +238,13 @@ impl Layout {
     /// Creates what is missing, updates what JetStream can change, and refuses
     /// what it cannot. Returns one entry per object.
     pub async fn ensure(&self, js: &Context) -> Result<Vec<LayoutChange>, LayoutError> {
+        let version = js.client().server_info().version;
+        if self.max_bytes != -1 && !byte_limit_is_safe(&version) {
+            return Err(LayoutError::UnsafeByteLimit {
+                max_bytes: self.max_bytes,
+                version,
+            });
+        }
         let mut report = Vec::new();
         for config in [
             self.work_stream_config(),
@@ -253,6 +275,20 @@ impl Layout {
         );
         Ok(report)
     }
+}
+
+/// Whether the server enforces `max_bytes` with discard-new by refusing
+/// publishes (2.10.6 and later) rather than deleting old messages.
+pub fn byte_limit_is_safe(version: &str) -> bool {
+    let mut parts = version
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    let v = (
+        parts.next().unwrap_or(0),
+        parts.next().unwrap_or(0),
+        parts.next().unwrap_or(0),
+    );
+    v >= (2, 10, 6)
 }
 
 async fn ensure_stream(js: &Context, wanted: stream::Config) -> Result<LayoutChange, LayoutError> {
@@ -427,4 +463,25 @@ async fn ensure_consumer(
         .await
         .map_err(|e| api(&object, e))?;
     Ok(LayoutChange::Updated { object, changes })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_limits_are_trusted_from_nats_server_2_10_6_on() {
+        assert!(!byte_limit_is_safe("2.9.10"));
+        assert!(!byte_limit_is_safe("2.10.5"));
+        assert!(byte_limit_is_safe("2.10.6"));
+        assert!(byte_limit_is_safe("2.11.0-beta.1"));
+        assert!(!byte_limit_is_safe("garbage"));
+    }
+
+    #[test]
+    fn durable_names_are_unambiguous() {
+        assert_ne!(durable_name("p", "a-b", "c"), durable_name("p", "a", "b-c"));
+        assert_ne!(durable_name("p", "a_b", "c"), durable_name("p", "a", "b_c"));
+        assert_eq!(durable_name("p", "vs", "gitaly 1"), "p~vs~gitaly%201");
+    }
 }

@@ -1,0 +1,134 @@
+//! The service entry point with its operations endpoint: metrics under
+//! Praefect's names, liveness and readiness.
+
+mod common;
+
+use common::cluster::Cluster;
+use gitaly_replicator::config::Config;
+use gitaly_replicator::gitaly::recording_server::Behaviour;
+use serde_json::json;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn get(port: u16, path: &str) -> (u16, String) {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    let code = out
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
+    (code, body)
+}
+
+async fn get_when_up(port: u16, path: &str) -> (u16, String) {
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            return get(port, path).await;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("metrics endpoint never came up");
+}
+
+#[tokio::test]
+async fn metrics_use_praefects_names_and_health_endpoints_answer() {
+    let port = free_port();
+    let c = Cluster::start_with(3, |t| {
+        *t = t.replace(
+            "prometheus_listen_addr = \"\"",
+            &format!("prometheus_listen_addr = \"127.0.0.1:{port}\""),
+        );
+    })
+    .await;
+    c.db.store
+        .create_repository(c.vs(), "m.git", "gitaly-1", 1, &["gitaly-1"])
+        .await
+        .unwrap();
+    c.node(3).respond(
+        "Cleanup",
+        Behaviour::fail(tonic::Code::Unimplemented, "gone"),
+    );
+    let config = Config::from_toml_str(&c.toml).unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let service = tokio::spawn(gitaly_replicator::service::run(config, async {
+        let _ = rx.await;
+    }));
+    let (code, body) = get_when_up(port, "/health/live").await;
+    assert_eq!((code, body.trim()), (200, "ok"));
+    assert!(
+        c.eventually(Duration::from_secs(10), || async {
+            get(port, "/health/ready").await.0 == 200
+        })
+        .await
+    );
+    c.publish(&c.job(json!({"change": "update", "relative_path": "m.git", "target_node_storage": "gitaly-2", "source_node_storage": "gitaly-1"}))).await;
+    c.publish(&c.job(
+        json!({"change": "cleanup", "relative_path": "m.git", "target_node_storage": "gitaly-3"}),
+    ))
+    .await;
+    assert!(
+        c.eventually(Duration::from_secs(20), || async {
+            c.work_messages().await == 0
+        })
+        .await
+    );
+    let vs = c.vs().to_owned();
+    let scrape_has =
+        |needle: String| async move { get(port, "/metrics").await.1.contains(&needle) };
+    let completed = format!(
+        "gitaly_replicator_jobs_total{{virtual_storage=\"{vs}\",gitaly_storage=\"gitaly-2\",change_type=\"update\",outcome=\"completed\"}} 1"
+    );
+    assert!(
+        c.eventually(Duration::from_secs(5), || scrape_has(completed.clone()))
+            .await
+    );
+    let (_, m) = get(port, "/metrics").await;
+    assert!(m.contains(&format!(
+        "gitaly_replicator_jobs_total{{virtual_storage=\"{vs}\",gitaly_storage=\"gitaly-3\",change_type=\"cleanup\",outcome=\"unsupported\"}} 1"
+    )), "{m}");
+    assert!(m.contains(&format!(
+        "gitaly_praefect_replication_jobs{{virtual_storage=\"{vs}\",gitaly_storage=\"gitaly-2\",change_type=\"update\"}} 0"
+    )), "in-flight gauge back to 0");
+    assert!(
+        m.contains("gitaly_praefect_replication_latency_bucket{type=\"update\",le=\"0.001\"}"),
+        "Praefect's buckets"
+    );
+    assert!(m.contains("gitaly_praefect_replication_latency_bucket{type=\"update\",le=\"1500\"}"));
+    assert!(m.contains("gitaly_praefect_replication_delay_bucket{type=\"cleanup\""));
+    assert!(m.contains(&format!(
+        "gitaly_replicator_target_healthy{{virtual_storage=\"{vs}\",gitaly_storage=\"gitaly-2\"}} 1"
+    )));
+    let depth = format!(
+        "gitaly_praefect_replication_queue_depth{{virtual_storage=\"{vs}\",target_node=\"gitaly-2\",state=\"ready\"}} 0"
+    );
+    assert!(
+        c.eventually(Duration::from_secs(15), || scrape_has(depth.clone()))
+            .await,
+        "queue depth gauge"
+    );
+    assert!(
+        !m.contains("token-1") && !m.contains("token-2"),
+        "a token leaked into metrics"
+    );
+    let _ = tx.send(());
+    service.await.unwrap().unwrap();
+}
