@@ -133,6 +133,11 @@ impl Cluster {
 
     /// Like `start`, with a chance to edit the config's TOML first.
     pub async fn start_with(n: usize, edit: impl FnOnce(&mut String)) -> Cluster {
+        Self::start_on(n, nats_url(), edit).await
+    }
+
+    /// Like `start_with`, on the NATS server at `nats_url`.
+    pub async fn start_on(n: usize, nats_url: String, edit: impl FnOnce(&mut String)) -> Cluster {
         let names = TestNames::new();
         let db = TestDatabase::new().await;
         let mut nodes = Vec::new();
@@ -147,7 +152,6 @@ impl Cluster {
             });
             nodes.push(node);
         }
-        let nats_url = nats_url();
         let mut toml = config_toml(&names, &specs, &db.url, &nats_url);
         edit(&mut toml);
         let config = Config::from_toml_str(&toml).unwrap();

@@ -5,4 +5,5 @@
 pub mod cluster;
 pub mod db;
 pub mod gitaly;
+pub mod nats_server;
 pub mod process;
