@@ -93,6 +93,8 @@ pub struct RecordedCall {
     /// server's token (always false when the server has no token).
     pub auth_valid: bool,
     pub received_at: Instant,
+    /// Wall-clock arrival, to compare with times other processes recorded.
+    pub received_wall: SystemTime,
 }
 
 #[derive(Default)]
@@ -107,6 +109,8 @@ struct Inner {
     token: Option<String>,
     state: Mutex<State>,
     max_overlap: AtomicUsize,
+    call_count: AtomicUsize,
+    recording: AtomicBool,
     serving: AtomicBool,
     call_arrived: Notify,
 }
@@ -182,6 +186,8 @@ impl RecordingGitaly {
                 token: token.map(str::to_owned),
                 state: Mutex::new(State::default()),
                 max_overlap: AtomicUsize::new(0),
+                call_count: AtomicUsize::new(0),
+                recording: AtomicBool::new(true),
                 serving: AtomicBool::new(true),
                 call_arrived: Notify::new(),
             }),
@@ -249,6 +255,17 @@ impl RecordingGitaly {
         lock(&self.inner.state).calls.clear();
     }
 
+    /// Stops (or resumes) keeping each call; calls are still counted. For
+    /// benchmarks that make millions of calls.
+    pub fn set_recording(&self, on: bool) {
+        self.inner.recording.store(on, Ordering::SeqCst);
+    }
+
+    /// Calls received so far, recorded or not.
+    pub fn call_count(&self) -> usize {
+        self.inner.call_count.load(Ordering::SeqCst)
+    }
+
     /// The most calls that were ever in progress at once for one repository.
     pub fn max_overlap(&self) -> usize {
         self.inner.max_overlap.load(Ordering::SeqCst)
@@ -259,11 +276,11 @@ impl RecordingGitaly {
         let deadline = Instant::now() + timeout;
         loop {
             let notified = self.inner.call_arrived.notified();
-            if lock(&self.inner.state).calls.len() >= n {
+            if self.call_count() >= n {
                 return true;
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return lock(&self.inner.state).calls.len() >= n;
+                return self.call_count() >= n;
             }
         }
     }
@@ -294,7 +311,9 @@ impl RecordingGitaly {
         let key = (storage.clone(), relative_path.clone());
         let (behaviour, response) = {
             let mut st = lock(&self.inner.state);
-            st.calls.push(RecordedCall {
+            self.inner.call_count.fetch_add(1, Ordering::SeqCst);
+            let recording = self.inner.recording.load(Ordering::Relaxed);
+            let call = recording.then(|| RecordedCall {
                 method,
                 storage,
                 relative_path,
@@ -304,7 +323,9 @@ impl RecordingGitaly {
                 correlation_id,
                 auth_valid: auth_result.is_ok(),
                 received_at: Instant::now(),
+                received_wall: SystemTime::now(),
             });
+            st.calls.extend(call);
             let n = st.in_flight.entry(key.clone()).or_insert(0);
             *n += 1;
             self.inner.max_overlap.fetch_max(*n, Ordering::SeqCst);

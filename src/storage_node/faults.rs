@@ -31,9 +31,13 @@ impl FailMethod {
         let path = path.trim_start_matches('/');
         if pattern.contains('/') {
             // `gitaly.RepositoryService/X` or `RepositoryService/X`.
-            path == pattern || path.rsplit_once('.').is_some_and(|(_, tail)| tail == pattern)
+            path == pattern
+                || path
+                    .rsplit_once('.')
+                    .is_some_and(|(_, tail)| tail == pattern)
         } else {
-            path.rsplit_once('/').is_some_and(|(_, method)| method == pattern)
+            path.rsplit_once('/')
+                .is_some_and(|(_, method)| method == pattern)
         }
     }
 }
@@ -100,7 +104,11 @@ pub fn parse_code(s: &str) -> Result<Code, String> {
         .filter(|c| *c != '_' && *c != '-')
         .flat_map(char::to_lowercase)
         .collect();
-    let name = if name == "canceled" { "cancelled".to_owned() } else { name };
+    let name = if name == "canceled" {
+        "cancelled".to_owned()
+    } else {
+        name
+    };
     if let Some((_, code)) = CODES.iter().find(|(n, _)| *n == name) {
         return Ok(*code);
     }
@@ -147,9 +155,18 @@ mod tests {
             "gitaly.RepositoryService/GarbageCollect",
             "/gitaly.RepositoryService/GarbageCollect",
         ] {
-            assert!(parse_fail_method(&format!("{m}=internal")).unwrap().matches(path), "{m}");
+            assert!(
+                parse_fail_method(&format!("{m}=internal"))
+                    .unwrap()
+                    .matches(path),
+                "{m}"
+            );
         }
-        assert!(!parse_fail_method("RepackFull=internal").unwrap().matches(path));
+        assert!(
+            !parse_fail_method("RepackFull=internal")
+                .unwrap()
+                .matches(path)
+        );
         assert!(!parse_fail_method("Collect=internal").unwrap().matches(path));
     }
 }

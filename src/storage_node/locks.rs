@@ -60,9 +60,11 @@ mod tests {
     async fn same_path_waits_and_other_paths_do_not() {
         let locks = Arc::new(RepoLocks::default());
         let held = locks.lock(Path::new("/s/a.git")).await;
-        let other = tokio::time::timeout(Duration::from_millis(50), locks.lock(Path::new("/s/b.git")));
+        let other =
+            tokio::time::timeout(Duration::from_millis(50), locks.lock(Path::new("/s/b.git")));
         assert!(other.await.is_ok());
-        let same = tokio::time::timeout(Duration::from_millis(50), locks.lock(Path::new("/s/a.git")));
+        let same =
+            tokio::time::timeout(Duration::from_millis(50), locks.lock(Path::new("/s/a.git")));
         assert!(same.await.is_err());
         drop(held);
         let (_a, b) = locks

@@ -29,20 +29,41 @@ pub fn write_snapshot<W: Write>(repo: &Path, out: W) -> io::Result<W> {
     tar.follow_symlinks(false);
     let mut seen = HashSet::new();
     add_file(&mut tar, &mut seen, &repo.join("HEAD"), Path::new("HEAD"))?;
-    add_file(&mut tar, &mut seen, &repo.join("packed-refs"), Path::new("packed-refs"))?;
-    add_tree(&mut tar, &mut seen, &repo.join("refs"), Path::new("refs"), &|_| true)?;
+    add_file(
+        &mut tar,
+        &mut seen,
+        &repo.join("packed-refs"),
+        Path::new("packed-refs"),
+    )?;
+    add_tree(
+        &mut tar,
+        &mut seen,
+        &repo.join("refs"),
+        Path::new("refs"),
+        &|_| true,
+    )?;
     let objects = repo.join("objects");
-    add_tree(&mut tar, &mut seen, &objects, Path::new("objects"), &|rel| {
-        !is_foreign(rel) && !is_temporary(rel)
-    })?;
+    add_tree(
+        &mut tar,
+        &mut seen,
+        &objects,
+        Path::new("objects"),
+        &|rel| !is_foreign(rel) && !is_temporary(rel),
+    )?;
     for alternate in alternates(&objects) {
         // Only what makes the objects whole: packs with their index, loose objects.
-        add_tree(&mut tar, &mut seen, &alternate, Path::new("objects"), &|rel| {
-            let name = rel.to_string_lossy();
-            let in_pack_dir = rel.starts_with("pack");
-            let is_loose = rel.components().count() == 2 && name.len() == 41;
-            (in_pack_dir && (name.ends_with(".pack") || name.ends_with(".idx"))) || is_loose
-        })?;
+        add_tree(
+            &mut tar,
+            &mut seen,
+            &alternate,
+            Path::new("objects"),
+            &|rel| {
+                let name = rel.to_string_lossy();
+                let in_pack_dir = rel.starts_with("pack");
+                let is_loose = rel.components().count() == 2 && name.len() == 41;
+                (in_pack_dir && (name.ends_with(".pack") || name.ends_with(".idx"))) || is_loose
+            },
+        )?;
     }
     tar.into_inner()
 }
@@ -54,7 +75,10 @@ fn is_foreign(rel: &Path) -> bool {
 
 fn is_temporary(rel: &Path) -> bool {
     let name = rel.to_string_lossy();
-    let file = rel.file_name().map(|f| f.to_string_lossy()).unwrap_or_default();
+    let file = rel
+        .file_name()
+        .map(|f| f.to_string_lossy())
+        .unwrap_or_default();
     file.starts_with("tmp_") || file.ends_with(".lock") || name.starts_with("incoming-")
 }
 
@@ -180,9 +204,7 @@ fn accepted_path(raw: &Path) -> io::Result<Option<PathBuf>> {
     }
     let top = rel.components().next().map(|c| c.as_os_str().to_owned());
     let allowed = top.is_some_and(|t| TOP_LEVEL.iter().any(|name| t == *name));
-    let foreign = rel
-        .strip_prefix("objects")
-        .is_ok_and(|inside| is_foreign(inside));
+    let foreign = rel.strip_prefix("objects").is_ok_and(is_foreign);
     Ok((allowed && !foreign).then_some(rel))
 }
 
@@ -193,7 +215,10 @@ mod tests {
     #[test]
     fn archive_paths_are_filtered_and_escapes_refused() {
         let ok = |p: &str| accepted_path(Path::new(p)).unwrap();
-        assert_eq!(ok("./refs/heads/main"), Some(PathBuf::from("refs/heads/main")));
+        assert_eq!(
+            ok("./refs/heads/main"),
+            Some(PathBuf::from("refs/heads/main"))
+        );
         assert_eq!(ok("HEAD"), Some(PathBuf::from("HEAD")));
         assert_eq!(ok("config"), None);
         assert_eq!(ok("hooks/post-receive"), None);

@@ -73,8 +73,7 @@ impl Storages {
 
     /// Resolves the repository of a request (which must be set).
     pub fn resolve(&self, repository: Option<&pb::Repository>) -> Result<RepoPath, Status> {
-        let repository =
-            repository.ok_or_else(|| Status::invalid_argument("empty Repository"))?;
+        let repository = repository.ok_or_else(|| Status::invalid_argument("empty Repository"))?;
         self.get(&repository.storage_name)?
             .repo(&repository.relative_path)
     }
@@ -101,7 +100,9 @@ impl Storage {
             return Err(Status::invalid_argument("empty RelativePath"));
         }
         if relative.contains('\0') {
-            return Err(Status::invalid_argument("relative path contains a NUL byte"));
+            return Err(Status::invalid_argument(
+                "relative path contains a NUL byte",
+            ));
         }
         let mut path = self.root.clone();
         let mut depth = 0;
@@ -141,9 +142,7 @@ impl Storage {
 
     /// A new scratch directory, removed when the guard drops.
     pub fn temp_dir(&self, purpose: &str) -> io::Result<TempDir> {
-        let path = self
-            .tmp
-            .join(format!("{purpose}-{}", uuid::Uuid::new_v4()));
+        let path = self.tmp.join(format!("{purpose}-{}", uuid::Uuid::new_v4()));
         std::fs::create_dir_all(&path)?;
         Ok(TempDir { path })
     }
@@ -220,7 +219,15 @@ mod tests {
         let s = storage(dir.path());
         assert_eq!(s.repo("a/b.git").unwrap().path, s.root.join("a/b.git"));
         assert_eq!(s.repo("./a.git").unwrap().path, s.root.join("a.git"));
-        for bad in ["", ".", "../x.git", "a/../../x", "/etc", "+gitaly/tmp", "a\0b"] {
+        for bad in [
+            "",
+            ".",
+            "../x.git",
+            "a/../../x",
+            "/etc",
+            "+gitaly/tmp",
+            "a\0b",
+        ] {
             let e = s.repo(bad).unwrap_err();
             assert_eq!(e.code(), tonic::Code::InvalidArgument, "{bad:?}");
         }

@@ -1,0 +1,230 @@
+//! What one benchmark scenario runs against: a database and stream names of
+//! its own on the machine's Postgres and NATS, an in-process recording Gitaly
+//! target, and the consumer as a separate `gitaly-replicator run` process.
+
+use gitaly_replicator::event::Job;
+use gitaly_replicator::gitaly::recording_server::{Behaviour, RecordingGitaly, RunningGitaly};
+use gitaly_replicator::queue::layout::Layout;
+use gitaly_replicator::queue::publisher::Publisher;
+use gitaly_replicator::store::RepositoryStore;
+use serde_json::json;
+use sqlx::{Connection, PgConnection};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const SERVER_DB: &str = "postgres://postgres@127.0.0.1:5432/test";
+pub const NATS: &str = "nats://127.0.0.1:4222";
+
+pub struct BenchEnv {
+    pub vs: String,
+    pub db_name: String,
+    pub store: RepositoryStore,
+    /// Kept alive: the source node of update jobs.
+    _source: RunningGitaly,
+    pub target: RunningGitaly,
+    pub client: async_nats::Client,
+    pub js: async_nats::jetstream::Context,
+    pub layout: Layout,
+    pub toml: String,
+    dir: tempfile::TempDir,
+}
+
+pub struct EnvOptions {
+    pub batch_size: usize,
+    pub target_latency: Duration,
+    pub max_concurrent_jobs: usize,
+    pub pull_loops: usize,
+}
+
+impl BenchEnv {
+    pub async fn new(o: &EnvOptions) -> anyhow::Result<BenchEnv> {
+        let id = uuid::Uuid::new_v4().simple().to_string()[..10].to_owned();
+        let db_name = format!("gr_bench_{id}");
+        let mut admin = PgConnection::connect(SERVER_DB).await?;
+        sqlx::query(&format!("CREATE DATABASE {db_name}")).execute(&mut admin).await?;
+        admin.close().await?;
+        let db_url = format!("postgres://postgres@127.0.0.1:5432/{db_name}");
+        let pool = sqlx::postgres::PgPoolOptions::new().max_connections(8).connect(&db_url).await?;
+        let store = RepositoryStore::new(pool);
+        store.migrate().await?;
+        let source = RecordingGitaly::new(Some("token-1")).serve().await?;
+        let target = RecordingGitaly::new(Some("token-2")).serve().await?;
+        for node in [&source, &target] {
+            node.gitaly.set_recording(false);
+        }
+        if !o.target_latency.is_zero() {
+            target.gitaly.respond("*", Behaviour::delay(o.target_latency));
+        }
+        let vs = format!("bench-{id}");
+        let toml = format!(
+            r#"prometheus_listen_addr = ""
+graceful_stop_timeout = "5s"
+[logging]
+level = "warn"
+[[virtual_storage]]
+name = "{vs}"
+[[virtual_storage.node]]
+storage = "gitaly-1"
+address = "{}"
+token = "token-1"
+[[virtual_storage.node]]
+storage = "gitaly-2"
+address = "{}"
+token = "token-2"
+[database]
+url = "{db_url}"
+max_connections = 16
+[replication]
+batch_size = {}
+max_concurrent_jobs = {}
+parallel_storage_processing_workers = {}
+health_check_interval = "1s"
+[nats]
+url = "{NATS}"
+subject_prefix = "b{id}.replication"
+stream = "B{id}"
+dead_letter_stream = "B{id}_DEAD"
+consumer_prefix = "b{id}"
+max_messages = -1
+max_ack_pending = -1
+"#,
+            source.address(),
+            target.address(),
+            o.batch_size,
+            o.max_concurrent_jobs,
+            o.pull_loops,
+        );
+        let config = gitaly_replicator::config::Config::from_toml_str(&toml)?;
+        let client = async_nats::ConnectOptions::new().connect(NATS).await?;
+        let js = async_nats::jetstream::new(client.clone());
+        let layout = Layout::from_config(&config);
+        layout.ensure(&js).await?;
+        Ok(BenchEnv {
+            vs,
+            db_name,
+            store,
+            _source: source,
+            target,
+            client,
+            js,
+            layout,
+            toml,
+            dir: tempfile::tempdir()?,
+        })
+    }
+
+    pub fn maintenance_job(&self, i: usize) -> Job {
+        Job::from_value(&json!({
+            "change": "optimize_repository",
+            "virtual_storage": self.vs,
+            "relative_path": format!("@hashed/{:02x}/{i}.git", i % 256),
+            "target_node_storage": "gitaly-2",
+        }))
+        .expect("valid job")
+    }
+
+    pub fn update_job(&self, i: usize) -> Job {
+        Job::from_value(&json!({
+            "change": "update",
+            "virtual_storage": self.vs,
+            "relative_path": format!("@hashed/{:02x}/{i}.git", i % 256),
+            "target_node_storage": "gitaly-2",
+            "source_node_storage": "gitaly-1",
+        }))
+        .expect("valid job")
+    }
+
+    /// Publishes with up to 1,000 acks outstanding; returns jobs/s.
+    pub async fn publish_all(&self, jobs: &[Job]) -> anyhow::Result<f64> {
+        let publisher = Publisher::new(self.js.clone(), self.layout.clone());
+        let started = Instant::now();
+        for chunk in jobs.chunks(50_000) {
+            for r in publisher.publish_many(chunk, 1000).await {
+                r?;
+            }
+        }
+        Ok(jobs.len() as f64 / started.elapsed().as_secs_f64())
+    }
+
+    pub async fn work_messages(&self) -> anyhow::Result<u64> {
+        let mut s = self.js.get_stream(&self.layout.stream).await?;
+        Ok(s.info().await?.state.messages)
+    }
+
+    /// Starts `gitaly-replicator run` on this environment's config.
+    pub fn spawn_consumer(&self) -> anyhow::Result<Child> {
+        let path: PathBuf = self.dir.path().join("config.toml");
+        std::fs::write(&path, &self.toml)?;
+        Ok(Command::new(env!("CARGO_BIN_EXE_gitaly-replicator"))
+            .arg("--config")
+            .arg(&path)
+            .arg("run")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?)
+    }
+
+    /// Waits until the target has seen `calls` calls and the work stream is
+    /// empty; returns (seconds from the first call to the end, peak RSS in
+    /// KiB of `watch` sampled every 50 ms).
+    pub async fn drain(&self, calls: usize, watch: &[u32], timeout: Duration) -> anyhow::Result<(f64, u64)> {
+        let deadline = Instant::now() + timeout;
+        let counter = &self.target.gitaly;
+        let start_count = counter.call_count();
+        let mut first: Option<Instant> = None;
+        let mut peak = 0;
+        loop {
+            let n = counter.call_count() - start_count;
+            if n > 0 && first.is_none() {
+                first = Some(Instant::now());
+            }
+            for pid in watch {
+                peak = peak.max(peak_rss_kib(*pid));
+            }
+            if n >= calls && self.work_messages().await? == 0 {
+                let secs = first.map(|f| f.elapsed().as_secs_f64()).unwrap_or(0.0);
+                return Ok((secs, peak));
+            }
+            if Instant::now() > deadline {
+                anyhow::bail!("drain timed out: {n} of {calls} calls");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn cleanup(self) {
+        for s in [
+            self.layout.stream.clone(),
+            self.layout.dead_letter_stream.clone(),
+            self.layout.advisory_stream.clone(),
+        ] {
+            let _ = self.js.delete_stream(s).await;
+        }
+        self.store.pool().close().await;
+        if let Ok(mut admin) = PgConnection::connect(SERVER_DB).await {
+            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.db_name))
+                .execute(&mut admin)
+                .await;
+        }
+    }
+}
+
+/// Peak resident set (VmHWM) of a process, in KiB.
+pub fn peak_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Stops a consumer process with SIGTERM and waits for it.
+pub fn stop(mut child: Child) {
+    let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+    let _ = child.wait();
+}

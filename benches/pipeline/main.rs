@@ -1,0 +1,121 @@
+//! `cargo bench --bench pipeline [-- --quick] [-- --only raw,maintenance,...]`
+//!
+//! Measures the replication pipeline against JetStream's own limit, measured
+//! in the same run: raw pull+ack, maintenance and update jobs through the
+//! real consumer, publish→dispatch latency at a steady rate, drain rate over
+//! growing backlogs with the consumer's peak memory, and scale-out to two
+//! processes. Prints one table and writes it as JSON under `target/bench/`.
+
+mod env;
+mod scenarios;
+
+use serde_json::json;
+use std::time::Instant;
+
+/// One line of the result table.
+pub struct Row {
+    pub scenario: &'static str,
+    pub metric: String,
+    pub value: f64,
+    pub unit: &'static str,
+    /// Human-readable target and whether it was met.
+    pub target: Option<(String, bool)>,
+}
+
+pub struct Sizes {
+    pub quick: bool,
+    pub jobs: usize,
+    pub latency_secs: u64,
+    pub backlogs: Vec<usize>,
+    pub scale_out_jobs: usize,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let only: Option<Vec<String>> = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+        .map(|s| s.split(',').map(str::to_owned).collect());
+    let wanted = |name: &str| only.as_ref().is_none_or(|o| o.iter().any(|x| x == name));
+    let sizes = if quick {
+        Sizes { quick, jobs: 2_000, latency_secs: 2, backlogs: vec![1_000, 5_000], scale_out_jobs: 2_000 }
+    } else {
+        Sizes { quick, jobs: 50_000, latency_secs: 10, backlogs: vec![10_000, 100_000, 1_000_000], scale_out_jobs: 20_000 }
+    };
+    let started = Instant::now();
+    let mut rows: Vec<Row> = Vec::new();
+    let mut raw_rate = None;
+    if wanted("raw") || wanted("maintenance") {
+        let r = scenarios::raw(&sizes).await?;
+        raw_rate = Some(r.value);
+        rows.push(r);
+    }
+    if wanted("maintenance") {
+        rows.extend(scenarios::maintenance(&sizes, raw_rate).await?);
+    }
+    if wanted("update") {
+        rows.push(scenarios::update(&sizes).await?);
+    }
+    if wanted("latency") {
+        rows.extend(scenarios::latency(&sizes).await?);
+    }
+    if wanted("backlog") {
+        rows.extend(scenarios::backlog(&sizes).await?);
+    }
+    if wanted("scale-out") {
+        rows.extend(scenarios::scale_out(&sizes).await?);
+    }
+    print_table(&rows, &sizes, started.elapsed().as_secs_f64());
+    write_json(&rows, &sizes)?;
+    Ok(())
+}
+
+fn print_table(rows: &[Row], sizes: &Sizes, secs: f64) {
+    println!();
+    println!(
+        "{:<12} {:<44} {:>14} {:<8} {}",
+        "scenario", "metric", "value", "unit", "target"
+    );
+    println!("{}", "-".repeat(100));
+    for r in rows {
+        let target = match &r.target {
+            Some((t, true)) => format!("{t}  met"),
+            Some((t, false)) => format!("{t}  NOT MET"),
+            None => String::new(),
+        };
+        println!(
+            "{:<12} {:<44} {:>14.1} {:<8} {}",
+            r.scenario, r.metric, r.value, r.unit, target
+        );
+    }
+    println!(
+        "({} run, {:.0} s; cores: {})",
+        if sizes.quick { "quick" } else { "full" },
+        secs,
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
+    );
+}
+
+fn write_json(rows: &[Row], sizes: &Sizes) -> anyhow::Result<()> {
+    let dir = std::path::PathBuf::from(std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into())).join("bench");
+    std::fs::create_dir_all(&dir)?;
+    let file = dir.join(if sizes.quick { "pipeline-quick.json" } else { "pipeline.json" });
+    let json = json!({
+        "quick": sizes.quick,
+        "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "rows": rows.iter().map(|r| json!({
+            "scenario": r.scenario,
+            "metric": r.metric,
+            "value": r.value,
+            "unit": r.unit,
+            "target": r.target.as_ref().map(|t| &t.0),
+            "met": r.target.as_ref().map(|t| t.1),
+        })).collect::<Vec<_>>(),
+    });
+    std::fs::write(&file, serde_json::to_string_pretty(&json)?)?;
+    println!("written to {}", file.display());
+    Ok(())
+}
