@@ -63,6 +63,11 @@ impl ChangeType {
         }
     }
 
+    /// Position in [`ChangeType::ALL`], for per-type tables.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     pub fn parse(s: &str) -> Option<ChangeType> {
         ChangeType::ALL.into_iter().find(|c| c.as_str() == s)
     }

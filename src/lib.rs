@@ -2,6 +2,7 @@
 //! Cluster in step, with NATS JetStream as the job queue and Postgres as the
 //! repository store.
 
+pub mod coalescer;
 pub mod config;
 pub mod event;
 pub mod gitaly;

@@ -1,9 +1,10 @@
 //! Metric names and labels, kept as Praefect named them so existing dashboards
 //! work, and the Prometheus recorder they are rendered from.
 
-use metrics::{counter, gauge, histogram};
+use crate::event::ChangeType;
+use metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 /// Jobs in flight (gauge): virtual_storage, gitaly_storage, change_type.
@@ -83,85 +84,158 @@ pub fn install() -> Result<PrometheusHandle, String> {
         .clone()
 }
 
-/// Metric handles for one target, so the hot path does not rebuild labels.
+/// Outcome labels of [`JOBS_TOTAL`].
+pub const OUTCOMES: [&str; 6] = [
+    "completed",
+    "skipped",
+    "failed",
+    "invalid",
+    "unsupported",
+    "abandoned",
+];
+
+/// Handles of one change type's series, resolved once.
+struct ChangeTypeHandles {
+    in_flight: Gauge,
+    delay: Histogram,
+    latency: Histogram,
+    outcomes: Vec<Counter>,
+}
+
+struct Handles {
+    per_change: Vec<ChangeTypeHandles>,
+    /// Outcomes of messages whose change type could not be read.
+    unknown: Vec<Counter>,
+    dead_letters: Vec<Counter>,
+    healthy: Gauge,
+    pull_renewals: Counter,
+    depth: Vec<Gauge>,
+}
+
+/// Dead-letter reasons of [`DEAD_LETTERS_TOTAL`].
+const DEAD_REASONS: [&str; 3] = ["dead", "invalid", "stranded"];
+/// States of [`QUEUE_DEPTH`].
+const DEPTH_STATES: [&str; 4] = ["ready", "in_progress", "redelivered", "dead"];
+
+fn position(list: &[&str], item: &str) -> usize {
+    list.iter().position(|x| *x == item).unwrap_or(0)
+}
+
+/// The metric handles of one target, resolved once so that the hot path
+/// neither allocates labels nor looks series up.
 #[derive(Clone)]
 pub struct TargetMetrics {
-    pub virtual_storage: String,
-    pub storage: String,
+    handles: Arc<Handles>,
 }
 
 impl TargetMetrics {
     pub fn new(virtual_storage: &str, storage: &str) -> Self {
+        let vs = virtual_storage.to_owned();
+        let st = storage.to_owned();
+        let outcome_counters = |change: &'static str| -> Vec<Counter> {
+            OUTCOMES
+                .iter()
+                .map(|o| {
+                    counter!(JOBS_TOTAL,
+                        "virtual_storage" => vs.clone(),
+                        "gitaly_storage" => st.clone(),
+                        "change_type" => change,
+                        "outcome" => *o)
+                })
+                .collect()
+        };
+        let per_change = ChangeType::ALL
+            .iter()
+            .map(|c| ChangeTypeHandles {
+                in_flight: gauge!(REPLICATION_JOBS,
+                    "virtual_storage" => vs.clone(),
+                    "gitaly_storage" => st.clone(),
+                    "change_type" => c.as_str()),
+                delay: histogram!(REPLICATION_DELAY, "type" => c.as_str()),
+                latency: histogram!(REPLICATION_LATENCY, "type" => c.as_str()),
+                outcomes: outcome_counters(c.as_str()),
+            })
+            .collect();
+        let handles = Handles {
+            per_change,
+            unknown: outcome_counters("unknown"),
+            dead_letters: DEAD_REASONS
+                .iter()
+                .map(|r| {
+                    counter!(DEAD_LETTERS_TOTAL,
+                        "virtual_storage" => vs.clone(),
+                        "gitaly_storage" => st.clone(),
+                        "reason" => *r)
+                })
+                .collect(),
+            healthy: gauge!(TARGET_HEALTHY,
+                "virtual_storage" => vs.clone(),
+                "gitaly_storage" => st.clone()),
+            pull_renewals: counter!(PULL_RENEWALS_TOTAL,
+                "virtual_storage" => vs.clone(),
+                "gitaly_storage" => st.clone()),
+            depth: DEPTH_STATES
+                .iter()
+                .map(|s| {
+                    gauge!(QUEUE_DEPTH,
+                        "virtual_storage" => vs.clone(),
+                        "target_node" => st.clone(),
+                        "state" => *s)
+                })
+                .collect(),
+        };
         TargetMetrics {
-            virtual_storage: virtual_storage.to_owned(),
-            storage: storage.to_owned(),
+            handles: Arc::new(handles),
         }
     }
 
-    pub fn job_started(&self, change_type: &'static str, delay: Duration) {
-        gauge!(REPLICATION_JOBS,
-            "virtual_storage" => self.virtual_storage.clone(),
-            "gitaly_storage" => self.storage.clone(),
-            "change_type" => change_type)
-        .increment(1.0);
-        histogram!(REPLICATION_DELAY, "type" => change_type).record(delay.as_secs_f64());
+    fn change(&self, change: ChangeType) -> &ChangeTypeHandles {
+        &self.handles.per_change[change.index()]
+    }
+
+    pub fn job_started(&self, change: ChangeType, delay: Duration) {
+        let h = self.change(change);
+        h.in_flight.increment(1.0);
+        h.delay.record(delay.as_secs_f64());
     }
 
     pub fn job_finished(
         &self,
-        change_type: &'static str,
+        change: ChangeType,
         outcome: &'static str,
         latency: Option<Duration>,
     ) {
-        gauge!(REPLICATION_JOBS,
-            "virtual_storage" => self.virtual_storage.clone(),
-            "gitaly_storage" => self.storage.clone(),
-            "change_type" => change_type)
-        .decrement(1.0);
+        let h = self.change(change);
+        h.in_flight.decrement(1.0);
         if let Some(latency) = latency {
-            histogram!(REPLICATION_LATENCY, "type" => change_type).record(latency.as_secs_f64());
+            h.latency.record(latency.as_secs_f64());
         }
-        self.outcome(change_type, outcome);
+        self.outcome(Some(change), outcome);
     }
 
     /// Counts an outcome of a job that never started dispatching (invalid,
-    /// superseded, collapsed).
-    pub fn outcome(&self, change_type: &'static str, outcome: &'static str) {
-        counter!(JOBS_TOTAL,
-            "virtual_storage" => self.virtual_storage.clone(),
-            "gitaly_storage" => self.storage.clone(),
-            "change_type" => change_type,
-            "outcome" => outcome)
-        .increment(1);
+    /// superseded, collapsed); `None` when the change type is unreadable.
+    pub fn outcome(&self, change: Option<ChangeType>, outcome: &'static str) {
+        let counters = match change {
+            Some(c) => &self.change(c).outcomes,
+            None => &self.handles.unknown,
+        };
+        counters[position(&OUTCOMES, outcome)].increment(1);
     }
 
     pub fn dead_letter(&self, reason: &'static str) {
-        counter!(DEAD_LETTERS_TOTAL,
-            "virtual_storage" => self.virtual_storage.clone(),
-            "gitaly_storage" => self.storage.clone(),
-            "reason" => reason)
-        .increment(1);
+        self.handles.dead_letters[position(&DEAD_REASONS, reason)].increment(1);
     }
 
     pub fn healthy(&self, healthy: bool) {
-        gauge!(TARGET_HEALTHY,
-            "virtual_storage" => self.virtual_storage.clone(),
-            "gitaly_storage" => self.storage.clone())
-        .set(if healthy { 1.0 } else { 0.0 });
+        self.handles.healthy.set(if healthy { 1.0 } else { 0.0 });
     }
 
     pub fn pull_renewed(&self) {
-        counter!(PULL_RENEWALS_TOTAL,
-            "virtual_storage" => self.virtual_storage.clone(),
-            "gitaly_storage" => self.storage.clone())
-        .increment(1);
+        self.handles.pull_renewals.increment(1);
     }
 
     pub fn queue_depth(&self, state: &'static str, value: u64) {
-        gauge!(QUEUE_DEPTH,
-            "virtual_storage" => self.virtual_storage.clone(),
-            "target_node" => self.storage.clone(),
-            "state" => state)
-        .set(value as f64);
+        self.handles.depth[position(&DEPTH_STATES, state)].set(value as f64);
     }
 }

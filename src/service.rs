@@ -70,6 +70,9 @@ pub async fn connect_store(config: &Config) -> Result<RepositoryStore, ServiceEr
     let options = config.database.connect_options()?;
     let pool = PgPoolOptions::new()
         .max_connections(config.database.max_connections)
+        // A ping before every query would double the round trips; a broken
+        // connection shows up as a retryable error on use instead.
+        .test_before_acquire(false)
         .acquire_timeout(config.database.connect_timeout)
         .connect_with(options)
         .await

@@ -146,6 +146,29 @@ impl ReplicatedGeneration {
     }
 }
 
+/// Completion keys as column arrays, for `unnest`.
+struct CompletionColumns<'a> {
+    virtual_storage: Vec<&'a str>,
+    relative_path: Vec<&'a str>,
+    target_storage: Vec<&'a str>,
+    change_type: Vec<&'a str>,
+    source_storage: Vec<&'a str>,
+    time: Vec<OffsetDateTime>,
+}
+
+impl<'a> CompletionColumns<'a> {
+    fn of(rows: &[(CompletionKey<'a>, OffsetDateTime)]) -> Self {
+        CompletionColumns {
+            virtual_storage: rows.iter().map(|(k, _)| k.virtual_storage).collect(),
+            relative_path: rows.iter().map(|(k, _)| k.relative_path).collect(),
+            target_storage: rows.iter().map(|(k, _)| k.target_storage).collect(),
+            change_type: rows.iter().map(|(k, _)| k.change_type).collect(),
+            source_storage: rows.iter().map(|(k, _)| k.source_storage).collect(),
+            time: rows.iter().map(|(_, t)| *t).collect(),
+        }
+    }
+}
+
 /// The advisory lock key of a replica: 64-bit FNV-1a over the three names,
 /// each preceded by its length so that no two triples run together. Stable
 /// across processes and builds (std's hasher is randomly seeded).
@@ -441,61 +464,90 @@ impl RepositoryStore {
         .map_err(failed("create_repository"))
     }
 
-    /// Records that a job with this key, started at `started_at`, completed;
-    /// keeps the latest start per key, so redelivery and reordering are
-    /// harmless.
-    pub async fn record_completion(
+    /// Records that jobs completed, each with the time it started; one
+    /// statement for the whole slice. A key keeps its latest start, so a
+    /// repeat (redelivery) or an older completion changes nothing.
+    pub async fn record_completions(
         &self,
-        key: &CompletionKey<'_>,
-        started_at: OffsetDateTime,
+        completions: &[(CompletionKey<'_>, OffsetDateTime)],
     ) -> Result<(), StoreError> {
+        let cols = CompletionColumns::of(completions);
         sqlx::query(
             "INSERT INTO replication_completions
                 (virtual_storage, relative_path, target_storage, change_type, source_storage,
                  started_at)
-            VALUES ($1, $2, $3, $4, $5, $6)
+            SELECT DISTINCT ON (vs, rel, tgt, ch, src) vs, rel, tgt, ch, src, at
+            FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
+                        $6::timestamptz[]) AS t(vs, rel, tgt, ch, src, at)
+            ORDER BY vs, rel, tgt, ch, src, at DESC
             ON CONFLICT (virtual_storage, relative_path, target_storage, change_type,
                          source_storage) DO UPDATE
                 SET started_at = EXCLUDED.started_at
                 WHERE replication_completions.started_at < EXCLUDED.started_at",
         )
-        .bind(key.virtual_storage)
-        .bind(key.relative_path)
-        .bind(key.target_storage)
-        .bind(key.change_type)
-        .bind(key.source_storage)
-        .bind(started_at)
+        .bind(cols.virtual_storage)
+        .bind(cols.relative_path)
+        .bind(cols.target_storage)
+        .bind(cols.change_type)
+        .bind(cols.source_storage)
+        .bind(cols.time)
         .execute(&self.pool)
         .await
-        .map_err(failed("record_completion"))?;
+        .map_err(failed("record_completions"))?;
         Ok(())
     }
 
-    /// True when a twin job (same key) completed that had started after
-    /// `created_at`: its work covers this job's, which is then superseded.
-    /// Times are compared at Postgres' microsecond precision, which can only
-    /// make a job look not superseded, never wrongly superseded.
+    /// Records one completion (see [`Self::record_completions`]).
+    pub async fn record_completion(
+        &self,
+        key: &CompletionKey<'_>,
+        started_at: OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        self.record_completions(&[(*key, started_at)]).await
+    }
+
+    /// For each (key, created_at): whether a twin job with the same key
+    /// completed that had started after this one was created (Praefect's
+    /// completion dedup). One statement; answers in input order.
+    pub async fn superseded_many(
+        &self,
+        jobs: &[(CompletionKey<'_>, OffsetDateTime)],
+    ) -> Result<Vec<bool>, StoreError> {
+        let cols = CompletionColumns::of(jobs);
+        sqlx::query_scalar(
+            "SELECT EXISTS (
+                SELECT FROM replication_completions c
+                WHERE c.virtual_storage = t.vs AND c.relative_path = t.rel
+                  AND c.target_storage = t.tgt AND c.change_type = t.ch
+                  AND c.source_storage = t.src AND c.started_at > t.created
+            )
+            FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
+                        $6::timestamptz[]) WITH ORDINALITY AS t(vs, rel, tgt, ch, src, created, i)
+            ORDER BY t.i",
+        )
+        .bind(cols.virtual_storage)
+        .bind(cols.relative_path)
+        .bind(cols.target_storage)
+        .bind(cols.change_type)
+        .bind(cols.source_storage)
+        .bind(cols.time)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(failed("superseded"))
+    }
+
+    /// One job's answer of [`Self::superseded_many`].
     pub async fn superseded(
         &self,
         key: &CompletionKey<'_>,
         created_at: OffsetDateTime,
     ) -> Result<bool, StoreError> {
-        sqlx::query_scalar(
-            "SELECT EXISTS (
-                SELECT FROM replication_completions
-                WHERE virtual_storage = $1 AND relative_path = $2 AND target_storage = $3
-                  AND change_type = $4 AND source_storage = $5 AND started_at > $6
-            )",
-        )
-        .bind(key.virtual_storage)
-        .bind(key.relative_path)
-        .bind(key.target_storage)
-        .bind(key.change_type)
-        .bind(key.source_storage)
-        .bind(created_at)
-        .fetch_one(&self.pool)
-        .await
-        .map_err(failed("superseded"))
+        Ok(self
+            .superseded_many(&[(*key, created_at)])
+            .await?
+            .first()
+            .copied()
+            .unwrap_or(false))
     }
 
     /// Takes the replica's advisory lock without waiting, on a connection of

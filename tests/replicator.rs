@@ -1161,7 +1161,6 @@ async fn a_target_slower_than_the_job_timeout_fails_after_the_timeout_not_after_
 /// ends as `Cancelled: Timeout expired` instead of the job-timeout error.
 /// Twenty calls on a warm channel make the race show almost surely.
 #[tokio::test]
-#[ignore = "bug: src/gitaly/node.rs NodeClient::call reports a job timeout as Cancelled \"Timeout expired\" (tonic's grpc-timeout) (most calls on a warm channel, some on a cold one) instead of DeadlineExceeded \"job timeout of … reached\""]
 async fn every_call_cut_off_by_the_job_timeout_reports_deadline_exceeded_with_the_job_timeout() {
     let n = TwoNodes::start_with(Setup {
         job_timeout: "100ms".to_owned(),

@@ -42,10 +42,15 @@ impl BenchEnv {
         let id = uuid::Uuid::new_v4().simple().to_string()[..10].to_owned();
         let db_name = format!("gr_bench_{id}");
         let mut admin = PgConnection::connect(SERVER_DB).await?;
-        sqlx::query(&format!("CREATE DATABASE {db_name}")).execute(&mut admin).await?;
+        sqlx::query(&format!("CREATE DATABASE {db_name}"))
+            .execute(&mut admin)
+            .await?;
         admin.close().await?;
         let db_url = format!("postgres://postgres@127.0.0.1:5432/{db_name}");
-        let pool = sqlx::postgres::PgPoolOptions::new().max_connections(8).connect(&db_url).await?;
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(8)
+            .connect(&db_url)
+            .await?;
         let store = RepositoryStore::new(pool);
         store.migrate().await?;
         let source = RecordingGitaly::new(Some("token-1")).serve().await?;
@@ -54,7 +59,9 @@ impl BenchEnv {
             node.gitaly.set_recording(false);
         }
         if !o.target_latency.is_zero() {
-            target.gitaly.respond("*", Behaviour::delay(o.target_latency));
+            target
+                .gitaly
+                .respond("*", Behaviour::delay(o.target_latency));
         }
         let vs = format!("bench-{id}");
         let toml = format!(
@@ -168,7 +175,12 @@ max_ack_pending = -1
     /// Waits until the target has seen `calls` calls and the work stream is
     /// empty; returns (seconds from the first call to the end, peak RSS in
     /// KiB of `watch` sampled every 50 ms).
-    pub async fn drain(&self, calls: usize, watch: &[u32], timeout: Duration) -> anyhow::Result<(f64, u64)> {
+    pub async fn drain(
+        &self,
+        calls: usize,
+        watch: &[u32],
+        timeout: Duration,
+    ) -> anyhow::Result<(f64, u64)> {
         let deadline = Instant::now() + timeout;
         let counter = &self.target.gitaly;
         let start_count = counter.call_count();
@@ -203,9 +215,12 @@ max_ack_pending = -1
         }
         self.store.pool().close().await;
         if let Ok(mut admin) = PgConnection::connect(SERVER_DB).await {
-            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.db_name))
-                .execute(&mut admin)
-                .await;
+            let _ = sqlx::query(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.db_name
+            ))
+            .execute(&mut admin)
+            .await;
         }
     }
 }
@@ -225,6 +240,9 @@ pub fn peak_rss_kib(pid: u32) -> u64 {
 
 /// Stops a consumer process with SIGTERM and waits for it.
 pub fn stop(mut child: Child) {
-    let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
     let _ = child.wait();
 }

@@ -41,9 +41,21 @@ async fn main() -> anyhow::Result<()> {
         .map(|s| s.split(',').map(str::to_owned).collect());
     let wanted = |name: &str| only.as_ref().is_none_or(|o| o.iter().any(|x| x == name));
     let sizes = if quick {
-        Sizes { quick, jobs: 2_000, latency_secs: 2, backlogs: vec![1_000, 5_000], scale_out_jobs: 2_000 }
+        Sizes {
+            quick,
+            jobs: 2_000,
+            latency_secs: 2,
+            backlogs: vec![1_000, 5_000],
+            scale_out_jobs: 2_000,
+        }
     } else {
-        Sizes { quick, jobs: 50_000, latency_secs: 10, backlogs: vec![10_000, 100_000, 1_000_000], scale_out_jobs: 20_000 }
+        Sizes {
+            quick,
+            jobs: 50_000,
+            latency_secs: 10,
+            backlogs: vec![10_000, 100_000, 1_000_000],
+            scale_out_jobs: 20_000,
+        }
     };
     let started = Instant::now();
     let mut rows: Vec<Row> = Vec::new();
@@ -76,8 +88,8 @@ async fn main() -> anyhow::Result<()> {
 fn print_table(rows: &[Row], sizes: &Sizes, secs: f64) {
     println!();
     println!(
-        "{:<12} {:<44} {:>14} {:<8} {}",
-        "scenario", "metric", "value", "unit", "target"
+        "{:<12} {:<44} {:>14} {:<8} target",
+        "scenario", "metric", "value", "unit"
     );
     println!("{}", "-".repeat(100));
     for r in rows {
@@ -95,14 +107,23 @@ fn print_table(rows: &[Row], sizes: &Sizes, secs: f64) {
         "({} run, {:.0} s; cores: {})",
         if sizes.quick { "quick" } else { "full" },
         secs,
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0)
     );
 }
 
 fn write_json(rows: &[Row], sizes: &Sizes) -> anyhow::Result<()> {
-    let dir = std::path::PathBuf::from(std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into())).join("bench");
+    let dir = std::path::PathBuf::from(
+        std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into()),
+    )
+    .join("bench");
     std::fs::create_dir_all(&dir)?;
-    let file = dir.join(if sizes.quick { "pipeline-quick.json" } else { "pipeline.json" });
+    let file = dir.join(if sizes.quick {
+        "pipeline-quick.json"
+    } else {
+        "pipeline.json"
+    });
     let json = json!({
         "quick": sizes.quick,
         "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),

@@ -9,11 +9,28 @@ use std::time::{Duration, Instant, SystemTime};
 const BATCH: usize = 100;
 
 fn opts(latency: Duration) -> EnvOptions {
-    EnvOptions { batch_size: BATCH, target_latency: latency, max_concurrent_jobs: 256, pull_loops: 2 }
+    EnvOptions {
+        batch_size: BATCH,
+        target_latency: latency,
+        max_concurrent_jobs: 256,
+        pull_loops: 2,
+    }
 }
 
-fn row(scenario: &'static str, metric: impl Into<String>, value: f64, unit: &'static str, target: Option<(String, bool)>) -> Row {
-    Row { scenario, metric: metric.into(), value, unit, target }
+fn row(
+    scenario: &'static str,
+    metric: impl Into<String>,
+    value: f64,
+    unit: &'static str,
+    target: Option<(String, bool)>,
+) -> Row {
+    Row {
+        scenario,
+        metric: metric.into(),
+        value,
+        unit,
+        target,
+    }
 }
 
 /// Publish N jobs, then pull + plain-ack them with no work at batch 100:
@@ -22,7 +39,13 @@ pub async fn raw(s: &Sizes) -> anyhow::Result<Row> {
     let env = BenchEnv::new(&opts(Duration::ZERO)).await?;
     let jobs: Vec<_> = (0..s.jobs).map(|i| env.maintenance_job(i)).collect();
     env.publish_all(&jobs).await?;
-    let durable = env.layout.consumers.iter().find(|c| c.target_storage == "gitaly-2").map(|c| c.durable_name.clone()).unwrap_or_default();
+    let durable = env
+        .layout
+        .consumers
+        .iter()
+        .find(|c| c.target_storage == "gitaly-2")
+        .map(|c| c.durable_name.clone())
+        .unwrap_or_default();
     let consumer: async_nats::jetstream::consumer::PullConsumer = env
         .js
         .get_stream(&env.layout.stream)
@@ -33,7 +56,12 @@ pub async fn raw(s: &Sizes) -> anyhow::Result<Row> {
     let started = Instant::now();
     let mut done = 0;
     while done < s.jobs {
-        let mut batch = consumer.fetch().max_messages(BATCH).expires(Duration::from_secs(1)).messages().await?;
+        let mut batch = consumer
+            .fetch()
+            .max_messages(BATCH)
+            .expires(Duration::from_secs(1))
+            .messages()
+            .await?;
         while let Some(m) = batch.next().await {
             let m = m.map_err(|e| anyhow::anyhow!(e))?;
             m.ack().await.map_err(|e| anyhow::anyhow!(e))?;
@@ -43,7 +71,13 @@ pub async fn raw(s: &Sizes) -> anyhow::Result<Row> {
     let rate = done as f64 / started.elapsed().as_secs_f64();
     env.client.flush().await?;
     env.cleanup().await;
-    Ok(row("raw", format!("pull+ack, no work, batch {BATCH}"), rate, "msgs/s", None))
+    Ok(row(
+        "raw",
+        format!("pull+ack, no work, batch {BATCH}"),
+        rate,
+        "msgs/s",
+        None,
+    ))
 }
 
 /// N optimize_repository jobs through the consumer to a target that answers at once.
@@ -56,10 +90,22 @@ pub async fn maintenance(s: &Sizes, raw: Option<f64>) -> anyhow::Result<Vec<Row>
     stop(child);
     env.cleanup().await;
     let rate = s.jobs as f64 / secs;
-    let mut rows = vec![row("maintenance", "optimize_repository jobs, batch 100", rate, "jobs/s", None)];
+    let mut rows = vec![row(
+        "maintenance",
+        "optimize_repository jobs, batch 100",
+        rate,
+        "jobs/s",
+        None,
+    )];
     if let Some(raw) = raw {
         let ratio = rate / raw;
-        rows.push(row("maintenance", "ratio to raw", ratio, "x", Some((">= 0.25".into(), ratio >= 0.25))));
+        rows.push(row(
+            "maintenance",
+            "ratio to raw",
+            ratio,
+            "x",
+            Some((">= 0.25".into(), ratio >= 0.25)),
+        ));
     }
     Ok(rows)
 }
@@ -72,7 +118,11 @@ pub async fn update(s: &Sizes) -> anyhow::Result<Row> {
         let store = env.store.clone();
         let vs = env.vs.clone();
         let path = j.relative_path.clone();
-        async move { store.create_repository(&vs, &path, "gitaly-1", 1, &["gitaly-1"]).await }
+        async move {
+            store
+                .create_repository(&vs, &path, "gitaly-1", 1, &["gitaly-1"])
+                .await
+        }
     }))
     .buffer_unordered(8)
     .collect::<Vec<_>>()
@@ -88,9 +138,18 @@ pub async fn update(s: &Sizes) -> anyhow::Result<Row> {
     let sample = &jobs[jobs.len() / 2].relative_path;
     let generation = env.store.generation(&env.vs, sample, "gitaly-2").await?;
     env.cleanup().await;
-    anyhow::ensure!(generation == Some(1), "update did not record the generation");
+    anyhow::ensure!(
+        generation == Some(1),
+        "update did not record the generation"
+    );
     let rate = s.jobs as f64 / secs;
-    Ok(row("update", "update jobs with Postgres generations", rate, "jobs/s", Some((">= 4500".into(), rate >= 4500.0))))
+    Ok(row(
+        "update",
+        "update jobs with Postgres generations",
+        rate,
+        "jobs/s",
+        Some((">= 4500".into(), rate >= 4500.0)),
+    ))
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -107,7 +166,10 @@ pub async fn latency(s: &Sizes) -> anyhow::Result<Vec<Row>> {
     let env = BenchEnv::new(&opts(Duration::ZERO)).await?;
     env.target.gitaly.set_recording(true);
     // Acks are plain publishes to $JS.ACK.<stream>.…; watching them gives ack times.
-    let mut acks = env.client.subscribe(format!("$JS.ACK.{}.>", env.layout.stream)).await?;
+    let mut acks = env
+        .client
+        .subscribe(format!("$JS.ACK.{}.>", env.layout.stream))
+        .await?;
     // Read acks while publishing, so each is timed when it arrives.
     let ack_watch = tokio::spawn(async move {
         let mut acked: HashMap<u64, SystemTime> = HashMap::new();
@@ -117,7 +179,11 @@ pub async fn latency(s: &Sizes) -> anyhow::Result<Vec<Row>> {
                 Ok(Some(m)) if m.payload.is_empty() || m.payload.as_ref() == b"+ACK" => {
                     // $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>
                     let tokens: Vec<&str> = m.subject.split('.').collect();
-                    if let Some(seq) = tokens.len().checked_sub(4).and_then(|i| tokens[i].parse().ok()) {
+                    if let Some(seq) = tokens
+                        .len()
+                        .checked_sub(4)
+                        .and_then(|i| tokens[i].parse().ok())
+                    {
                         acked.entry(seq).or_insert_with(SystemTime::now);
                     }
                 }
@@ -132,7 +198,8 @@ pub async fn latency(s: &Sizes) -> anyhow::Result<Vec<Row>> {
     let child = env.spawn_consumer()?;
     // Let the consumer connect, provision and find the target healthy.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let publisher = gitaly_replicator::queue::publisher::Publisher::new(env.js.clone(), env.layout.clone());
+    let publisher =
+        gitaly_replicator::queue::publisher::Publisher::new(env.js.clone(), env.layout.clone());
     let total = (200 * s.latency_secs) as usize;
     let mut published: HashMap<u64, SystemTime> = HashMap::new();
     let mut by_correlation: HashMap<String, SystemTime> = HashMap::new();
@@ -155,25 +222,72 @@ pub async fn latency(s: &Sizes) -> anyhow::Result<Vec<Row>> {
         .iter()
         .filter_map(|c| {
             let sent = by_correlation.get(c.correlation_id.as_deref()?)?;
-            c.received_wall.duration_since(*sent).ok().map(|d| d.as_secs_f64() * 1000.0)
+            c.received_wall
+                .duration_since(*sent)
+                .ok()
+                .map(|d| d.as_secs_f64() * 1000.0)
         })
         .collect();
     let mut to_ack: Vec<f64> = acked
         .iter()
-        .filter_map(|(seq, at)| at.duration_since(*published.get(seq)?).ok().map(|d| d.as_secs_f64() * 1000.0))
+        .filter_map(|(seq, at)| {
+            at.duration_since(*published.get(seq)?)
+                .ok()
+                .map(|d| d.as_secs_f64() * 1000.0)
+        })
         .collect();
     env.cleanup().await;
     dispatch.sort_by(f64::total_cmp);
     to_ack.sort_by(f64::total_cmp);
-    anyhow::ensure!(dispatch.len() == total, "{} of {total} jobs dispatched", dispatch.len());
+    anyhow::ensure!(
+        dispatch.len() == total,
+        "{} of {total} jobs dispatched",
+        dispatch.len()
+    );
     let p99 = percentile(&dispatch, 0.99);
     Ok(vec![
-        row("latency", "publish -> dispatch start p50 (200 jobs/s)", percentile(&dispatch, 0.5), "ms", None),
-        row("latency", "publish -> dispatch start p99", p99, "ms", Some(("<= 5 ms".into(), p99 <= 5.0))),
-        row("latency", "publish -> dispatch start max", percentile(&dispatch, 1.0), "ms", None),
-        row("latency", "publish -> ack p50", percentile(&to_ack, 0.5), "ms", None),
-        row("latency", "publish -> ack p99", percentile(&to_ack, 0.99), "ms", None),
-        row("latency", "publish -> ack max", percentile(&to_ack, 1.0), "ms", None),
+        row(
+            "latency",
+            "publish -> dispatch start p50 (200 jobs/s)",
+            percentile(&dispatch, 0.5),
+            "ms",
+            None,
+        ),
+        row(
+            "latency",
+            "publish -> dispatch start p99",
+            p99,
+            "ms",
+            Some(("<= 5 ms".into(), p99 <= 5.0)),
+        ),
+        row(
+            "latency",
+            "publish -> dispatch start max",
+            percentile(&dispatch, 1.0),
+            "ms",
+            None,
+        ),
+        row(
+            "latency",
+            "publish -> ack p50",
+            percentile(&to_ack, 0.5),
+            "ms",
+            None,
+        ),
+        row(
+            "latency",
+            "publish -> ack p99",
+            percentile(&to_ack, 0.99),
+            "ms",
+            None,
+        ),
+        row(
+            "latency",
+            "publish -> ack max",
+            percentile(&to_ack, 1.0),
+            "ms",
+            None,
+        ),
     ])
 }
 
@@ -186,7 +300,9 @@ pub async fn backlog(s: &Sizes) -> anyhow::Result<Vec<Row>> {
         let env = BenchEnv::new(&opts(Duration::ZERO)).await?;
         let mut publish_rate = 0.0;
         for start in (0..n).step_by(100_000) {
-            let jobs: Vec<_> = (start..(start + 100_000).min(n)).map(|i| env.maintenance_job(i)).collect();
+            let jobs: Vec<_> = (start..(start + 100_000).min(n))
+                .map(|i| env.maintenance_job(i))
+                .collect();
             publish_rate = env.publish_all(&jobs).await?;
         }
         let child = env.spawn_consumer()?;
@@ -196,15 +312,39 @@ pub async fn backlog(s: &Sizes) -> anyhow::Result<Vec<Row>> {
         env.cleanup().await;
         let rate = n as f64 / secs;
         rates.push(rate);
-        rows.push(row("backlog", format!("drain rate from {n} jobs"), rate, "jobs/s", None));
+        rows.push(row(
+            "backlog",
+            format!("drain rate from {n} jobs"),
+            rate,
+            "jobs/s",
+            None,
+        ));
         if i == 0 {
-            rows.push(row("backlog", "publish rate (1,000 acks outstanding)", publish_rate, "jobs/s", None));
+            rows.push(row(
+                "backlog",
+                "publish rate (1,000 acks outstanding)",
+                publish_rate,
+                "jobs/s",
+                None,
+            ));
         }
         if i + 1 == s.backlogs.len() {
             let ratio = rate / rates[0];
-            rows.push(row("backlog", format!("drain rate {n} / {}", s.backlogs[0]), ratio, "x", Some((">= 0.8".into(), ratio >= 0.8))));
+            rows.push(row(
+                "backlog",
+                format!("drain rate {n} / {}", s.backlogs[0]),
+                ratio,
+                "x",
+                Some((">= 0.8".into(), ratio >= 0.8)),
+            ));
             let mib = peak_kib as f64 / 1024.0;
-            rows.push(row("backlog", format!("consumer peak RSS, {n} drain"), mib, "MiB", Some(("<= 64 MiB".into(), mib <= 64.0))));
+            rows.push(row(
+                "backlog",
+                format!("consumer peak RSS, {n} drain"),
+                mib,
+                "MiB",
+                Some(("<= 64 MiB".into(), mib <= 64.0)),
+            ));
         }
     }
     Ok(rows)
@@ -214,11 +354,23 @@ pub async fn backlog(s: &Sizes) -> anyhow::Result<Vec<Row>> {
 pub async fn scale_out(s: &Sizes) -> anyhow::Result<Vec<Row>> {
     let mut rates = Vec::new();
     for processes in [1, 2] {
-        let env = BenchEnv::new(&EnvOptions { batch_size: BATCH, target_latency: Duration::from_millis(5), max_concurrent_jobs: 64, pull_loops: 1 }).await?;
-        let jobs: Vec<_> = (0..s.scale_out_jobs).map(|i| env.maintenance_job(i)).collect();
+        let env = BenchEnv::new(&EnvOptions {
+            batch_size: BATCH,
+            target_latency: Duration::from_millis(5),
+            max_concurrent_jobs: 64,
+            pull_loops: 1,
+        })
+        .await?;
+        let jobs: Vec<_> = (0..s.scale_out_jobs)
+            .map(|i| env.maintenance_job(i))
+            .collect();
         env.publish_all(&jobs).await?;
-        let children: Vec<_> = (0..processes).map(|_| env.spawn_consumer()).collect::<Result<_, _>>()?;
-        let (secs, _) = env.drain(s.scale_out_jobs, &[], Duration::from_secs(600)).await?;
+        let children: Vec<_> = (0..processes)
+            .map(|_| env.spawn_consumer())
+            .collect::<Result<_, _>>()?;
+        let (secs, _) = env
+            .drain(s.scale_out_jobs, &[], Duration::from_secs(600))
+            .await?;
         for c in children {
             stop(c);
         }
@@ -227,8 +379,26 @@ pub async fn scale_out(s: &Sizes) -> anyhow::Result<Vec<Row>> {
     }
     let ratio = rates[1] / rates[0];
     Ok(vec![
-        row("scale-out", "1 process, 5 ms target", rates[0], "jobs/s", None),
-        row("scale-out", "2 processes, 5 ms target", rates[1], "jobs/s", None),
-        row("scale-out", "2 processes / 1", ratio, "x", Some((">= 1.8".into(), ratio >= 1.8))),
+        row(
+            "scale-out",
+            "1 process, 5 ms target",
+            rates[0],
+            "jobs/s",
+            None,
+        ),
+        row(
+            "scale-out",
+            "2 processes, 5 ms target",
+            rates[1],
+            "jobs/s",
+            None,
+        ),
+        row(
+            "scale-out",
+            "2 processes / 1",
+            ratio,
+            "x",
+            Some((">= 1.8".into(), ratio >= 1.8)),
+        ),
     ])
 }

@@ -31,11 +31,6 @@ pub fn v2_token(secret: &str, now: SystemTime) -> String {
     format!("v2.{}.{}", signature(secret, &ts), ts)
 }
 
-/// The `authorization` metadata value for one call made now.
-pub fn bearer(secret: &str) -> String {
-    format!("Bearer {}", v2_token(secret, SystemTime::now()))
-}
-
 /// Why a server refused a token; maps to `UNAUTHENTICATED` except
 /// `WrongVersion`, which Gitaly answers with `PERMISSION_DENIED`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -60,6 +60,9 @@ pub struct NodeClient {
     pub address: String,
     token: Secret,
     channel: Channel,
+    /// The authorization value for the current second: a v2 token carries
+    /// only whole seconds, so one HMAC per second serves every call.
+    bearer: std::sync::Mutex<(u64, Option<MetadataValue<tonic::metadata::Ascii>>)>,
 }
 
 impl std::fmt::Debug for NodeClient {
@@ -133,6 +136,7 @@ impl NodeClient {
             address: node.address.to_string(),
             token: node.token.clone(),
             channel,
+            bearer: std::sync::Mutex::new((0, None)),
         })
     }
 
@@ -159,7 +163,7 @@ impl NodeClient {
     pub fn request<T>(&self, message: T, ctx: &CallContext) -> tonic::Request<T> {
         let mut request = tonic::Request::new(message);
         let md = request.metadata_mut();
-        if let Ok(v) = MetadataValue::try_from(auth::bearer(self.token.expose())) {
+        if let Some(v) = self.authorization() {
             md.insert("authorization", v);
         }
         if let Some(id) = &ctx.correlation_id
@@ -171,6 +175,21 @@ impl NodeClient {
             request.set_timeout(deadline.saturating_duration_since(Instant::now()));
         }
         request
+    }
+
+    fn authorization(&self) -> Option<MetadataValue<tonic::metadata::Ascii>> {
+        let now = std::time::SystemTime::now();
+        let second = now
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let mut cached = self.bearer.lock().unwrap_or_else(|e| e.into_inner());
+        if cached.0 != second || cached.1.is_none() {
+            let token = auth::v2_token(self.token.expose(), now);
+            cached.1 = MetadataValue::try_from(format!("Bearer {token}")).ok();
+            cached.0 = second;
+        }
+        cached.1.clone()
     }
 
     /// Awaits one call, bounded by the job's deadline, and classifies failure.
@@ -196,9 +215,16 @@ impl NodeClient {
             },
             None => call.await,
         };
-        result
-            .map(tonic::Response::into_inner)
-            .map_err(|status| CallError::from_status(method, &self.storage, &status))
+        result.map(tonic::Response::into_inner).map_err(|status| {
+            // tonic enforces the same deadline (grpc-timeout) and may report
+            // it first, as a bare CANCELLED: name it as the job timeout.
+            match ctx.deadline {
+                Some(deadline) if Instant::now() >= deadline => {
+                    CallError::timed_out(method, &self.storage, ctx.timeout.unwrap_or_default())
+                }
+                _ => CallError::from_status(method, &self.storage, &status),
+            }
+        })
     }
 
     /// `grpc.health.v1.Health/Check` for the whole server: Ok when SERVING.

@@ -255,8 +255,8 @@ impl RecordingGitaly {
         lock(&self.inner.state).calls.clear();
     }
 
-    /// Stops (or resumes) keeping each call; calls are still counted. For
-    /// benchmarks that make millions of calls.
+    /// Stops (or resumes) keeping each call and tracking overlaps; calls are
+    /// still counted. For benchmarks that make millions of calls.
     pub fn set_recording(&self, on: bool) {
         self.inner.recording.store(on, Ordering::SeqCst);
     }
@@ -297,22 +297,34 @@ impl RecordingGitaly {
         Req: Clone,
     {
         let md = request.metadata();
-        let authorization = header(md, "authorization");
-        let gitaly_servers = header(md, GITALY_SERVERS);
-        let correlation_id = header(md, CORRELATION_ID);
         let auth_result = match &self.inner.token {
-            Some(token) => auth::verify(authorization.as_deref(), token, SystemTime::now()),
+            Some(token) => auth::verify(
+                md.get("authorization").and_then(|v| v.to_str().ok()),
+                token,
+                SystemTime::now(),
+            ),
             None => Err(auth::AuthError::Missing),
         };
+        // Without recording (benchmarks), only count: no copies, no overlap map.
+        let recording = self.inner.recording.load(Ordering::Relaxed);
+        let (authorization, gitaly_servers, correlation_id) = if recording {
+            (
+                header(md, "authorization"),
+                header(md, GITALY_SERVERS),
+                header(md, CORRELATION_ID),
+            )
+        } else {
+            (None, None, None)
+        };
         let msg = request.into_inner();
-        let (storage, relative_path) = repository(&msg)
-            .map(|r| (r.storage_name.clone(), r.relative_path.clone()))
-            .unwrap_or_default();
-        let key = (storage.clone(), relative_path.clone());
+        let (storage, relative_path) = match repository(&msg) {
+            Some(r) if recording => (r.storage_name.clone(), r.relative_path.clone()),
+            _ => Default::default(),
+        };
+        let key = recording.then(|| (storage.clone(), relative_path.clone()));
         let (behaviour, response) = {
             let mut st = lock(&self.inner.state);
             self.inner.call_count.fetch_add(1, Ordering::SeqCst);
-            let recording = self.inner.recording.load(Ordering::Relaxed);
             let call = recording.then(|| RecordedCall {
                 method,
                 storage,
@@ -326,9 +338,11 @@ impl RecordingGitaly {
                 received_wall: SystemTime::now(),
             });
             st.calls.extend(call);
-            let n = st.in_flight.entry(key.clone()).or_insert(0);
-            *n += 1;
-            self.inner.max_overlap.fetch_max(*n, Ordering::SeqCst);
+            if let Some(key) = &key {
+                let n = st.in_flight.entry(key.clone()).or_insert(0);
+                *n += 1;
+                self.inner.max_overlap.fetch_max(*n, Ordering::SeqCst);
+            }
             let behaviour = match st.behaviours.get_mut(method) {
                 Some(b) => Some(b),
                 None => st.behaviours.get_mut("*"),
@@ -351,10 +365,10 @@ impl RecordingGitaly {
             let response = respond(&st, &msg);
             (behaviour, response)
         };
-        let _in_flight = InFlight {
+        let _in_flight = key.map(|key| InFlight {
             inner: self.inner.clone(),
             key,
-        };
+        });
         self.inner.call_arrived.notify_waiters();
         if self.inner.token.is_some()
             && let Err(e) = auth_result

@@ -12,13 +12,14 @@ use crate::gitaly::NodeSet;
 use crate::gitaly::health::watch_health;
 use crate::metrics::TargetMetrics;
 use crate::queue::ack::{AckAction, attempts_for, decide};
+use crate::queue::completions::{CompletionLog, JobKey};
 use crate::queue::dead_letter::{DeadJob, DeadReason, publish_dead};
 use crate::queue::exclusion::RepositoryLocks;
 use crate::queue::layout::{ConsumerSpec, Layout};
 use crate::queue::puller::{PullError, Pulled, Puller};
 use crate::replicator::{JobOutcome, Replicator, SkipReason};
 use crate::retry_delay::RetryPolicy;
-use crate::store::{CompletionKey, RepositoryStore, repository_lock_key};
+use crate::store::{RepositoryStore, repository_lock_key};
 use crate::subject::parse_job_subject;
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, AckKind};
@@ -100,7 +101,7 @@ struct Shared<R> {
     js: jetstream::Context,
     layout: Layout,
     replicator: R,
-    store: RepositoryStore,
+    completions: CompletionLog,
     locks: Arc<RepositoryLocks>,
     permits: Arc<Semaphore>,
     settings: ConsumerSettings,
@@ -137,7 +138,7 @@ pub async fn run<R: Replicator>(
         js,
         layout: layout.clone(),
         replicator,
-        store,
+        completions: CompletionLog::start(store),
         locks,
         permits: Arc::new(Semaphore::new(settings.max_concurrent_jobs.max(1))),
         settings,
@@ -322,7 +323,7 @@ fn dispatch_batch<R: Replicator>(
                 let shared = shared.clone();
                 let target = target.clone();
                 shared.tracker.clone().spawn(async move {
-                    target.metrics.outcome("unknown", "invalid");
+                    target.metrics.outcome(None, "invalid");
                     tracing::warn!(consumer = %target.spec.durable_name, stream_sequence = sequence, error = %reason, "invalid replication job");
                     dead_letter(&shared, &target, &message, sequence, DeadReason::Invalid, &reason, delivered).await;
                 });
@@ -386,7 +387,9 @@ fn decode(layout: &Layout, m: &jetstream::Message) -> Result<Job, String> {
 
 /// How far a job got before it was stopped.
 enum Ran {
-    Finished(JobOutcome, Option<Duration>),
+    /// The outcome; the latency when it completed; whether it was dispatched
+    /// (a superseded job never is).
+    Finished(JobOutcome, Option<Duration>, bool),
     /// Shutdown came before it started: release it now.
     Released,
     /// The grace period ended mid-dispatch: leave it for redelivery.
@@ -416,8 +419,8 @@ async fn process<R: Replicator>(
             }
         }
     };
-    let (outcome, latency) = match ran {
-        Ran::Finished(o, l) => (o, l),
+    let (outcome, latency, dispatched) = match ran {
+        Ran::Finished(o, l, d) => (o, l, d),
         Ran::Released => {
             release(&shared, &d, &followers).await;
             return;
@@ -425,9 +428,11 @@ async fn process<R: Replicator>(
         Ran::Abandoned => return,
     };
     let label = outcome.label();
-    target
-        .metrics
-        .job_finished(change_type.as_str(), label, latency);
+    if dispatched {
+        target.metrics.job_finished(change_type, label, latency);
+    } else {
+        target.metrics.outcome(Some(change_type), label);
+    }
     match &outcome {
         JobOutcome::Completed => {
             tracing::info!(new_state = "completed", latency = ?latency, "replication job processing finished")
@@ -499,7 +504,7 @@ async fn process<R: Replicator>(
     }
     for f in &followers {
         if matches!(follower_ack, AckKind::Ack) {
-            target.metrics.outcome(change_type.as_str(), "skipped");
+            target.metrics.outcome(Some(change_type), "skipped");
             tracing::debug!(skipped = %SkipReason::Collapsed, "collapsed update acknowledged");
         }
         let _ = f.ack_with(follower_ack).await;
@@ -526,29 +531,19 @@ async fn run_job<R: Replicator>(shared: &Shared<R>, target: &Target, d: &Deliver
         }
     };
     let change = job.change_type();
-    let completion = CompletionKey {
-        virtual_storage: &job.virtual_storage,
-        relative_path: &job.relative_path,
-        target_storage: &job.target_node_storage,
-        change_type: change.as_str(),
-        source_storage: job.source_node_storage.as_deref().unwrap_or(""),
-    };
-    let superseded = match shared.store.superseded(&completion, d.created_at).await {
-        Ok(s) => s,
-        Err(e) => {
-            // Dedup only saves work; without it the job just runs.
-            tracing::warn!(error = %e, "completion dedup check failed; running the job");
-            false
-        }
-    };
+    let completion = JobKey::of(job);
+    let superseded = shared
+        .completions
+        .superseded(completion.clone(), d.created_at)
+        .await;
     let ran = if superseded {
-        Ran::Finished(JobOutcome::Skipped(SkipReason::Superseded), None)
+        Ran::Finished(JobOutcome::Skipped(SkipReason::Superseded), None, false)
     } else {
         let started_wall = OffsetDateTime::now_utc();
         let delay = (started_wall - d.created_at)
             .try_into()
             .unwrap_or(Duration::ZERO);
-        target.metrics.job_started(change.as_str(), delay);
+        target.metrics.job_started(change, delay);
         tracing::info!("replication job processing started");
         let started = Instant::now();
         let outcome = tokio::select! {
@@ -557,9 +552,7 @@ async fn run_job<R: Replicator>(shared: &Shared<R>, target: &Target, d: &Deliver
         };
         match outcome {
             None => {
-                target
-                    .metrics
-                    .job_finished(change.as_str(), "abandoned", None);
+                target.metrics.job_finished(change, "abandoned", None);
                 drop(permit);
                 // The lock connection's session keeps the lock until the
                 // process exits, so no other process starts this repository
@@ -569,15 +562,10 @@ async fn run_job<R: Replicator>(shared: &Shared<R>, target: &Target, d: &Deliver
             }
             Some(outcome) => {
                 let latency = matches!(outcome, JobOutcome::Completed).then(|| started.elapsed());
-                if matches!(outcome, JobOutcome::Completed)
-                    && let Err(e) = shared
-                        .store
-                        .record_completion(&completion, started_wall)
-                        .await
-                {
-                    tracing::warn!(error = %e, "recording the completion for dedup failed");
+                if matches!(outcome, JobOutcome::Completed) {
+                    shared.completions.record(completion, started_wall);
                 }
-                Ran::Finished(outcome, latency)
+                Ran::Finished(outcome, latency, true)
             }
         }
     };

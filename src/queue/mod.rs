@@ -3,6 +3,7 @@
 
 pub mod ack;
 pub mod advisories;
+pub mod completions;
 pub mod connect;
 pub mod consumer;
 pub mod dead_letter;
