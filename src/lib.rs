@@ -4,7 +4,9 @@
 
 pub mod coalescer;
 pub mod config;
+pub mod deploy;
 pub mod event;
+pub mod generation_batcher;
 pub mod gitaly;
 pub mod metrics;
 pub mod ops_server;

@@ -3,6 +3,7 @@
 //! queue: the consumer maps outcomes to acknowledgements.
 
 use crate::event::{Change, Job};
+use crate::generation_batcher::GenerationBatcher;
 use crate::gitaly::metadata::{GITALY_SERVERS, encode_gitaly_servers};
 use crate::gitaly::{CallContext, CallError, CallErrorKind, NodeClient, NodeSet};
 use crate::proto::gitaly as pb;
@@ -104,6 +105,7 @@ pub trait Replicator: Send + Sync + 'static {
 pub struct GitalyReplicator {
     nodes: NodeSet,
     store: RepositoryStore,
+    generations: GenerationBatcher,
     job_timeout: Option<Duration>,
 }
 
@@ -147,9 +149,11 @@ fn repo(storage: &str, relative_path: &str) -> Option<pb::Repository> {
 }
 
 impl GitalyReplicator {
+    /// Needs a Tokio runtime: it starts the generation batching tasks.
     pub fn new(nodes: NodeSet, store: RepositoryStore, job_timeout: Option<Duration>) -> Self {
         GitalyReplicator {
             nodes,
+            generations: GenerationBatcher::start(store.clone()),
             store,
             job_timeout,
         }
@@ -340,7 +344,7 @@ impl GitalyReplicator {
         let (vs, rel, target_storage) = job.repository_key();
 
         let generation = match self
-            .store
+            .generations
             .replicated_generation(vs, rel, source_storage, target_storage)
             .await
             .map_err(store_failed)?
@@ -428,7 +432,7 @@ impl GitalyReplicator {
                 .map_err(call_failed)?;
         }
 
-        self.store
+        self.generations
             .set_generation(vs, rel, target_storage, generation)
             .await
             .map_err(store_failed)?;

@@ -65,6 +65,13 @@ pub enum StoreError {
         #[source]
         source: sqlx::Error,
     },
+    /// A batched statement failed; each job of the batch gets a copy.
+    #[error("repository store: {operation}: {message}")]
+    Batch {
+        operation: &'static str,
+        message: String,
+        retryable: bool,
+    },
     #[error("repository store: migrate: {source}")]
     Migrate {
         #[source]
@@ -76,9 +83,28 @@ impl StoreError {
     /// The store function that failed.
     pub fn operation(&self) -> &'static str {
         match self {
-            Self::Query { operation, .. } => operation,
+            Self::Query { operation, .. } | Self::Batch { operation, .. } => operation,
             Self::Migrate { .. } => "migrate",
         }
+    }
+
+    /// A copy for each job of a failed batch (the sqlx error itself is not
+    /// `Clone`).
+    pub fn for_batch(&self) -> StoreError {
+        StoreError::Batch {
+            operation: self.operation(),
+            message: match self {
+                Self::Query { source, .. } => source.to_string(),
+                other => other.to_string(),
+            },
+            retryable: self.is_retryable(),
+        }
+    }
+
+    /// Whether Postgres broke a deadlock by aborting this statement.
+    pub fn is_deadlock(&self) -> bool {
+        matches!(self, Self::Query { source: sqlx::Error::Database(e), .. }
+            if e.code().as_deref() == Some("40P01"))
     }
 
     /// True when trying again later may succeed: the connection, the pool, a
@@ -87,6 +113,7 @@ impl StoreError {
     pub fn is_retryable(&self) -> bool {
         match self {
             Self::Query { source, .. } => is_transient(source),
+            Self::Batch { retryable, .. } => *retryable,
             Self::Migrate { source } => match source {
                 MigrateError::Execute(e) | MigrateError::ExecuteMigration(e, _) => is_transient(e),
                 _ => false,
@@ -144,6 +171,24 @@ impl ReplicatedGeneration {
             Some(_) => Self::Replicate { generation: source },
         }
     }
+}
+
+/// One job's question to [`RepositoryStore::replicated_generations`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GenerationQuery<'a> {
+    pub virtual_storage: &'a str,
+    pub relative_path: &'a str,
+    pub source: &'a str,
+    pub target: &'a str,
+}
+
+/// One replica's row for [`RepositoryStore::set_generations`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GenerationRecord<'a> {
+    pub virtual_storage: &'a str,
+    pub relative_path: &'a str,
+    pub storage: &'a str,
+    pub generation: i64,
 }
 
 /// Completion keys as column arrays, for `unnest`.
@@ -205,9 +250,37 @@ impl RepositoryStore {
             .map_err(|source| StoreError::Migrate { source })
     }
 
-    /// Praefect's rule: reads the source's and the target's replica
-    /// generations (-1 = no row) in one statement and decides between
-    /// replicate, up to date and downgrade.
+    /// Praefect's rule, for many jobs in one statement: reads each source's
+    /// and target's replica generations (-1 = no row) and decides between
+    /// replicate, up to date and downgrade. Answers in input order.
+    pub async fn replicated_generations(
+        &self,
+        jobs: &[GenerationQuery<'_>],
+    ) -> Result<Vec<ReplicatedGeneration>, StoreError> {
+        let rows: Vec<(i64, Option<i64>)> = sqlx::query_as(
+            "SELECT COALESCE(s.generation, -1), t.generation
+            FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])
+                WITH ORDINALITY AS q(vs, rel, src, tgt, i)
+            LEFT JOIN storage_repositories s
+                ON s.virtual_storage = q.vs AND s.relative_path = q.rel AND s.storage = q.src
+            LEFT JOIN storage_repositories t
+                ON t.virtual_storage = q.vs AND t.relative_path = q.rel AND t.storage = q.tgt
+            ORDER BY q.i",
+        )
+        .bind(jobs.iter().map(|j| j.virtual_storage).collect::<Vec<_>>())
+        .bind(jobs.iter().map(|j| j.relative_path).collect::<Vec<_>>())
+        .bind(jobs.iter().map(|j| j.source).collect::<Vec<_>>())
+        .bind(jobs.iter().map(|j| j.target).collect::<Vec<_>>())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(failed("replicated_generation"))?;
+        Ok(rows
+            .into_iter()
+            .map(|(source, target)| ReplicatedGeneration::decide(source, target))
+            .collect())
+    }
+
+    /// One job's answer of [`Self::replicated_generations`].
     pub async fn replicated_generation(
         &self,
         virtual_storage: &str,
@@ -215,31 +288,81 @@ impl RepositoryStore {
         source: &str,
         target: &str,
     ) -> Result<ReplicatedGeneration, StoreError> {
-        let (source_generation, target_generation): (i64, Option<i64>) = sqlx::query_as(
-            "SELECT
-                COALESCE((SELECT generation FROM storage_repositories
-                          WHERE virtual_storage = $1 AND relative_path = $2 AND storage = $3), -1),
-                (SELECT generation FROM storage_repositories
-                 WHERE virtual_storage = $1 AND relative_path = $2 AND storage = $4)",
-        )
-        .bind(virtual_storage)
-        .bind(relative_path)
-        .bind(source)
-        .bind(target)
-        .fetch_one(&self.pool)
-        .await
-        .map_err(failed("replicated_generation"))?;
-        Ok(ReplicatedGeneration::decide(
-            source_generation,
-            target_generation,
-        ))
+        let query = GenerationQuery {
+            virtual_storage,
+            relative_path,
+            source,
+            target,
+        };
+        self.replicated_generations(&[query])
+            .await?
+            .pop()
+            .ok_or_else(|| StoreError::Batch {
+                operation: "replicated_generation",
+                message: "no row returned".into(),
+                retryable: true,
+            })
     }
 
-    /// Records that `storage` holds `generation`, in one statement: upserts the
-    /// replica row, never lowering it, and raises the repository's generation
-    /// when lower (or NULL). Returns true when the replica row now holds
-    /// `generation` (inserted, raised or rewritten); false when skipped: -1,
-    /// no repository row, or the replica already newer.
+    /// Records replica generations, many in one statement: upserts each
+    /// replica row, never lowering it, and raises each repository's
+    /// generation when lower (or NULL). Answers, in input order, true when
+    /// the replica row now holds that generation (inserted, raised or
+    /// rewritten); false when skipped: -1, no repository row, or the replica
+    /// already newer. A replica named twice keeps the higher generation.
+    pub async fn set_generations(
+        &self,
+        replicas: &[GenerationRecord<'_>],
+    ) -> Result<Vec<bool>, StoreError> {
+        let written: Vec<(String, String, String, i64)> = sqlx::query_as(
+            "WITH input AS (
+                SELECT DISTINCT ON (vs, rel, storage) vs, rel, storage, gen
+                FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[])
+                    AS t(vs, rel, storage, gen)
+                WHERE gen <> -1
+                ORDER BY vs, rel, storage, gen DESC
+            ), raised AS (
+                UPDATE repositories r SET generation = m.gen
+                FROM (SELECT vs, rel, max(gen) AS gen FROM input GROUP BY vs, rel) m
+                WHERE r.virtual_storage = m.vs AND r.relative_path = m.rel
+                  AND (r.generation IS NULL OR r.generation < m.gen)
+            )
+            INSERT INTO storage_repositories
+                (repository_id, virtual_storage, relative_path, storage, generation)
+            SELECT r.repository_id, r.virtual_storage, r.relative_path, input.storage, input.gen
+            FROM input
+            JOIN repositories r ON r.virtual_storage = input.vs AND r.relative_path = input.rel
+            ON CONFLICT (virtual_storage, relative_path, storage) DO UPDATE
+                SET repository_id = EXCLUDED.repository_id, generation = EXCLUDED.generation
+                WHERE storage_repositories.generation <= EXCLUDED.generation
+            RETURNING virtual_storage, relative_path, storage, generation",
+        )
+        .bind(
+            replicas
+                .iter()
+                .map(|r| r.virtual_storage)
+                .collect::<Vec<_>>(),
+        )
+        .bind(replicas.iter().map(|r| r.relative_path).collect::<Vec<_>>())
+        .bind(replicas.iter().map(|r| r.storage).collect::<Vec<_>>())
+        .bind(replicas.iter().map(|r| r.generation).collect::<Vec<_>>())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(failed("set_generation"))?;
+        Ok(replicas
+            .iter()
+            .map(|r| {
+                written.iter().any(|(vs, rel, storage, generation)| {
+                    vs == r.virtual_storage
+                        && rel == r.relative_path
+                        && storage == r.storage
+                        && *generation == r.generation
+                })
+            })
+            .collect())
+    }
+
+    /// One replica's [`Self::set_generations`].
     pub async fn set_generation(
         &self,
         virtual_storage: &str,
@@ -247,33 +370,13 @@ impl RepositoryStore {
         storage: &str,
         generation: i64,
     ) -> Result<bool, StoreError> {
-        if generation == -1 {
-            return Ok(false);
-        }
-        let result = sqlx::query(
-            "WITH repository AS (
-                UPDATE repositories SET generation = $4
-                WHERE virtual_storage = $1 AND relative_path = $2
-                  AND (generation IS NULL OR generation < $4)
-            )
-            INSERT INTO storage_repositories
-                (repository_id, virtual_storage, relative_path, storage, generation)
-            SELECT repository_id, virtual_storage, relative_path, $3, $4
-            FROM repositories
-            WHERE virtual_storage = $1 AND relative_path = $2
-            ON CONFLICT (virtual_storage, relative_path, storage) DO UPDATE
-                SET repository_id = EXCLUDED.repository_id, generation = EXCLUDED.generation
-                WHERE storage_repositories.generation <= EXCLUDED.generation",
-        )
-        .bind(virtual_storage)
-        .bind(relative_path)
-        .bind(storage)
-        .bind(generation)
-        .execute(&self.pool)
-        .await
-        .map_err(failed("set_generation"))?;
-        // The command tag counts only the outer INSERT, not the CTE's UPDATE.
-        Ok(result.rows_affected() > 0)
+        let record = GenerationRecord {
+            virtual_storage,
+            relative_path,
+            storage,
+            generation,
+        };
+        Ok(self.set_generations(&[record]).await?.first() == Some(&true))
     }
 
     /// Deletes the repository row and the replica rows of `storages` in one

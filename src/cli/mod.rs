@@ -1,6 +1,7 @@
 //! Commands of the `gitaly-replicator` binary.
 
 mod dead;
+mod deploy_manifests;
 mod publish;
 mod status;
 
@@ -48,6 +49,10 @@ enum Command {
         /// The file to check (default: --config).
         file: Option<PathBuf>,
     },
+    /// Write the KEDA ScaledObject (one trigger per consumer), or with --nats
+    /// the streams and consumers as nats CLI JSON, from the configuration;
+    /// needs no secrets and contacts nothing.
+    DeployManifests(deploy_manifests::DeployManifestsArgs),
 }
 
 /// Exit code for a bad configuration or bad usage (EX_USAGE).
@@ -118,6 +123,9 @@ fn report(result: anyhow::Result<()>) -> ExitCode {
 }
 
 pub async fn dispatch(args: Args) -> ExitCode {
+    if let Command::DeployManifests(d) = &args.command {
+        return deploy_manifests::run(&args.config, d);
+    }
     if let Command::CheckConfig { file } = &args.command {
         let path = file.as_deref().unwrap_or(&args.config);
         return match load_config(path) {
@@ -151,6 +159,7 @@ pub async fn dispatch(args: Args) -> ExitCode {
         Command::Status => report(status::run(&config).await),
         Command::Dead(d) => report(dead::run(&config, d).await),
         Command::CheckConfig { .. } => ExitCode::SUCCESS,
+        Command::DeployManifests(_) => ExitCode::SUCCESS,
     }
 }
 
