@@ -1,12 +1,11 @@
 //! The repository store: Praefect's `repositories` and `storage_repositories`
 //! tables in Postgres, our completion record, and the per-repository advisory
-//! lock. Every SQL statement of the crate lives here, one function per
+//! locks (held by `queue::exclusion`). Every SQL statement of the crate lives here, one function per
 //! statement or transaction. Writes are idempotent, because JetStream delivers
 //! a job at least once.
 
+use sqlx::PgPool;
 use sqlx::migrate::{MigrateError, Migrator};
-use sqlx::pool::PoolConnection;
-use sqlx::{PgPool, Postgres};
 use time::OffsetDateTime;
 
 static MIGRATOR: Migrator = sqlx::migrate!();
@@ -42,17 +41,6 @@ pub struct CompletionKey<'a> {
     pub change_type: &'a str,
     /// `""` when the job has no source.
     pub source_storage: &'a str,
-}
-
-/// A held per-repository advisory lock and the session that holds it.
-///
-/// Advisory locks belong to a Postgres session, so the connection must not
-/// go back to the pool while the lock is held: dropped without
-/// [`release`](Self::release), the connection is closed instead, which makes
-/// Postgres free the lock.
-pub struct RepositoryLock {
-    conn: Option<PoolConnection<Postgres>>,
-    key: i64,
 }
 
 /// A repository store operation failed.
@@ -652,125 +640,30 @@ impl RepositoryStore {
             .copied()
             .unwrap_or(false))
     }
-
-    /// Takes the replica's advisory lock without waiting, on a connection of
-    /// its own that stays checked out while the lock is held, so at most one
-    /// job per (virtual storage, relative path, target) runs across all
-    /// processes sharing the database. None when someone else holds it.
-    ///
-    /// Each held lock keeps a pool connection: the pool must be larger than
-    /// the number of jobs allowed in flight.
-    pub async fn try_lock_repository(
-        &self,
-        virtual_storage: &str,
-        relative_path: &str,
-        target: &str,
-    ) -> Result<Option<RepositoryLock>, StoreError> {
-        const OPERATION: &str = "try_lock_repository";
-        let conn = self.pool.acquire().await.map_err(failed(OPERATION))?;
-        // Guard the connection before asking: if this future is cancelled
-        // after Postgres granted the lock, the drop closes the session.
-        let mut lock = RepositoryLock {
-            conn: Some(conn),
-            key: repository_lock_key(virtual_storage, relative_path, target),
-        };
-        let locked = lock
-            .ask("SELECT pg_try_advisory_lock($1)", OPERATION)
-            .await?;
-        if locked {
-            Ok(Some(lock))
-        } else {
-            // Holds no lock: back to the pool.
-            drop(lock.conn.take());
-            Ok(None)
-        }
-    }
 }
 
-impl RepositoryLock {
-    /// Runs `sql`, a Postgres advisory lock function of the key, on the
-    /// lock's session.
-    async fn ask(
-        &mut self,
-        sql: &'static str,
-        operation: &'static str,
-    ) -> Result<bool, StoreError> {
-        match self.conn.as_mut() {
-            Some(conn) => sqlx::query_scalar(sql)
-                .bind(self.key)
-                .fetch_one(&mut **conn)
-                .await
-                .map_err(failed(operation)),
-            // No session, no lock.
-            None => Ok(false),
-        }
-    }
-
-    /// The advisory lock key (see [`repository_lock_key`]).
-    pub fn key(&self) -> i64 {
-        self.key
-    }
-
-    /// Releases the lock and returns the connection to the pool. The lock is
-    /// freed even when this fails or is cancelled: the connection is then
-    /// closed instead, which ends the session that held it.
-    pub async fn release(mut self) -> Result<(), StoreError> {
-        self.ask("SELECT pg_advisory_unlock($1)", "release_repository_lock")
-            .await?;
-        // Unlocked: the session is clean again and may be reused.
-        drop(self.conn.take());
-        Ok(())
-    }
-}
-
-impl Drop for RepositoryLock {
-    fn drop(&mut self) {
-        if let Some(conn) = self.conn.take() {
-            // Detached, the connection is closed right here instead of being
-            // pooled, and Postgres ends the session and its locks.
-            drop(conn.detach());
-        }
-    }
-}
-
-impl std::fmt::Debug for RepositoryLock {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RepositoryLock")
-            .field("key", &self.key)
-            .field("held", &self.conn.is_some())
-            .finish()
-    }
-}
-
-/// Takes, without waiting, the session advisory locks of `keys` on `conn`, in
-/// one statement; one answer per key, in order. Locks are reentrant per
-/// session, so the caller must not ask twice for a key it holds unless it
-/// also unlocks twice.
-pub async fn try_advisory_locks(
+/// Releases the session advisory locks of `unlock` and takes, without
+/// waiting, those of `lock`, on `conn`, in one statement; answers whether each
+/// of `lock` was taken, in order. Locks are reentrant per session, so a key
+/// in both lists stays held whichever Postgres evaluates first, and the
+/// caller must not ask twice for a key it holds unless it also releases it
+/// twice. Releasing a key the session does not hold is ignored (Postgres
+/// logs a warning).
+pub async fn swap_advisory_locks(
     conn: &mut sqlx::PgConnection,
-    keys: &[i64],
+    unlock: &[i64],
+    lock: &[i64],
 ) -> Result<Vec<bool>, StoreError> {
-    sqlx::query_scalar(
-        "SELECT pg_try_advisory_lock(k) FROM unnest($1::bigint[]) WITH ORDINALITY AS t(k, i) ORDER BY i",
+    let (_, taken): (i64, Vec<bool>) = sqlx::query_as(
+        "SELECT
+            (SELECT count(*) FROM unnest($1::bigint[]) AS u(k) WHERE pg_advisory_unlock(u.k)),
+            ARRAY(SELECT pg_try_advisory_lock(l.k)
+                  FROM unnest($2::bigint[]) WITH ORDINALITY AS l(k, i) ORDER BY l.i)",
     )
-    .bind(keys)
-    .fetch_all(conn)
+    .bind(unlock)
+    .bind(lock)
+    .fetch_one(conn)
     .await
-    .map_err(failed("try_advisory_locks"))
-}
-
-/// Releases the session advisory locks of `keys` on `conn`, in one statement.
-/// A key the session does not hold is ignored (Postgres logs a warning).
-pub async fn advisory_unlocks(
-    conn: &mut sqlx::PgConnection,
-    keys: &[i64],
-) -> Result<(), StoreError> {
-    sqlx::query(
-        "SELECT count(*) FILTER (WHERE pg_advisory_unlock(k)) FROM unnest($1::bigint[]) AS t(k)",
-    )
-    .bind(keys)
-    .execute(conn)
-    .await
-    .map_err(failed("advisory_unlocks"))?;
-    Ok(())
+    .map_err(failed("swap_advisory_locks"))?;
+    Ok(taken)
 }

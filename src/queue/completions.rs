@@ -41,12 +41,13 @@ impl JobKey {
 }
 
 type Check = (JobKey, OffsetDateTime, oneshot::Sender<bool>);
+type Record = (JobKey, OffsetDateTime, oneshot::Sender<()>);
 
 /// Batched access to the completion records.
 #[derive(Clone)]
 pub struct CompletionLog {
     checks: Coalescer<Check>,
-    records: Coalescer<(JobKey, OffsetDateTime)>,
+    records: Coalescer<Record>,
 }
 
 const MAX_BATCH: usize = 512;
@@ -72,19 +73,18 @@ impl CompletionLog {
                 }
             }
         });
-        let records = Coalescer::start(
-            MAX_BATCH,
-            IN_FLIGHT,
-            move |batch: Vec<(JobKey, OffsetDateTime)>| {
-                let store = store.clone();
-                async move {
-                    let rows: Vec<_> = batch.iter().map(|(k, t)| (k.as_key(), *t)).collect();
-                    if let Err(e) = store.record_completions(&rows).await {
-                        tracing::warn!(error = %e, jobs = rows.len(), "recording completions for dedup failed");
-                    }
+        let records = Coalescer::start(MAX_BATCH, IN_FLIGHT, move |batch: Vec<Record>| {
+            let store = store.clone();
+            async move {
+                let rows: Vec<_> = batch.iter().map(|(k, t, _)| (k.as_key(), *t)).collect();
+                if let Err(e) = store.record_completions(&rows).await {
+                    tracing::warn!(error = %e, jobs = rows.len(), "recording completions for dedup failed");
                 }
-            },
-        );
+                for (_, _, done) in batch {
+                    let _ = done.send(());
+                }
+            }
+        });
         CompletionLog { checks, records }
     }
 
@@ -97,9 +97,13 @@ impl CompletionLog {
         rx.await.unwrap_or(false)
     }
 
-    /// Records a completion; does not wait for it (the record only saves
-    /// later work, it is not part of the job's effect).
-    pub fn record(&self, key: JobKey, started_at: OffsetDateTime) {
-        self.records.send((key, started_at));
+    /// Records a completion. The job awaits it before giving up its
+    /// repository lock, so the next job of the repository sees it; a failed
+    /// record is only logged (it saves later work, it is not the job's effect).
+    pub async fn record(&self, key: JobKey, started_at: OffsetDateTime) {
+        let (done, recorded) = oneshot::channel();
+        if self.records.send((key, started_at, done)) {
+            let _ = recorded.await;
+        }
     }
 }

@@ -520,7 +520,17 @@ async fn run_job<R: Replicator>(shared: &Shared<R>, target: &Target, d: &Deliver
         &job.relative_path,
         &job.target_node_storage,
     );
-    let Some(guard) = shared.locks.acquire(key, &shared.stop).await else {
+    let change = job.change_type();
+    let completion = JobKey::of(job);
+    // Ask about completion dedup while taking the lock; ask again only if the
+    // lock was busy, since a twin may have completed meanwhile.
+    let (guard, early) = tokio::join!(
+        shared.locks.acquire(key, &shared.stop),
+        shared
+            .completions
+            .superseded(completion.clone(), d.created_at)
+    );
+    let Some(guard) = guard else {
         return Ran::Released;
     };
     let permit = tokio::select! {
@@ -530,12 +540,14 @@ async fn run_job<R: Replicator>(shared: &Shared<R>, target: &Target, d: &Deliver
             return Ran::Released;
         }
     };
-    let change = job.change_type();
-    let completion = JobKey::of(job);
-    let superseded = shared
-        .completions
-        .superseded(completion.clone(), d.created_at)
-        .await;
+    let superseded = if guard.waited() {
+        shared
+            .completions
+            .superseded(completion.clone(), d.created_at)
+            .await
+    } else {
+        early
+    };
     let ran = if superseded {
         Ran::Finished(JobOutcome::Skipped(SkipReason::Superseded), None, false)
     } else {
@@ -563,7 +575,7 @@ async fn run_job<R: Replicator>(shared: &Shared<R>, target: &Target, d: &Deliver
             Some(outcome) => {
                 let latency = matches!(outcome, JobOutcome::Completed).then(|| started.elapsed());
                 if matches!(outcome, JobOutcome::Completed) {
-                    shared.completions.record(completion, started_wall);
+                    shared.completions.record(completion, started_wall).await;
                 }
                 Ran::Finished(outcome, latency, true)
             }

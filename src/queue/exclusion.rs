@@ -36,8 +36,24 @@ pub struct RepositoryLocks {
 /// Held while a job runs; release with [`RepositoryLocks::release`].
 pub struct RepositoryGuard {
     key: i64,
+    waited: bool,
     _local: OwnedMutexGuard<()>,
 }
+
+impl RepositoryGuard {
+    /// Whether the lock was not free at once (another job of the repository
+    /// ran first), so what was checked before may have changed.
+    pub fn waited(&self) -> bool {
+        self.waited
+    }
+}
+
+/// `application_name` of the connection that holds the locks.
+pub const LOCK_CONNECTION_NAME: &str = "gitaly-replicator repository locks";
+
+/// While locks are held, the connection is checked this often, so a lost
+/// session is noticed and its locks taken back promptly.
+const KEEPALIVE: Duration = Duration::from_secs(1);
 
 const RETRY_MIN: Duration = Duration::from_millis(20);
 const RETRY_MAX: Duration = Duration::from_secs(1);
@@ -47,6 +63,8 @@ impl RepositoryLocks {
     /// and no guards remain.
     pub fn start(options: PgConnectOptions, shutdown: CancellationToken) -> Arc<RepositoryLocks> {
         let (tx, rx) = mpsc::unbounded_channel();
+        // Named, so operators can tell it apart in pg_stat_activity.
+        let options = options.application_name(LOCK_CONNECTION_NAME);
         tokio::spawn(lock_holder(options, rx, shutdown));
         Arc::new(RepositoryLocks {
             local: Mutex::new(HashMap::new()),
@@ -64,9 +82,16 @@ impl RepositoryLocks {
     /// holder only means waiting longer.
     pub async fn acquire(&self, key: i64, cancel: &CancellationToken) -> Option<RepositoryGuard> {
         let local = self.local_mutex(key);
-        let local = tokio::select! {
-            g = local.lock_owned() => g,
-            _ = cancel.cancelled() => return None,
+        let mut waited = false;
+        let local = match local.clone().try_lock_owned() {
+            Ok(g) => g,
+            Err(_) => {
+                waited = true;
+                tokio::select! {
+                    g = local.lock_owned() => g,
+                    _ = cancel.cancelled() => return None,
+                }
+            }
         };
         let mut wait = RETRY_MIN;
         loop {
@@ -83,8 +108,13 @@ impl RepositoryLocks {
                 }
             };
             if locked {
-                return Some(RepositoryGuard { key, _local: local });
+                return Some(RepositoryGuard {
+                    key,
+                    waited,
+                    _local: local,
+                });
             }
+            waited = true;
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
                 _ = cancel.cancelled() => return None,
@@ -118,10 +148,24 @@ async fn lock_holder(
     let mut held: HashMap<i64, u32> = HashMap::new();
     let mut conn: Option<PgConnection> = None;
     let mut reconnect_wait = RETRY_MIN;
+    let mut keepalive = tokio::time::interval(KEEPALIVE);
+    keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let first = tokio::select! {
             r = rx.recv() => match r { Some(r) => r, None => break },
             _ = shutdown.cancelled(), if held.is_empty() => break,
+            _ = keepalive.tick(), if !held.is_empty() => {
+                let alive = match conn.as_mut() {
+                    Some(c) => store::swap_advisory_locks(c, &[], &[]).await.is_ok(),
+                    None => false,
+                };
+                if !alive {
+                    tracing::warn!("repository lock connection lost; reconnecting to take the locks back");
+                    conn = None;
+                    reconnect(&options, &mut conn, &held).await;
+                }
+                continue;
+            }
         };
         let mut batch = vec![first];
         while batch.len() < 4096 {
@@ -130,40 +174,13 @@ async fn lock_holder(
                 Err(_) => break,
             }
         }
-        if conn.is_none() {
-            match PgConnection::connect_with(&options).await {
-                Ok(mut c) => {
-                    // Take back what a lost connection dropped.
-                    let keys: Vec<i64> = held.keys().copied().collect();
-                    if !keys.is_empty() {
-                        match store::try_advisory_locks(&mut c, &keys).await {
-                            Ok(got) => {
-                                for (k, ok) in keys.iter().zip(got) {
-                                    if !ok {
-                                        tracing::error!(
-                                            lock_key = k,
-                                            "repository lock was taken by another process while the lock connection was down"
-                                        );
-                                    }
-                                }
-                            }
-                            Err(e) => {
-                                tracing::error!(error = %e, "re-taking repository locks failed")
-                            }
-                        }
-                    }
-                    conn = Some(c);
-                    reconnect_wait = RETRY_MIN;
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot connect for repository locks; retrying");
-                    deny(batch, &mut held);
-                    tokio::time::sleep(reconnect_wait).await;
-                    reconnect_wait = (reconnect_wait * 2).min(RETRY_MAX);
-                    continue;
-                }
-            }
+        if conn.is_none() && !reconnect(&options, &mut conn, &held).await {
+            deny(batch, &mut held);
+            tokio::time::sleep(reconnect_wait).await;
+            reconnect_wait = (reconnect_wait * 2).min(RETRY_MAX);
+            continue;
         }
+        reconnect_wait = RETRY_MIN;
         let Some(c) = conn.as_mut() else { continue };
         if let Err(e) = serve_batch(c, batch, &mut held).await {
             tracing::warn!(error = %e, "repository lock connection failed; reconnecting");
@@ -173,6 +190,43 @@ async fn lock_holder(
     if let Some(c) = conn {
         let _ = c.close().await;
     }
+}
+
+/// Opens the lock connection and takes back the locks a lost session held.
+/// False when Postgres cannot be reached.
+async fn reconnect(
+    options: &PgConnectOptions,
+    conn: &mut Option<PgConnection>,
+    held: &HashMap<i64, u32>,
+) -> bool {
+    let mut c = match PgConnection::connect_with(options).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot connect for repository locks; retrying");
+            return false;
+        }
+    };
+    let keys: Vec<i64> = held.keys().copied().collect();
+    if !keys.is_empty() {
+        match store::swap_advisory_locks(&mut c, &[], &keys).await {
+            Ok(got) => {
+                for (k, ok) in keys.iter().zip(got) {
+                    if !ok {
+                        tracing::error!(
+                            lock_key = k,
+                            "a repository lock was taken by another process while the lock connection was down"
+                        );
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "re-taking repository locks failed");
+                return false;
+            }
+        }
+    }
+    *conn = Some(c);
+    true
 }
 
 /// Answers a batch when no connection is available: unlocks are recorded,
@@ -210,36 +264,34 @@ async fn serve_batch(
             Request::TryLock { key, reply } => locks.push((key, reply)),
         }
     }
-    if !unlocks.is_empty() {
-        for k in &unlocks {
-            forget(held, *k);
-        }
-        store::advisory_unlocks(conn, &unlocks).await?;
+    for k in &unlocks {
+        forget(held, *k);
     }
-    if !locks.is_empty() {
-        let keys: Vec<i64> = locks.iter().map(|(k, _)| *k).collect();
-        match store::try_advisory_locks(conn, &keys).await {
-            Ok(got) => {
-                for ((key, reply), ok) in locks.into_iter().zip(got) {
-                    if ok {
-                        *held.entry(key).or_insert(0) += 1;
-                        // The job went away while asking: give the lock back.
-                        if reply.send(true).is_err() {
-                            forget(held, key);
-                            store::advisory_unlocks(conn, &[key]).await?;
-                        }
-                    } else {
-                        let _ = reply.send(false);
-                    }
-                }
+    let keys: Vec<i64> = locks.iter().map(|(k, _)| *k).collect();
+    let taken = match store::swap_advisory_locks(conn, &unlocks, &keys).await {
+        Ok(t) => t,
+        Err(e) => {
+            for (_, reply) in locks {
+                let _ = reply.send(false);
             }
-            Err(e) => {
-                for (_, reply) in locks {
-                    let _ = reply.send(false);
-                }
-                return Err(e);
-            }
+            return Err(e);
         }
+    };
+    let mut abandoned = Vec::new();
+    for ((key, reply), ok) in locks.into_iter().zip(taken) {
+        if ok {
+            *held.entry(key).or_insert(0) += 1;
+            // The job went away while asking: give the lock back.
+            if reply.send(true).is_err() {
+                forget(held, key);
+                abandoned.push(key);
+            }
+        } else {
+            let _ = reply.send(false);
+        }
+    }
+    if !abandoned.is_empty() {
+        store::swap_advisory_locks(conn, &abandoned, &[]).await?;
     }
     Ok(())
 }

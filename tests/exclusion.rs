@@ -1,0 +1,159 @@
+//! Per-repository exclusion across processes: each `RepositoryLocks` stands
+//! for one process, with its own lock connection to a real Postgres.
+
+mod common;
+
+use common::db::TestDatabase;
+use gitaly_replicator::queue::exclusion::{LOCK_CONNECTION_NAME, RepositoryLocks};
+use gitaly_replicator::store::repository_lock_key;
+use sqlx::postgres::PgConnectOptions;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+fn process(db: &TestDatabase) -> (Arc<RepositoryLocks>, CancellationToken) {
+    let stop = CancellationToken::new();
+    let options = PgConnectOptions::from_str(&db.url).unwrap();
+    (RepositoryLocks::start(options, stop.clone()), stop)
+}
+
+/// Tries to take `key` for `wait`; true when it got it (and gives it back).
+async fn can_take(locks: &RepositoryLocks, key: i64, wait: Duration) -> bool {
+    let cancel = CancellationToken::new();
+    let c = cancel.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(wait).await;
+        c.cancel();
+    });
+    match locks.acquire(key, &cancel).await {
+        Some(g) => {
+            locks.release(g);
+            true
+        }
+        None => false,
+    }
+}
+
+#[tokio::test]
+async fn a_repository_held_by_one_process_waits_in_another_until_released() {
+    let db = TestDatabase::new().await;
+    let (a, _sa) = process(&db);
+    let (b, _sb) = process(&db);
+    let key = repository_lock_key("default", "r.git", "gitaly-2");
+    let never = CancellationToken::new();
+    let held = a.acquire(key, &never).await.unwrap();
+    assert!(!held.waited());
+    assert!(!can_take(&b, key, Duration::from_millis(400)).await);
+    // Other repositories and other targets of the same repository are free.
+    assert!(
+        can_take(
+            &b,
+            repository_lock_key("default", "other.git", "gitaly-2"),
+            Duration::from_secs(2)
+        )
+        .await
+    );
+    assert!(
+        can_take(
+            &b,
+            repository_lock_key("default", "r.git", "gitaly-3"),
+            Duration::from_secs(2)
+        )
+        .await
+    );
+    let waiter = {
+        let b = b.clone();
+        tokio::spawn(async move {
+            b.acquire(key, &CancellationToken::new()).await.map(|g| {
+                let w = g.waited();
+                b.release(g);
+                w
+            })
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!waiter.is_finished());
+    a.release(held);
+    let waited = tokio::time::timeout(Duration::from_secs(5), waiter)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(waited, Some(true), "acquired after waiting");
+}
+
+#[tokio::test]
+async fn jobs_of_one_repository_in_one_process_take_turns() {
+    let db = TestDatabase::new().await;
+    let (a, _s) = process(&db);
+    let key = repository_lock_key("default", "same.git", "gitaly-2");
+    let never = CancellationToken::new();
+    let first = a.acquire(key, &never).await.unwrap();
+    let second = {
+        let a = a.clone();
+        tokio::spawn(async move {
+            a.acquire(key, &CancellationToken::new()).await.map(|g| {
+                let w = g.waited();
+                a.release(g);
+                w
+            })
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        !second.is_finished(),
+        "Postgres locks are reentrant; the local lock must exclude"
+    );
+    a.release(first);
+    assert_eq!(
+        tokio::time::timeout(Duration::from_secs(5), second)
+            .await
+            .unwrap()
+            .unwrap(),
+        Some(true)
+    );
+}
+
+#[tokio::test]
+async fn a_lost_lock_connection_is_noticed_and_its_locks_taken_back() {
+    let db = TestDatabase::new().await;
+    let (a, _sa) = process(&db);
+    let (b, _sb) = process(&db);
+    let key = repository_lock_key("default", "kept.git", "gitaly-2");
+    let held = a.acquire(key, &CancellationToken::new()).await.unwrap();
+    // Kill a's lock session: Postgres frees its locks.
+    let pid: i32 = sqlx::query_scalar(
+        "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND application_name = $1 LIMIT 1",
+    )
+    .bind(LOCK_CONNECTION_NAME)
+    .fetch_one(db.store.pool())
+    .await
+    .unwrap();
+    sqlx::query("SELECT pg_terminate_backend($1)")
+        .bind(pid)
+        .execute(db.store.pool())
+        .await
+        .unwrap();
+    // Within the keepalive (1 s) a reconnects and takes the lock back.
+    tokio::time::sleep(Duration::from_millis(1800)).await;
+    assert!(
+        !can_take(&b, key, Duration::from_millis(400)).await,
+        "the lock was not taken back"
+    );
+    a.release(held);
+    assert!(can_take(&b, key, Duration::from_secs(3)).await);
+}
+
+#[tokio::test]
+async fn cancelling_a_wait_leaves_no_lock_behind() {
+    let db = TestDatabase::new().await;
+    let (a, _sa) = process(&db);
+    let (b, _sb) = process(&db);
+    let key = repository_lock_key("default", "c.git", "gitaly-2");
+    let held = a.acquire(key, &CancellationToken::new()).await.unwrap();
+    assert!(!can_take(&b, key, Duration::from_millis(300)).await);
+    a.release(held);
+    // b gave up; a can take the key again at once, and so can b.
+    assert!(can_take(&a, key, Duration::from_secs(2)).await);
+    assert!(can_take(&b, key, Duration::from_secs(2)).await);
+}
