@@ -549,6 +549,7 @@ async fn run_job<R: Replicator>(shared: &Shared<R>, target: &Target, d: &Deliver
         early
     };
     let ran = if superseded {
+        drop(permit);
         Ran::Finished(JobOutcome::Skipped(SkipReason::Superseded), None, false)
     } else {
         let started_wall = OffsetDateTime::now_utc();
@@ -562,10 +563,11 @@ async fn run_job<R: Replicator>(shared: &Shared<R>, target: &Target, d: &Deliver
             o = shared.replicator.replicate(job) => Some(o),
             _ = shared.abort.cancelled() => None,
         };
+        // The slot bounds calls to Gitaly; what follows is bookkeeping.
+        drop(permit);
         match outcome {
             None => {
                 target.metrics.job_finished(change, "abandoned", None);
-                drop(permit);
                 // The lock connection's session keeps the lock until the
                 // process exits, so no other process starts this repository
                 // while its abandoned call may still run.
@@ -581,7 +583,6 @@ async fn run_job<R: Replicator>(shared: &Shared<R>, target: &Target, d: &Deliver
             }
         }
     };
-    drop(permit);
     shared.locks.release(guard);
     ran
 }
