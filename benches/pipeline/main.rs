@@ -2,7 +2,8 @@
 //!
 //! Measures the replication pipeline against JetStream's own limit, measured
 //! in the same run: raw pull+ack, maintenance and update jobs through the
-//! real consumer, publish→dispatch latency at a steady rate, drain rate over
+//! real consumer (beside the ceiling of one gRPC call per job with nothing
+//! else running), publish→dispatch latency at a steady rate, drain rate over
 //! growing backlogs with the consumer's peak memory, and scale-out to two
 //! processes. Prints one table and writes it as JSON under `target/bench/`.
 
@@ -64,6 +65,9 @@ async fn main() -> anyhow::Result<()> {
         let r = scenarios::raw(&sizes).await?;
         raw_rate = Some(r.value);
         rows.push(r);
+    }
+    if wanted("grpc") || wanted("maintenance") {
+        rows.push(scenarios::grpc_ceiling(&sizes).await?);
     }
     if wanted("maintenance") {
         rows.extend(scenarios::maintenance(&sizes, raw_rate).await?);

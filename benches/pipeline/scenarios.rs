@@ -80,6 +80,62 @@ pub async fn raw(s: &Sizes) -> anyhow::Result<Row> {
     ))
 }
 
+/// Unary gRPC calls from one channel to the same in-process target, 256 at
+/// a time, with no queue and no database: the ceiling of one dispatch per job
+/// on this machine.
+pub async fn grpc_ceiling(s: &Sizes) -> anyhow::Result<Row> {
+    use gitaly_replicator::gitaly::{CallContext, NodeSet};
+    use gitaly_replicator::proto::gitaly as pb;
+    let env = BenchEnv::new(&opts(Duration::ZERO)).await?;
+    let config = gitaly_replicator::config::Config::from_toml_str(&env.toml)?;
+    let nodes = NodeSet::from_config(&config)?;
+    let node = nodes
+        .get(&env.vs, "gitaly-2")
+        .cloned()
+        .ok_or_else(|| anyhow::anyhow!("no target node"))?;
+    let started = Instant::now();
+    let results = futures::stream::iter(0..s.jobs)
+        .map(|i| {
+            let node = node.clone();
+            async move {
+                let ctx = CallContext::new(None, None);
+                let mut client = node.repository_service();
+                let request = node.request(
+                    pb::OptimizeRepositoryRequest {
+                        repository: Some(pb::Repository {
+                            storage_name: "gitaly-2".into(),
+                            relative_path: format!("{i}.git"),
+                            ..Default::default()
+                        }),
+                    },
+                    &ctx,
+                );
+                node.call(
+                    "OptimizeRepository",
+                    &ctx,
+                    client.optimize_repository(request),
+                )
+                .await
+                .map(|_| ())
+            }
+        })
+        .buffer_unordered(256)
+        .collect::<Vec<_>>()
+        .await;
+    let rate = s.jobs as f64 / started.elapsed().as_secs_f64();
+    env.cleanup().await;
+    for r in results {
+        r?;
+    }
+    Ok(row(
+        "grpc",
+        "unary calls, no queue, no database",
+        rate,
+        "calls/s",
+        None,
+    ))
+}
+
 /// N optimize_repository jobs through the consumer to a target that answers at once.
 pub async fn maintenance(s: &Sizes, raw: Option<f64>) -> anyhow::Result<Vec<Row>> {
     let env = BenchEnv::new(&opts(Duration::ZERO)).await?;
