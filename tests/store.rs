@@ -8,7 +8,6 @@ use common::db::TestDatabase;
 use gitaly_replicator::store::{
     CompletionKey, ReplicatedGeneration, RepositoryStore, repository_lock_key,
 };
-use std::time::Duration;
 use time::OffsetDateTime;
 
 const VS: &str = "default";
