@@ -4,6 +4,7 @@
 
 pub mod coalescer;
 pub mod config;
+pub mod demo;
 pub mod deploy;
 pub mod event;
 pub mod generation_batcher;

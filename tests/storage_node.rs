@@ -1080,3 +1080,35 @@ async fn the_binary_serves_replication_from_an_in_process_source_and_its_fault_f
         "fault",
     );
 }
+
+#[tokio::test]
+async fn midx_repack_of_a_repository_with_only_loose_objects_packs_them_first() {
+    let a = TestNode::start("gitaly-1").await;
+    let path = a.path("loose.git");
+    populate(&path);
+    // Commits made with plain git are loose; there is no pack to index.
+    let packs = std::fs::read_dir(path.join("objects/pack"))
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".pack"))
+                .count()
+        })
+        .unwrap_or(0);
+    assert_eq!(packs, 0, "the fixture should start without packs");
+    let before = refs(&path);
+    let client = a.client();
+    let ctx = ctx();
+    client
+        .repository_service()
+        .midx_repack(client.request(
+            pb::MidxRepackRequest {
+                repository: a.repo("loose.git"),
+            },
+            &ctx,
+        ))
+        .await
+        .unwrap();
+    assert!(path.join("objects/pack/multi-pack-index").is_file());
+    assert_fsck_clean(&path);
+    assert_eq!(refs(&path), before);
+}

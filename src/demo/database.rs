@@ -58,7 +58,10 @@ impl DemoDatabase {
         ))
         .execute(&mut admin)
         .await
-        .map_err(DemoError::database(format!("dropping database {}", self.name)))?;
+        .map_err(DemoError::database(format!(
+            "dropping database {}",
+            self.name
+        )))?;
         let _ = admin.close().await;
         Ok(())
     }

@@ -63,6 +63,8 @@ pub enum DemoError {
     Node { storage: String, source: ServeError },
     #[error("replicator service: {0}")]
     Service(#[from] ServiceError),
+    #[error("replicator service: {0}")]
+    ServiceTask(String),
     #[error("NATS: {0}")]
     Nats(String),
     #[error("publishing jobs: {0}")]

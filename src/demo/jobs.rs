@@ -7,6 +7,8 @@
 //!    each sent to every storage that holds it (as Praefect does for
 //!    repository-wide changes).
 
+use crate::demo::MIN_REPOSITORIES;
+use crate::demo::error::DemoError;
 use crate::demo::nodes::{SOURCE, STORAGES, TARGETS, VIRTUAL_STORAGE};
 use crate::demo::repositories::RepositorySpec;
 use crate::event::{Change, Job, SplitStrategy};
@@ -69,9 +71,16 @@ fn job(change: Change, relative_path: &str, target: &str, correlation_id: String
     }
 }
 
-/// The plan for `repositories` (at least 3: one is renamed, one deleted,
-/// and at least one kept for maintenance). `run_id` prefixes correlation ids.
-pub fn plan(repositories: &[RepositorySpec], run_id: &str) -> JobPlan {
+/// The plan for `repositories` (at least [`MIN_REPOSITORIES`]: one is
+/// renamed, one deleted, the others kept for maintenance). `run_id`
+/// prefixes correlation ids.
+pub fn plan(repositories: &[RepositorySpec], run_id: &str) -> Result<JobPlan, DemoError> {
+    if repositories.len() < MIN_REPOSITORIES {
+        return Err(DemoError::Usage(format!(
+            "the demo needs at least {MIN_REPOSITORIES} repositories, not {}",
+            repositories.len()
+        )));
+    }
     let mut n = 0usize;
     let mut correlation = || {
         n += 1;
@@ -113,7 +122,7 @@ pub fn plan(repositories: &[RepositorySpec], run_id: &str) -> JobPlan {
         follow_up.push(job(rename, renamed, storage, correlation()));
         follow_up.push(job(Change::Delete, deleted, storage, correlation()));
     }
-    JobPlan {
+    Ok(JobPlan {
         replication,
         follow_up,
         what: FollowUp {
@@ -121,7 +130,7 @@ pub fn plan(repositories: &[RepositorySpec], run_id: &str) -> JobPlan {
             renamed: (renamed.clone(), new_path),
             deleted: deleted.clone(),
         },
-    }
+    })
 }
 
 #[cfg(test)]
@@ -132,13 +141,23 @@ mod tests {
     #[test]
     fn every_repository_goes_to_both_targets_and_the_follow_up_covers_every_storage() {
         let repos = repositories::plan(3);
-        let plan = plan(&repos, "abc");
+        assert!(plan(&repos[..2], "abc").is_err());
+        let plan = plan(&repos, "abc").unwrap();
         assert_eq!(plan.replication.len(), 6);
-        assert!(plan.replication.iter().all(|j| j.source_node_storage.as_deref() == Some(SOURCE)));
+        assert!(
+            plan.replication
+                .iter()
+                .all(|j| j.source_node_storage.as_deref() == Some(SOURCE))
+        );
         assert_eq!(plan.follow_up.len(), 8 + 3 + 3);
         assert_eq!(plan.what.deleted, repos[1].relative_path);
         assert!(plan.what.renamed.1.ends_with("-renamed.git"));
-        assert!(plan.what.maintenance.iter().all(|(p, _, _)| *p == repos[0].relative_path));
+        assert!(
+            plan.what
+                .maintenance
+                .iter()
+                .all(|(p, _, _)| *p == repos[0].relative_path)
+        );
         // Every job validates as the consumer would decode it.
         for j in plan.replication.iter().chain(&plan.follow_up) {
             assert_eq!(Job::from_json(&j.to_json()).unwrap().change, j.change);

@@ -8,6 +8,7 @@ use crate::demo::workspace::Workspace;
 use crate::storage_node::{NodeConfig, OpenNode, ServeError};
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -100,14 +101,21 @@ impl DemoNodes {
         &self.nodes[0]
     }
 
-    /// Stops serving and waits for the calls in progress.
-    pub async fn stop(self) {
+    /// Stops serving and lets the calls in progress finish, for at most
+    /// `grace` per node (then the node is dropped with its connections).
+    pub async fn stop(self, grace: Duration) {
         self.stop.cancel();
-        for (storage, task) in self.tasks {
-            match task.await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::warn!(%storage, error = %e, "storage node stopped with an error"),
-                Err(e) => tracing::warn!(%storage, error = %e, "storage node task failed"),
+        for (storage, mut task) in self.tasks {
+            match tokio::time::timeout(grace, &mut task).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(e))) => {
+                    tracing::warn!(%storage, error = %e, "storage node stopped with an error")
+                }
+                Ok(Err(e)) => tracing::warn!(%storage, error = %e, "storage node task failed"),
+                Err(_) => {
+                    tracing::warn!(%storage, ?grace, "storage node still busy; stopping it now");
+                    task.abort();
+                }
             }
         }
     }

@@ -59,16 +59,32 @@ async fn check_nats(url: &str) -> Result<(), Unreachable> {
         Ok(Err(e)) => return Err(down("NATS", e.to_string())),
         Err(_) => return Err(down("NATS", format!("no answer within {TIMEOUT:?}"))),
     };
-    let js = async_nats::jetstream::new(client);
-    match tokio::time::timeout(TIMEOUT, js.query_account()).await {
-        Ok(Ok(_)) => Ok(()),
-        Ok(Err(e)) => Err(down(
+    // The raw API call: async-nats' typed account info does not parse the
+    // answer of nats-server 2.9.
+    let info = client.request("$JS.API.INFO", bytes::Bytes::new());
+    let answer = match tokio::time::timeout(TIMEOUT, info).await {
+        Ok(Ok(message)) => message,
+        Ok(Err(e)) => {
+            return Err(down(
+                "NATS JetStream",
+                format!(
+                    "the server answers but JetStream is not enabled ({e}); restart it with -js"
+                ),
+            ));
+        }
+        Err(_) => {
+            return Err(down(
+                "NATS JetStream",
+                format!("no answer from the JetStream API within {TIMEOUT:?}"),
+            ));
+        }
+    };
+    let body: serde_json::Value = serde_json::from_slice(&answer.payload).unwrap_or_default();
+    match body.get("error") {
+        None => Ok(()),
+        Some(error) => Err(down(
             "NATS JetStream",
-            format!("the server answers but JetStream is not enabled ({e}); restart it with -js"),
-        )),
-        Err(_) => Err(down(
-            "NATS JetStream",
-            format!("no answer from the JetStream API within {TIMEOUT:?}"),
+            format!("the JetStream API refused the account: {error}"),
         )),
     }
 }
@@ -78,8 +94,9 @@ async fn check_postgres(url: &str, options: PgConnectOptions) -> Result<(), Unre
         service: "Postgres",
         address: mask_password(url),
         reason,
-        start_command: "pg_ctlcluster --skip-systemctl-redirect \"$(ls /etc/postgresql)\" main start"
-            .to_owned(),
+        start_command:
+            "pg_ctlcluster --skip-systemctl-redirect \"$(ls /etc/postgresql)\" main start"
+                .to_owned(),
     };
     match tokio::time::timeout(TIMEOUT, PgConnection::connect_with(&options)).await {
         Ok(Ok(conn)) => {
@@ -115,10 +132,7 @@ mod tests {
             mask_password("postgres://u:secret@h:5432/db"),
             "postgres://u:****@h:5432/db"
         );
-        assert_eq!(
-            mask_password("postgres://u@h/db"),
-            "postgres://u@h/db"
-        );
+        assert_eq!(mask_password("postgres://u@h/db"), "postgres://u@h/db");
         assert!(nats_start_command("nats://127.0.0.1:4333").contains("-p 4333 -js"));
         assert!(nats_start_command("nats://127.0.0.1").contains("-p 4222 -js"));
     }

@@ -95,12 +95,7 @@ impl Progress {
         match self.style {
             ProgressStyle::Bar => {
                 let mut err = std::io::stderr().lock();
-                let _ = write!(
-                    err,
-                    "\r\x1b[2K  replicating [{}] {}",
-                    s.bar(30),
-                    s.text()
-                );
+                let _ = write!(err, "\r\x1b[2K  replicating [{}] {}", s.bar(30), s.text());
                 let _ = err.flush();
                 self.drawn = true;
             }

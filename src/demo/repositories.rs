@@ -37,7 +37,10 @@ impl RepositorySpec {
         let hash = hex::encode(Sha256::digest(format!("demo-project-{i}").as_bytes()));
         RepositorySpec {
             relative_path: format!("@hashed/{}/{}/{hash}.git", &hash[..2], &hash[2..4]),
-            main_commits: 3 + (i * 5) % 12,
+            // At least 30 commits (120 objects): more than git's
+            // `transfer.unpackLimit` (100), so a replica keeps the pack it
+            // receives, as a real one would, instead of loose objects.
+            main_commits: 30 + (i * 7) % 20,
             branches: 1 + i % 3,
             annotated_tags: 1 + i % 2,
             file_size: 256 << (i % 5),
@@ -55,11 +58,11 @@ impl RepositorySpec {
 
     /// The `git fast-import` input that builds the repository.
     pub fn fast_import_stream(&self, seed: usize) -> Vec<u8> {
-        let mut out = Vec::new();
+        let mut out = String::new();
         let mut mark = 0usize;
         let mut main_marks = Vec::new();
         let mut rng = Lcg(seed as u64 * 7919 + 17);
-        let mut commit = |out: &mut Vec<u8>, branch: &str, from: Option<usize>, n: usize| {
+        let mut commit = |out: &mut String, branch: &str, from: Option<usize>, n: usize| {
             mark += 1;
             let when = 1_700_000_000 + seed as u64 * 86_400 + n as u64 * 600;
             let message = format!("{branch}: change {n}\n");
@@ -108,7 +111,7 @@ impl RepositorySpec {
         }
         let last = main_marks[main_marks.len() - 1];
         let _ = write!(out, "reset refs/tags/latest\nfrom :{last}\n\n");
-        out
+        out.into_bytes()
     }
 }
 
@@ -155,7 +158,8 @@ async fn create(
     store: &RepositoryStore,
 ) -> Result<(), DemoError> {
     let path = storage_dir.join(&spec.relative_path);
-    std::fs::create_dir_all(&path).map_err(DemoError::io(format!("creating {}", path.display())))?;
+    std::fs::create_dir_all(&path)
+        .map_err(DemoError::io(format!("creating {}", path.display())))?;
     git::run(
         git_home,
         Some(&path),
@@ -192,8 +196,10 @@ mod tests {
         assert!(specs.iter().all(|s| {
             s.relative_path.starts_with("@hashed/") && s.relative_path.len() == 8 + 6 + 64 + 4
         }));
-        let sizes: std::collections::HashSet<_> =
-            specs.iter().map(|s| (s.main_commits, s.file_size)).collect();
+        let sizes: std::collections::HashSet<_> = specs
+            .iter()
+            .map(|s| (s.main_commits, s.file_size))
+            .collect();
         assert_eq!(sizes.len(), 6);
         assert_eq!(specs[0], RepositorySpec::nth(0));
     }

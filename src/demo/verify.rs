@@ -26,8 +26,13 @@ pub enum Verdict {
     Gone,
     /// Not on disk.
     Missing,
-    RefsDiffer { differing: usize },
-    HeadDiffers { source: String, replica: String },
+    RefsDiffer {
+        differing: usize,
+    },
+    HeadDiffers {
+        source: String,
+        replica: String,
+    },
     Generation {
         expected: Option<i64>,
         recorded: Option<i64>,
@@ -161,7 +166,9 @@ impl Checker<'_> {
             Some(n) => n.repository(path),
             None => return Err(format!("no storage {storage}")),
         };
-        git::refs(self.git_home, &dir).await.map_err(|e| e.to_string())
+        git::refs(self.git_home, &dir)
+            .await
+            .map_err(|e| e.to_string())
     }
 
     /// A repository that stayed where it was (maintenance on `maintained`

@@ -86,15 +86,30 @@ pub async fn write_commit_graph(repo: &RepoPath, strategy: i32) -> Result<(), St
 }
 
 /// MidxRepack: write the multi-pack index, drop packs it no longer needs,
-/// and repack what it covers.
+/// and repack what it covers. A repository whose objects are all loose (a
+/// small one after a fetch) has nothing to index: git refuses with "no pack
+/// files to index", so its loose objects are packed first.
 pub async fn midx_repack(repo: &RepoPath) -> Result<(), Status> {
     let git = repo.git();
+    if !has_pack(repo) {
+        git.run(["repack", "-d", "-l", "--quiet"]).await?;
+    }
     let midx = ["-c", "core.multiPackIndex=true", "multi-pack-index"];
     git.run(midx.iter().copied().chain(["write"])).await?;
     git.run(midx.iter().copied().chain(["expire"])).await?;
     git.run(midx.iter().copied().chain(["repack", "--batch-size=0"]))
         .await?;
     Ok(())
+}
+
+fn has_pack(repo: &RepoPath) -> bool {
+    std::fs::read_dir(repo.path.join("objects/pack"))
+        .map(|entries| {
+            entries
+                .flatten()
+                .any(|e| e.file_name().to_string_lossy().ends_with(".pack"))
+        })
+        .unwrap_or(false)
 }
 
 /// OptimizeRepository: what `git gc --auto` finds worth doing, then a fresh

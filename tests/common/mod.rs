@@ -7,3 +7,4 @@ pub mod db;
 pub mod gitaly;
 pub mod nats_server;
 pub mod process;
+pub mod storage_nodes;

@@ -1,0 +1,601 @@
+//! End to end: real NATS, real Postgres, real storage nodes as processes
+//! (the `storage-node` binary over git repositories in temporary
+//! directories), and the replicator service run in this process. Each test
+//! has its own streams, database and directories, and removes them.
+
+mod common;
+
+use common::cluster::nats_url;
+use common::storage_nodes::{NodeCluster, NodeSetup, call_context, eventually};
+use gitaly_replicator::demo::metrics_text::Samples;
+use gitaly_replicator::demo::{self, DemoOptions, ProgressStyle};
+use gitaly_replicator::proto::gitaly as pb;
+use serde_json::json;
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+// ------------------------------------------------------------- git helpers
+
+fn git_cmd(home: &Path, dir: &Path) -> Command {
+    let mut cmd = Command::new("git");
+    cmd.current_dir(dir)
+        .env("HOME", home)
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .env("GIT_AUTHOR_NAME", "Test")
+        .env("GIT_AUTHOR_EMAIL", "test@example.com")
+        .env("GIT_COMMITTER_NAME", "Test")
+        .env("GIT_COMMITTER_EMAIL", "test@example.com");
+    cmd
+}
+
+/// Runs git in `dir` with `input` on stdin; panics unless it succeeds.
+fn git_with_input(home: &Path, dir: &Path, args: &[&str], input: &str) -> String {
+    let mut child = git_cmd(home, dir)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "git {args:?} in {}: {}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+/// A bare repository's git commands, run with the test's own `$HOME`.
+struct Repo<'a> {
+    home: &'a Path,
+    path: std::path::PathBuf,
+}
+
+impl<'a> Repo<'a> {
+    fn at(c: &'a NodeCluster, node: usize, relative_path: &str) -> Repo<'a> {
+        Repo {
+            home: c.git_home.path(),
+            path: c.node(node).repo(relative_path),
+        }
+    }
+
+    fn git(&self, args: &[&str]) -> String {
+        git_with_input(self.home, &self.path, args, "")
+    }
+
+    fn init(&self) {
+        std::fs::create_dir_all(&self.path).unwrap();
+        self.git(&["init", "--bare", "--quiet", "--initial-branch=main"]);
+    }
+
+    /// A new commit on `branch` writing `content` to `file.txt`; returns its id.
+    fn commit(&self, branch: &str, content: &str) -> String {
+        let blob = git_with_input(
+            self.home,
+            &self.path,
+            &["hash-object", "-w", "--stdin"],
+            content,
+        );
+        let tree = git_with_input(
+            self.home,
+            &self.path,
+            &["mktree"],
+            &format!("100644 blob {blob}\tfile.txt\n"),
+        );
+        let reference = format!("refs/heads/{branch}");
+        let parent = git_cmd(self.home, &self.path)
+            .args(["rev-parse", "--verify", "--quiet", &reference])
+            .output()
+            .unwrap();
+        let parent = String::from_utf8(parent.stdout).unwrap().trim().to_owned();
+        let mut args = vec!["commit-tree", &tree, "-m", content];
+        if !parent.is_empty() {
+            args.extend(["-p", &parent]);
+        }
+        let commit = self.git(&args);
+        self.git(&["update-ref", &reference, &commit]);
+        commit
+    }
+
+    /// Two commits on main, a feature and a stale branch, an annotated and
+    /// a lightweight tag.
+    fn populate(&self) {
+        self.init();
+        self.commit("main", "one");
+        let two = self.commit("main", "two");
+        self.commit("feature", "feature work");
+        self.commit("stale", "to be deleted");
+        self.git(&["tag", "-a", "v1", "-m", "release 1", &two]);
+        self.git(&["update-ref", "refs/tags/light", &two]);
+    }
+
+    /// `<oid> <ref>` lines plus where HEAD points.
+    fn refs(&self) -> String {
+        let refs = self.git(&["for-each-ref", "--format=%(objectname) %(refname)"]);
+        let head = self.git(&["symbolic-ref", "HEAD"]);
+        format!("{refs}\nHEAD -> {head}")
+    }
+
+    fn assert_fsck_clean(&self) {
+        let out = git_cmd(self.home, &self.path)
+            .args(["fsck", "--full", "--strict", "--no-dangling"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success() && out.stderr.is_empty(),
+            "git fsck in {}: {}{}",
+            self.path.display(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn exists(&self) -> bool {
+        self.path.exists()
+    }
+}
+
+/// Rows of `repositories` at this path (0 or 1).
+async fn repository_rows(c: &NodeCluster, relative_path: &str) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM repositories WHERE virtual_storage = $1 AND relative_path = $2",
+    )
+    .bind(c.vs())
+    .bind(relative_path)
+    .fetch_one(c.db.store.pool())
+    .await
+    .unwrap()
+}
+
+// ------------------------------------------------------------------ tests
+
+#[tokio::test]
+async fn updates_of_new_and_existing_repositories_leave_the_targets_refs_equal_to_the_sources() {
+    let c = NodeCluster::start(3).await;
+    let (a, b) = ("group/a.git", "group/b.git");
+    let src_a = Repo::at(&c, 1, a);
+    let src_b = Repo::at(&c, 1, b);
+    src_a.populate();
+    src_b.populate();
+    c.record(a, 1).await;
+    c.record(b, 1).await;
+    let service = c.replicator();
+
+    // New repositories: the targets have nothing yet.
+    c.publish_update(a, "gitaly-2").await;
+    c.publish_update(a, "gitaly-3").await;
+    c.publish_update(b, "gitaly-2").await;
+    c.wait_for_generation(a, "gitaly-2", 1).await;
+    c.wait_for_generation(a, "gitaly-3", 1).await;
+    c.wait_for_generation(b, "gitaly-2", 1).await;
+    for node in [2, 3] {
+        assert_eq!(Repo::at(&c, node, a).refs(), src_a.refs());
+        Repo::at(&c, node, a).assert_fsck_clean();
+    }
+    assert_eq!(Repo::at(&c, 2, b).refs(), src_b.refs());
+
+    // A write on the source: a branch added, one moved back, one deleted,
+    // a tag added and one deleted, HEAD moved.
+    src_a.commit("main", "three");
+    let first = src_a.git(&["rev-list", "--max-parents=0", "main"]);
+    src_a.git(&["update-ref", "refs/heads/feature", &first]);
+    src_a.git(&["update-ref", "-d", "refs/heads/stale"]);
+    src_a.git(&["update-ref", "-d", "refs/tags/light"]);
+    src_a.git(&["tag", "-a", "v2", "-m", "release 2", "main"]);
+    src_a.commit("topic/new", "new branch");
+    src_a.git(&["symbolic-ref", "HEAD", "refs/heads/feature"]);
+    c.record(a, 2).await;
+
+    // Existing replicas of a, and b on a target that never had it.
+    c.publish_update(a, "gitaly-2").await;
+    c.publish_update(a, "gitaly-3").await;
+    c.publish_update(b, "gitaly-3").await;
+    c.wait_for_generation(a, "gitaly-2", 2).await;
+    c.wait_for_generation(a, "gitaly-3", 2).await;
+    c.wait_for_generation(b, "gitaly-3", 1).await;
+    for node in [2, 3] {
+        let replica = Repo::at(&c, node, a);
+        let refs = replica.refs();
+        assert_eq!(refs, src_a.refs());
+        assert!(!refs.contains("refs/heads/stale") && !refs.contains("refs/tags/light"));
+        assert!(refs.contains("refs/tags/v2") && refs.contains("refs/heads/topic/new"));
+        replica.assert_fsck_clean();
+    }
+    assert_eq!(Repo::at(&c, 3, b).refs(), src_b.refs());
+    c.wait_until_drained().await;
+    assert!(c.dead_letters().await.is_empty());
+    service.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn rename_and_delete_are_applied_on_disk_and_in_postgres() {
+    let c = NodeCluster::start(2).await;
+    let (old, new, doomed) = ("r/old.git", "r/moved/new.git", "r/doomed.git");
+    Repo::at(&c, 1, old).populate();
+    Repo::at(&c, 1, doomed).populate();
+    c.record(old, 1).await;
+    c.record(doomed, 1).await;
+    let service = c.replicator();
+    c.publish_update(old, "gitaly-2").await;
+    c.publish_update(doomed, "gitaly-2").await;
+    c.wait_for_generation(old, "gitaly-2", 1).await;
+    c.wait_for_generation(doomed, "gitaly-2", 1).await;
+    let before = Repo::at(&c, 1, old).refs();
+
+    for target in ["gitaly-1", "gitaly-2"] {
+        c.publish(&c.job(json!({"change": "rename", "relative_path": old, "target_node_storage": target, "params": {"new_relative_path": new}})))
+            .await;
+        c.publish(&c.job(
+            json!({"change": "delete", "relative_path": doomed, "target_node_storage": target}),
+        ))
+        .await;
+    }
+    c.wait_until_drained().await;
+    assert!(c.dead_letters().await.is_empty());
+
+    for node in [1, 2] {
+        assert!(
+            !Repo::at(&c, node, old).exists(),
+            "old path on gitaly-{node}"
+        );
+        assert_eq!(Repo::at(&c, node, new).refs(), before);
+        assert!(
+            !Repo::at(&c, node, doomed).exists(),
+            "deleted repository on gitaly-{node}"
+        );
+        let storage = format!("gitaly-{node}");
+        assert_eq!(c.generation(new, &storage).await, Some(1));
+        assert_eq!(c.generation(old, &storage).await, None);
+        assert_eq!(c.generation(doomed, &storage).await, None);
+    }
+    assert_eq!(repository_rows(&c, new).await, 1);
+    assert_eq!(repository_rows(&c, old).await, 0);
+    assert_eq!(repository_rows(&c, doomed).await, 0);
+    service.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn every_maintenance_job_runs_on_a_replica_and_leaves_it_valid() {
+    let c = NodeCluster::start(2).await;
+    let path = "m/maintained.git";
+    let source = Repo::at(&c, 1, path);
+    source.populate();
+    c.record(path, 1).await;
+    let service = c.replicator();
+    c.publish_update(path, "gitaly-2").await;
+    c.wait_for_generation(path, "gitaly-2", 1).await;
+    let replica = Repo::at(&c, 2, path);
+    let has_pack_file = |ext: &str| {
+        std::fs::read_dir(replica.path.join("objects/pack"))
+            .map(|d| {
+                d.flatten()
+                    .any(|e| e.path().extension().is_some_and(|x| x == ext))
+            })
+            .unwrap_or(false)
+    };
+
+    // One at a time, in the order a repository's housekeeping would take:
+    // the repacks first, so that the multi-pack index has packs to index.
+    let jobs = [
+        json!({"change": "gc", "params": {"create_bitmap": true, "prune": true}}),
+        json!({"change": "repack_full", "params": {"create_bitmap": true}}),
+        json!({"change": "repack_incremental"}),
+        json!({"change": "cleanup"}),
+        json!({"change": "pack_refs", "params": {"all_refs": true}}),
+        json!({"change": "write_commit_graph", "params": {"split_strategy": "size_multiple"}}),
+        json!({"change": "midx_repack"}),
+        json!({"change": "optimize_repository"}),
+    ];
+    for mut job in jobs {
+        let change = job["change"].as_str().unwrap().to_owned();
+        job["relative_path"] = path.into();
+        job["target_node_storage"] = "gitaly-2".into();
+        c.publish(&c.job(job)).await;
+        c.wait_until_drained().await;
+        assert!(
+            c.dead_letters().await.is_empty(),
+            "{change} failed: {:?}",
+            c.dead_letters()
+                .await
+                .iter()
+                .map(|d| d
+                    .header("Gitaly-Replicator-Error")
+                    .unwrap_or_default()
+                    .to_owned())
+                .collect::<Vec<_>>()
+        );
+        replica.assert_fsck_clean();
+        assert_eq!(replica.refs(), source.refs(), "refs changed by {change}");
+        // What each one leaves on disk, where it is visible.
+        match change.as_str() {
+            "gc" | "repack_full" => assert!(has_pack_file("bitmap"), "{change}: no bitmap"),
+            "pack_refs" => assert!(replica.path.join("packed-refs").is_file()),
+            "write_commit_graph" => assert!(
+                replica
+                    .path
+                    .join("objects/info/commit-graphs/commit-graph-chain")
+                    .is_file()
+            ),
+            "midx_repack" => assert!(replica.path.join("objects/pack/multi-pack-index").is_file()),
+            _ => {}
+        }
+    }
+    service.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_pool_linked_repository_replicates_with_its_pool_link_on_the_target() {
+    let c = NodeCluster::start(2).await;
+    let pool = "@pools/ab/cd/pool.git";
+    let fork = "@hashed/12/34/fork.git";
+    let src_pool = Repo::at(&c, 1, pool);
+    src_pool.populate();
+    let src_fork = Repo::at(&c, 1, fork);
+    src_fork.init();
+    // Link on the source through the node's own RPC, then point the fork's
+    // refs at objects that only the pool has, plus a commit of its own.
+    let source = c.node(1);
+    let client = source.client(&source.token);
+    let ctx = call_context();
+    let repo = |storage: &str, relative_path: &str| {
+        Some(pb::Repository {
+            storage_name: storage.to_owned(),
+            relative_path: relative_path.to_owned(),
+            ..Default::default()
+        })
+    };
+    let link = client.request(
+        pb::LinkRepositoryToObjectPoolRequest {
+            object_pool: Some(pb::ObjectPool {
+                repository: repo("gitaly-1", pool),
+            }),
+            repository: repo("gitaly-1", fork),
+        },
+        &ctx,
+    );
+    client
+        .object_pool_service()
+        .link_repository_to_object_pool(link)
+        .await
+        .unwrap();
+    let pool_main = src_pool.git(&["rev-parse", "main"]);
+    src_fork.git(&["update-ref", "refs/heads/main", &pool_main]);
+    src_fork.commit("fork-only", "fork work");
+    src_fork.assert_fsck_clean();
+    c.record(pool, 1).await;
+    c.record(fork, 1).await;
+
+    let service = c.replicator();
+    // The pool first, as Praefect's pool creation does, then the fork.
+    c.publish_update(pool, "gitaly-2").await;
+    c.wait_for_generation(pool, "gitaly-2", 1).await;
+    c.publish_update(fork, "gitaly-2").await;
+    c.wait_for_generation(fork, "gitaly-2", 1).await;
+
+    let target = c.node(2);
+    let replica = Repo::at(&c, 2, fork);
+    assert_eq!(replica.refs(), src_fork.refs());
+    replica.assert_fsck_clean();
+    let alternates = std::fs::read_to_string(replica.path.join("objects/info/alternates")).unwrap();
+    let linked = replica
+        .path
+        .join("objects")
+        .join(alternates.trim())
+        .canonicalize()
+        .unwrap();
+    assert_eq!(
+        linked,
+        target.repo(pool).join("objects").canonicalize().unwrap(),
+        "alternates {alternates:?} do not point at the target's pool"
+    );
+    let client = target.client(&target.token);
+    let get = client.request(
+        pb::GetObjectPoolRequest {
+            repository: repo("gitaly-2", fork),
+        },
+        &ctx,
+    );
+    let reported = client
+        .object_pool_service()
+        .get_object_pool(get)
+        .await
+        .unwrap()
+        .into_inner()
+        .object_pool
+        .and_then(|p| p.repository)
+        .expect("the target reports a pool");
+    assert_eq!(
+        (
+            reported.storage_name.as_str(),
+            reported.relative_path.as_str()
+        ),
+        ("gitaly-2", pool)
+    );
+    service.stop().await.unwrap();
+}
+
+/// How many of `paths` gitaly-2 holds at generation 1.
+async fn replicated(c: &NodeCluster, paths: &[String]) -> usize {
+    let mut n = 0;
+    for p in paths {
+        if c.generation(p, "gitaly-2").await == Some(1) {
+            n += 1;
+        }
+    }
+    n
+}
+
+/// The process's metrics (the recorder the service installed).
+fn samples() -> Samples {
+    Samples::parse(&gitaly_replicator::metrics::install().unwrap().render())
+}
+
+/// Jobs of this virtual storage that ended `outcome`.
+fn jobs_with_outcome(vs: &str, outcome: &str) -> f64 {
+    samples().sum(
+        "gitaly_replicator_jobs_total",
+        &[("virtual_storage", vs), ("outcome", outcome)],
+    )
+}
+
+/// A per-target metric of this virtual storage.
+fn metric(vs: &str, name: &str, storage: &str) -> f64 {
+    samples().sum(
+        name,
+        &[("virtual_storage", vs), ("gitaly_storage", storage)],
+    )
+}
+
+#[tokio::test]
+async fn a_target_killed_in_the_middle_of_a_batch_completes_its_jobs_after_a_restart() {
+    let slow = NodeSetup {
+        flags: vec!["--latency".into(), "300ms".into()],
+        ..Default::default()
+    };
+    // Four jobs in flight at a time, so the kill lands in the middle of the work.
+    let mut c = NodeCluster::start_with(vec![NodeSetup::default(), slow], |t| {
+        *t = t.replace("batch_size = 10", "batch_size = 4\nmax_concurrent_jobs = 4");
+    })
+    .await;
+    let paths: Vec<String> = (0..24).map(|i| format!("k/repo-{i}.git")).collect();
+    for p in &paths {
+        let r = Repo::at(&c, 1, p);
+        r.populate();
+        r.commit("main", p);
+        c.record(p, 1).await;
+    }
+    let service = c.replicator();
+    for p in &paths {
+        c.publish_update(p, "gitaly-2").await;
+    }
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            replicated(&c, &paths).await >= 4
+        })
+        .await
+    );
+    let done_before_kill = replicated(&c, &paths).await;
+    assert!(done_before_kill < paths.len(), "all done before the kill");
+
+    c.node_mut(2).kill().await;
+    // The jobs that were in flight fail on the dead node.
+    let vs = c.vs().to_owned();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            jobs_with_outcome(&vs, "failed") >= 1.0
+        })
+        .await,
+        "no job failed: none was in flight at the kill"
+    );
+    // Down for longer than the retry delays of all three attempts (0.2 s +
+    // 0.4 s): the health check stops the fetching, so the jobs wait in the
+    // stream instead of using up their attempts.
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            metric(&vs, "gitaly_replicator_target_healthy", "gitaly-2") == 0.0
+        })
+        .await,
+        "the consumer never saw the target go down"
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    c.node_mut(2).restart().await;
+
+    for p in &paths {
+        c.wait_for_generation(p, "gitaly-2", 1).await;
+    }
+    c.wait_until_drained().await;
+    assert!(
+        c.dead_letters().await.is_empty(),
+        "a job was lost to the dead letters"
+    );
+    for p in &paths {
+        assert_eq!(Repo::at(&c, 2, p).refs(), Repo::at(&c, 1, p).refs(), "{p}");
+    }
+    Repo::at(&c, 2, &paths[0]).assert_fsck_clean();
+    service.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_target_with_a_wrong_token_dead_letters_its_jobs_with_the_unauthenticated_error() {
+    let wrong = NodeSetup {
+        config_token: Some("not-the-node-token".into()),
+        ..Default::default()
+    };
+    let c = NodeCluster::start_with(vec![NodeSetup::default(), wrong], |_| {}).await;
+    let path = "w/guarded.git";
+    Repo::at(&c, 1, path).populate();
+    c.record(path, 1).await;
+    let service = c.replicator();
+    c.publish_update(path, "gitaly-2").await;
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            !c.dead_letters().await.is_empty()
+        })
+        .await,
+        "no dead letter"
+    );
+    let dead = c.dead_letters().await;
+    assert_eq!(dead.len(), 1);
+    let d = &dead[0];
+    let error = d.header("Gitaly-Replicator-Error").unwrap_or_default();
+    assert!(error.contains("Unauthenticated"), "{error}");
+    assert!(error.contains("ReplicateRepository"), "{error}");
+    assert_eq!(d.header("Gitaly-Replicator-Reason"), Some("dead"));
+    assert_eq!(d.header("Gitaly-Replicator-Attempts"), Some("3"));
+    c.wait_until_drained().await;
+    assert!(!Repo::at(&c, 2, path).exists());
+    assert_eq!(c.generation(path, "gitaly-2").await, None);
+    service.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_demo_replicates_verifies_every_replica_and_removes_what_it_created() {
+    let database_url = std::env::var(common::db::SERVER_URL_ENV)
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
+    let options = DemoOptions {
+        repositories: 4,
+        nats_url: nats_url(),
+        database_url,
+        progress: ProgressStyle::Quiet,
+        timeout: Duration::from_secs(60),
+        ..DemoOptions::default()
+    };
+    let report = demo::run(options, std::future::pending()).await.unwrap();
+    assert!(report.passed(), "{report}");
+    assert_eq!(report.unfinished, 0);
+    assert_eq!(report.dead_letters, 0);
+    assert_eq!(report.checks.len(), 4);
+    assert_eq!(report.replica_tally(), (8, 8));
+    assert_eq!(report.jobs_published(), 8 + 8 + 3 + 3);
+    assert_eq!(report.measurements.total("completed"), 22);
+    assert!(report.kept.is_none());
+
+    // Nothing is left behind: directory, database, streams.
+    let dir = std::env::temp_dir().join(format!("gitaly-replicator-demo-{}", report.run_id));
+    assert!(!dir.exists(), "{} is left", dir.display());
+    let client = async_nats::connect(nats_url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let stream = format!("DEMO_{}", report.run_id.to_ascii_uppercase());
+    assert!(
+        js.get_stream(&stream).await.is_err(),
+        "stream {stream} is left"
+    );
+    let admin = common::db::TestDatabase::new().await;
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_database WHERE datname = $1")
+        .bind(format!("gitaly_replicator_demo_{}", report.run_id))
+        .fetch_one(admin.store.pool())
+        .await
+        .unwrap();
+    assert_eq!(left, 0, "the demo database is left");
+}
