@@ -367,7 +367,7 @@ fn dispatch_batch<R: Replicator>(
         );
         shared
             .tracker
-            .spawn(process(shared2, target, d, followers).instrument(span));
+            .spawn(Box::pin(process(shared2, target, d, followers)).instrument(span));
     }
 }
 
@@ -560,7 +560,9 @@ async fn run_job<R: Replicator>(shared: &Shared<R>, target: &Target, d: &Deliver
         tracing::info!("replication job processing started");
         let started = Instant::now();
         let outcome = tokio::select! {
-            o = shared.replicator.replicate(job) => Some(o),
+            // Boxed: Gitaly call futures are large, and moving them inline
+            // made every job's task copy kilobytes.
+            o = Box::pin(shared.replicator.replicate(job)) => Some(o),
             _ = shared.abort.cancelled() => None,
         };
         // The slot bounds calls to Gitaly; what follows is bookkeeping.
