@@ -161,3 +161,39 @@ async fn a_bad_config_exits_64_naming_the_key_before_touching_the_network() {
     assert_eq!(code, Some(64));
     assert!(stderr.contains("replication.bach_size"), "{stderr}");
 }
+
+#[tokio::test]
+async fn logs_are_json_lines_with_praefects_field_names_and_no_tokens() {
+    let c = Cluster::start(2).await;
+    c.db.store
+        .create_repository(c.vs(), "log.git", "gitaly-1", 1, &["gitaly-1"])
+        .await
+        .unwrap();
+    let p = ReplicatorProcess::run(&c.toml);
+    let mut job = c.job(json!({"change": "update", "relative_path": "log.git", "target_node_storage": "gitaly-2", "source_node_storage": "gitaly-1"}));
+    job.correlation_id = Some("corr-42".into());
+    c.publish(&job).await;
+    assert!(
+        c.eventually(WAIT, || async { c.work_messages().await == 0 })
+            .await
+    );
+    p.signal("TERM");
+    let (code, stderr) = p.wait().await;
+    assert_eq!(code, Some(0));
+    let finished = stderr
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .unwrap_or_else(|e| panic!("not a JSON line ({e}): {l}"))
+        })
+        .find(|v| v["message"] == "replication job processing finished")
+        .expect("no 'finished' line");
+    assert_eq!(finished["virtual_storage"], c.vs());
+    assert_eq!(finished["replication_job_target"], "gitaly-2");
+    assert_eq!(finished["replication_job_source"], "gitaly-1");
+    assert_eq!(finished["correlation_id"], "corr-42");
+    assert_eq!(finished["new_state"], "completed");
+    assert_eq!(finished["change_type"], "update");
+    // Tokens travel in gitaly-servers metadata; never in logs.
+    assert!(!stderr.contains("token-1") && !stderr.contains("token-2"));
+}

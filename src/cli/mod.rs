@@ -80,7 +80,7 @@ fn init_logging(logging: &LoggingConfig) {
         LogFormat::Json => builder
             .json()
             .flatten_event(true)
-            .with_current_span(true)
+            .with_current_span(false)
             .with_span_list(false)
             .try_init(),
         LogFormat::Text => builder.try_init(),

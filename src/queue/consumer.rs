@@ -32,7 +32,6 @@ use tokio::sync::{Semaphore, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::Instrument;
 
 /// How the consumer runs.
 #[derive(Debug, Clone)]
@@ -290,6 +289,24 @@ async fn pull_loop<R: Replicator>(
     }
 }
 
+/// Logs an event of one job with Praefect's field names at the top level of
+/// the line, where log queries written for Praefect look for them.
+macro_rules! job_log {
+    ($level:ident, $d:expr, $($rest:tt)*) => {
+        tracing::$level!(
+            virtual_storage = %$d.job.virtual_storage,
+            replication_job_target = %$d.job.target_node_storage,
+            replication_job_source = %$d.job.source_node_storage.as_deref().unwrap_or(""),
+            correlation_id = %$d.job.correlation_id.as_deref().unwrap_or(""),
+            change_type = %$d.job.change_type(),
+            relative_path = %$d.job.relative_path,
+            stream_sequence = $d.sequence,
+            attempt = $d.delivered,
+            $($rest)*
+        )
+    };
+}
+
 /// One delivered job before it runs.
 struct Delivered {
     message: jetstream::Message,
@@ -354,20 +371,9 @@ fn dispatch_batch<R: Replicator>(
     for (d, followers) in leaders {
         let shared2 = shared.clone();
         let target = target.clone();
-        let span = tracing::info_span!(
-            "replication_job",
-            virtual_storage = %d.job.virtual_storage,
-            replication_job_target = %d.job.target_node_storage,
-            replication_job_source = %d.job.source_node_storage.as_deref().unwrap_or(""),
-            change_type = %d.job.change_type(),
-            relative_path = %d.job.relative_path,
-            correlation_id = %d.job.correlation_id.as_deref().unwrap_or(""),
-            stream_sequence = d.sequence,
-            attempt = d.delivered,
-        );
         shared
             .tracker
-            .spawn(Box::pin(process(shared2, target, d, followers)).instrument(span));
+            .spawn(Box::pin(process(shared2, target, d, followers)));
     }
 }
 
@@ -435,16 +441,16 @@ async fn process<R: Replicator>(
     }
     match &outcome {
         JobOutcome::Completed => {
-            tracing::info!(new_state = "completed", latency = ?latency, "replication job processing finished")
+            job_log!(info, d, new_state = "completed", latency = ?latency, "replication job processing finished")
         }
         JobOutcome::Skipped(reason) => {
-            tracing::info!(new_state = "completed", skipped = %reason, "replication job processing finished")
+            job_log!(info, d, new_state = "completed", skipped = %reason, "replication job processing finished")
         }
         JobOutcome::Failed(e) => {
-            tracing::warn!(new_state = "failed", error = %e, "replication job processing finished")
+            job_log!(warn, d, new_state = "failed", error = %e, "replication job processing finished")
         }
         JobOutcome::Invalid(e) => {
-            tracing::warn!(new_state = "dead", error = %e, "replication job is invalid")
+            job_log!(warn, d, new_state = "dead", error = %e, "replication job is invalid")
         }
         JobOutcome::Unsupported { method, message } => {
             let first = shared
@@ -453,7 +459,7 @@ async fn process<R: Replicator>(
                 .map(|mut w| w.insert((target.spec.durable_name.clone(), *method)))
                 .unwrap_or(false);
             if first {
-                tracing::warn!(method, %message, "target does not implement this RPC any more; such jobs are acknowledged without effect");
+                job_log!(warn, d, method, %message, "target does not implement this RPC any more; such jobs are acknowledged without effect");
             }
         }
     }
@@ -505,7 +511,7 @@ async fn process<R: Replicator>(
     for f in &followers {
         if matches!(follower_ack, AckKind::Ack) {
             target.metrics.outcome(Some(change_type), "skipped");
-            tracing::debug!(skipped = %SkipReason::Collapsed, "collapsed update acknowledged");
+            job_log!(debug, d, skipped = %SkipReason::Collapsed, "collapsed update acknowledged");
         }
         let _ = f.ack_with(follower_ack).await;
     }
@@ -557,7 +563,7 @@ async fn run_job<R: Replicator>(shared: &Shared<R>, target: &Target, d: &Deliver
             .try_into()
             .unwrap_or(Duration::ZERO);
         target.metrics.job_started(change, delay);
-        tracing::info!("replication job processing started");
+        job_log!(info, d, "replication job processing started");
         let started = Instant::now();
         let outcome = tokio::select! {
             // Boxed: Gitaly call futures are large, and moving them inline
@@ -596,7 +602,7 @@ async fn release<R: Replicator>(
     d: &Delivered,
     followers: &[jetstream::Message],
 ) {
-    tracing::info!("shutting down: job released before it started");
+    job_log!(info, d, "shutting down: job released before it started");
     if d.delivered >= shared.layout.max_deliver.max(1) as u64 {
         requeue(shared, &d.message, d.sequence, d.delivered).await;
     } else {
