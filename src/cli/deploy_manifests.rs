@@ -112,6 +112,11 @@ fn write_files(dir: &Path, files: &[ManifestFile], prune: bool) -> Result<(), St
         let path = dir.join(&file.name);
         std::fs::write(&path, &file.contents)
             .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        if file.name.ends_with(".sh") {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))
+                .map_err(|e| format!("cannot make {} executable: {e}", path.display()))?;
+        }
         eprintln!("wrote {}", path.display());
     }
     if !prune {
