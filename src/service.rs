@@ -70,6 +70,8 @@ pub async fn connect_store(config: &Config) -> Result<RepositoryStore, ServiceEr
     let options = config.database.connect_options()?;
     let pool = PgPoolOptions::new()
         .max_connections(config.database.max_connections)
+        // Opened at start, so the first jobs do not wait for connections.
+        .min_connections(config.database.max_connections.min(4))
         // A ping before every query would double the round trips; a broken
         // connection shows up as a retryable error on use instead.
         .test_before_acquire(false)

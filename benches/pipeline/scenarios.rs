@@ -252,10 +252,19 @@ pub async fn latency(s: &Sizes) -> anyhow::Result<Vec<Row>> {
         acked
     });
     let child = env.spawn_consumer()?;
-    // Let the consumer connect, provision and find the target healthy.
-    tokio::time::sleep(Duration::from_secs(2)).await;
     let publisher =
         gitaly_replicator::queue::publisher::Publisher::new(env.js.clone(), env.layout.clone());
+    // An idle consumer that has run for a while: let it connect, provision,
+    // find the target healthy and open its connections with a few jobs
+    // (not measured), then let it idle.
+    for i in 0..50 {
+        publisher
+            .publish(&env.maintenance_job(1_000_000 + i), None)
+            .await?;
+    }
+    env.drain(50, &[], Duration::from_secs(30)).await?;
+    env.target.gitaly.clear_calls();
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let total = (200 * s.latency_secs) as usize;
     let mut published: HashMap<u64, SystemTime> = HashMap::new();
     let mut by_correlation: HashMap<String, SystemTime> = HashMap::new();
