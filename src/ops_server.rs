@@ -52,20 +52,6 @@ pub async fn serve(
     readiness: Readiness,
     shutdown: CancellationToken,
 ) {
-    // The Prometheus recorder needs periodic upkeep when it serves no HTTP itself.
-    let upkeep = {
-        let handle = handle.clone();
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(5));
-            loop {
-                tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    _ = tick.tick() => handle.run_upkeep(),
-                }
-            }
-        })
-    };
     loop {
         let (stream, _) = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -108,5 +94,17 @@ pub async fn serve(
                 .await;
         });
     }
-    upkeep.abort();
+}
+
+/// Drains the recorder's histogram samples into their buckets every few
+/// seconds until `shutdown`. Without it, samples pile up in memory whether or
+/// not anything scrapes (the exporter serves no HTTP of its own here).
+pub async fn upkeep(handle: PrometheusHandle, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tick.tick() => handle.run_upkeep(),
+        }
+    }
 }

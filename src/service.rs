@@ -108,6 +108,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let handle = metrics::install().map_err(ServiceError::Metrics)?;
     let readiness = Readiness::default();
     let background = CancellationToken::new();
+    tokio::spawn(ops_server::upkeep(handle.clone(), background.clone()));
     if let Some(addr) = config.prometheus_listen_addr {
         let listener = ops_server::bind(addr)
             .await
