@@ -3,6 +3,12 @@
 
 mod cli;
 
+// glibc's malloc took a quarter of the consumer's CPU time under load (many
+// small, short-lived allocations across threads); with mimalloc the pipeline
+// benchmark's maintenance and update rates rose by about 20 % and 80 %.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use clap::Parser;
 use std::process::ExitCode;
 
