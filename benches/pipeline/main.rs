@@ -102,9 +102,15 @@ fn print_table(rows: &[Row], sizes: &Sizes, secs: f64) {
             Some((t, false)) => format!("{t}  NOT MET"),
             None => String::new(),
         };
+        // Ratios need two decimals to be read against their targets.
+        let value = if r.unit == "x" {
+            format!("{:.2}", r.value)
+        } else {
+            format!("{:.1}", r.value)
+        };
         println!(
-            "{:<12} {:<44} {:>14.1} {:<8} {}",
-            r.scenario, r.metric, r.value, r.unit, target
+            "{:<12} {:<44} {:>14} {:<8} {}",
+            r.scenario, r.metric, value, r.unit, target
         );
     }
     println!(
