@@ -7,6 +7,7 @@
 mod common;
 
 use common::cluster::{Cluster, TestNames, delete_streams, nats_url};
+use common::http::{free_port, get};
 use gitaly_replicator::config::{Config, node_token_env_var};
 use gitaly_replicator::deploy::{self, ScalingOptions};
 use gitaly_replicator::gitaly::recording_server::Behaviour;
@@ -18,7 +19,6 @@ use serde_norway::Value as Yaml;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 // --- files ------------------------------------------------------------------
 
@@ -108,32 +108,6 @@ fn every_yaml_and_json_file_under_deploy_parses() {
 }
 
 // --- metrics: rules and dashboard against a real scrape ---------------------
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-async fn get(port: u16, path: &str) -> (u16, String) {
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    let code = out
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = out.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
-    (code, body)
-}
 
 /// What one scrape shows: metric family → type, and family → label names.
 struct Scrape {

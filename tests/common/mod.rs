@@ -5,6 +5,7 @@
 pub mod cluster;
 pub mod db;
 pub mod gitaly;
+pub mod http;
 pub mod nats_server;
 pub mod process;
 pub mod storage_nodes;
