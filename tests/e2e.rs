@@ -6,139 +6,51 @@
 mod common;
 
 use common::cluster::nats_url;
+use common::git;
 use common::storage_nodes::{NodeCluster, NodeSetup, call_context, eventually};
 use gitaly_replicator::demo::metrics_text::Samples;
 use gitaly_replicator::demo::{self, DemoOptions, ProgressStyle};
 use gitaly_replicator::proto::gitaly as pb;
 use serde_json::json;
-use std::io::Write;
-use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 // ------------------------------------------------------------- git helpers
 
-fn git_cmd(home: &Path, dir: &Path) -> Command {
-    let mut cmd = Command::new("git");
-    cmd.current_dir(dir)
-        .env("HOME", home)
-        .env("GIT_CONFIG_NOSYSTEM", "1")
-        .env("GIT_CONFIG_GLOBAL", "/dev/null")
-        .env("GIT_AUTHOR_NAME", "Test")
-        .env("GIT_AUTHOR_EMAIL", "test@example.com")
-        .env("GIT_COMMITTER_NAME", "Test")
-        .env("GIT_COMMITTER_EMAIL", "test@example.com");
-    cmd
-}
-
-/// Runs git in `dir` with `input` on stdin; panics unless it succeeds.
-fn git_with_input(home: &Path, dir: &Path, args: &[&str], input: &str) -> String {
-    let mut child = git_cmd(home, dir)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "git {args:?} in {}: {}",
-        dir.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
-}
-
-/// A bare repository's git commands, run with the test's own `$HOME`.
-struct Repo<'a> {
-    home: &'a Path,
+/// A bare repository on one of the cluster's storage nodes.
+struct Repo {
     path: std::path::PathBuf,
 }
 
-impl<'a> Repo<'a> {
-    fn at(c: &'a NodeCluster, node: usize, relative_path: &str) -> Repo<'a> {
+impl Repo {
+    fn at(c: &NodeCluster, node: usize, relative_path: &str) -> Repo {
         Repo {
-            home: c.git_home.path(),
             path: c.node(node).repo(relative_path),
         }
     }
 
     fn git(&self, args: &[&str]) -> String {
-        git_with_input(self.home, &self.path, args, "")
+        git::git(&self.path, args)
     }
 
     fn init(&self) {
-        std::fs::create_dir_all(&self.path).unwrap();
-        self.git(&["init", "--bare", "--quiet", "--initial-branch=main"]);
+        git::init_bare(&self.path);
     }
 
     /// A new commit on `branch` writing `content` to `file.txt`; returns its id.
     fn commit(&self, branch: &str, content: &str) -> String {
-        let blob = git_with_input(
-            self.home,
-            &self.path,
-            &["hash-object", "-w", "--stdin"],
-            content,
-        );
-        let tree = git_with_input(
-            self.home,
-            &self.path,
-            &["mktree"],
-            &format!("100644 blob {blob}\tfile.txt\n"),
-        );
-        let reference = format!("refs/heads/{branch}");
-        let parent = git_cmd(self.home, &self.path)
-            .args(["rev-parse", "--verify", "--quiet", &reference])
-            .output()
-            .unwrap();
-        let parent = String::from_utf8(parent.stdout).unwrap().trim().to_owned();
-        let mut args = vec!["commit-tree", &tree, "-m", content];
-        if !parent.is_empty() {
-            args.extend(["-p", &parent]);
-        }
-        let commit = self.git(&args);
-        self.git(&["update-ref", &reference, &commit]);
-        commit
+        git::commit(&self.path, branch, content)
     }
 
-    /// Two commits on main, a feature and a stale branch, an annotated and
-    /// a lightweight tag.
     fn populate(&self) {
-        self.init();
-        self.commit("main", "one");
-        let two = self.commit("main", "two");
-        self.commit("feature", "feature work");
-        self.commit("stale", "to be deleted");
-        self.git(&["tag", "-a", "v1", "-m", "release 1", &two]);
-        self.git(&["update-ref", "refs/tags/light", &two]);
+        git::populate(&self.path);
     }
 
-    /// `<oid> <ref>` lines plus where HEAD points.
     fn refs(&self) -> String {
-        let refs = self.git(&["for-each-ref", "--format=%(objectname) %(refname)"]);
-        let head = self.git(&["symbolic-ref", "HEAD"]);
-        format!("{refs}\nHEAD -> {head}")
+        git::refs(&self.path)
     }
 
     fn assert_fsck_clean(&self) {
-        let out = git_cmd(self.home, &self.path)
-            .args(["fsck", "--full", "--strict", "--no-dangling"])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success() && out.stderr.is_empty(),
-            "git fsck in {}: {}{}",
-            self.path.display(),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        git::assert_fsck_clean(&self.path);
     }
 
     fn exists(&self) -> bool {

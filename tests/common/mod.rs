@@ -4,6 +4,7 @@
 
 pub mod cluster;
 pub mod db;
+pub mod git;
 pub mod gitaly;
 pub mod http;
 pub mod nats_server;

@@ -160,8 +160,6 @@ pub struct NodeCluster {
     pub config: Config,
     pub js: Context,
     pub layout: Layout,
-    /// `$HOME` for the test's own git commands.
-    pub git_home: tempfile::TempDir,
     _storages: tempfile::TempDir,
     nats_url: String,
 }
@@ -219,7 +217,6 @@ impl NodeCluster {
             config,
             js,
             layout,
-            git_home: tempfile::tempdir().unwrap(),
             _storages: storages,
             nats_url,
         }
