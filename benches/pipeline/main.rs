@@ -1,4 +1,4 @@
-//! `cargo bench --bench pipeline [-- --quick] [-- --only raw,maintenance,...]`
+//! `cargo bench --bench pipeline [-- --quick] [--only raw,maintenance,...] [--jobs N]`
 //!
 //! Measures the replication pipeline against JetStream's own limit, measured
 //! in the same run: raw pull+ack, maintenance and update jobs through the
@@ -40,6 +40,13 @@ async fn main() -> anyhow::Result<()> {
         .position(|a| a == "--only")
         .and_then(|i| args.get(i + 1))
         .map(|s| s.split(',').map(str::to_owned).collect());
+    let jobs_override: Option<usize> = args
+        .iter()
+        .position(|a| a == "--jobs")
+        .and_then(|i| args.get(i + 1))
+        .map(|n| n.parse())
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("--jobs: {e}"))?;
     let wanted = |name: &str| only.as_ref().is_none_or(|o| o.iter().any(|x| x == name));
     let sizes = if quick {
         Sizes {
@@ -57,6 +64,10 @@ async fn main() -> anyhow::Result<()> {
             backlogs: vec![10_000, 100_000, 1_000_000],
             scale_out_jobs: 20_000,
         }
+    };
+    let sizes = Sizes {
+        jobs: jobs_override.unwrap_or(sizes.jobs),
+        ..sizes
     };
     let started = Instant::now();
     let mut rows: Vec<Row> = Vec::new();
