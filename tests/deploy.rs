@@ -6,11 +6,11 @@
 
 mod common;
 
-use common::cluster::{Cluster, TestNames, delete_streams, nats_url};
-use common::http::{free_port, get};
+use common::cluster::{TestNames, delete_streams, nats_url};
+use common::http::get;
+use common::service::RunningService;
 use gitaly_replicator::config::{Config, node_token_env_var};
 use gitaly_replicator::deploy::{self, ScalingOptions};
-use gitaly_replicator::gitaly::recording_server::Behaviour;
 use gitaly_replicator::queue::layout::{Layout, LayoutChange};
 use promql_parser::parser::{Expr, LabelModifier};
 use promql_parser::util::{ExprVisitor, walk_expr};
@@ -268,27 +268,8 @@ fn check_query(scrape: &Scrape, where_: &str, query: &str) -> BTreeSet<String> {
 /// Starts the real service with a recording Gitaly cluster, runs a few jobs
 /// so that every metric has samples, and scrapes `/metrics`.
 async fn scrape_running_service() -> Scrape {
-    let port = free_port();
-    let c = Cluster::start_with(3, |t| {
-        *t = t.replace(
-            "prometheus_listen_addr = \"\"",
-            &format!("prometheus_listen_addr = \"127.0.0.1:{port}\""),
-        );
-    })
-    .await;
-    c.db.store
-        .create_repository(c.vs(), "deploy.git", "gitaly-1", 1, &["gitaly-1"])
-        .await
-        .unwrap();
-    c.node(3).respond(
-        "Cleanup",
-        Behaviour::fail(tonic::Code::Unimplemented, "gone"),
-    );
-    let config = Config::from_toml_str(&c.toml).unwrap();
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let service = tokio::spawn(gitaly_replicator::service::run(config, async {
-        let _ = rx.await;
-    }));
+    let service = RunningService::start("deploy.git").await;
+    let (c, port) = (&service.cluster, service.port);
     assert!(
         c.eventually(Duration::from_secs(20), || async {
             tokio::net::TcpStream::connect(("127.0.0.1", port))
@@ -299,11 +280,7 @@ async fn scrape_running_service() -> Scrape {
         .await,
         "the service never became ready"
     );
-    c.publish(&c.job(json!({"change": "update", "relative_path": "deploy.git", "target_node_storage": "gitaly-2", "source_node_storage": "gitaly-1"}))).await;
-    c.publish(&c.job(
-        json!({"change": "cleanup", "relative_path": "deploy.git", "target_node_storage": "gitaly-3"}),
-    ))
-    .await;
+    service.publish_update_and_cleanup().await;
     let vs = c.vs().to_owned();
     let wanted = [
         "gitaly_praefect_replication_latency_bucket{".to_owned(),
@@ -323,8 +300,7 @@ async fn scrape_running_service() -> Scrape {
         .await;
     let (_, body) = get(port, "/metrics").await;
     assert!(complete, "metrics never got samples: {body}");
-    let _ = tx.send(());
-    service.await.unwrap().unwrap();
+    service.stop().await;
     Scrape::parse(&body)
 }
 

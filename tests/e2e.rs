@@ -6,8 +6,9 @@
 mod common;
 
 use common::cluster::nats_url;
+use common::eventually;
 use common::git;
-use common::storage_nodes::{NodeCluster, NodeSetup, call_context, eventually};
+use common::storage_nodes::{NodeCluster, NodeSetup, call_context};
 use gitaly_replicator::demo::metrics_text::Samples;
 use gitaly_replicator::demo::{self, DemoOptions, ProgressStyle};
 use gitaly_replicator::proto::gitaly as pb;
@@ -218,14 +219,7 @@ async fn every_maintenance_job_runs_on_a_replica_and_leaves_it_valid() {
         assert!(
             c.dead_letters().await.is_empty(),
             "{change} failed: {:?}",
-            c.dead_letters()
-                .await
-                .iter()
-                .map(|d| d
-                    .header("Gitaly-Replicator-Error")
-                    .unwrap_or_default()
-                    .to_owned())
-                .collect::<Vec<_>>()
+            c.dead_letter_errors().await
         );
         replica.assert_fsck_clean();
         assert_eq!(replica.refs(), source.refs(), "refs changed by {change}");

@@ -3,36 +3,14 @@
 
 mod common;
 
-use common::cluster::Cluster;
-use common::http::{free_port, get, get_when_up};
-use gitaly_replicator::config::Config;
-use gitaly_replicator::gitaly::recording_server::Behaviour;
-use serde_json::json;
+use common::http::{get, get_when_up};
+use common::service::RunningService;
 use std::time::Duration;
 
 #[tokio::test]
 async fn metrics_use_praefects_names_and_health_endpoints_answer() {
-    let port = free_port();
-    let c = Cluster::start_with(3, |t| {
-        *t = t.replace(
-            "prometheus_listen_addr = \"\"",
-            &format!("prometheus_listen_addr = \"127.0.0.1:{port}\""),
-        );
-    })
-    .await;
-    c.db.store
-        .create_repository(c.vs(), "m.git", "gitaly-1", 1, &["gitaly-1"])
-        .await
-        .unwrap();
-    c.node(3).respond(
-        "Cleanup",
-        Behaviour::fail(tonic::Code::Unimplemented, "gone"),
-    );
-    let config = Config::from_toml_str(&c.toml).unwrap();
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let service = tokio::spawn(gitaly_replicator::service::run(config, async {
-        let _ = rx.await;
-    }));
+    let service = RunningService::start("m.git").await;
+    let (c, port) = (&service.cluster, service.port);
     let (code, body) = get_when_up(port, "/health/live").await;
     assert_eq!((code, body.trim()), (200, "ok"));
     assert!(
@@ -41,11 +19,7 @@ async fn metrics_use_praefects_names_and_health_endpoints_answer() {
         })
         .await
     );
-    c.publish(&c.job(json!({"change": "update", "relative_path": "m.git", "target_node_storage": "gitaly-2", "source_node_storage": "gitaly-1"}))).await;
-    c.publish(&c.job(
-        json!({"change": "cleanup", "relative_path": "m.git", "target_node_storage": "gitaly-3"}),
-    ))
-    .await;
+    service.publish_update_and_cleanup().await;
     assert!(
         c.eventually(Duration::from_secs(20), || async {
             c.work_messages().await == 0
@@ -90,6 +64,5 @@ async fn metrics_use_praefects_names_and_health_endpoints_answer() {
         !m.contains("token-1") && !m.contains("token-2"),
         "a token leaked into metrics"
     );
-    let _ = tx.send(());
-    service.await.unwrap().unwrap();
+    service.stop().await;
 }

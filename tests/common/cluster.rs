@@ -264,21 +264,12 @@ impl Cluster {
     }
 
     /// Polls `check` every 50 ms until it holds or `timeout` passes.
-    pub async fn eventually<F, Fut>(&self, timeout: Duration, mut check: F) -> bool
+    pub async fn eventually<F, Fut>(&self, timeout: Duration, check: F) -> bool
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = bool>,
     {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            if check().await {
-                return true;
-            }
-            if tokio::time::Instant::now() > deadline {
-                return false;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        super::eventually(timeout, check).await
     }
 }
 

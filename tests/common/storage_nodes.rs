@@ -6,6 +6,7 @@
 
 use super::cluster::{NodeSpec, TestNames, config_toml, delete_streams, nats_url};
 use super::db::TestDatabase;
+use super::eventually;
 use async_nats::jetstream::Context;
 use gitaly_replicator::config::{Config, Node, Secret};
 use gitaly_replicator::demo::service_task::ServiceTask;
@@ -310,15 +311,21 @@ impl NodeCluster {
             reached,
             "{relative_path} on {storage} never reached generation {generation} (at {:?}; dead letters: {:?})",
             self.generation(relative_path, storage).await,
-            self.dead_letters()
-                .await
-                .iter()
-                .map(|d| d
-                    .header("Gitaly-Replicator-Error")
-                    .unwrap_or_default()
-                    .to_owned())
-                .collect::<Vec<_>>()
+            self.dead_letter_errors().await
         );
+    }
+
+    /// The `Gitaly-Replicator-Error` header of every dead letter.
+    pub async fn dead_letter_errors(&self) -> Vec<String> {
+        self.dead_letters()
+            .await
+            .iter()
+            .map(|d| {
+                d.header("Gitaly-Replicator-Error")
+                    .unwrap_or_default()
+                    .to_owned()
+            })
+            .collect()
     }
 
     /// Waits until the work stream is empty.
@@ -343,22 +350,4 @@ impl Drop for NodeCluster {
 /// A call context for direct calls to a node.
 pub fn call_context() -> CallContext {
     CallContext::new(None, Some(Duration::from_secs(30)))
-}
-
-/// Polls `check` every 50 ms until it holds or `timeout` passes.
-pub async fn eventually<F, Fut>(timeout: Duration, mut check: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        if check().await {
-            return true;
-        }
-        if tokio::time::Instant::now() > deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
