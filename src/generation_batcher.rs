@@ -42,6 +42,25 @@ fn stopped(operation: &'static str) -> StoreError {
     }
 }
 
+/// Sends each job of a batch its own answer, or every job the batch's error.
+fn answer_each<T>(
+    replies: impl Iterator<Item = oneshot::Sender<Result<T, StoreError>>>,
+    answers: Result<Vec<T>, StoreError>,
+) {
+    match answers {
+        Ok(answers) => {
+            for (reply, answer) in replies.zip(answers) {
+                let _ = reply.send(Ok(answer));
+            }
+        }
+        Err(e) => {
+            for reply in replies {
+                let _ = reply.send(Err(e.for_batch()));
+            }
+        }
+    }
+}
+
 impl GenerationBatcher {
     /// Starts the batching tasks; they need a Tokio runtime.
     pub fn start(store: RepositoryStore) -> GenerationBatcher {
@@ -58,18 +77,8 @@ impl GenerationBatcher {
                         target: &r.target,
                     })
                     .collect();
-                match store.replicated_generations(&queries).await {
-                    Ok(answers) => {
-                        for (r, a) in batch.into_iter().zip(answers) {
-                            let _ = r.reply.send(Ok(a));
-                        }
-                    }
-                    Err(e) => {
-                        for r in batch {
-                            let _ = r.reply.send(Err(e.for_batch()));
-                        }
-                    }
-                }
+                let answers = store.replicated_generations(&queries).await;
+                answer_each(batch.into_iter().map(|r| r.reply), answers);
             }
         });
         // One write batch at a time: concurrent multi-row upserts could
@@ -92,18 +101,7 @@ impl GenerationBatcher {
                 if result.as_ref().is_err_and(StoreError::is_deadlock) {
                     result = store.set_generations(&records).await;
                 }
-                match result {
-                    Ok(written) => {
-                        for (w, ok) in batch.into_iter().zip(written) {
-                            let _ = w.reply.send(Ok(ok));
-                        }
-                    }
-                    Err(e) => {
-                        for w in batch {
-                            let _ = w.reply.send(Err(e.for_batch()));
-                        }
-                    }
-                }
+                answer_each(batch.into_iter().map(|w| w.reply), result);
             }
         });
         GenerationBatcher { reads, writes }
