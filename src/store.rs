@@ -337,15 +337,17 @@ impl RepositoryStore {
         .fetch_all(&self.pool)
         .await
         .map_err(failed("set_generation"))?;
+        // A set, not a scan per replica: batches hold hundreds of rows.
+        let written: std::collections::HashSet<(&str, &str, &str, i64)> = written
+            .iter()
+            .map(|(vs, rel, storage, generation)| {
+                (vs.as_str(), rel.as_str(), storage.as_str(), *generation)
+            })
+            .collect();
         Ok(replicas
             .iter()
             .map(|r| {
-                written.iter().any(|(vs, rel, storage, generation)| {
-                    vs == r.virtual_storage
-                        && rel == r.relative_path
-                        && storage == r.storage
-                        && *generation == r.generation
-                })
+                written.contains(&(r.virtual_storage, r.relative_path, r.storage, r.generation))
             })
             .collect())
     }
