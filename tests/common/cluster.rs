@@ -253,14 +253,11 @@ impl Cluster {
 
     /// Messages left in the work stream.
     pub async fn work_messages(&self) -> u64 {
-        let mut s = self.js.get_stream(&self.layout.stream).await.unwrap();
-        s.info().await.unwrap().state.messages
+        work_messages(&self.js, &self.layout).await
     }
 
     pub async fn dead_letters(&self) -> Vec<DeadMessage> {
-        dead_letter::list(&self.js, &self.layout, 1, 100_000)
-            .await
-            .unwrap()
+        dead_letters(&self.js, &self.layout).await
     }
 
     /// Polls `check` every 50 ms until it holds or `timeout` passes.
@@ -271,6 +268,17 @@ impl Cluster {
     {
         super::eventually(timeout, check).await
     }
+}
+
+/// Messages left in the layout's work stream (pending or in flight).
+pub async fn work_messages(js: &Context, layout: &Layout) -> u64 {
+    let mut s = js.get_stream(&layout.stream).await.unwrap();
+    s.info().await.unwrap().state.messages
+}
+
+/// Every message of the layout's dead-letter stream.
+pub async fn dead_letters(js: &Context, layout: &Layout) -> Vec<DeadMessage> {
+    dead_letter::list(js, layout, 1, 100_000).await.unwrap()
 }
 
 impl Drop for Cluster {

@@ -12,7 +12,7 @@ use gitaly_replicator::config::{Config, Node, Secret};
 use gitaly_replicator::demo::service_task::ServiceTask;
 use gitaly_replicator::event::Job;
 use gitaly_replicator::gitaly::{CallContext, NodeClient};
-use gitaly_replicator::queue::dead_letter::{self, DeadMessage};
+use gitaly_replicator::queue::dead_letter::DeadMessage;
 use gitaly_replicator::queue::layout::Layout;
 use gitaly_replicator::queue::publisher::Publisher;
 use std::net::SocketAddr;
@@ -291,14 +291,11 @@ impl NodeCluster {
 
     /// Messages left in the work stream (pending or in flight).
     pub async fn work_messages(&self) -> u64 {
-        let mut s = self.js.get_stream(&self.layout.stream).await.unwrap();
-        s.info().await.unwrap().state.messages
+        super::cluster::work_messages(&self.js, &self.layout).await
     }
 
     pub async fn dead_letters(&self) -> Vec<DeadMessage> {
-        dead_letter::list(&self.js, &self.layout, 1, 100_000)
-            .await
-            .unwrap()
+        super::cluster::dead_letters(&self.js, &self.layout).await
     }
 
     /// Waits until `relative_path` on `storage` is recorded at `generation`.
