@@ -1,13 +1,13 @@
 //! The git commands the demo runs itself: building repositories on the
-//! source storage and reading refs to compare replicas. Same clean
-//! environment as the storage node's git (no system or user config, no
+//! source storage and reading refs to compare replicas. They run in the
+//! storage node's clean environment (no system or user config, no hooks, no
 //! prompts), so the result does not depend on who runs the demo.
 
 use crate::demo::error::DemoError;
+use crate::storage_node::git::clean_command;
 use std::path::Path;
 use std::process::Stdio;
 use tokio::io::AsyncWriteExt;
-use tokio::process::Command;
 
 /// Runs `git [--git-dir DIR] ARGS` with `input` on stdin; returns stdout.
 pub async fn run(
@@ -22,28 +22,9 @@ pub async fn run(
         dir: cwd.display().to_string(),
         message,
     };
-    let mut cmd = Command::new("git");
-    cmd.env_clear()
-        .env(
-            "PATH",
-            std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into()),
-        )
-        .env("HOME", home)
-        .env("GIT_CONFIG_NOSYSTEM", "1")
-        .env("GIT_CONFIG_GLOBAL", "/dev/null")
-        .env("GIT_TERMINAL_PROMPT", "0")
-        .env("LC_ALL", "C")
-        .current_dir(cwd)
-        .stdin(if input.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    if let Some(dir) = git_dir {
-        cmd.arg("--git-dir").arg(dir);
+    let mut cmd = clean_command(home, cwd, git_dir);
+    if input.is_some() {
+        cmd.stdin(Stdio::piped());
     }
     cmd.args(args);
     let mut child = cmd

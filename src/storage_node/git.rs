@@ -30,6 +30,37 @@ pub struct Git<'a> {
     git_dir: Option<&'a Path>,
 }
 
+/// `git [--git-dir DIR] -c core.hooksPath=/dev/null`, run from `cwd` with
+/// `home` as `$HOME` and nothing else of the caller's environment but `PATH`;
+/// stdin closed and output captured unless the caller changes them. The
+/// demo's own git commands use it too, so both see repositories alike.
+pub fn clean_command(home: &Path, cwd: &Path, git_dir: Option<&Path>) -> Command {
+    let mut cmd = Command::new("git");
+    cmd.env_clear()
+        .env(
+            "PATH",
+            std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into()),
+        )
+        .env("HOME", home)
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .env("GIT_TERMINAL_PROMPT", "0")
+        .env("GIT_ATTR_NOSYSTEM", "1")
+        .env("LC_ALL", "C")
+        .current_dir(cwd)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        // A cancelled call must not leave git running.
+        .kill_on_drop(true);
+    if let Some(dir) = git_dir {
+        cmd.arg("--git-dir").arg(dir);
+    }
+    // Replicated repositories bring no hooks, and none are wanted.
+    cmd.args(["-c", "core.hooksPath=/dev/null"]);
+    cmd
+}
+
 impl<'a> Git<'a> {
     /// Git for the repository at `git_dir`.
     pub fn in_repo(home: &'a Path, git_dir: &'a Path) -> Self {
@@ -54,29 +85,7 @@ impl<'a> Git<'a> {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
-        let mut cmd = Command::new("git");
-        cmd.env_clear()
-            .env(
-                "PATH",
-                std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into()),
-            )
-            .env("HOME", self.home)
-            .env("GIT_CONFIG_NOSYSTEM", "1")
-            .env("GIT_CONFIG_GLOBAL", "/dev/null")
-            .env("GIT_TERMINAL_PROMPT", "0")
-            .env("GIT_ATTR_NOSYSTEM", "1")
-            .env("LC_ALL", "C")
-            .current_dir(self.cwd)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            // A cancelled call must not leave git running.
-            .kill_on_drop(true);
-        if let Some(dir) = self.git_dir {
-            cmd.arg("--git-dir").arg(dir);
-        }
-        // Replicated repositories bring no hooks, and none are wanted.
-        cmd.args(["-c", "core.hooksPath=/dev/null"]);
+        let mut cmd = clean_command(self.home, self.cwd, self.git_dir);
         cmd.args(args);
         cmd
     }
