@@ -555,3 +555,57 @@ async fn a_job_stranded_at_max_deliver_is_moved_to_the_dead_letters_from_the_adv
     assert!(c.node(2).calls().is_empty());
     consumer.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_busy_process_holds_no_more_jobs_than_its_slots_and_one_batch() {
+    // No server-side bound, so only the consumer limits what it holds.
+    let c = Cluster::start_with(2, |t| t.push_str("max_ack_pending = -1\n")).await;
+    c.node(2)
+        .respond("*", Behaviour::delay(Duration::from_millis(100)));
+    let settings = gitaly_replicator::queue::consumer::ConsumerSettings {
+        max_concurrent_jobs: 4,
+        ..c.settings()
+    };
+    let bound = gitaly_replicator::queue::consumer::intake_capacity(&settings, 1);
+    assert_eq!(bound, 4 + 10);
+    let jobs: Vec<_> = (0..150)
+        .map(|i| c.job(json!({"change": "optimize_repository", "relative_path": format!("busy-{i}.git"), "target_node_storage": "gitaly-2"})))
+        .collect();
+    for r in c.publisher().publish_many(&jobs, 100).await {
+        r.unwrap();
+    }
+    let consumer = c.consumer_with(settings).await;
+    let durable = &c
+        .layout
+        .consumers
+        .iter()
+        .find(|s| s.target_storage == "gitaly-2")
+        .unwrap()
+        .durable_name;
+    let stream = c.js.get_stream(&c.layout.stream).await.unwrap();
+    let mut held = Vec::new();
+    for _ in 0..30 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut info = stream
+            .get_consumer::<async_nats::jetstream::consumer::pull::Config>(durable)
+            .await
+            .unwrap();
+        held.push(info.info().await.unwrap().num_ack_pending);
+    }
+    let most = held.iter().copied().max().unwrap_or(0);
+    assert!(most > 0, "the consumer never took a job: {held:?}");
+    // The server applies acks asynchronously to the next pull request, so
+    // its count may lag by up to one batch.
+    assert!(
+        most <= bound + 10,
+        "held {most} jobs at once, more than {bound} and a batch: {held:?}"
+    );
+    assert!(
+        c.eventually(Duration::from_secs(30), || async {
+            c.work_messages().await == 0
+        })
+        .await
+    );
+    assert_eq!(c.node(2).calls().len(), 150);
+    consumer.stop().await.unwrap();
+}

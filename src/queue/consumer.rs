@@ -28,7 +28,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use time::OffsetDateTime;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -103,6 +103,12 @@ struct Shared<R> {
     completions: CompletionLog,
     locks: Arc<RepositoryLocks>,
     permits: Arc<Semaphore>,
+    /// Bounds the jobs this process holds (fetched, not yet acknowledged):
+    /// a pull request reserves its batch here first. Without it, jobs
+    /// waiting for their repository lock took no job slot, so the pull loops
+    /// kept fetching and, with an unlimited `max_ack_pending`, memory grew
+    /// with the backlog.
+    intake: Arc<Semaphore>,
     settings: ConsumerSettings,
     /// Stop fetching; release jobs that have not started.
     stop: CancellationToken,
@@ -140,6 +146,10 @@ pub async fn run<R: Replicator>(
         completions: CompletionLog::start(store),
         locks,
         permits: Arc::new(Semaphore::new(settings.max_concurrent_jobs.max(1))),
+        intake: Arc::new(Semaphore::new(intake_capacity(
+            &settings,
+            layout.consumers.len(),
+        ))),
         settings,
         stop: CancellationToken::new(),
         abort: CancellationToken::new(),
@@ -227,6 +237,13 @@ pub async fn run<R: Replicator>(
     Ok(())
 }
 
+/// Jobs one process may hold: every job slot busy, plus one open request
+/// per pull loop, so a full process still has its next batches at hand.
+pub fn intake_capacity(settings: &ConsumerSettings, consumers: usize) -> usize {
+    let loops = consumers.max(1) * settings.pull_loops_per_target.max(1);
+    settings.max_concurrent_jobs.max(1) + settings.batch_size.max(1) * loops
+}
+
 async fn pull_loop<R: Replicator>(
     shared: Arc<Shared<R>>,
     target: Arc<Target>,
@@ -235,10 +252,15 @@ async fn pull_loop<R: Replicator>(
 ) {
     let stop = shared.stop.clone();
     let mut error_wait = Duration::from_millis(100);
+    let batch_size = shared.settings.batch_size.max(1);
+    // The intake reserved for the open request; each arriving job takes one.
+    let mut reserved: Option<OwnedSemaphorePermit> = None;
     loop {
         // Only ask for jobs that can start: a target that is down or a
         // process that is full leaves them in the stream.
         if !puller.is_active() {
+            // What the last request did not fill goes back.
+            drop(reserved.take());
             tokio::select! {
                 r = healthy.wait_for(|h| *h) => if r.is_err() { break },
                 _ = stop.cancelled() => break,
@@ -248,7 +270,12 @@ async fn pull_loop<R: Replicator>(
                 _ = stop.cancelled() => break,
             };
             drop(permit);
-            if let Err(e) = puller.request(shared.settings.batch_size.max(1)).await {
+            reserved = tokio::select! {
+                p = shared.intake.clone().acquire_many_owned(batch_size as u32) => p.ok(),
+                _ = stop.cancelled() => break,
+            };
+            if let Err(e) = puller.request(batch_size).await {
+                reserved = None;
                 tracing::warn!(error = %e, consumer = %target.spec.durable_name, "pull request failed; retrying");
                 tokio::select! {
                     _ = tokio::time::sleep(error_wait) => {}
@@ -264,7 +291,15 @@ async fn pull_loop<R: Replicator>(
             _ = stop.cancelled() => break,
         };
         match step {
-            Ok(Pulled::Messages(batch)) => dispatch_batch(&shared, &target, batch),
+            Ok(Pulled::Messages(batch)) => {
+                // A late job of an expired request finds nothing reserved
+                // and runs uncounted; that is rare and bounded by one batch.
+                let batch = batch
+                    .into_iter()
+                    .map(|m| (m, reserved.as_mut().and_then(|r| r.split(1))))
+                    .collect();
+                dispatch_batch(&shared, &target, batch)
+            }
             Ok(Pulled::RequestDone(None)) => {}
             Ok(Pulled::RequestDone(Some(reason))) => {
                 tracing::debug!(consumer = %target.spec.durable_name, %reason, "pull request ended by the server");
@@ -314,6 +349,8 @@ struct Delivered {
     delivered: u64,
     sequence: u64,
     created_at: OffsetDateTime,
+    /// Its share of the intake, given back when the task ends.
+    held: Option<OwnedSemaphorePermit>,
 }
 
 fn delivery_facts(m: &jetstream::Message) -> (u64, u64, OffsetDateTime) {
@@ -328,11 +365,11 @@ fn delivery_facts(m: &jetstream::Message) -> (u64, u64, OffsetDateTime) {
 fn dispatch_batch<R: Replicator>(
     shared: &Arc<Shared<R>>,
     target: &Arc<Target>,
-    batch: Vec<jetstream::Message>,
+    batch: Vec<(jetstream::Message, Option<OwnedSemaphorePermit>)>,
 ) {
     let mut leaders: Vec<(Delivered, Vec<jetstream::Message>)> = Vec::new();
     let mut update_leader: HashMap<(String, String), usize> = HashMap::new();
-    for message in batch {
+    for (message, held) in batch {
         let (delivered, sequence, published) = delivery_facts(&message);
         let job = match decode(&shared.layout, &message) {
             Ok(job) => job,
@@ -340,6 +377,7 @@ fn dispatch_batch<R: Replicator>(
                 let shared = shared.clone();
                 let target = target.clone();
                 shared.tracker.clone().spawn(async move {
+                    let _held = held;
                     target.metrics.outcome(None, "invalid");
                     tracing::warn!(consumer = %target.spec.durable_name, stream_sequence = sequence, error = %reason, "invalid replication job");
                     dead_letter(&shared, &target, &message, sequence, DeadReason::Invalid, &reason, delivered).await;
@@ -354,6 +392,7 @@ fn dispatch_batch<R: Replicator>(
             delivered,
             sequence,
             created_at,
+            held,
         };
         if d.job.change_type().needs_source() {
             let key = (
@@ -361,6 +400,11 @@ fn dispatch_batch<R: Replicator>(
                 d.job.source_node_storage.clone().unwrap_or_default(),
             );
             if let Some(&i) = update_leader.get(&key) {
+                let leader = &mut leaders[i].0;
+                match (&mut leader.held, d.held) {
+                    (Some(l), Some(f)) => l.merge(f),
+                    (l, f) => *l = l.take().or(f),
+                }
                 leaders[i].1.push(d.message);
                 continue;
             }
