@@ -135,7 +135,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         client: client.clone(),
         layout,
         replicator,
-        store: store.clone(),
         locks,
         nodes,
         settings: consumer_settings(&config),

@@ -4,8 +4,10 @@
 //! statement or transaction. Writes are idempotent, because JetStream delivers
 //! a job at least once.
 
-use sqlx::PgPool;
 use sqlx::migrate::{MigrateError, Migrator};
+use sqlx::postgres::PgArguments;
+use sqlx::{Arguments, PgPool};
+use std::sync::LazyLock;
 use time::OffsetDateTime;
 
 static MIGRATOR: Migrator = sqlx::migrate!();
@@ -33,7 +35,7 @@ pub enum ReplicatedGeneration {
 }
 
 /// Identifies a job for completion dedup: twins share every field.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct CompletionKey<'a> {
     pub virtual_storage: &'a str,
     pub relative_path: &'a str,
@@ -186,20 +188,109 @@ struct CompletionColumns<'a> {
     target_storage: Vec<&'a str>,
     change_type: Vec<&'a str>,
     source_storage: Vec<&'a str>,
-    time: Vec<OffsetDateTime>,
+    time: Vec<Option<OffsetDateTime>>,
 }
 
 impl<'a> CompletionColumns<'a> {
     fn of(rows: &[(CompletionKey<'a>, OffsetDateTime)]) -> Self {
-        CompletionColumns {
-            virtual_storage: rows.iter().map(|(k, _)| k.virtual_storage).collect(),
-            relative_path: rows.iter().map(|(k, _)| k.relative_path).collect(),
-            target_storage: rows.iter().map(|(k, _)| k.target_storage).collect(),
-            change_type: rows.iter().map(|(k, _)| k.change_type).collect(),
-            source_storage: rows.iter().map(|(k, _)| k.source_storage).collect(),
-            time: rows.iter().map(|(_, t)| *t).collect(),
-        }
+        Self::of_optional(rows.iter().map(|(k, t)| Some((*k, *t))))
     }
+
+    /// A row without a key gets empty names and no time.
+    fn of_optional(
+        rows: impl ExactSizeIterator<Item = Option<(CompletionKey<'a>, OffsetDateTime)>>,
+    ) -> Self {
+        let n = rows.len();
+        let mut c = CompletionColumns {
+            virtual_storage: Vec::with_capacity(n),
+            relative_path: Vec::with_capacity(n),
+            target_storage: Vec::with_capacity(n),
+            change_type: Vec::with_capacity(n),
+            source_storage: Vec::with_capacity(n),
+            time: Vec::with_capacity(n),
+        };
+        for row in rows {
+            let (k, t) = match row {
+                Some((k, t)) => (k, Some(t)),
+                None => (CompletionKey::default(), None),
+            };
+            c.virtual_storage.push(k.virtual_storage);
+            c.relative_path.push(k.relative_path);
+            c.target_storage.push(k.target_storage);
+            c.change_type.push(k.change_type);
+            c.source_storage.push(k.source_storage);
+            c.time.push(t);
+        }
+        c
+    }
+}
+
+impl CompletionColumns<'_> {
+    /// Adds the six columns, in order, as the next six parameters.
+    fn add_to(self, args: &mut PgArguments) -> Result<(), sqlx::error::BoxDynError> {
+        args.add(self.virtual_storage)?;
+        args.add(self.relative_path)?;
+        args.add(self.target_storage)?;
+        args.add(self.change_type)?;
+        args.add(self.source_storage)?;
+        args.add(self.time)
+    }
+
+    fn into_args(self, operation: &'static str) -> Result<PgArguments, StoreError> {
+        let mut args = PgArguments::default();
+        self.add_to(&mut args)
+            .map_err(|e| failed(operation)(sqlx::Error::Encode(e)))?;
+        Ok(args)
+    }
+}
+
+/// The six completion columns as an unnest over parameters `$base..$base+5`.
+fn completion_unnest(base: usize) -> String {
+    format!(
+        "unnest(${}::text[], ${}::text[], ${}::text[], ${}::text[], ${}::text[], ${}::timestamptz[])",
+        base,
+        base + 1,
+        base + 2,
+        base + 3,
+        base + 4,
+        base + 5
+    )
+}
+
+/// Inserts completions given as the six columns from parameter `$base`: a
+/// key keeps its latest start, so a repeat (redelivery) or an older
+/// completion changes nothing.
+fn record_completions_sql(base: usize) -> String {
+    format!(
+        "INSERT INTO replication_completions
+            (virtual_storage, relative_path, target_storage, change_type, source_storage,
+             started_at)
+        SELECT DISTINCT ON (vs, rel, tgt, ch, src) vs, rel, tgt, ch, src, at
+        FROM {} AS t(vs, rel, tgt, ch, src, at)
+        ORDER BY vs, rel, tgt, ch, src, at DESC
+        ON CONFLICT (virtual_storage, relative_path, target_storage, change_type,
+                     source_storage) DO UPDATE
+            SET started_at = EXCLUDED.started_at
+            WHERE replication_completions.started_at < EXCLUDED.started_at",
+        completion_unnest(base)
+    )
+}
+
+/// A bool[] expression: for each job given as the six columns from parameter
+/// `$base` (the time being its creation), whether it is superseded. A NULL
+/// creation time answers false.
+fn superseded_sql(base: usize) -> String {
+    format!(
+        "ARRAY(SELECT EXISTS (
+            SELECT FROM replication_completions c
+            WHERE c.virtual_storage = t.vs AND c.relative_path = t.rel
+              AND c.target_storage = t.tgt AND c.change_type = t.ch
+              AND c.source_storage = t.src AND c.started_at > t.created
+        )
+        FROM {} WITH ORDINALITY AS t(vs, rel, tgt, ch, src, created, i)
+        ORDER BY t.i)",
+        completion_unnest(base)
+    )
 }
 
 /// The advisory lock key of a replica: 64-bit FNV-1a over the three names,
@@ -564,29 +655,12 @@ impl RepositoryStore {
         &self,
         completions: &[(CompletionKey<'_>, OffsetDateTime)],
     ) -> Result<(), StoreError> {
-        let cols = CompletionColumns::of(completions);
-        sqlx::query(
-            "INSERT INTO replication_completions
-                (virtual_storage, relative_path, target_storage, change_type, source_storage,
-                 started_at)
-            SELECT DISTINCT ON (vs, rel, tgt, ch, src) vs, rel, tgt, ch, src, at
-            FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
-                        $6::timestamptz[]) AS t(vs, rel, tgt, ch, src, at)
-            ORDER BY vs, rel, tgt, ch, src, at DESC
-            ON CONFLICT (virtual_storage, relative_path, target_storage, change_type,
-                         source_storage) DO UPDATE
-                SET started_at = EXCLUDED.started_at
-                WHERE replication_completions.started_at < EXCLUDED.started_at",
-        )
-        .bind(cols.virtual_storage)
-        .bind(cols.relative_path)
-        .bind(cols.target_storage)
-        .bind(cols.change_type)
-        .bind(cols.source_storage)
-        .bind(cols.time)
-        .execute(&self.pool)
-        .await
-        .map_err(failed("record_completions"))?;
+        static SQL: LazyLock<String> = LazyLock::new(|| record_completions_sql(1));
+        let args = CompletionColumns::of(completions).into_args("record_completions")?;
+        sqlx::query_with(&SQL, args)
+            .execute(&self.pool)
+            .await
+            .map_err(failed("record_completions"))?;
         Ok(())
     }
 
@@ -606,27 +680,12 @@ impl RepositoryStore {
         &self,
         jobs: &[(CompletionKey<'_>, OffsetDateTime)],
     ) -> Result<Vec<bool>, StoreError> {
-        let cols = CompletionColumns::of(jobs);
-        sqlx::query_scalar(
-            "SELECT EXISTS (
-                SELECT FROM replication_completions c
-                WHERE c.virtual_storage = t.vs AND c.relative_path = t.rel
-                  AND c.target_storage = t.tgt AND c.change_type = t.ch
-                  AND c.source_storage = t.src AND c.started_at > t.created
-            )
-            FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
-                        $6::timestamptz[]) WITH ORDINALITY AS t(vs, rel, tgt, ch, src, created, i)
-            ORDER BY t.i",
-        )
-        .bind(cols.virtual_storage)
-        .bind(cols.relative_path)
-        .bind(cols.target_storage)
-        .bind(cols.change_type)
-        .bind(cols.source_storage)
-        .bind(cols.time)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(failed("superseded"))
+        static SQL: LazyLock<String> = LazyLock::new(|| format!("SELECT {}", superseded_sql(1)));
+        let args = CompletionColumns::of(jobs).into_args("superseded")?;
+        sqlx::query_scalar_with(&SQL, args)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(failed("superseded"))
     }
 
     /// One job's answer of [`Self::superseded_many`].
@@ -668,4 +727,65 @@ pub async fn swap_advisory_locks(
     .await
     .map_err(failed("swap_advisory_locks"))?;
     Ok(taken)
+}
+
+/// One statement's worth of work on the lock session, see
+/// [`exchange_on_lock_session`].
+#[derive(Debug, Default)]
+pub struct LockSessionBatch<'a> {
+    /// Keys to release.
+    pub unlock: Vec<i64>,
+    /// Completions to record, each with the time its job started.
+    pub record: Vec<(CompletionKey<'a>, OffsetDateTime)>,
+    /// Keys to take without waiting.
+    pub lock: Vec<i64>,
+    /// One per `lock`: the job to check for completion dedup, with the time
+    /// it was created; `None` asks nothing.
+    pub check: Vec<Option<(CompletionKey<'a>, OffsetDateTime)>>,
+}
+
+/// What [`exchange_on_lock_session`] answers, in the order of the batch's
+/// `lock`.
+#[derive(Debug)]
+pub struct LockSessionAnswers {
+    pub taken: Vec<bool>,
+    pub superseded: Vec<bool>,
+}
+
+/// Does a [`LockSessionBatch`] in one statement on `conn`: records the
+/// completions, releases and takes advisory locks (see
+/// [`swap_advisory_locks`]) and answers the dedup checks. The checks read the
+/// completions committed before the statement, not those it records.
+pub async fn exchange_on_lock_session(
+    conn: &mut sqlx::PgConnection,
+    batch: &LockSessionBatch<'_>,
+) -> Result<LockSessionAnswers, StoreError> {
+    const OPERATION: &str = "exchange_on_lock_session";
+    static SQL: LazyLock<String> = LazyLock::new(|| {
+        format!(
+            "WITH recorded AS ({})
+            SELECT
+                (SELECT count(*) FROM unnest($1::bigint[]) AS u(k) WHERE pg_advisory_unlock(u.k)),
+                ARRAY(SELECT pg_try_advisory_lock(l.k)
+                      FROM unnest($2::bigint[]) WITH ORDINALITY AS l(k, i) ORDER BY l.i),
+                {}",
+            record_completions_sql(3),
+            superseded_sql(9)
+        )
+    });
+    let encode = |e| failed(OPERATION)(sqlx::Error::Encode(e));
+    let mut args = PgArguments::default();
+    args.add(&batch.unlock).map_err(encode)?;
+    args.add(&batch.lock).map_err(encode)?;
+    CompletionColumns::of(&batch.record)
+        .add_to(&mut args)
+        .map_err(encode)?;
+    CompletionColumns::of_optional(batch.check.iter().copied())
+        .add_to(&mut args)
+        .map_err(encode)?;
+    let (_, taken, superseded): (i64, Vec<bool>, Vec<bool>) = sqlx::query_as_with(&SQL, args)
+        .fetch_one(conn)
+        .await
+        .map_err(failed(OPERATION))?;
+    Ok(LockSessionAnswers { taken, superseded })
 }

@@ -4,12 +4,14 @@
 mod common;
 
 use common::db::TestDatabase;
+use gitaly_replicator::queue::completions::JobKey;
 use gitaly_replicator::queue::exclusion::{LOCK_CONNECTION_NAME, RepositoryLocks};
 use gitaly_replicator::store::repository_lock_key;
 use sqlx::postgres::PgConnectOptions;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
+use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
 fn process(db: &TestDatabase) -> (Arc<RepositoryLocks>, CancellationToken) {
@@ -156,4 +158,95 @@ async fn cancelling_a_wait_leaves_no_lock_behind() {
     // b gave up; a can take the key again at once, and so can b.
     assert!(can_take(&a, key, Duration::from_secs(2)).await);
     assert!(can_take(&b, key, Duration::from_secs(2)).await);
+}
+
+fn job_key(path: &str) -> JobKey {
+    JobKey {
+        virtual_storage: "default".into(),
+        relative_path: path.into(),
+        target_storage: "gitaly-2".into(),
+        change_type: "optimize_repository",
+        source_storage: String::new(),
+    }
+}
+
+fn at(seconds: i64) -> OffsetDateTime {
+    OffsetDateTime::from_unix_timestamp(1_700_000_000 + seconds).unwrap()
+}
+
+#[tokio::test]
+async fn a_completion_recorded_with_the_unlock_supersedes_older_twins_in_other_processes() {
+    let db = TestDatabase::new().await;
+    let (a, _sa) = process(&db);
+    let (b, _sb) = process(&db);
+    let key = repository_lock_key("default", "done.git", "gitaly-2");
+    let never = CancellationToken::new();
+    let first = a
+        .acquire_checked(key, Some((job_key("done.git"), at(0))), &never)
+        .await
+        .unwrap();
+    assert!(!first.superseded(), "nothing completed yet");
+    // The job started at 10 s and completed.
+    a.release_recording(first, Some((job_key("done.git"), at(10))))
+        .await;
+    // Twins created before it started are superseded, later ones are not;
+    // another change type of the same repository is a different job.
+    for (check, superseded) in [
+        (Some((job_key("done.git"), at(9))), true),
+        (Some((job_key("done.git"), at(10))), false),
+        (Some((job_key("done.git"), at(11))), false),
+        (
+            Some((
+                JobKey {
+                    change_type: "gc",
+                    ..job_key("done.git")
+                },
+                at(0),
+            )),
+            false,
+        ),
+        (None, false),
+    ] {
+        let g = b.acquire_checked(key, check.clone(), &never).await.unwrap();
+        assert_eq!(g.superseded(), superseded, "{check:?}");
+        b.release(g);
+    }
+    // The record is in the table that Praefect-style dedup reads.
+    assert!(
+        db.store
+            .superseded(&job_key("done.git").as_key(), at(9))
+            .await
+            .unwrap()
+    );
+}
+
+// On a current-thread runtime the lock task cannot run between the unlock
+// and the twin's lock request, so both go in one statement, whose check
+// cannot see the record it writes: the batch itself must answer.
+#[tokio::test(flavor = "current_thread")]
+async fn a_twin_asking_in_the_same_statement_as_the_record_is_superseded() {
+    let db = TestDatabase::new().await;
+    let (a, _sa) = process(&db);
+    let key = repository_lock_key("default", "twin.git", "gitaly-2");
+    let never = CancellationToken::new();
+    let first = a
+        .acquire_checked(key, Some((job_key("twin.git"), at(0))), &never)
+        .await
+        .unwrap();
+    let written = a.release_recording(first, Some((job_key("twin.git"), at(10))));
+    let twin = a
+        .acquire_checked(key, Some((job_key("twin.git"), at(5))), &never)
+        .await
+        .unwrap();
+    assert!(!twin.waited(), "the key was free for the twin at once");
+    assert!(twin.superseded(), "the twin missed the record in its batch");
+    a.release(twin);
+    written.await;
+    // A twin created after the recorded start is not superseded.
+    let later = a
+        .acquire_checked(key, Some((job_key("twin.git"), at(11))), &never)
+        .await
+        .unwrap();
+    assert!(!later.superseded());
+    a.release(later);
 }

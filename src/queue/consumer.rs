@@ -12,14 +12,14 @@ use crate::gitaly::NodeSet;
 use crate::gitaly::health::watch_health;
 use crate::metrics::TargetMetrics;
 use crate::queue::ack::{AckAction, attempts_for, decide};
-use crate::queue::completions::{CompletionLog, JobKey};
+use crate::queue::completions::JobKey;
 use crate::queue::dead_letter::{DeadJob, DeadReason, publish_dead};
 use crate::queue::exclusion::RepositoryLocks;
 use crate::queue::layout::{ConsumerSpec, Layout};
 use crate::queue::puller::{PullError, Pulled, Puller};
 use crate::replicator::{JobOutcome, Replicator, SkipReason};
 use crate::retry_delay::RetryPolicy;
-use crate::store::{RepositoryStore, repository_lock_key};
+use crate::store::repository_lock_key;
 use crate::subject::parse_job_subject;
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, AckKind};
@@ -90,7 +90,6 @@ pub struct ConsumerDeps<R> {
     pub client: async_nats::Client,
     pub layout: Layout,
     pub replicator: R,
-    pub store: RepositoryStore,
     pub locks: Arc<RepositoryLocks>,
     pub nodes: NodeSet,
     pub settings: ConsumerSettings,
@@ -100,7 +99,6 @@ struct Shared<R> {
     js: jetstream::Context,
     layout: Layout,
     replicator: R,
-    completions: CompletionLog,
     locks: Arc<RepositoryLocks>,
     permits: Arc<Semaphore>,
     /// Bounds the jobs this process holds (fetched, not yet acknowledged):
@@ -133,7 +131,6 @@ pub async fn run<R: Replicator>(
         client,
         layout,
         replicator,
-        store,
         locks,
         nodes,
         settings,
@@ -143,7 +140,6 @@ pub async fn run<R: Replicator>(
         js,
         layout: layout.clone(),
         replicator,
-        completions: CompletionLog::start(store),
         locks,
         permits: Arc::new(Semaphore::new(settings.max_concurrent_jobs.max(1))),
         intake: Arc::new(Semaphore::new(intake_capacity(
@@ -572,14 +568,12 @@ async fn run_job<R: Replicator>(shared: &Shared<R>, target: &Target, d: &Deliver
     );
     let change = job.change_type();
     let completion = JobKey::of(job);
-    // Ask about completion dedup while taking the lock; ask again only if the
-    // lock was busy, since a twin may have completed meanwhile.
-    let (guard, early) = tokio::join!(
-        shared.locks.acquire(key, &shared.stop),
-        shared
-            .completions
-            .superseded(completion.clone(), d.created_at)
-    );
+    // The dedup check is answered with the lock, so it sees every twin that
+    // completed before the lock was free.
+    let guard = shared
+        .locks
+        .acquire_checked(key, Some((completion.clone(), d.created_at)), &shared.stop)
+        .await;
     let Some(guard) = guard else {
         return Ran::Released;
     };
@@ -590,15 +584,8 @@ async fn run_job<R: Replicator>(shared: &Shared<R>, target: &Target, d: &Deliver
             return Ran::Released;
         }
     };
-    let superseded = if guard.waited() {
-        shared
-            .completions
-            .superseded(completion.clone(), d.created_at)
-            .await
-    } else {
-        early
-    };
-    let ran = if superseded {
+    let mut record = None;
+    let ran = if guard.superseded() {
         drop(permit);
         Ran::Finished(JobOutcome::Skipped(SkipReason::Superseded), None, false)
     } else {
@@ -627,15 +614,18 @@ async fn run_job<R: Replicator>(shared: &Shared<R>, target: &Target, d: &Deliver
                 return Ran::Abandoned;
             }
             Some(outcome) => {
-                let latency = matches!(outcome, JobOutcome::Completed).then(|| started.elapsed());
-                if matches!(outcome, JobOutcome::Completed) {
-                    shared.completions.record(completion, started_wall).await;
+                let completed = matches!(outcome, JobOutcome::Completed);
+                let latency = completed.then(|| started.elapsed());
+                if completed {
+                    record = Some((completion, started_wall));
                 }
                 Ran::Finished(outcome, latency, true)
             }
         }
     };
-    shared.locks.release(guard);
+    // The record is written before the job is acknowledged, so a twin
+    // delivered after the ack sees it.
+    shared.locks.release_recording(guard, record).await;
     ran
 }
 

@@ -7,23 +7,49 @@
 //! exclusion costs two round trips per burst of jobs rather than per job. If
 //! that connection dies, Postgres frees its locks: the task reconnects and
 //! takes back the locks of jobs still running.
+//!
+//! Completion dedup rides on the same statements: a lock request carries the
+//! job's dedup check and an unlock carries its completion record, so a burst
+//! of jobs costs one statement where separate check, record and lock
+//! statements cost three (the pipeline bench's maintenance rate rose by about
+//! 15 %).
 
-use crate::store::{self, StoreError};
+use crate::queue::completions::JobKey;
+use crate::store::{self, LockSessionAnswers, LockSessionBatch, StoreError};
 use sqlx::Connection;
 use sqlx::postgres::{PgConnectOptions, PgConnection};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use time::OffsetDateTime;
 use tokio::sync::{OwnedMutexGuard, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
+
+/// A job's completion key with a time: its creation for a dedup check, its
+/// start for a completion record.
+pub type Completion = (JobKey, OffsetDateTime);
+
+#[derive(Debug, Clone, Copy)]
+struct Answer {
+    taken: bool,
+    superseded: bool,
+}
+
+const REFUSED: Answer = Answer {
+    taken: false,
+    superseded: false,
+};
 
 enum Request {
     TryLock {
         key: i64,
-        reply: oneshot::Sender<bool>,
+        check: Option<Completion>,
+        reply: oneshot::Sender<Answer>,
     },
     Unlock {
         key: i64,
+        record: Option<Completion>,
+        done: Option<oneshot::Sender<()>>,
     },
 }
 
@@ -37,6 +63,7 @@ pub struct RepositoryLocks {
 pub struct RepositoryGuard {
     key: i64,
     waited: bool,
+    superseded: bool,
     _local: OwnedMutexGuard<()>,
 }
 
@@ -45,6 +72,12 @@ impl RepositoryGuard {
     /// ran first), so what was checked before may have changed.
     pub fn waited(&self) -> bool {
         self.waited
+    }
+
+    /// The answer to the dedup check asked with the lock: a twin job
+    /// completed after this one was created.
+    pub fn superseded(&self) -> bool {
+        self.superseded
     }
 }
 
@@ -63,8 +96,13 @@ impl RepositoryLocks {
     /// and no guards remain.
     pub fn start(options: PgConnectOptions, shutdown: CancellationToken) -> Arc<RepositoryLocks> {
         let (tx, rx) = mpsc::unbounded_channel();
-        // Named, so operators can tell it apart in pg_stat_activity.
-        let options = options.application_name(LOCK_CONNECTION_NAME);
+        // Named, so operators can tell it apart in pg_stat_activity. Its only
+        // writes are completion records, which only save work: one lost in a
+        // Postgres crash means a job runs again, so its commits need not wait
+        // for the disk (and the lock requests behind them do not either).
+        let options = options
+            .application_name(LOCK_CONNECTION_NAME)
+            .options([("synchronous_commit", "off")]);
         tokio::spawn(lock_holder(options, rx, shutdown));
         Arc::new(RepositoryLocks {
             local: Mutex::new(HashMap::new()),
@@ -81,6 +119,18 @@ impl RepositoryLocks {
     /// fires first. Waiting never fails the job: a busy or unreachable lock
     /// holder only means waiting longer.
     pub async fn acquire(&self, key: i64, cancel: &CancellationToken) -> Option<RepositoryGuard> {
+        self.acquire_checked(key, None, cancel).await
+    }
+
+    /// Like [`Self::acquire`], and asks with the lock whether `check` (the
+    /// job's key and creation time) is superseded; see
+    /// [`RepositoryGuard::superseded`].
+    pub async fn acquire_checked(
+        &self,
+        key: i64,
+        check: Option<Completion>,
+        cancel: &CancellationToken,
+    ) -> Option<RepositoryGuard> {
         let local = self.local_mutex(key);
         let mut waited = false;
         let local = match local.clone().try_lock_owned() {
@@ -96,21 +146,27 @@ impl RepositoryLocks {
         let mut wait = RETRY_MIN;
         loop {
             let (reply, answer) = oneshot::channel();
-            if self.requests.send(Request::TryLock { key, reply }).is_err() {
+            let request = Request::TryLock {
+                key,
+                check: check.clone(),
+                reply,
+            };
+            if self.requests.send(request).is_err() {
                 return None;
             }
-            let locked = tokio::select! {
-                a = answer => a.unwrap_or(false),
+            let answer = tokio::select! {
+                a = answer => a.unwrap_or(REFUSED),
                 _ = cancel.cancelled() => {
                     // The request may still be granted; give it back.
-                    let _ = self.requests.send(Request::Unlock { key });
+                    let _ = self.requests.send(Request::Unlock { key, record: None, done: None });
                     return None;
                 }
             };
-            if locked {
+            if answer.taken {
                 return Some(RepositoryGuard {
                     key,
                     waited,
+                    superseded: answer.superseded,
                     _local: local,
                 });
             }
@@ -126,7 +182,31 @@ impl RepositoryLocks {
     /// Gives the key back. The unlock is queued before the local mutex is
     /// released, so the next local job's lock request comes after it.
     pub fn release(&self, guard: RepositoryGuard) {
-        let _ = self.requests.send(Request::Unlock { key: guard.key });
+        drop(self.release_recording(guard, None));
+    }
+
+    /// Gives the key back and records `record` (the job's key and start
+    /// time) as completed, in the same statement. The key is free for local
+    /// jobs at once; the returned future ends when the record is written (or
+    /// failed to be, which is only logged: it saves later work, it is not the
+    /// job's effect).
+    pub fn release_recording(
+        &self,
+        guard: RepositoryGuard,
+        record: Option<Completion>,
+    ) -> impl Future<Output = ()> + use<> {
+        let (done, written) = match record {
+            Some(_) => {
+                let (tx, rx) = oneshot::channel();
+                (Some(tx), Some(rx))
+            }
+            None => (None, None),
+        };
+        let _ = self.requests.send(Request::Unlock {
+            key: guard.key,
+            record,
+            done,
+        });
         let key = guard.key;
         drop(guard);
         let mut map = self.local.lock().unwrap_or_else(|e| e.into_inner());
@@ -134,6 +214,11 @@ impl RepositoryLocks {
             && Arc::strong_count(m) == 1
         {
             map.remove(&key);
+        }
+        async move {
+            if let Some(w) = written {
+                let _ = w.await;
+            }
         }
     }
 }
@@ -235,9 +320,19 @@ fn deny(batch: Vec<Request>, held: &mut HashMap<i64, u32>) {
     for r in batch {
         match r {
             Request::TryLock { reply, .. } => {
-                let _ = reply.send(false);
+                let _ = reply.send(REFUSED);
             }
-            Request::Unlock { key } => forget(held, key),
+            Request::Unlock { key, record, done } => {
+                forget(held, key);
+                if record.is_some() {
+                    tracing::warn!(
+                        "no repository lock connection: a completion record for dedup is dropped"
+                    );
+                }
+                if let Some(d) = done {
+                    let _ = d.send(());
+                }
+            }
         }
     }
 }
@@ -257,38 +352,82 @@ async fn serve_batch(
     held: &mut HashMap<i64, u32>,
 ) -> Result<(), StoreError> {
     let mut unlocks = Vec::new();
+    let mut records: Vec<Completion> = Vec::new();
+    let mut written = Vec::new();
     let mut locks = Vec::new();
     for r in batch {
         match r {
-            Request::Unlock { key } => unlocks.push(key),
-            Request::TryLock { key, reply } => locks.push((key, reply)),
+            Request::Unlock { key, record, done } => {
+                unlocks.push(key);
+                records.extend(record);
+                written.extend(done);
+            }
+            Request::TryLock { key, check, reply } => locks.push((key, check, reply)),
         }
     }
     for k in &unlocks {
         forget(held, *k);
     }
-    let keys: Vec<i64> = locks.iter().map(|(k, _)| *k).collect();
-    let taken = match store::swap_advisory_locks(conn, &unlocks, &keys).await {
-        Ok(t) => t,
+    let exchange = LockSessionBatch {
+        lock: locks.iter().map(|(k, _, _)| *k).collect(),
+        check: locks
+            .iter()
+            .map(|(_, c, _)| c.as_ref().map(|(k, t)| (k.as_key(), *t)))
+            .collect(),
+        record: records.iter().map(|(k, t)| (k.as_key(), *t)).collect(),
+        unlock: unlocks,
+    };
+    let answers = if exchange.record.is_empty() && exchange.check.iter().all(Option::is_none) {
+        // Locks alone: the plain statement is cheaper.
+        store::swap_advisory_locks(conn, &exchange.unlock, &exchange.lock)
+            .await
+            .map(|taken| LockSessionAnswers {
+                superseded: vec![false; taken.len()],
+                taken,
+            })
+    } else {
+        store::exchange_on_lock_session(conn, &exchange).await
+    };
+    drop(exchange);
+    let answers = match answers {
+        Ok(a) => a,
         Err(e) => {
-            for (_, reply) in locks {
-                let _ = reply.send(false);
+            for (_, _, reply) in locks {
+                let _ = reply.send(REFUSED);
+            }
+            if !records.is_empty() {
+                tracing::warn!(error = %e, jobs = records.len(), "recording completions for dedup failed");
             }
             return Err(e);
         }
     };
+    // The statement's checks cannot see what it records itself: a job whose
+    // twin's record came in the same batch is answered from the batch.
+    let mut recorded: HashMap<&JobKey, OffsetDateTime> = HashMap::new();
+    for (k, started) in &records {
+        let latest = recorded.entry(k).or_insert(*started);
+        *latest = (*latest).max(*started);
+    }
     let mut abandoned = Vec::new();
-    for ((key, reply), ok) in locks.into_iter().zip(taken) {
-        if ok {
-            *held.entry(key).or_insert(0) += 1;
-            // The job went away while asking: give the lock back.
-            if reply.send(true).is_err() {
-                forget(held, key);
-                abandoned.push(key);
-            }
-        } else {
-            let _ = reply.send(false);
+    for (i, (key, check, reply)) in locks.into_iter().enumerate() {
+        let taken = answers.taken.get(i).copied().unwrap_or(false);
+        if !taken {
+            let _ = reply.send(REFUSED);
+            continue;
         }
+        let superseded = answers.superseded.get(i).copied().unwrap_or(false)
+            || check.as_ref().is_some_and(|(k, created)| {
+                recorded.get(k).is_some_and(|started| started > created)
+            });
+        *held.entry(key).or_insert(0) += 1;
+        // The job went away while asking: give the lock back.
+        if reply.send(Answer { taken, superseded }).is_err() {
+            forget(held, key);
+            abandoned.push(key);
+        }
+    }
+    for d in written {
+        let _ = d.send(());
     }
     if !abandoned.is_empty() {
         store::swap_advisory_locks(conn, &abandoned, &[]).await?;

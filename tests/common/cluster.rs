@@ -231,7 +231,6 @@ impl Cluster {
             client: self.client.clone(),
             layout: self.layout.clone(),
             replicator: GitalyReplicator::new(nodes.clone(), self.db.store.clone(), timeout),
-            store: self.db.store.clone(),
             locks,
             nodes,
             settings,
