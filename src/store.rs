@@ -729,6 +729,15 @@ pub async fn swap_advisory_locks(
     Ok(taken)
 }
 
+/// Lets this session's commits return before their WAL is flushed.
+pub async fn relax_commit_durability(conn: &mut sqlx::PgConnection) -> Result<(), StoreError> {
+    sqlx::query("SET synchronous_commit = off")
+        .execute(conn)
+        .await
+        .map_err(failed("relax_commit_durability"))?;
+    Ok(())
+}
+
 /// One statement's worth of work on the lock session, see
 /// [`exchange_on_lock_session`].
 #[derive(Debug, Default)]

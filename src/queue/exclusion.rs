@@ -96,13 +96,8 @@ impl RepositoryLocks {
     /// and no guards remain.
     pub fn start(options: PgConnectOptions, shutdown: CancellationToken) -> Arc<RepositoryLocks> {
         let (tx, rx) = mpsc::unbounded_channel();
-        // Named, so operators can tell it apart in pg_stat_activity. Its only
-        // writes are completion records, which only save work: one lost in a
-        // Postgres crash means a job runs again, so its commits need not wait
-        // for the disk (and the lock requests behind them do not either).
-        let options = options
-            .application_name(LOCK_CONNECTION_NAME)
-            .options([("synchronous_commit", "off")]);
+        // Named, so operators can tell it apart in pg_stat_activity.
+        let options = options.application_name(LOCK_CONNECTION_NAME);
         tokio::spawn(lock_holder(options, rx, shutdown));
         Arc::new(RepositoryLocks {
             local: Mutex::new(HashMap::new()),
@@ -291,6 +286,14 @@ async fn reconnect(
             return false;
         }
     };
+    // The session's only writes are completion records, which only save
+    // work: one lost in a Postgres crash means a job runs again, so its
+    // commits need not wait for the disk, nor the lock requests behind them.
+    // Set by a statement rather than a startup option, which PgBouncer refuses.
+    if let Err(e) = store::relax_commit_durability(&mut c).await {
+        tracing::warn!(error = %e, "cannot set up the repository lock connection; retrying");
+        return false;
+    }
     let keys: Vec<i64> = held.keys().copied().collect();
     if !keys.is_empty() {
         match store::swap_advisory_locks(&mut c, &[], &keys).await {
