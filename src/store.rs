@@ -149,6 +149,11 @@ fn failed(operation: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
     move |source| StoreError::Query { operation, source }
 }
 
+/// Like [`failed`], for a parameter that could not be encoded.
+fn encode_failed(operation: &'static str) -> impl Fn(sqlx::error::BoxDynError) -> StoreError {
+    move |e| failed(operation)(sqlx::Error::Encode(e))
+}
+
 impl ReplicatedGeneration {
     fn decide(source: i64, target: Option<i64>) -> Self {
         match target {
@@ -238,8 +243,7 @@ impl CompletionColumns<'_> {
 
     fn into_args(self, operation: &'static str) -> Result<PgArguments, StoreError> {
         let mut args = PgArguments::default();
-        self.add_to(&mut args)
-            .map_err(|e| failed(operation)(sqlx::Error::Encode(e)))?;
+        self.add_to(&mut args).map_err(encode_failed(operation))?;
         Ok(args)
     }
 }
@@ -703,6 +707,13 @@ impl RepositoryStore {
     }
 }
 
+/// The select list of a lock swap: the count of keys released from `$1`, and
+/// whether each key of `$2` was taken, in order.
+const LOCK_SWAP_COLUMNS: &str = "
+    (SELECT count(*) FROM unnest($1::bigint[]) AS u(k) WHERE pg_advisory_unlock(u.k)),
+    ARRAY(SELECT pg_try_advisory_lock(l.k)
+          FROM unnest($2::bigint[]) WITH ORDINALITY AS l(k, i) ORDER BY l.i)";
+
 /// Releases the session advisory locks of `unlock` and takes, without
 /// waiting, those of `lock`, on `conn`, in one statement; answers whether each
 /// of `lock` was taken, in order. Locks are reentrant per session, so a key
@@ -715,17 +726,13 @@ pub async fn swap_advisory_locks(
     unlock: &[i64],
     lock: &[i64],
 ) -> Result<Vec<bool>, StoreError> {
-    let (_, taken): (i64, Vec<bool>) = sqlx::query_as(
-        "SELECT
-            (SELECT count(*) FROM unnest($1::bigint[]) AS u(k) WHERE pg_advisory_unlock(u.k)),
-            ARRAY(SELECT pg_try_advisory_lock(l.k)
-                  FROM unnest($2::bigint[]) WITH ORDINALITY AS l(k, i) ORDER BY l.i)",
-    )
-    .bind(unlock)
-    .bind(lock)
-    .fetch_one(conn)
-    .await
-    .map_err(failed("swap_advisory_locks"))?;
+    static SQL: LazyLock<String> = LazyLock::new(|| format!("SELECT {LOCK_SWAP_COLUMNS}"));
+    let (_, taken): (i64, Vec<bool>) = sqlx::query_as(&SQL)
+        .bind(unlock)
+        .bind(lock)
+        .fetch_one(conn)
+        .await
+        .map_err(failed("swap_advisory_locks"))?;
     Ok(taken)
 }
 
@@ -773,25 +780,21 @@ pub async fn exchange_on_lock_session(
     static SQL: LazyLock<String> = LazyLock::new(|| {
         format!(
             "WITH recorded AS ({})
-            SELECT
-                (SELECT count(*) FROM unnest($1::bigint[]) AS u(k) WHERE pg_advisory_unlock(u.k)),
-                ARRAY(SELECT pg_try_advisory_lock(l.k)
-                      FROM unnest($2::bigint[]) WITH ORDINALITY AS l(k, i) ORDER BY l.i),
-                {}",
+            SELECT {LOCK_SWAP_COLUMNS}, {}",
             record_completions_sql(3),
             superseded_sql(9)
         )
     });
-    let encode = |e| failed(OPERATION)(sqlx::Error::Encode(e));
+    let encode = encode_failed(OPERATION);
     let mut args = PgArguments::default();
-    args.add(&batch.unlock).map_err(encode)?;
-    args.add(&batch.lock).map_err(encode)?;
+    args.add(&batch.unlock).map_err(&encode)?;
+    args.add(&batch.lock).map_err(&encode)?;
     CompletionColumns::of(&batch.record)
         .add_to(&mut args)
-        .map_err(encode)?;
+        .map_err(&encode)?;
     CompletionColumns::of_optional(batch.check.iter().copied())
         .add_to(&mut args)
-        .map_err(encode)?;
+        .map_err(&encode)?;
     let (_, taken, superseded): (i64, Vec<bool>, Vec<bool>) = sqlx::query_as_with(&SQL, args)
         .fetch_one(conn)
         .await
