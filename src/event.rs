@@ -76,6 +76,19 @@ impl ChangeType {
     pub fn needs_source(self) -> bool {
         matches!(self, ChangeType::Update | ChangeType::Create)
     }
+
+    /// Whether the job changes what a replica holds (and so takes effect in
+    /// publish order), rather than only maintaining it.
+    pub fn changes_state(self) -> bool {
+        matches!(
+            self,
+            ChangeType::Update
+                | ChangeType::Create
+                | ChangeType::Delete
+                | ChangeType::DeleteReplica
+                | ChangeType::Rename
+        )
+    }
 }
 
 impl fmt::Display for ChangeType {

@@ -1,11 +1,13 @@
 //! Generation reads and writes of many concurrent `update` jobs, sent to
 //! Postgres in batches: one statement (and one commit) per burst of jobs
 //! instead of per job. Each job still waits for its own answer, so a job is
-//! acknowledged only after its generation is stored.
+//! acknowledged only after its generation is stored. A batch that fails is
+//! tried again row by row, so one bad row fails only its own job.
 
 use crate::coalescer::Coalescer;
 use crate::store::{
-    GenerationQuery, GenerationRecord, ReplicatedGeneration, RepositoryStore, StoreError,
+    Gated, GenerationQuery, GenerationRecord, ReplicatedGeneration, RepositoryStore, StoreError,
+    WriteOrder,
 };
 use tokio::sync::oneshot;
 
@@ -14,7 +16,20 @@ struct Read {
     relative_path: String,
     source: String,
     target: String,
+    order: Option<(String, i64)>,
     reply: oneshot::Sender<Result<ReplicatedGeneration, StoreError>>,
+}
+
+impl Read {
+    fn query(&self) -> GenerationQuery<'_> {
+        GenerationQuery {
+            virtual_storage: &self.virtual_storage,
+            relative_path: &self.relative_path,
+            source: &self.source,
+            target: &self.target,
+            order: self.order.as_ref().map(|(s, q)| (s.as_str(), *q)),
+        }
+    }
 }
 
 struct Write {
@@ -22,7 +37,20 @@ struct Write {
     relative_path: String,
     storage: String,
     generation: i64,
-    reply: oneshot::Sender<Result<bool, StoreError>>,
+    order: Option<WriteOrder>,
+    reply: oneshot::Sender<Result<Gated<bool>, StoreError>>,
+}
+
+impl Write {
+    fn record(&self) -> GenerationRecord<'_> {
+        GenerationRecord {
+            virtual_storage: &self.virtual_storage,
+            relative_path: &self.relative_path,
+            storage: &self.storage,
+            generation: self.generation,
+            order: self.order.as_ref(),
+        }
+    }
 }
 
 /// Batched front of the store's generation operations.
@@ -42,22 +70,38 @@ fn stopped(operation: &'static str) -> StoreError {
     }
 }
 
-/// Sends each job of a batch its own answer, or every job the batch's error.
-fn answer_each<T>(
-    replies: impl Iterator<Item = oneshot::Sender<Result<T, StoreError>>>,
-    answers: Result<Vec<T>, StoreError>,
-) {
-    match answers {
-        Ok(answers) => {
-            for (reply, answer) in replies.zip(answers) {
-                let _ = reply.send(Ok(answer));
+/// Runs `$statement` (an expression of `$rows_var`, a slice of rows) over
+/// all `$rows`; if it fails, runs it again for each row alone, so a row that
+/// breaks the statement fails only its own job. A macro, because a closure
+/// over borrowed rows cannot name the lifetimes of the spawned batch task.
+macro_rules! each_answered {
+    ($rows:expr, |$rows_var:ident| $statement:expr) => {{
+        let rows = $rows;
+        let whole = {
+            let $rows_var = rows;
+            $statement
+        };
+        match whole {
+            Ok(answers) if answers.len() == rows.len() => answers.into_iter().map(Ok).collect(),
+            Err(e) if rows.len() == 1 => vec![Err(e)],
+            _ => {
+                let mut out = Vec::with_capacity(rows.len());
+                for row in rows {
+                    let $rows_var = std::slice::from_ref(row);
+                    let one = $statement;
+                    out.push(one.and_then(|mut a| a.pop().ok_or_else(missing_answer)));
+                }
+                out
             }
         }
-        Err(e) => {
-            for reply in replies {
-                let _ = reply.send(Err(e.for_batch()));
-            }
-        }
+    }};
+}
+
+fn missing_answer() -> StoreError {
+    StoreError::Batch {
+        operation: "generation batch",
+        message: "no answer for the row".into(),
+        retryable: true,
     }
 }
 
@@ -68,17 +112,12 @@ impl GenerationBatcher {
         let reads = Coalescer::start(MAX_BATCH, 2, move |batch: Vec<Read>| {
             let store = s.clone();
             async move {
-                let queries: Vec<_> = batch
-                    .iter()
-                    .map(|r| GenerationQuery {
-                        virtual_storage: &r.virtual_storage,
-                        relative_path: &r.relative_path,
-                        source: &r.source,
-                        target: &r.target,
-                    })
-                    .collect();
-                let answers = store.replicated_generations(&queries).await;
-                answer_each(batch.into_iter().map(|r| r.reply), answers);
+                let queries: Vec<_> = batch.iter().map(Read::query).collect();
+                let answers: Vec<_> =
+                    each_answered!(&queries[..], |q| store.replicated_generations(q).await);
+                for (read, answer) in batch.into_iter().zip(answers) {
+                    let _ = read.reply.send(answer);
+                }
             }
         });
         // One write batch at a time: concurrent multi-row upserts could
@@ -86,41 +125,38 @@ impl GenerationBatcher {
         let writes = Coalescer::start(MAX_BATCH, 1, move |batch: Vec<Write>| {
             let store = store.clone();
             async move {
-                let records: Vec<_> = batch
-                    .iter()
-                    .map(|w| GenerationRecord {
-                        virtual_storage: &w.virtual_storage,
-                        relative_path: &w.relative_path,
-                        storage: &w.storage,
-                        generation: w.generation,
-                    })
-                    .collect();
-                let mut result = store.set_generations(&records).await;
-                // Another process's batch may still deadlock with ours; one
-                // retry settles it without failing every job of the batch.
-                if result.as_ref().is_err_and(StoreError::is_deadlock) {
-                    result = store.set_generations(&records).await;
+                let records: Vec<_> = batch.iter().map(Write::record).collect();
+                let answers: Vec<_> = each_answered!(&records[..], |r| {
+                    let mut result = store.set_generations(r).await;
+                    // Another process's batch may still deadlock with ours;
+                    // one retry settles it without failing every job.
+                    if result.as_ref().is_err_and(StoreError::is_deadlock) {
+                        result = store.set_generations(r).await;
+                    }
+                    result
+                });
+                drop(records);
+                for (write, answer) in batch.into_iter().zip(answers) {
+                    let _ = write.reply.send(answer);
                 }
-                answer_each(batch.into_iter().map(|w| w.reply), result);
             }
         });
         GenerationBatcher { reads, writes }
     }
 
-    /// [`RepositoryStore::replicated_generation`], batched.
+    /// [`RepositoryStore::replicated_generation`], batched; with `order`, a
+    /// job superseded on the target answers `Superseded`.
     pub async fn replicated_generation(
         &self,
-        virtual_storage: &str,
-        relative_path: &str,
-        source: &str,
-        target: &str,
+        query: GenerationQuery<'_>,
     ) -> Result<ReplicatedGeneration, StoreError> {
         let (reply, answer) = oneshot::channel();
         let read = Read {
-            virtual_storage: virtual_storage.to_owned(),
-            relative_path: relative_path.to_owned(),
-            source: source.to_owned(),
-            target: target.to_owned(),
+            virtual_storage: query.virtual_storage.to_owned(),
+            relative_path: query.relative_path.to_owned(),
+            source: query.source.to_owned(),
+            target: query.target.to_owned(),
+            order: query.order.map(|(s, q)| (s.to_owned(), q)),
             reply,
         };
         if !self.reads.send(read) {
@@ -131,23 +167,22 @@ impl GenerationBatcher {
             .unwrap_or_else(|_| Err(stopped("replicated_generation")))
     }
 
-    /// [`RepositoryStore::set_generation`], batched.
+    /// [`RepositoryStore::set_generations`] for one replica, batched. An
+    /// ungated write of generation -1 has nothing to do.
     pub async fn set_generation(
         &self,
-        virtual_storage: &str,
-        relative_path: &str,
-        storage: &str,
-        generation: i64,
-    ) -> Result<bool, StoreError> {
-        if generation == -1 {
-            return Ok(false);
+        record: GenerationRecord<'_>,
+    ) -> Result<Gated<bool>, StoreError> {
+        if record.generation == -1 && record.order.is_none() {
+            return Ok(Gated::Written(false));
         }
         let (reply, answer) = oneshot::channel();
         let write = Write {
-            virtual_storage: virtual_storage.to_owned(),
-            relative_path: relative_path.to_owned(),
-            storage: storage.to_owned(),
-            generation,
+            virtual_storage: record.virtual_storage.to_owned(),
+            relative_path: record.relative_path.to_owned(),
+            storage: record.storage.to_owned(),
+            generation: record.generation,
+            order: record.order.cloned(),
             reply,
         };
         if !self.writes.send(write) {

@@ -7,7 +7,10 @@ use crate::generation_batcher::GenerationBatcher;
 use crate::gitaly::metadata::{GITALY_SERVERS, encode_gitaly_servers};
 use crate::gitaly::{CallContext, CallError, CallErrorKind, NodeClient, NodeSet};
 use crate::proto::gitaly as pb;
-use crate::store::{ReplicatedGeneration, RepositoryStore, StoreError};
+use crate::store::{
+    Gated, GenerationQuery, GenerationRecord, ReplicatedGeneration, RepositoryStore, StoreError,
+    WriteOrder,
+};
 use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
@@ -30,6 +33,9 @@ pub enum SkipReason {
     Superseded,
     /// An identical update in the same batch was dispatched instead.
     Collapsed,
+    /// A state-changing job published later already took effect on the
+    /// replica; applying this one would undo it.
+    OutOfOrder,
 }
 
 impl fmt::Display for SkipReason {
@@ -52,6 +58,9 @@ impl fmt::Display for SkipReason {
             SkipReason::Collapsed => {
                 f.write_str("collapsed into an identical update in the same batch")
             }
+            SkipReason::OutOfOrder => {
+                f.write_str("a job published later already took effect on this replica")
+            }
         }
     }
 }
@@ -63,6 +72,12 @@ pub enum ReplicationError {
     Call(#[from] CallError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// Retried: during a rolling config change another process may know it.
+    #[error("source storage {storage:?} is not configured in virtual storage {virtual_storage:?}")]
+    UnknownSource {
+        virtual_storage: String,
+        storage: String,
+    },
 }
 
 /// The result of one job; the consumer turns it into an acknowledgement.
@@ -79,6 +94,9 @@ pub enum JobOutcome {
         method: &'static str,
         message: String,
     },
+    /// The job's repository lock was lost before its write: it wrote
+    /// nothing and must run again, without losing an attempt.
+    Interrupted,
 }
 
 impl JobOutcome {
@@ -90,6 +108,7 @@ impl JobOutcome {
             JobOutcome::Failed(_) => "failed",
             JobOutcome::Invalid(_) => "invalid",
             JobOutcome::Unsupported { .. } => "unsupported",
+            JobOutcome::Interrupted => "interrupted",
         }
     }
 }
@@ -97,7 +116,18 @@ impl JobOutcome {
 /// Runs one job to an outcome. Implementations must be idempotent: a job can
 /// be delivered again after it took effect.
 pub trait Replicator: Send + Sync + 'static {
-    fn replicate(&self, job: &Job) -> impl Future<Output = JobOutcome> + Send;
+    /// Runs `job`; with `order`, a state-changing job checks and records its
+    /// place among its replica's jobs and writes only under its lock.
+    fn replicate_in_order(
+        &self,
+        job: &Job,
+        order: Option<&WriteOrder>,
+    ) -> impl Future<Output = JobOutcome> + Send;
+
+    /// Runs `job` outside any order (tools and tests).
+    fn replicate(&self, job: &Job) -> impl Future<Output = JobOutcome> + Send {
+        self.replicate_in_order(job, None)
+    }
 }
 
 /// The replicator that talks to Gitaly nodes and the repository store.
@@ -140,6 +170,15 @@ fn store_failed(e: StoreError) -> JobOutcome {
     JobOutcome::Failed(e.into())
 }
 
+/// The outcome of a job whose gated write answered `gated`.
+fn after_write<T>(gated: Gated<T>, done: JobOutcome) -> JobOutcome {
+    match gated {
+        Gated::Written(_) => done,
+        Gated::Superseded => JobOutcome::Skipped(SkipReason::OutOfOrder),
+        Gated::LockLost => JobOutcome::Interrupted,
+    }
+}
+
 fn repo(storage: &str, relative_path: &str) -> Option<pb::Repository> {
     Some(pb::Repository {
         storage_name: storage.to_owned(),
@@ -167,56 +206,66 @@ impl GitalyReplicator {
         &self.store
     }
 
-    fn node(&self, job: &Job, storage: &str, role: &str) -> Step<&Arc<NodeClient>> {
+    /// The target's client. A consumer only runs for configured targets, so
+    /// a miss means the payload names another target than its subject.
+    fn target(&self, job: &Job) -> Step<&Arc<NodeClient>> {
+        let storage = &job.target_node_storage;
         self.nodes
             .get(&job.virtual_storage, storage)
             .ok_or_else(|| {
                 JobOutcome::Invalid(format!(
-                    "{role} storage {storage:?} is not configured in virtual storage {:?}",
+                    "target storage {storage:?} is not configured in virtual storage {:?}",
                     job.virtual_storage
                 ))
             })
     }
 
-    async fn run(&self, job: &Job) -> Step<JobOutcome> {
-        let target = self.node(job, &job.target_node_storage, "target")?;
+    async fn run(&self, job: &Job, order: Option<&WriteOrder>) -> Step<JobOutcome> {
+        let target = self.target(job)?;
         let ctx = CallContext::new(job.correlation_id.clone(), self.job_timeout);
         let target_repo = repo(&job.target_node_storage, &job.relative_path);
+        let (vs, rel, storage) = job.repository_key();
         match &job.change {
-            Change::Update | Change::Create => self.update(job, target, &ctx).await,
+            Change::Update | Change::Create => self.update(job, target, &ctx, order).await,
             Change::Delete | Change::DeleteReplica => {
-                let mut client = target.repository_service();
-                let req = target.request(
-                    pb::RemoveRepositoryRequest {
-                        repository: target_repo,
-                    },
-                    &ctx,
-                );
-                match target
-                    .call("RemoveRepository", &ctx, client.remove_repository(req))
-                    .await
-                {
-                    // Already gone: a redelivery after the removal took effect.
-                    Err(e) if e.kind == CallErrorKind::NotFound => {}
-                    r => {
-                        r.map_err(call_failed)?;
-                    }
+                if self.superseded(&[(vs, rel, storage)], order).await?[0] {
+                    return Ok(JobOutcome::Skipped(SkipReason::OutOfOrder));
                 }
-                let (vs, rel, storage) = job.repository_key();
-                if matches!(job.change, Change::Delete) {
+                self.remove(target, &ctx, target_repo).await?;
+                let gated = if matches!(job.change, Change::Delete) {
                     self.store
-                        .delete_repository(vs, rel, &[storage])
+                        .delete_repository_in_order(vs, rel, storage, order)
                         .await
-                        .map_err(store_failed)?;
                 } else {
                     self.store
-                        .delete_replica(vs, rel, storage)
+                        .delete_replica_in_order(vs, rel, storage, order)
                         .await
-                        .map_err(store_failed)?;
-                }
-                Ok(JobOutcome::Completed)
+                };
+                Ok(after_write(
+                    gated.map_err(store_failed)?,
+                    JobOutcome::Completed,
+                ))
             }
             Change::Rename { new_relative_path } => {
+                let keys = [
+                    (vs, rel, storage),
+                    (vs, new_relative_path.as_str(), storage),
+                ];
+                let superseded = self.superseded(&keys, order).await?;
+                if superseded[0] {
+                    return Ok(JobOutcome::Skipped(SkipReason::OutOfOrder));
+                }
+                if superseded[1] {
+                    // A later job already settled the new path; what is
+                    // left of the rename is that the old path is gone.
+                    self.remove(target, &ctx, target_repo).await?;
+                    let gated = self
+                        .store
+                        .delete_replica_in_order(vs, rel, storage, order)
+                        .await
+                        .map_err(store_failed)?;
+                    return Ok(after_write(gated, JobOutcome::Completed));
+                }
                 let mut client = target.repository_service();
                 let req = target.request(
                     pb::RenameRepositoryRequest {
@@ -235,12 +284,12 @@ impl GitalyReplicator {
                         r.map_err(call_failed)?;
                     }
                 }
-                let (vs, rel, storage) = job.repository_key();
-                self.store
-                    .rename_repository(vs, rel, storage, new_relative_path)
+                let gated = self
+                    .store
+                    .rename_repository_in_order(vs, rel, storage, new_relative_path, order)
                     .await
                     .map_err(store_failed)?;
-                Ok(JobOutcome::Completed)
+                Ok(after_write(gated, JobOutcome::Completed))
             }
             Change::GarbageCollect {
                 create_bitmap,
@@ -333,34 +382,120 @@ impl GitalyReplicator {
         }
     }
 
+    /// Whether a later state-changing job already took effect on each of
+    /// `keys` (all false without an order).
+    async fn superseded(
+        &self,
+        keys: &[(&str, &str, &str)],
+        order: Option<&WriteOrder>,
+    ) -> Step<Vec<bool>> {
+        match order {
+            Some(order) => self
+                .store
+                .superseded_in_order(keys, order)
+                .await
+                .map_err(store_failed),
+            None => Ok(vec![false; keys.len()]),
+        }
+    }
+
+    /// RemoveRepository on the target; a repository already gone counts as
+    /// removed (a redelivery after the removal took effect).
+    async fn remove(
+        &self,
+        target: &NodeClient,
+        ctx: &CallContext,
+        repository: Option<pb::Repository>,
+    ) -> Step<()> {
+        let mut client = target.repository_service();
+        let req = target.request(pb::RemoveRepositoryRequest { repository }, ctx);
+        match target
+            .call("RemoveRepository", ctx, client.remove_repository(req))
+            .await
+        {
+            Err(e) if e.kind == CallErrorKind::NotFound => Ok(()),
+            r => r.map(drop).map_err(call_failed),
+        }
+    }
+
+    /// Records the order of an update that replicated nothing, then reports
+    /// `skipped` (or what the gate says instead).
+    async fn skip_in_order(
+        &self,
+        job: &Job,
+        order: Option<&WriteOrder>,
+        skipped: SkipReason,
+    ) -> Step<JobOutcome> {
+        let (vs, rel, target) = job.repository_key();
+        let gated = self
+            .generations
+            .set_generation(GenerationRecord {
+                virtual_storage: vs,
+                relative_path: rel,
+                storage: target,
+                generation: -1,
+                order,
+            })
+            .await
+            .map_err(store_failed)?;
+        Ok(after_write(gated, JobOutcome::Skipped(skipped)))
+    }
+
     /// Praefect's update: check generations, replicate with the source named in
     /// `gitaly-servers`, link the source's object pool, then record the
     /// generation. The record is written last so a crash before it only means
     /// a redelivery that repeats idempotent calls.
-    async fn update(&self, job: &Job, target: &NodeClient, ctx: &CallContext) -> Step<JobOutcome> {
+    async fn update(
+        &self,
+        job: &Job,
+        target: &NodeClient,
+        ctx: &CallContext,
+        order: Option<&WriteOrder>,
+    ) -> Step<JobOutcome> {
         // Validation guarantees a source for update/create.
         let source_storage = job.source_node_storage.as_deref().unwrap_or_default();
-        let source = self.node(job, source_storage, "source")?;
+        let source = self
+            .nodes
+            .get(&job.virtual_storage, source_storage)
+            .ok_or_else(|| {
+                JobOutcome::Failed(ReplicationError::UnknownSource {
+                    virtual_storage: job.virtual_storage.clone(),
+                    storage: source_storage.to_owned(),
+                })
+            })?;
         let (vs, rel, target_storage) = job.repository_key();
 
+        let query = GenerationQuery {
+            virtual_storage: vs,
+            relative_path: rel,
+            source: source_storage,
+            target: target_storage,
+            order: order.map(|o| (o.stream.as_str(), o.sequence)),
+        };
         let generation = match self
             .generations
-            .replicated_generation(vs, rel, source_storage, target_storage)
+            .replicated_generation(query)
             .await
             .map_err(store_failed)?
         {
             ReplicatedGeneration::Replicate { generation } => generation,
             ReplicatedGeneration::UpToDate { generation } => {
-                return Ok(JobOutcome::Skipped(SkipReason::UpToDate { generation }));
+                return self
+                    .skip_in_order(job, order, SkipReason::UpToDate { generation })
+                    .await;
             }
             ReplicatedGeneration::Downgrade {
                 target_generation,
                 source_generation,
             } => {
-                return Ok(JobOutcome::Skipped(SkipReason::DowngradePrevented {
+                let skipped = SkipReason::DowngradePrevented {
                     target_generation,
                     source_generation,
-                }));
+                };
+                return self.skip_in_order(job, order, skipped).await;
+            }
+            ReplicatedGeneration::Superseded => {
+                return Ok(JobOutcome::Skipped(SkipReason::OutOfOrder));
             }
         };
 
@@ -394,7 +529,9 @@ impl GitalyReplicator {
                     .delete_invalid_repository(vs, rel, source_storage)
                     .await
                     .map_err(store_failed)?;
-                return Ok(JobOutcome::Skipped(SkipReason::InvalidSource));
+                return self
+                    .skip_in_order(job, order, SkipReason::InvalidSource)
+                    .await;
             }
             Err(e) => return Err(call_failed(e)),
         }
@@ -432,17 +569,24 @@ impl GitalyReplicator {
                 .map_err(call_failed)?;
         }
 
-        self.generations
-            .set_generation(vs, rel, target_storage, generation)
+        let gated = self
+            .generations
+            .set_generation(GenerationRecord {
+                virtual_storage: vs,
+                relative_path: rel,
+                storage: target_storage,
+                generation,
+                order,
+            })
             .await
             .map_err(store_failed)?;
-        Ok(JobOutcome::Completed)
+        Ok(after_write(gated, JobOutcome::Completed))
     }
 }
 
 impl Replicator for GitalyReplicator {
-    async fn replicate(&self, job: &Job) -> JobOutcome {
-        match self.run(job).await {
+    async fn replicate_in_order(&self, job: &Job, order: Option<&WriteOrder>) -> JobOutcome {
+        match self.run(job, order).await {
             Ok(outcome) | Err(outcome) => outcome,
         }
     }

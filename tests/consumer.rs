@@ -183,6 +183,34 @@ async fn an_unimplemented_rpc_is_acked_as_unsupported_without_retry() {
     consumer.stop().await.unwrap();
 }
 
+#[tokio::test]
+async fn an_unimplemented_replicate_repository_is_retried_then_dead_lettered() {
+    let c = Cluster::start(2).await;
+    c.node(2).respond(
+        "ReplicateRepository",
+        Behaviour::fail(Code::Unimplemented, "unknown method ReplicateRepository"),
+    );
+    let consumer = c.consumer().await;
+    c.publish(&c.job(json!({"change": "update", "relative_path": "ui.git", "target_node_storage": "gitaly-2", "source_node_storage": "gitaly-1"}))).await;
+    assert!(
+        c.eventually(WAIT, || async { c.dead_letters().await.len() == 1 })
+            .await
+    );
+    // Every attempt reached the target: the job was not acked as unsupported.
+    assert_eq!(
+        c.node(2).calls_to("ReplicateRepository").len(),
+        c.config.replication.attempts as usize
+    );
+    let dead = &c.dead_letters().await[0];
+    let error = dead.header(headers::ERROR).unwrap_or_default();
+    assert!(
+        error.contains("unknown method ReplicateRepository"),
+        "{error}"
+    );
+    assert_eq!(c.work_messages().await, 0);
+    consumer.stop().await.unwrap();
+}
+
 fn short_ack_wait(toml: &mut String) {
     *toml = toml.replace("ack_wait = \"5s\"", "ack_wait = \"1s\"");
 }
@@ -240,7 +268,7 @@ async fn a_job_whose_subject_disagrees_with_its_payload_is_invalid() {
 }
 
 #[tokio::test]
-async fn a_job_naming_an_unknown_source_storage_is_invalid() {
+async fn a_job_naming_an_unknown_source_storage_is_retried_then_dead_lettered() {
     let c = Cluster::start(2).await;
     let consumer = c.consumer().await;
     let subject = c
@@ -259,10 +287,13 @@ async fn a_job_naming_an_unknown_source_storage_is_invalid() {
         c.eventually(WAIT, || async { c.dead_letters().await.len() == 1 })
             .await
     );
+    // During a rolling config change a newer process may know the source:
+    // the job keeps its attempts, and dies only when they run out.
     let dead = &c.dead_letters().await[0];
-    assert_eq!(dead.header(headers::REASON), Some("invalid"));
+    assert_eq!(dead.header(headers::REASON), Some("dead"));
     assert!(dead.header(headers::ERROR).unwrap().contains("gitaly-9"));
-    assert_eq!(dead.header(headers::ATTEMPTS), Some("1"));
+    let attempts = c.config.replication.attempts.to_string();
+    assert_eq!(dead.header(headers::ATTEMPTS), Some(attempts.as_str()));
     consumer.stop().await.unwrap();
 }
 
@@ -354,30 +385,105 @@ async fn identical_updates_in_one_batch_are_dispatched_once() {
     consumer.stop().await.unwrap();
 }
 
+fn gc(c: &Cluster, path: &str) -> gitaly_replicator::event::Job {
+    c.job(json!({"change": "gc", "relative_path": path, "target_node_storage": "gitaly-2", "params": {"create_bitmap": false, "prune": true}}))
+}
+
 #[tokio::test]
-async fn a_job_created_before_its_twin_completed_is_skipped_as_superseded() {
+async fn a_twin_published_before_the_completed_job_started_is_skipped_as_superseded() {
     let c = Cluster::start(2).await;
-    let mut old = c.job(json!({"change": "gc", "relative_path": "sup.git", "target_node_storage": "gitaly-2", "params": {"create_bitmap": false, "prune": true}}));
-    old.created_at = Some(time::OffsetDateTime::now_utc() - time::Duration::minutes(5));
+    // Both twins and a later job for another repository are queued before the
+    // consumer starts, so they arrive in one batch: whichever twin runs first
+    // started after the other was published.
+    c.publish(&gc(&c, "sup.git")).await;
+    c.publish(&gc(&c, "sup.git")).await;
+    c.publish(&gc(&c, "other.git")).await;
     let consumer = c.consumer().await;
-    let fresh = c.job(json!({"change": "gc", "relative_path": "sup.git", "target_node_storage": "gitaly-2", "params": {"create_bitmap": false, "prune": true}}));
-    c.publish(&fresh).await;
-    assert!(c.node(2).wait_for_calls(1, WAIT).await);
-    assert!(
-        c.eventually(WAIT, || async { c.work_messages().await == 0 })
-            .await
-    );
-    // Created five minutes ago, delivered after the twin completed.
-    c.publish(&old).await;
     assert!(
         c.eventually(WAIT, || async { c.work_messages().await == 0 })
             .await
     );
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(c.node(2).calls_to("GarbageCollect").len(), 1);
-    // A job created after the completion still runs.
-    c.publish(&c.job(json!({"change": "gc", "relative_path": "sup.git", "target_node_storage": "gitaly-2", "params": {"create_bitmap": false, "prune": true}}))).await;
+    let on = |path: &str| {
+        c.node(2)
+            .calls_to("GarbageCollect")
+            .iter()
+            .filter(|call| call.relative_path == path)
+            .count()
+    };
+    assert_eq!(on("sup.git"), 1);
+    assert_eq!(on("other.git"), 1);
+    // A twin published after the completion still runs.
+    c.publish(&gc(&c, "sup.git")).await;
+    assert!(c.node(2).wait_for_calls(3, WAIT).await);
+    consumer.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_newer_twin_runs_whatever_time_its_publisher_wrote() {
+    let c = Cluster::start(2).await;
+    let consumer = c.consumer().await;
+    c.publish(&gc(&c, "clock.git")).await;
+    assert!(c.node(2).wait_for_calls(1, WAIT).await);
+    assert!(
+        c.eventually(WAIT, || async { c.work_messages().await == 0 })
+            .await
+    );
+    // A publisher whose clock runs ten minutes behind, and one that sends
+    // Go's zero time: both publish after the twin completed, so both run.
+    let mut behind = gc(&c, "clock.git");
+    behind.created_at = Some(time::OffsetDateTime::now_utc() - time::Duration::minutes(10));
+    c.publish(&behind).await;
     assert!(c.node(2).wait_for_calls(2, WAIT).await);
+    let mut zero = gc(&c, "clock.git");
+    zero.created_at = Some(time::macros::datetime!(0001-01-01 0:00 UTC));
+    c.publish(&zero).await;
+    assert!(c.node(2).wait_for_calls(3, WAIT).await);
+    consumer.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_collapsed_update_published_after_a_twin_completed_still_runs() {
+    let c = Cluster::start(2).await;
+    c.db.store
+        .create_repository(c.vs(), "col.git", "gitaly-1", 4, &["gitaly-1"])
+        .await
+        .unwrap();
+    let update = || {
+        c.job(json!({"change": "update", "relative_path": "col.git", "target_node_storage": "gitaly-2", "source_node_storage": "gitaly-1"}))
+    };
+    // The target is down, so both updates wait and arrive in one batch.
+    c.node(2).set_serving(false);
+    let consumer = c.consumer().await;
+    c.publish(&update()).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // A twin completed elsewhere between the two publications.
+    let key = gitaly_replicator::store::CompletionKey {
+        virtual_storage: c.vs(),
+        relative_path: "col.git",
+        target_storage: "gitaly-2",
+        change_type: "update",
+        source_storage: "gitaly-1",
+    };
+    c.db.store
+        .record_completion(&key, time::OffsetDateTime::now_utc())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    c.publish(&update()).await;
+    c.node(2).set_serving(true);
+    assert!(
+        c.eventually(WAIT, || async { c.work_messages().await == 0 })
+            .await
+    );
+    assert_eq!(c.node(2).calls_to("ReplicateRepository").len(), 1);
+    assert_eq!(
+        c.db.store
+            .generation(c.vs(), "col.git", "gitaly-2")
+            .await
+            .unwrap(),
+        Some(4)
+    );
     consumer.stop().await.unwrap();
 }
 

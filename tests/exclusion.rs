@@ -116,34 +116,79 @@ async fn jobs_of_one_repository_in_one_process_take_turns() {
     );
 }
 
-#[tokio::test]
-async fn a_lost_lock_connection_is_noticed_and_its_locks_taken_back() {
-    let db = TestDatabase::new().await;
-    let (a, _sa) = process(&db);
-    let (b, _sb) = process(&db);
-    let key = repository_lock_key("default", "kept.git", "gitaly-2");
-    let held = a.acquire(key, &CancellationToken::new()).await.unwrap();
-    // Kill a's lock session: Postgres frees its locks.
-    let pid: i32 = sqlx::query_scalar(
+async fn lock_session_pid(db: &TestDatabase) -> i32 {
+    sqlx::query_scalar(
         "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND application_name = $1 LIMIT 1",
     )
     .bind(LOCK_CONNECTION_NAME)
     .fetch_one(db.store.pool())
     .await
-    .unwrap();
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_lost_lock_session_fences_its_guards_and_never_takes_their_locks_back() {
+    let db = TestDatabase::new().await;
+    let (a, _sa) = process(&db);
+    let (b, _sb) = process(&db);
+    let key = repository_lock_key("default", "kept.git", "gitaly-2");
+    let held = a.acquire(key, &CancellationToken::new()).await.unwrap();
+    let pid = lock_session_pid(&db).await;
+    assert_eq!(held.session_pid(), pid);
+    assert!(!held.lost().is_cancelled());
+    // Kill a's lock session: Postgres frees its locks.
     sqlx::query("SELECT pg_terminate_backend($1)")
         .bind(pid)
         .execute(db.store.pool())
         .await
         .unwrap();
-    // Within the keepalive (1 s) a reconnects and takes the lock back.
-    tokio::time::sleep(Duration::from_millis(1800)).await;
+    // The guard is told within the keepalive, and the lock is not taken back:
+    // b may have it now.
     assert!(
-        !can_take(&b, key, Duration::from_millis(400)).await,
-        "the lock was not taken back"
+        tokio::time::timeout(Duration::from_secs(2), held.lost().cancelled())
+            .await
+            .is_ok(),
+        "the guard of a lost session was not told"
     );
+    let in_b = b.acquire(key, &CancellationToken::new()).await.unwrap();
+    // a's late release touches nothing of b's.
     a.release(held);
-    assert!(can_take(&b, key, Duration::from_secs(3)).await);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!can_take(&a, key, Duration::from_millis(500)).await);
+    b.release(in_b);
+    assert!(can_take(&a, key, Duration::from_secs(3)).await);
+}
+
+#[tokio::test]
+async fn a_failed_statement_on_the_lock_session_keeps_the_session_and_its_locks() {
+    let db = TestDatabase::new().await;
+    let (a, _sa) = process(&db);
+    let (b, _sb) = process(&db);
+    let never = CancellationToken::new();
+    let key = repository_lock_key("default", "stay.git", "gitaly-2");
+    let held = a.acquire(key, &never).await.unwrap();
+    let pid = held.session_pid();
+    // A completion record Postgres refuses (text cannot hold NUL) fails the
+    // statement that carries it, on a connection that stays up.
+    let other = repository_lock_key("default", "bad.git", "gitaly-2");
+    let bad = a.acquire(other, &never).await.unwrap();
+    a.release_recording(bad, Some((job_key("bad\0.git"), at(0))))
+        .await;
+    let next = a
+        .acquire(
+            repository_lock_key("default", "next.git", "gitaly-2"),
+            &never,
+        )
+        .await
+        .unwrap();
+    assert_eq!(next.session_pid(), pid, "the session was replaced");
+    assert!(!held.lost().is_cancelled());
+    assert!(!can_take(&b, key, Duration::from_millis(400)).await);
+    // The key of the failed release was given back all the same.
+    assert!(can_take(&b, other, Duration::from_secs(2)).await);
+    a.release(next);
+    a.release(held);
+    assert!(can_take(&b, key, Duration::from_secs(2)).await);
 }
 
 #[tokio::test]

@@ -605,7 +605,7 @@ async fn update_with_an_unreachable_source_fails_on_the_pool_lookup_and_records_
 }
 
 #[tokio::test]
-async fn update_whose_source_is_not_configured_is_invalid_and_calls_nothing() {
+async fn update_whose_source_is_not_configured_fails_for_a_retry_and_calls_nothing() {
     let n = TwoNodes::start_with(Setup {
         source_in_config: false,
         ..Setup::default()
@@ -613,12 +613,13 @@ async fn update_whose_source_is_not_configured_is_invalid_and_calls_nothing() {
     .await;
     let s = seed(&n.db.store).await;
 
-    let reason = invalid(n.replicator.replicate(&job(Change::Update)).await);
-
-    assert_eq!(
-        reason,
-        r#"source storage "gitaly-1" is not configured in virtual storage "default""#
-    );
+    match n.replicator.replicate(&job(Change::Update)).await {
+        JobOutcome::Failed(e) => assert_eq!(
+            e.to_string(),
+            r#"source storage "gitaly-1" is not configured in virtual storage "default""#
+        ),
+        other => panic!("expected Failed, got {other:?}"),
+    }
     assert_eq!(n.target.gitaly.calls().len(), 0);
     assert_eq!(n.source.gitaly.calls().len(), 0);
     assert_eq!(rows(&n.db.store).await, seeded_rows(&s));
@@ -831,7 +832,7 @@ async fn rename_without_records_completes() {
 }
 
 #[tokio::test]
-async fn rename_the_target_no_longer_implements_is_unsupported_and_moves_no_records() {
+async fn rename_the_target_no_longer_implements_fails_and_moves_no_records() {
     let n = TwoNodes::start().await;
     let s = seed(&n.db.store).await;
     n.target.gitaly.respond(
@@ -839,14 +840,15 @@ async fn rename_the_target_no_longer_implements_is_unsupported_and_moves_no_reco
         Behaviour::fail(Code::Unimplemented, "unknown method RenameRepository"),
     );
 
+    // The rename did not happen: a failure (retried, then dead-lettered),
+    // never an acknowledgement without effect.
     match n.replicator.replicate(&job(rename())).await {
-        JobOutcome::Unsupported { method, message } => {
-            assert_eq!(
-                (method, message.as_str()),
-                ("RenameRepository", "unknown method RenameRepository")
-            );
+        JobOutcome::Failed(e) => {
+            let e = e.to_string();
+            assert!(e.contains("RenameRepository"), "{e}");
+            assert!(e.contains("unknown method RenameRepository"), "{e}");
         }
-        other => panic!("expected Unsupported, got {other:?}"),
+        other => panic!("expected Failed, got {other:?}"),
     }
     assert_eq!(rows(&n.db.store).await, seeded_rows(&s));
 }

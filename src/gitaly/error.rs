@@ -11,7 +11,8 @@ pub enum CallErrorKind {
     Retryable,
     /// The same request will fail again (bad argument): do not retry.
     Permanent,
-    /// The target does not implement the RPC (newer Gitaly removed it).
+    /// The target no longer implements a maintenance RPC (newer Gitaly
+    /// removed it): the job can never have an effect there.
     Unsupported,
     /// The repository named in the request does not exist there.
     NotFound,
@@ -30,11 +31,32 @@ pub struct CallError {
     pub kind: CallErrorKind,
 }
 
+/// The maintenance RPCs: their only effect is housekeeping on the target's
+/// disk, so a node that no longer implements one loses nothing by skipping it.
+pub const MAINTENANCE_METHODS: [&str; 8] = [
+    "GarbageCollect",
+    "RepackFull",
+    "RepackIncremental",
+    "Cleanup",
+    "PackRefs",
+    "WriteCommitGraph",
+    "MidxRepack",
+    "OptimizeRepository",
+];
+
+fn is_maintenance(method: &str) -> bool {
+    MAINTENANCE_METHODS.contains(&method)
+}
+
 impl CallError {
     pub fn from_status(method: &'static str, storage: &str, status: &tonic::Status) -> Self {
         let message = status.message().to_owned();
         let kind = match status.code() {
-            Code::Unimplemented => CallErrorKind::Unsupported,
+            Code::Unimplemented if is_maintenance(method) => CallErrorKind::Unsupported,
+            // A state-changing call that is not implemented did not happen:
+            // the job failed, and retrying (perhaps on an upgraded node, or
+            // until attempts run out and it is dead-lettered) is right.
+            Code::Unimplemented => CallErrorKind::Retryable,
             Code::NotFound if message.contains("invalid source repository") => {
                 CallErrorKind::InvalidSource
             }
@@ -71,9 +93,30 @@ mod tests {
 
     #[test]
     fn statuses_are_classified() {
-        let c =
-            |code, msg: &str| CallError::from_status("M", "s", &tonic::Status::new(code, msg)).kind;
-        assert_eq!(c(Code::Unimplemented, ""), CallErrorKind::Unsupported);
+        let on = |method, code, msg: &str| {
+            CallError::from_status(method, "s", &tonic::Status::new(code, msg)).kind
+        };
+        let c = |code, msg: &str| on("M", code, msg);
+        for method in MAINTENANCE_METHODS {
+            assert_eq!(
+                on(method, Code::Unimplemented, ""),
+                CallErrorKind::Unsupported,
+                "{method}"
+            );
+        }
+        for method in [
+            "ReplicateRepository",
+            "RemoveRepository",
+            "RenameRepository",
+            "GetObjectPool",
+            "LinkRepositoryToObjectPool",
+        ] {
+            assert_eq!(
+                on(method, Code::Unimplemented, ""),
+                CallErrorKind::Retryable,
+                "{method}"
+            );
+        }
         assert_eq!(
             c(Code::NotFound, "invalid source repository"),
             CallErrorKind::InvalidSource

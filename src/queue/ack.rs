@@ -50,6 +50,10 @@ pub fn decide(
             AckAction::Ack
         }
         JobOutcome::Invalid(_) => AckAction::DeadLetter { invalid: true },
+        // Its lock was lost, not its attempt: run it again soon, and on the
+        // server's last delivery as a fresh copy rather than a dead letter.
+        JobOutcome::Interrupted if delivered >= max_deliver => AckAction::Requeue,
+        JobOutcome::Interrupted => AckAction::Nak(retry.delay_after(1)),
         JobOutcome::Failed(_) => match attempts {
             Attempts::Limited(n) if delivered >= n => AckAction::DeadLetter { invalid: false },
             Attempts::Unlimited if delivered >= max_deliver => AckAction::Requeue,
@@ -127,6 +131,14 @@ mod tests {
         ));
         assert_eq!(
             decide(&failed(), 3, Attempts::Unlimited, 3, &p),
+            AckAction::Requeue
+        );
+        assert!(matches!(
+            decide(&JobOutcome::Interrupted, 1, three, 3, &p),
+            AckAction::Nak(_)
+        ));
+        assert_eq!(
+            decide(&JobOutcome::Interrupted, 3, three, 3, &p),
             AckAction::Requeue
         );
         assert_eq!(

@@ -9,7 +9,7 @@ use crate::event::{ChangeType, Job};
 use crate::queue::dead_letter::{DeadJob, DeadReason, publish_dead};
 use crate::queue::layout::Layout;
 use crate::queue::puller::{Pulled, Puller};
-use async_nats::HeaderMap;
+use crate::queue::requeue::{Placement, requeue};
 use async_nats::jetstream::{self, Context};
 use serde::Deserialize;
 use std::time::Duration;
@@ -97,20 +97,17 @@ async fn move_stranded(
         .map(|j| j.change_type() == ChangeType::DeleteReplica)
         .unwrap_or(false);
     if unlimited {
-        let mut h = HeaderMap::new();
-        h.insert(
-            "Nats-Msg-Id",
-            format!(
-                "requeue-{}-{}-{}",
-                layout.stream, a.stream_seq, a.deliveries
-            )
-            .as_str(),
-        );
-        js.publish_with_headers(raw.subject.to_string(), h, raw.payload.clone())
-            .await
-            .map_err(|e| e.to_string())?
-            .await
-            .map_err(|e| e.to_string())?;
+        let placement = Placement::of(Some(&raw.headers), raw.sequence, raw.time);
+        requeue(
+            js,
+            &layout.stream,
+            raw.subject.to_string(),
+            raw.payload.clone(),
+            placement,
+            a.stream_seq,
+            a.deliveries,
+        )
+        .await?;
         tracing::info!(
             stream_sequence = a.stream_seq,
             "stranded delete_replica job requeued (its attempts are unlimited)"

@@ -17,14 +17,15 @@ use crate::queue::dead_letter::{DeadJob, DeadReason, publish_dead};
 use crate::queue::exclusion::RepositoryLocks;
 use crate::queue::layout::{ConsumerSpec, Layout};
 use crate::queue::puller::{PullError, Pulled, Puller};
+use crate::queue::requeue::{Placement, requeue as publish_requeue};
 use crate::replicator::{JobOutcome, Replicator, SkipReason};
 use crate::retry_delay::RetryPolicy;
-use crate::store::repository_lock_key;
+use crate::store::{WriteOrder, repository_lock_key};
 use crate::subject::parse_job_subject;
-use async_nats::HeaderMap;
 use async_nats::jetstream::{self, AckKind};
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use time::OffsetDateTime;
@@ -83,6 +84,8 @@ pub enum ConsumerError {
     },
     #[error(transparent)]
     Pull(#[from] PullError),
+    #[error("cannot read work stream {stream}: {message}")]
+    Stream { stream: String, message: String },
 }
 
 /// What the consumer needs from the rest of the service.
@@ -114,6 +117,13 @@ struct Shared<R> {
     abort: CancellationToken,
     tracker: TaskTracker,
     warned_unsupported: Mutex<HashSet<(String, &'static str)>>,
+    /// The work stream's incarnation, which order records are kept for.
+    stream_incarnation: String,
+    /// The latest stream time (Unix nanoseconds) of any job this process has
+    /// received: the broker's clock was at least there when a job starts
+    /// after it, so completions are recorded on the same clock as the
+    /// publication times they are compared with.
+    latest_published: AtomicI64,
 }
 
 struct Target {
@@ -136,6 +146,7 @@ pub async fn run<R: Replicator>(
         settings,
     } = deps;
     let js = jetstream::new(client.clone());
+    let stream_incarnation = stream_incarnation(&js, &layout.stream).await?;
     let shared = Arc::new(Shared {
         js,
         layout: layout.clone(),
@@ -151,6 +162,8 @@ pub async fn run<R: Replicator>(
         abort: CancellationToken::new(),
         tracker: TaskTracker::new(),
         warned_unsupported: Mutex::new(HashSet::new()),
+        stream_incarnation,
+        latest_published: AtomicI64::new(0),
     });
     let background = CancellationToken::new();
     let mut loops = Vec::new();
@@ -231,6 +244,21 @@ pub async fn run<R: Replicator>(
     background.cancel();
     let _ = depth.await;
     Ok(())
+}
+
+/// Names the work stream's incarnation: a recreated stream numbers its jobs
+/// from 1 again, and its jobs must not look older than the old stream's.
+async fn stream_incarnation(
+    js: &jetstream::Context,
+    stream: &str,
+) -> Result<String, ConsumerError> {
+    let failed = |e: &dyn std::fmt::Display| ConsumerError::Stream {
+        stream: stream.to_owned(),
+        message: e.to_string(),
+    };
+    let mut s = js.get_stream(stream).await.map_err(|e| failed(&e))?;
+    let created = s.info().await.map_err(|e| failed(&e))?.created;
+    Ok(format!("{stream}@{}", created.unix_timestamp_nanos()))
 }
 
 /// Jobs one process may hold: every job slot busy, plus one open request
@@ -343,17 +371,36 @@ struct Delivered {
     message: jetstream::Message,
     job: Job,
     delivered: u64,
+    /// The message's own stream sequence.
     sequence: u64,
-    created_at: OffsetDateTime,
+    /// Its first publication: its place in its replica's order, and the
+    /// time completion dedup judges it by (the broker's clock; a publisher's
+    /// `created_at` may come from a clock that is off).
+    placement: Placement,
     /// Its share of the intake, given back when the task ends.
     held: Option<OwnedSemaphorePermit>,
 }
 
-fn delivery_facts(m: &jetstream::Message) -> (u64, u64, OffsetDateTime) {
-    match m.info() {
+/// A collapsed twin acknowledged with its group's leader.
+struct Follower {
+    message: jetstream::Message,
+    delivered: u64,
+    sequence: u64,
+    placement: Placement,
+}
+
+/// Nanoseconds since 1970, saturating (an i64 lasts until 2262).
+fn unix_nanos(t: OffsetDateTime) -> i64 {
+    i64::try_from(t.unix_timestamp_nanos()).unwrap_or(i64::MAX)
+}
+
+fn delivery_facts(m: &jetstream::Message) -> (u64, u64, Placement) {
+    let (delivered, sequence, published) = match m.info() {
         Ok(i) => (i.delivered.max(1) as u64, i.stream_sequence, i.published),
         Err(_) => (1, 0, OffsetDateTime::now_utc()),
-    }
+    };
+    let placement = Placement::of(m.message.headers.as_ref(), sequence, published);
+    (delivered, sequence, placement)
 }
 
 /// Decodes a batch, sends invalid messages to the dead letters, collapses
@@ -363,10 +410,13 @@ fn dispatch_batch<R: Replicator>(
     target: &Arc<Target>,
     batch: Vec<(jetstream::Message, Option<OwnedSemaphorePermit>)>,
 ) {
-    let mut leaders: Vec<(Delivered, Vec<jetstream::Message>)> = Vec::new();
+    let mut leaders: Vec<(Delivered, Vec<Follower>)> = Vec::new();
     let mut update_leader: HashMap<(String, String), usize> = HashMap::new();
     for (message, held) in batch {
-        let (delivered, sequence, published) = delivery_facts(&message);
+        let (delivered, sequence, placement) = delivery_facts(&message);
+        shared
+            .latest_published
+            .fetch_max(unix_nanos(placement.published), Ordering::Relaxed);
         let job = match decode(&shared.layout, &message) {
             Ok(job) => job,
             Err(reason) => {
@@ -381,13 +431,12 @@ fn dispatch_batch<R: Replicator>(
                 continue;
             }
         };
-        let created_at = job.created_at.unwrap_or(published);
         let d = Delivered {
             message,
             job,
             delivered,
             sequence,
-            created_at,
+            placement,
             held,
         };
         if d.job.change_type().needs_source() {
@@ -396,12 +445,26 @@ fn dispatch_batch<R: Replicator>(
                 d.job.source_node_storage.clone().unwrap_or_default(),
             );
             if let Some(&i) = update_leader.get(&key) {
-                let leader = &mut leaders[i].0;
-                match (&mut leader.held, d.held) {
+                // The group runs as its newest job, so it takes that job's
+                // place in the replica's order: a state-changing job
+                // published between the twins cannot undo the newest one.
+                let (leader, followers) = &mut leaders[i];
+                let (newer, mut older) = if d.placement.sequence > leader.placement.sequence {
+                    let old = std::mem::replace(leader, d);
+                    (leader, old)
+                } else {
+                    (leader, d)
+                };
+                match (&mut newer.held, older.held.take()) {
                     (Some(l), Some(f)) => l.merge(f),
                     (l, f) => *l = l.take().or(f),
                 }
-                leaders[i].1.push(d.message);
+                followers.push(Follower {
+                    message: older.message,
+                    delivered: older.delivered,
+                    sequence: older.sequence,
+                    placement: older.placement,
+                });
                 continue;
             }
             update_leader.insert(key, leaders.len());
@@ -446,7 +509,7 @@ async fn process<R: Replicator>(
     shared: Arc<Shared<R>>,
     target: Arc<Target>,
     d: Delivered,
-    followers: Vec<jetstream::Message>,
+    followers: Vec<Follower>,
 ) {
     let change_type = d.job.change_type();
     let work = run_job(&shared, &target, &d);
@@ -460,7 +523,7 @@ async fn process<R: Replicator>(
             _ = tick.tick() => {
                 let _ = d.message.ack_with(AckKind::Progress).await;
                 for f in &followers {
-                    let _ = f.ack_with(AckKind::Progress).await;
+                    let _ = f.message.ack_with(AckKind::Progress).await;
                 }
             }
         }
@@ -491,6 +554,14 @@ async fn process<R: Replicator>(
         }
         JobOutcome::Invalid(e) => {
             job_log!(warn, d, new_state = "dead", error = %e, "replication job is invalid")
+        }
+        JobOutcome::Interrupted => {
+            job_log!(
+                warn,
+                d,
+                new_state = "interrupted",
+                "repository lock lost: the job stopped before its write and runs again"
+            )
         }
         JobOutcome::Unsupported { method, message } => {
             let first = shared
@@ -546,60 +617,101 @@ async fn process<R: Replicator>(
             )
             .await;
         }
-        AckAction::Requeue => requeue(&shared, &d.message, d.sequence, d.delivered).await,
+        AckAction::Requeue => {
+            requeue(&shared, &d.message, d.placement, d.sequence, d.delivered).await
+        }
     }
     for f in &followers {
         if matches!(follower_ack, AckKind::Ack) {
             target.metrics.outcome(Some(change_type), "skipped");
             job_log!(debug, d, skipped = %SkipReason::Collapsed, "collapsed update acknowledged");
         }
-        let _ = f.ack_with(follower_ack).await;
+        let _ = f.message.ack_with(follower_ack).await;
     }
+}
+
+/// The repository lock keys of a job: its replica, and for a rename the
+/// replica at the new path too, in a fixed order so that two renames in
+/// opposite directions cannot wait for each other.
+fn lock_keys(job: &Job) -> Vec<i64> {
+    let (vs, rel, target) = job.repository_key();
+    let mut keys = vec![repository_lock_key(vs, rel, target)];
+    if let crate::event::Change::Rename { new_relative_path } = &job.change {
+        keys.push(repository_lock_key(vs, new_relative_path, target));
+        keys.sort_unstable();
+        keys.dedup();
+    }
+    keys
 }
 
 /// Waits for the repository and a job slot, checks completion dedup, and
 /// dispatches.
 async fn run_job<R: Replicator>(shared: &Shared<R>, target: &Target, d: &Delivered) -> Ran {
     let job = &d.job;
-    let key = repository_lock_key(
-        &job.virtual_storage,
-        &job.relative_path,
-        &job.target_node_storage,
-    );
     let change = job.change_type();
-    let completion = JobKey::of(job);
-    // The dedup check is answered with the lock, so it sees every twin that
-    // completed before the lock was free.
-    let guard = shared
-        .locks
-        .acquire_checked(key, Some((completion.clone(), d.created_at)), &shared.stop)
-        .await;
-    let Some(guard) = guard else {
-        return Ran::Released;
-    };
+    let ordered = change.changes_state();
+    // Maintenance jobs are deduplicated Praefect's way; state-changing jobs
+    // are ordered instead (a twin's completion says nothing about a delete
+    // published between the two).
+    let completion = (!ordered).then(|| JobKey::of(job));
+    let mut guards = Vec::new();
+    for (i, key) in lock_keys(job).into_iter().enumerate() {
+        // The dedup check is answered with the lock, so it sees every twin
+        // that completed before the lock was free.
+        let check = completion
+            .clone()
+            .filter(|_| i == 0)
+            .map(|c| (c, d.placement.published));
+        match shared.locks.acquire_checked(key, check, &shared.stop).await {
+            Some(g) => guards.push(g),
+            None => {
+                for g in guards {
+                    shared.locks.release(g);
+                }
+                return Ran::Released;
+            }
+        }
+    }
     let permit = tokio::select! {
         p = shared.permits.acquire() => p,
         _ = shared.stop.cancelled() => {
-            shared.locks.release(guard);
+            for g in guards {
+                shared.locks.release(g);
+            }
             return Ran::Released;
         }
     };
     let mut record = None;
-    let ran = if guard.superseded() {
+    let ran = if guards.iter().any(|g| g.superseded()) {
         drop(permit);
         Ran::Finished(JobOutcome::Skipped(SkipReason::Superseded), None, false)
     } else {
         let started_wall = OffsetDateTime::now_utc();
-        let delay = (started_wall - d.created_at)
+        let delay = (started_wall - job.created_at.unwrap_or(d.placement.published))
             .try_into()
             .unwrap_or(Duration::ZERO);
         target.metrics.job_started(change, delay);
         job_log!(info, d, "replication job processing started");
-        let started = Instant::now();
+        // On the broker's clock, a time this job surely started after.
+        let started = OffsetDateTime::from_unix_timestamp_nanos(i128::from(
+            shared.latest_published.load(Ordering::Relaxed),
+        ))
+        .unwrap_or(d.placement.published)
+        .max(d.placement.published);
+        let order = ordered.then(|| WriteOrder {
+            stream: shared.stream_incarnation.clone(),
+            sequence: i64::try_from(d.placement.sequence).unwrap_or(i64::MAX),
+            lock_session: guards.first().map(|g| g.session_pid()),
+        });
+        let lost = guards.first().map(|g| g.lost().clone()).unwrap_or_default();
+        let timer = Instant::now();
         let outcome = tokio::select! {
             // Boxed: Gitaly call futures are large, and moving them inline
             // made every job's task copy kilobytes.
-            o = Box::pin(shared.replicator.replicate(job)) => Some(o),
+            o = Box::pin(shared.replicator.replicate_in_order(job, order.as_ref())) => Some(o),
+            // The lock is gone and another process may run the repository
+            // now: stop, write nothing, run again.
+            _ = lost.cancelled() => Some(JobOutcome::Interrupted),
             _ = shared.abort.cancelled() => None,
         };
         // The slot bounds calls to Gitaly; what follows is bookkeeping.
@@ -610,14 +722,16 @@ async fn run_job<R: Replicator>(shared: &Shared<R>, target: &Target, d: &Deliver
                 // The lock connection's session keeps the lock until the
                 // process exits, so no other process starts this repository
                 // while its abandoned call may still run.
-                std::mem::forget(guard);
+                for g in guards {
+                    std::mem::forget(g);
+                }
                 return Ran::Abandoned;
             }
             Some(outcome) => {
                 let completed = matches!(outcome, JobOutcome::Completed);
-                let latency = completed.then(|| started.elapsed());
+                let latency = completed.then(|| timer.elapsed());
                 if completed {
-                    record = Some((completion, started_wall));
+                    record = completion.map(|c| (c, started));
                 }
                 Ran::Finished(outcome, latency, true)
             }
@@ -625,25 +739,32 @@ async fn run_job<R: Replicator>(shared: &Shared<R>, target: &Target, d: &Deliver
     };
     // The record is written before the job is acknowledged, so a twin
     // delivered after the ack sees it.
-    shared.locks.release_recording(guard, record).await;
+    let mut guards = guards.into_iter();
+    if let Some(first) = guards.next() {
+        for g in guards {
+            shared.locks.release(g);
+        }
+        shared.locks.release_recording(first, record).await;
+    }
     ran
 }
 
-/// Hands back a job that never started. On its last server delivery a nak
-/// would strand it, so it is requeued instead.
-async fn release<R: Replicator>(
-    shared: &Shared<R>,
-    d: &Delivered,
-    followers: &[jetstream::Message],
-) {
+/// Hands back a job that never started, and its collapsed twins. On its
+/// last server delivery a nak would strand it, so it is requeued instead.
+async fn release<R: Replicator>(shared: &Shared<R>, d: &Delivered, followers: &[Follower]) {
     job_log!(info, d, "shutting down: job released before it started");
-    if d.delivered >= shared.layout.max_deliver.max(1) as u64 {
-        requeue(shared, &d.message, d.sequence, d.delivered).await;
-    } else {
-        let _ = d.message.ack_with(AckKind::Nak(None)).await;
-    }
-    for f in followers {
-        let _ = f.ack_with(AckKind::Nak(None)).await;
+    let last = shared.layout.max_deliver.max(1) as u64;
+    let jobs = std::iter::once((&d.message, d.delivered, d.sequence, d.placement)).chain(
+        followers
+            .iter()
+            .map(|f| (&f.message, f.delivered, f.sequence, f.placement)),
+    );
+    for (message, delivered, sequence, placement) in jobs {
+        if delivered >= last {
+            requeue(shared, message, placement, sequence, delivered).await;
+        } else {
+            let _ = message.ack_with(AckKind::Nak(None)).await;
+        }
     }
 }
 
@@ -680,31 +801,32 @@ async fn dead_letter<R: Replicator>(
     }
 }
 
-/// Publishes a fresh copy of the job (new delivery count), then terminates
-/// the old message.
+/// Publishes a fresh copy of the job (new delivery count, same place in its
+/// replica's order), then terminates the old message.
 async fn requeue<R: Replicator>(
     shared: &Shared<R>,
     m: &jetstream::Message,
+    placement: Placement,
     sequence: u64,
     delivered: u64,
 ) {
-    let mut h = HeaderMap::new();
-    h.insert(
-        "Nats-Msg-Id",
-        format!("requeue-{}-{sequence}-{delivered}", shared.layout.stream).as_str(),
-    );
-    let published = match shared
-        .js
-        .publish_with_headers(m.message.subject.clone(), h, m.message.payload.clone())
-        .await
-    {
-        Ok(ack) => ack.await.is_ok(),
-        Err(_) => false,
-    };
-    if published {
-        let _ = m.ack_with(AckKind::Term).await;
-    } else {
-        tracing::error!("could not requeue the job; it stays queued");
-        let _ = m.ack_with(AckKind::Nak(None)).await;
+    let published = publish_requeue(
+        &shared.js,
+        &shared.layout.stream,
+        m.message.subject.to_string(),
+        m.message.payload.clone(),
+        placement,
+        sequence,
+        delivered,
+    )
+    .await;
+    match published {
+        Ok(()) => {
+            let _ = m.ack_with(AckKind::Term).await;
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "could not requeue the job; it stays queued");
+            let _ = m.ack_with(AckKind::Nak(None)).await;
+        }
     }
 }

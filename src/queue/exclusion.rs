@@ -4,9 +4,16 @@
 //!
 //! All of this process's advisory locks live on one dedicated connection owned
 //! by a task that batches lock and unlock requests into one statement each, so
-//! exclusion costs two round trips per burst of jobs rather than per job. If
-//! that connection dies, Postgres frees its locks: the task reconnects and
-//! takes back the locks of jobs still running.
+//! exclusion costs two round trips per burst of jobs rather than per job.
+//!
+//! Locks are fenced. If that connection dies, Postgres frees its locks and
+//! another process may take them at once, so they are never taken back: every
+//! guard of the lost session is told ([`RepositoryGuard::lost`]) and its job
+//! stops and is redelivered. Each guard names the session (backend pid) that
+//! granted it, and the store's state-changing writes check in the same
+//! statement that this session still holds the lock (see `store::order`). A
+//! statement that fails while the connection stays up (a statement timeout,
+//! say) does not end the session: what it holds is read back and put right.
 //!
 //! Completion dedup rides on the same statements: a lock request carries the
 //! job's dedup check and an unlock carries its completion record, so a burst
@@ -29,15 +36,24 @@ use tokio_util::sync::CancellationToken;
 /// start for a completion record.
 pub type Completion = (JobKey, OffsetDateTime);
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Answer {
     taken: bool,
     superseded: bool,
+    session: Option<Session>,
+}
+
+/// The lock session that granted a lock.
+#[derive(Debug, Clone)]
+struct Session {
+    pid: i32,
+    lost: CancellationToken,
 }
 
 const REFUSED: Answer = Answer {
     taken: false,
     superseded: false,
+    session: None,
 };
 
 enum Request {
@@ -48,6 +64,9 @@ enum Request {
     },
     Unlock {
         key: i64,
+        /// The session that granted the lock; a lock of an earlier session
+        /// is gone already.
+        pid: Option<i32>,
         record: Option<Completion>,
         done: Option<oneshot::Sender<()>>,
     },
@@ -64,6 +83,8 @@ pub struct RepositoryGuard {
     key: i64,
     waited: bool,
     superseded: bool,
+    pid: i32,
+    lost: CancellationToken,
     _local: OwnedMutexGuard<()>,
 }
 
@@ -79,14 +100,26 @@ impl RepositoryGuard {
     pub fn superseded(&self) -> bool {
         self.superseded
     }
+
+    /// Backend pid of the Postgres session holding the lock: the fence the
+    /// store's writes check.
+    pub fn session_pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// Cancelled when the session holding the lock is lost: the job must stop
+    /// and write nothing.
+    pub fn lost(&self) -> &CancellationToken {
+        &self.lost
+    }
 }
 
 /// `application_name` of the connection that holds the locks.
 pub const LOCK_CONNECTION_NAME: &str = "gitaly-replicator repository locks";
 
-/// While locks are held, the connection is checked this often, so a lost
-/// session is noticed and its locks taken back promptly.
-const KEEPALIVE: Duration = Duration::from_secs(1);
+/// While locks are held, the connection is checked this often, so the jobs
+/// of a lost session are stopped promptly.
+const KEEPALIVE: Duration = Duration::from_millis(250);
 
 const RETRY_MIN: Duration = Duration::from_millis(20);
 const RETRY_MAX: Duration = Duration::from_secs(1);
@@ -153,15 +186,17 @@ impl RepositoryLocks {
                 a = answer => a.unwrap_or(REFUSED),
                 _ = cancel.cancelled() => {
                     // The request may still be granted; give it back.
-                    let _ = self.requests.send(Request::Unlock { key, record: None, done: None });
+                    let _ = self.requests.send(Request::Unlock { key, pid: None, record: None, done: None });
                     return None;
                 }
             };
-            if answer.taken {
+            if let (true, Some(session)) = (answer.taken, answer.session) {
                 return Some(RepositoryGuard {
                     key,
                     waited,
                     superseded: answer.superseded,
+                    pid: session.pid,
+                    lost: session.lost,
                     _local: local,
                 });
             }
@@ -199,6 +234,7 @@ impl RepositoryLocks {
         };
         let _ = self.requests.send(Request::Unlock {
             key: guard.key,
+            pid: Some(guard.pid),
             record,
             done,
         });
@@ -218,31 +254,62 @@ impl RepositoryLocks {
     }
 }
 
+/// The lock connection and what its session holds.
+struct LockSession {
+    conn: PgConnection,
+    pid: i32,
+    /// Keys this session holds, with their reentrancy count.
+    held: HashMap<i64, u32>,
+    lost: CancellationToken,
+}
+
+impl LockSession {
+    fn forget(&mut self, key: i64) {
+        if let Some(n) = self.held.get_mut(&key) {
+            *n -= 1;
+            if *n == 0 {
+                self.held.remove(&key);
+            }
+        }
+    }
+
+    /// Ends the session: every job holding one of its locks is told to stop.
+    async fn lose(self, why: &str) {
+        if !self.held.is_empty() {
+            tracing::error!(
+                locks = self.held.len(),
+                "{why}: its repository locks are gone; the jobs holding them stop and are redelivered"
+            );
+        }
+        self.lost.cancel();
+        let _ = self.conn.close().await;
+    }
+}
+
 /// Owns the connection; answers requests in batches.
 async fn lock_holder(
     options: PgConnectOptions,
     mut rx: mpsc::UnboundedReceiver<Request>,
     shutdown: CancellationToken,
 ) {
-    // Keys this session holds, with their reentrancy count.
-    let mut held: HashMap<i64, u32> = HashMap::new();
-    let mut conn: Option<PgConnection> = None;
+    let mut session: Option<LockSession> = None;
     let mut reconnect_wait = RETRY_MIN;
     let mut keepalive = tokio::time::interval(KEEPALIVE);
     keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        let holding = session.as_ref().is_some_and(|s| !s.held.is_empty());
         let first = tokio::select! {
             r = rx.recv() => match r { Some(r) => r, None => break },
-            _ = shutdown.cancelled(), if held.is_empty() => break,
-            _ = keepalive.tick(), if !held.is_empty() => {
-                let alive = match conn.as_mut() {
-                    Some(c) => store::swap_advisory_locks(c, &[], &[]).await.is_ok(),
-                    None => false,
-                };
-                if !alive {
-                    tracing::warn!("repository lock connection lost; reconnecting to take the locks back");
-                    conn = None;
-                    reconnect(&options, &mut conn, &held).await;
+            _ = shutdown.cancelled(), if !holding => break,
+            _ = keepalive.tick(), if holding => {
+                if let Some(mut s) = session.take() {
+                    match store::swap_advisory_locks(&mut s.conn, &[], &[]).await {
+                        Ok(_) => session = Some(s),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "repository lock connection lost");
+                            s.lose("the repository lock session was lost").await;
+                        }
+                    }
                 }
                 continue;
             }
@@ -254,79 +321,103 @@ async fn lock_holder(
                 Err(_) => break,
             }
         }
-        if conn.is_none() && !reconnect(&options, &mut conn, &held).await {
-            deny(batch, &mut held);
+        if session.is_none() {
+            session = connect(&options).await;
+        }
+        let Some(mut s) = session.take() else {
+            deny(batch);
             tokio::time::sleep(reconnect_wait).await;
             reconnect_wait = (reconnect_wait * 2).min(RETRY_MAX);
             continue;
-        }
+        };
         reconnect_wait = RETRY_MIN;
-        let Some(c) = conn.as_mut() else { continue };
-        if let Err(e) = serve_batch(c, batch, &mut held).await {
-            tracing::warn!(error = %e, "repository lock connection failed; reconnecting");
-            conn = None;
+        match serve_batch(&mut s, batch).await {
+            Ok(()) => session = Some(s),
+            Err(e) if e.connection_usable() => match resync(&mut s).await {
+                Ok(()) => session = Some(s),
+                Err(e) => {
+                    tracing::warn!(error = %e, "repository lock connection failed");
+                    s.lose("the repository lock session failed").await;
+                }
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "repository lock connection failed");
+                s.lose("the repository lock session was lost").await;
+            }
         }
     }
-    if let Some(c) = conn {
-        let _ = c.close().await;
+    if let Some(s) = session {
+        s.lost.cancel();
+        let _ = s.conn.close().await;
     }
 }
 
-/// Opens the lock connection and takes back the locks a lost session held.
-/// False when Postgres cannot be reached.
-async fn reconnect(
-    options: &PgConnectOptions,
-    conn: &mut Option<PgConnection>,
-    held: &HashMap<i64, u32>,
-) -> bool {
-    let mut c = match PgConnection::connect_with(options).await {
+/// Opens the lock connection: a new session holding nothing. None when
+/// Postgres cannot be reached.
+async fn connect(options: &PgConnectOptions) -> Option<LockSession> {
+    let mut conn = match PgConnection::connect_with(options).await {
         Ok(c) => c,
         Err(e) => {
             tracing::warn!(error = %e, "cannot connect for repository locks; retrying");
-            return false;
+            return None;
         }
     };
     // The session's only writes are completion records, which only save
     // work: one lost in a Postgres crash means a job runs again, so its
     // commits need not wait for the disk, nor the lock requests behind them.
     // Set by a statement rather than a startup option, which PgBouncer refuses.
-    if let Err(e) = store::relax_commit_durability(&mut c).await {
-        tracing::warn!(error = %e, "cannot set up the repository lock connection; retrying");
-        return false;
-    }
-    let keys: Vec<i64> = held.keys().copied().collect();
-    if !keys.is_empty() {
-        match store::swap_advisory_locks(&mut c, &[], &keys).await {
-            Ok(got) => {
-                for (k, ok) in keys.iter().zip(got) {
-                    if !ok {
-                        tracing::error!(
-                            lock_key = k,
-                            "a repository lock was taken by another process while the lock connection was down"
-                        );
-                    }
-                }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "re-taking repository locks failed");
-                return false;
-            }
+    let pid = match store::relax_commit_durability(&mut conn).await {
+        Ok(()) => store::backend_pid(&mut conn).await,
+        Err(e) => Err(e),
+    };
+    match pid {
+        Ok(pid) => Some(LockSession {
+            conn,
+            pid,
+            held: HashMap::new(),
+            lost: CancellationToken::new(),
+        }),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot set up the repository lock connection; retrying");
+            None
         }
     }
-    *conn = Some(c);
-    true
 }
 
-/// Answers a batch when no connection is available: unlocks are recorded,
-/// lock requests are refused (the jobs wait and ask again).
-fn deny(batch: Vec<Request>, held: &mut HashMap<i64, u32>) {
+/// After a failed statement on a live connection, reads back which locks the
+/// session holds (the statement may have taken or released some before it
+/// failed) and puts that right: locks nobody asked for are released; if a
+/// lock a job holds is gone, the session is no longer trustworthy.
+async fn resync(s: &mut LockSession) -> Result<(), StoreError> {
+    let actual = store::advisory_locks_held(&mut s.conn).await?;
+    let extra: Vec<i64> = actual
+        .iter()
+        .copied()
+        .filter(|k| !s.held.contains_key(k))
+        .collect();
+    if s.held.keys().any(|k| !actual.contains(k)) {
+        return Err(StoreError::Batch {
+            operation: "resync_advisory_locks",
+            message: "a held repository lock is gone".into(),
+            retryable: true,
+        });
+    }
+    if !extra.is_empty() {
+        store::swap_advisory_locks(&mut s.conn, &extra, &[]).await?;
+    }
+    Ok(())
+}
+
+/// Answers a batch when no connection is available: unlocks are done (the
+/// lost session freed them), lock requests are refused (the jobs wait and
+/// ask again).
+fn deny(batch: Vec<Request>) {
     for r in batch {
         match r {
             Request::TryLock { reply, .. } => {
                 let _ = reply.send(REFUSED);
             }
-            Request::Unlock { key, record, done } => {
-                forget(held, key);
+            Request::Unlock { record, done, .. } => {
                 if record.is_some() {
                     tracing::warn!(
                         "no repository lock connection: a completion record for dedup is dropped"
@@ -340,28 +431,23 @@ fn deny(batch: Vec<Request>, held: &mut HashMap<i64, u32>) {
     }
 }
 
-fn forget(held: &mut HashMap<i64, u32>, key: i64) {
-    if let Some(n) = held.get_mut(&key) {
-        *n -= 1;
-        if *n == 0 {
-            held.remove(&key);
-        }
-    }
-}
-
-async fn serve_batch(
-    conn: &mut PgConnection,
-    batch: Vec<Request>,
-    held: &mut HashMap<i64, u32>,
-) -> Result<(), StoreError> {
+async fn serve_batch(s: &mut LockSession, batch: Vec<Request>) -> Result<(), StoreError> {
     let mut unlocks = Vec::new();
     let mut records: Vec<Completion> = Vec::new();
     let mut written = Vec::new();
     let mut locks = Vec::new();
     for r in batch {
         match r {
-            Request::Unlock { key, record, done } => {
-                unlocks.push(key);
+            Request::Unlock {
+                key,
+                pid,
+                record,
+                done,
+            } => {
+                // A lock granted by an earlier session is gone with it.
+                if pid.is_none_or(|p| p == s.pid) && s.held.contains_key(&key) {
+                    unlocks.push(key);
+                }
                 records.extend(record);
                 written.extend(done);
             }
@@ -369,7 +455,7 @@ async fn serve_batch(
         }
     }
     for k in &unlocks {
-        forget(held, *k);
+        s.forget(*k);
     }
     let exchange = LockSessionBatch {
         lock: locks.iter().map(|(k, _, _)| *k).collect(),
@@ -382,14 +468,14 @@ async fn serve_batch(
     };
     let answers = if exchange.record.is_empty() && exchange.check.iter().all(Option::is_none) {
         // Locks alone: the plain statement is cheaper.
-        store::swap_advisory_locks(conn, &exchange.unlock, &exchange.lock)
+        store::swap_advisory_locks(&mut s.conn, &exchange.unlock, &exchange.lock)
             .await
             .map(|taken| LockSessionAnswers {
                 superseded: vec![false; taken.len()],
                 taken,
             })
     } else {
-        store::exchange_on_lock_session(conn, &exchange).await
+        store::exchange_on_lock_session(&mut s.conn, &exchange).await
     };
     drop(exchange);
     let answers = match answers {
@@ -400,6 +486,9 @@ async fn serve_batch(
             }
             if !records.is_empty() {
                 tracing::warn!(error = %e, jobs = records.len(), "recording completions for dedup failed");
+            }
+            for d in written {
+                let _ = d.send(());
             }
             return Err(e);
         }
@@ -422,10 +511,18 @@ async fn serve_batch(
             || check.as_ref().is_some_and(|(k, created)| {
                 recorded.get(k).is_some_and(|started| started > created)
             });
-        *held.entry(key).or_insert(0) += 1;
+        *s.held.entry(key).or_insert(0) += 1;
+        let answer = Answer {
+            taken,
+            superseded,
+            session: Some(Session {
+                pid: s.pid,
+                lost: s.lost.clone(),
+            }),
+        };
         // The job went away while asking: give the lock back.
-        if reply.send(Answer { taken, superseded }).is_err() {
-            forget(held, key);
+        if reply.send(answer).is_err() {
+            s.forget(key);
             abandoned.push(key);
         }
     }
@@ -433,7 +530,7 @@ async fn serve_batch(
         let _ = d.send(());
     }
     if !abandoned.is_empty() {
-        store::swap_advisory_locks(conn, &abandoned, &[]).await?;
+        store::swap_advisory_locks(&mut s.conn, &abandoned, &[]).await?;
     }
     Ok(())
 }

@@ -12,3 +12,4 @@ pub mod exclusion;
 pub mod layout;
 pub mod publisher;
 pub mod puller;
+pub mod requeue;

@@ -4,6 +4,10 @@
 //! statement or transaction. Writes are idempotent, because JetStream delivers
 //! a job at least once.
 
+mod order;
+
+pub use order::{Gated, WriteOrder};
+
 use sqlx::migrate::{MigrateError, Migrator};
 use sqlx::postgres::PgArguments;
 use sqlx::{Arguments, PgPool};
@@ -32,6 +36,9 @@ pub enum ReplicatedGeneration {
         target_generation: i64,
         source_generation: i64,
     },
+    /// A state-changing job as new or newer already took effect on the
+    /// target (see [`WriteOrder`]).
+    Superseded,
 }
 
 /// Identifies a job for completion dedup: twins share every field.
@@ -89,6 +96,18 @@ impl StoreError {
             },
             retryable: self.is_retryable(),
         }
+    }
+
+    /// Whether the statement failed in the server (an error answer) and left
+    /// the connection usable, unlike a broken or closed connection.
+    pub fn connection_usable(&self) -> bool {
+        matches!(
+            self,
+            Self::Query {
+                source: sqlx::Error::Database(_) | sqlx::Error::Encode(_) | sqlx::Error::Decode(_),
+                ..
+            }
+        )
     }
 
     /// Whether Postgres broke a deadlock by aborting this statement.
@@ -175,6 +194,8 @@ pub struct GenerationQuery<'a> {
     pub relative_path: &'a str,
     pub source: &'a str,
     pub target: &'a str,
+    /// The job's stream and sequence, to check the target's order record.
+    pub order: Option<(&'a str, i64)>,
 }
 
 /// One replica's row for [`RepositoryStore::set_generations`].
@@ -183,7 +204,10 @@ pub struct GenerationRecord<'a> {
     pub virtual_storage: &'a str,
     pub relative_path: &'a str,
     pub storage: &'a str,
+    /// -1: record only the order (nothing was replicated).
     pub generation: i64,
+    /// Gate of the write (see [`WriteOrder`]); `None` writes ungated.
+    pub order: Option<&'a WriteOrder>,
 }
 
 /// Completion keys as column arrays, for `unnest`.
@@ -340,10 +364,14 @@ impl RepositoryStore {
         &self,
         jobs: &[GenerationQuery<'_>],
     ) -> Result<Vec<ReplicatedGeneration>, StoreError> {
-        let rows: Vec<(i64, Option<i64>)> = sqlx::query_as(
-            "SELECT COALESCE(s.generation, -1), t.generation
-            FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])
-                WITH ORDINALITY AS q(vs, rel, src, tgt, i)
+        let rows: Vec<(i64, Option<i64>, bool)> = sqlx::query_as(
+            "SELECT COALESCE(s.generation, -1), t.generation,
+                EXISTS (SELECT FROM replication_order o
+                        WHERE o.virtual_storage = q.vs AND o.relative_path = q.rel
+                          AND o.target_storage = q.tgt AND o.stream = q.stream
+                          AND o.sequence >= q.seq)
+            FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[])
+                WITH ORDINALITY AS q(vs, rel, src, tgt, stream, seq, i)
             LEFT JOIN storage_repositories s
                 ON s.virtual_storage = q.vs AND s.relative_path = q.rel AND s.storage = q.src
             LEFT JOIN storage_repositories t
@@ -354,12 +382,28 @@ impl RepositoryStore {
         .bind(jobs.iter().map(|j| j.relative_path).collect::<Vec<_>>())
         .bind(jobs.iter().map(|j| j.source).collect::<Vec<_>>())
         .bind(jobs.iter().map(|j| j.target).collect::<Vec<_>>())
+        .bind(
+            jobs.iter()
+                .map(|j| j.order.map(|o| o.0))
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            jobs.iter()
+                .map(|j| j.order.map_or(0, |o| o.1))
+                .collect::<Vec<_>>(),
+        )
         .fetch_all(&self.pool)
         .await
         .map_err(failed("replicated_generation"))?;
         Ok(rows
             .into_iter()
-            .map(|(source, target)| ReplicatedGeneration::decide(source, target))
+            .map(|(source, target, superseded)| {
+                if superseded {
+                    ReplicatedGeneration::Superseded
+                } else {
+                    ReplicatedGeneration::decide(source, target)
+                }
+            })
             .collect())
     }
 
@@ -376,6 +420,7 @@ impl RepositoryStore {
             relative_path,
             source,
             target,
+            order: None,
         };
         self.replicated_generations(&[query])
             .await?
@@ -389,36 +434,78 @@ impl RepositoryStore {
 
     /// Records replica generations, many in one statement: upserts each
     /// replica row, never lowering it, and raises each repository's
-    /// generation when lower (or NULL). Answers, in input order, true when
-    /// the replica row now holds that generation (inserted, raised or
-    /// rewritten); false when skipped: -1, no repository row, or the replica
-    /// already newer. A replica named twice keeps the higher generation.
+    /// generation when lower (or NULL). Each row passes its own gate first
+    /// (see [`WriteOrder`]); a row that is superseded or whose lock is lost
+    /// writes nothing. Answers, in input order, `Written(true)` when the
+    /// replica row now holds that generation (inserted, raised or
+    /// rewritten); `Written(false)` when skipped: -1, no repository row, or
+    /// the replica already newer. A replica named twice keeps the higher
+    /// generation.
     pub async fn set_generations(
         &self,
         replicas: &[GenerationRecord<'_>],
-    ) -> Result<Vec<bool>, StoreError> {
-        let written: Vec<(String, String, String, i64)> = sqlx::query_as(
+    ) -> Result<Vec<Gated<bool>>, StoreError> {
+        let rows: Vec<(bool, bool, bool)> = sqlx::query_as(
             "WITH input AS (
+                SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[],
+                                     $5::text[], $6::bigint[], $7::int[], $8::bigint[])
+                    WITH ORDINALITY AS t(vs, rel, storage, gen, stream, seq, pid, k, i)
+            ), held AS MATERIALIZED (
+                SELECT l.pid, l.classid, l.objid FROM pg_locks l
+                WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+                  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                  AND l.pid IN (SELECT pid FROM input WHERE pid IS NOT NULL)
+            ), fenced AS MATERIALIZED (
+                SELECT input.* FROM input
+                WHERE input.pid IS NULL OR EXISTS (
+                    SELECT FROM held h
+                    WHERE h.pid = input.pid
+                      AND h.classid = ((input.k >> 32) & 4294967295)::oid
+                      AND h.objid = (input.k & 4294967295)::oid)
+            ), ordered AS (
+                INSERT INTO replication_order AS o
+                    (virtual_storage, relative_path, target_storage, stream, sequence)
+                SELECT DISTINCT ON (vs, rel, storage) vs, rel, storage, stream, seq
+                FROM fenced WHERE stream IS NOT NULL
+                ORDER BY vs, rel, storage, seq DESC
+                ON CONFLICT (virtual_storage, relative_path, target_storage) DO UPDATE
+                    SET stream = EXCLUDED.stream, sequence = EXCLUDED.sequence
+                    WHERE o.stream <> EXCLUDED.stream OR o.sequence < EXCLUDED.sequence
+                RETURNING virtual_storage, relative_path, target_storage, sequence
+            ), allowed AS MATERIALIZED (
+                SELECT f.* FROM fenced f
+                LEFT JOIN ordered o
+                    ON o.virtual_storage = f.vs AND o.relative_path = f.rel
+                   AND o.target_storage = f.storage AND o.sequence = f.seq
+                WHERE f.stream IS NULL OR o.sequence IS NOT NULL
+            ), gens AS (
                 SELECT DISTINCT ON (vs, rel, storage) vs, rel, storage, gen
-                FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[])
-                    AS t(vs, rel, storage, gen)
-                WHERE gen <> -1
+                FROM allowed WHERE gen <> -1
                 ORDER BY vs, rel, storage, gen DESC
             ), raised AS (
                 UPDATE repositories r SET generation = m.gen
-                FROM (SELECT vs, rel, max(gen) AS gen FROM input GROUP BY vs, rel) m
+                FROM (SELECT vs, rel, max(gen) AS gen FROM gens GROUP BY vs, rel) m
                 WHERE r.virtual_storage = m.vs AND r.relative_path = m.rel
                   AND (r.generation IS NULL OR r.generation < m.gen)
+            ), written AS (
+                INSERT INTO storage_repositories
+                    (repository_id, virtual_storage, relative_path, storage, generation)
+                SELECT r.repository_id, r.virtual_storage, r.relative_path, gens.storage, gens.gen
+                FROM gens
+                JOIN repositories r ON r.virtual_storage = gens.vs AND r.relative_path = gens.rel
+                ON CONFLICT (virtual_storage, relative_path, storage) DO UPDATE
+                    SET repository_id = EXCLUDED.repository_id, generation = EXCLUDED.generation
+                    WHERE storage_repositories.generation <= EXCLUDED.generation
+                RETURNING virtual_storage, relative_path, storage, generation
             )
-            INSERT INTO storage_repositories
-                (repository_id, virtual_storage, relative_path, storage, generation)
-            SELECT r.repository_id, r.virtual_storage, r.relative_path, input.storage, input.gen
+            SELECT f.i IS NOT NULL, a.i IS NOT NULL, w.generation IS NOT NULL
             FROM input
-            JOIN repositories r ON r.virtual_storage = input.vs AND r.relative_path = input.rel
-            ON CONFLICT (virtual_storage, relative_path, storage) DO UPDATE
-                SET repository_id = EXCLUDED.repository_id, generation = EXCLUDED.generation
-                WHERE storage_repositories.generation <= EXCLUDED.generation
-            RETURNING virtual_storage, relative_path, storage, generation",
+            LEFT JOIN fenced f ON f.i = input.i
+            LEFT JOIN allowed a ON a.i = input.i
+            LEFT JOIN (SELECT DISTINCT * FROM written) w
+                ON w.virtual_storage = input.vs AND w.relative_path = input.rel
+               AND w.storage = input.storage AND w.generation = input.gen
+            ORDER BY input.i",
         )
         .bind(
             replicas
@@ -429,21 +516,36 @@ impl RepositoryStore {
         .bind(replicas.iter().map(|r| r.relative_path).collect::<Vec<_>>())
         .bind(replicas.iter().map(|r| r.storage).collect::<Vec<_>>())
         .bind(replicas.iter().map(|r| r.generation).collect::<Vec<_>>())
+        .bind(
+            replicas
+                .iter()
+                .map(|r| r.order.map(|o| o.stream.as_str()))
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            replicas
+                .iter()
+                .map(|r| r.order.map_or(0, |o| o.sequence))
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            replicas
+                .iter()
+                .map(|r| r.order.and_then(|o| o.lock_session))
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            replicas
+                .iter()
+                .map(|r| repository_lock_key(r.virtual_storage, r.relative_path, r.storage))
+                .collect::<Vec<_>>(),
+        )
         .fetch_all(&self.pool)
         .await
         .map_err(failed("set_generation"))?;
-        // A set, not a scan per replica: batches hold hundreds of rows.
-        let written: std::collections::HashSet<(&str, &str, &str, i64)> = written
-            .iter()
-            .map(|(vs, rel, storage, generation)| {
-                (vs.as_str(), rel.as_str(), storage.as_str(), *generation)
-            })
-            .collect();
-        Ok(replicas
-            .iter()
-            .map(|r| {
-                written.contains(&(r.virtual_storage, r.relative_path, r.storage, r.generation))
-            })
+        Ok(rows
+            .into_iter()
+            .map(|(held, in_order, written)| order::gated(held, in_order, written))
             .collect())
     }
 
@@ -460,8 +562,9 @@ impl RepositoryStore {
             relative_path,
             storage,
             generation,
+            order: None,
         };
-        Ok(self.set_generations(&[record]).await?.first() == Some(&true))
+        Ok(self.set_generations(&[record]).await?.first() == Some(&Gated::Written(true)))
     }
 
     /// Deletes the repository row and the replica rows of `storages` in one
@@ -734,6 +837,26 @@ pub async fn swap_advisory_locks(
         .await
         .map_err(failed("swap_advisory_locks"))?;
     Ok(taken)
+}
+
+/// The backend pid of the session on `conn`: the fence its advisory locks
+/// are checked by.
+pub async fn backend_pid(conn: &mut sqlx::PgConnection) -> Result<i32, StoreError> {
+    sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(conn)
+        .await
+        .map_err(failed("backend_pid"))
+}
+
+/// The advisory lock keys the session on `conn` holds.
+pub async fn advisory_locks_held(conn: &mut sqlx::PgConnection) -> Result<Vec<i64>, StoreError> {
+    sqlx::query_scalar(
+        "SELECT (classid::int8 << 32) | objid::int8 FROM pg_locks
+        WHERE locktype = 'advisory' AND granted AND objsubid = 1 AND pid = pg_backend_pid()",
+    )
+    .fetch_all(conn)
+    .await
+    .map_err(failed("advisory_locks_held"))
 }
 
 /// Lets this session's commits return before their WAL is flushed.

@@ -1,0 +1,254 @@
+//! Per-replica order and lock fencing of the state-changing writes.
+//!
+//! Each write of a state-changing job (update, create, delete,
+//! delete_replica, rename) goes through a gate in the same statement:
+//! - **fence**: the job's repository locks must still be held by the lock
+//!   session that granted them (its backend pid, read from `pg_locks`). A
+//!   session that died freed its locks, and another process may run the
+//!   repository now: the write is refused and the job redelivered.
+//! - **order**: the replica's `replication_order` row is raised to the job's
+//!   stream sequence; if it already holds that sequence or a later one, the
+//!   job is superseded and writes nothing. The upsert locks the row, so two
+//!   writers of one replica serialize and the older one loses.
+
+use super::{RepositoryStore, StoreError, failed, repository_lock_key};
+
+/// A state-changing job's place among its replica's jobs, and the lock
+/// session it runs under.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WriteOrder {
+    /// The work stream's incarnation (see `replication_order.stream`).
+    pub stream: String,
+    /// The job's stream sequence (its original one, if it was requeued).
+    pub sequence: i64,
+    /// Backend pid of the session holding the job's repository locks; `None`
+    /// writes without a fence (tools and tests that hold no lock).
+    pub lock_session: Option<i32>,
+}
+
+/// What a gated write did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gated<T> {
+    /// The gate let it through; the write's own answer.
+    Written(T),
+    /// A job as new or newer already took effect on the replica.
+    Superseded,
+    /// The job's repository lock is no longer held by its session.
+    LockLost,
+}
+
+/// The gate over parameters `$1..$7`: replica keys `$1` (virtual storage),
+/// `$2` (relative path), `$3` (storage) and `$4` (lock key) as arrays; the
+/// stream `$5` (NULL: unordered), the sequence `$6` and the lock session's pid
+/// `$7` (NULL: unfenced). Defines the CTE `gate(held, in_order)`; a write
+/// proceeds only where both are true.
+const GATE_SQL: &str = "
+    gate_input AS (
+        SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[])
+            AS g(vs, rel, tgt, k)
+    ), fence AS MATERIALIZED (
+        SELECT $7::int IS NULL OR NOT EXISTS (
+            SELECT FROM gate_input g WHERE NOT EXISTS (
+                SELECT FROM pg_locks l
+                WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+                  AND l.pid = $7::int
+                  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                  AND l.classid = ((g.k >> 32) & 4294967295)::oid
+                  AND l.objid = (g.k & 4294967295)::oid)
+        ) AS held
+    ), ordered AS (
+        INSERT INTO replication_order AS o
+            (virtual_storage, relative_path, target_storage, stream, sequence)
+        SELECT vs, rel, tgt, $5::text, $6::bigint FROM gate_input
+        WHERE $5::text IS NOT NULL AND (SELECT held FROM fence)
+        ON CONFLICT (virtual_storage, relative_path, target_storage) DO UPDATE
+            SET stream = EXCLUDED.stream, sequence = EXCLUDED.sequence
+            WHERE o.stream <> EXCLUDED.stream OR o.sequence < EXCLUDED.sequence
+        RETURNING 1
+    ), gate AS MATERIALIZED (
+        SELECT (SELECT held FROM fence) AS held,
+               $5::text IS NULL
+                 OR (SELECT count(*) FROM ordered) = (SELECT count(*) FROM gate_input)
+                 AS in_order
+    )";
+
+/// One replica key of a gated write.
+pub(crate) type ReplicaKey<'a> = (&'a str, &'a str, &'a str);
+
+fn gate_query<'q, O>(
+    sql: &'q str,
+    keys: &[ReplicaKey<'_>],
+    order: Option<&WriteOrder>,
+) -> sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>
+where
+    O: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow>,
+{
+    sqlx::query_as(sql)
+        .bind(keys.iter().map(|k| k.0.to_owned()).collect::<Vec<_>>())
+        .bind(keys.iter().map(|k| k.1.to_owned()).collect::<Vec<_>>())
+        .bind(keys.iter().map(|k| k.2.to_owned()).collect::<Vec<_>>())
+        .bind(
+            keys.iter()
+                .map(|k| repository_lock_key(k.0, k.1, k.2))
+                .collect::<Vec<_>>(),
+        )
+        .bind(order.map(|o| o.stream.clone()))
+        .bind(order.map_or(0, |o| o.sequence))
+        .bind(order.and_then(|o| o.lock_session))
+}
+
+pub(super) fn gated<T>(held: bool, in_order: bool, written: T) -> Gated<T> {
+    match (held, in_order) {
+        (false, _) => Gated::LockLost,
+        (true, false) => Gated::Superseded,
+        (true, true) => Gated::Written(written),
+    }
+}
+
+/// A statement made of the gate and `rest` (further CTEs, each after a
+/// comma, then the final SELECT).
+fn with_gate(rest: &str) -> String {
+    format!("WITH {GATE_SQL} {rest}")
+}
+
+impl RepositoryStore {
+    /// For each replica key: whether a job at or after `order`'s sequence
+    /// (of the same stream) already took effect there. Read after the job's
+    /// lock is taken, so it sees every write made under the lock before.
+    pub async fn superseded_in_order(
+        &self,
+        keys: &[ReplicaKey<'_>],
+        order: &WriteOrder,
+    ) -> Result<Vec<bool>, StoreError> {
+        sqlx::query_scalar(
+            "SELECT EXISTS (
+                SELECT FROM replication_order o
+                WHERE o.virtual_storage = q.vs AND o.relative_path = q.rel
+                  AND o.target_storage = q.tgt AND o.stream = $4 AND o.sequence >= $5)
+            FROM unnest($1::text[], $2::text[], $3::text[]) WITH ORDINALITY AS q(vs, rel, tgt, i)
+            ORDER BY q.i",
+        )
+        .bind(keys.iter().map(|k| k.0).collect::<Vec<_>>())
+        .bind(keys.iter().map(|k| k.1).collect::<Vec<_>>())
+        .bind(keys.iter().map(|k| k.2).collect::<Vec<_>>())
+        .bind(&order.stream)
+        .bind(order.sequence)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(failed("superseded_in_order"))
+    }
+
+    /// Records that a job took effect on the replicas `keys` without any other
+    /// write (an update that found nothing to do), through the gate.
+    pub async fn record_order(
+        &self,
+        keys: &[ReplicaKey<'_>],
+        order: &WriteOrder,
+    ) -> Result<Gated<()>, StoreError> {
+        static SQL: std::sync::LazyLock<String> =
+            std::sync::LazyLock::new(|| with_gate("SELECT held, in_order FROM gate"));
+        let (held, in_order): (bool, bool) = gate_query(&SQL, keys, Some(order))
+            .fetch_one(&self.pool)
+            .await
+            .map_err(failed("record_order"))?;
+        Ok(gated(held, in_order, ()))
+    }
+
+    /// [`Self::delete_replica`] through the gate of the target's replica.
+    pub async fn delete_replica_in_order(
+        &self,
+        virtual_storage: &str,
+        relative_path: &str,
+        storage: &str,
+        order: Option<&WriteOrder>,
+    ) -> Result<Gated<bool>, StoreError> {
+        static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+            with_gate(
+                ", deleted AS (
+                    DELETE FROM storage_repositories
+                    WHERE virtual_storage = $1[1] AND relative_path = $2[1] AND storage = $3[1]
+                      AND (SELECT held AND in_order FROM gate)
+                    RETURNING 1)
+                SELECT held, in_order, EXISTS (SELECT FROM deleted) FROM gate",
+            )
+        });
+        let (held, in_order, deleted): (bool, bool, bool) =
+            gate_query(&SQL, &[(virtual_storage, relative_path, storage)], order)
+                .fetch_one(&self.pool)
+                .await
+                .map_err(failed("delete_replica"))?;
+        Ok(gated(held, in_order, deleted))
+    }
+
+    /// [`Self::delete_repository`] (the repository row and the target's
+    /// replica row) through the gate of the target's replica.
+    pub async fn delete_repository_in_order(
+        &self,
+        virtual_storage: &str,
+        relative_path: &str,
+        storage: &str,
+        order: Option<&WriteOrder>,
+    ) -> Result<Gated<bool>, StoreError> {
+        static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+            with_gate(
+                ", repository AS (
+                    DELETE FROM repositories
+                    WHERE virtual_storage = $1[1] AND relative_path = $2[1]
+                      AND (SELECT held AND in_order FROM gate)
+                    RETURNING 1
+                ), replicas AS (
+                    DELETE FROM storage_repositories
+                    WHERE virtual_storage = $1[1] AND relative_path = $2[1] AND storage = $3[1]
+                      AND (SELECT held AND in_order FROM gate)
+                    RETURNING 1)
+                SELECT held, in_order,
+                       EXISTS (SELECT FROM repository) OR EXISTS (SELECT FROM replicas)
+                FROM gate",
+            )
+        });
+        let (held, in_order, deleted): (bool, bool, bool) =
+            gate_query(&SQL, &[(virtual_storage, relative_path, storage)], order)
+                .fetch_one(&self.pool)
+                .await
+                .map_err(failed("delete_repository"))?;
+        Ok(gated(held, in_order, deleted))
+    }
+
+    /// [`Self::rename_repository`] through the gates of the target's replica at
+    /// both paths: a rename takes effect at the old path and at the new one.
+    pub async fn rename_repository_in_order(
+        &self,
+        virtual_storage: &str,
+        relative_path: &str,
+        storage: &str,
+        new_relative_path: &str,
+        order: Option<&WriteOrder>,
+    ) -> Result<Gated<bool>, StoreError> {
+        static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+            with_gate(
+                ", repository AS (
+                    UPDATE repositories SET relative_path = $2[2], replica_path = $2[2]
+                    WHERE virtual_storage = $1[1] AND relative_path = $2[1]
+                      AND (SELECT held AND in_order FROM gate)
+                    RETURNING 1
+                ), replica AS (
+                    UPDATE storage_repositories SET relative_path = $2[2]
+                    WHERE virtual_storage = $1[1] AND relative_path = $2[1] AND storage = $3[1]
+                      AND (SELECT held AND in_order FROM gate)
+                    RETURNING 1)
+                SELECT held, in_order,
+                       EXISTS (SELECT FROM repository) OR EXISTS (SELECT FROM replica)
+                FROM gate",
+            )
+        });
+        let keys = [
+            (virtual_storage, relative_path, storage),
+            (virtual_storage, new_relative_path, storage),
+        ];
+        let (held, in_order, moved): (bool, bool, bool) = gate_query(&SQL, &keys, order)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(failed("rename_repository"))?;
+        Ok(gated(held, in_order, moved))
+    }
+}
