@@ -1,0 +1,210 @@
+//! Per-replica order: the state-changing jobs of one replica take effect in
+//! publish order, whatever order they run in, fail in, or which process runs
+//! them. Each pair of jobs is published back to back (a) into one batch,
+//! (b) with the first job's first attempt failing, and (c) to two consumer
+//! processes sharing the durable consumer; the final state is what the last
+//! job asked for.
+
+mod common;
+
+const WAIT: Duration = Duration::from_secs(20);
+use common::cluster::Cluster;
+use gitaly_replicator::gitaly::recording_server::Behaviour;
+use serde_json::json;
+use std::time::Duration;
+use tonic::Code;
+
+#[derive(Debug, Clone, Copy)]
+enum Run {
+    OneBatch,
+    FirstAttemptFails,
+    TwoProcesses,
+}
+
+const RUNS: [Run; 3] = [Run::OneBatch, Run::FirstAttemptFails, Run::TwoProcesses];
+
+/// Replica rows of the target, as (relative path, generation).
+async fn target_rows(c: &Cluster) -> Vec<(String, i64)> {
+    sqlx::query_as(
+        "SELECT relative_path, generation FROM storage_repositories
+        WHERE virtual_storage = $1 AND storage = 'gitaly-2' ORDER BY relative_path",
+    )
+    .bind(c.vs())
+    .fetch_all(c.db.store.pool())
+    .await
+    .unwrap()
+}
+
+/// Publishes `jobs` in order and runs them as `run` says, until the work
+/// stream is empty; `first_method` is the RPC the first job calls.
+async fn run_pair(c: &Cluster, run: Run, first_method: &str, jobs: [serde_json::Value; 2]) {
+    if matches!(run, Run::FirstAttemptFails) {
+        c.node(2).respond(
+            first_method,
+            Behaviour::fail(Code::Unavailable, "restarting").times(1),
+        );
+    }
+    for j in jobs {
+        c.publish(&c.job(j)).await;
+    }
+    let mut consumers = vec![c.consumer().await];
+    if matches!(run, Run::TwoProcesses) {
+        consumers.push(c.consumer().await);
+    }
+    assert!(
+        c.eventually(WAIT, || async { c.work_messages().await == 0 })
+            .await,
+        "{run:?}: jobs left in the stream"
+    );
+    for consumer in consumers {
+        consumer.stop().await.unwrap();
+    }
+    assert!(c.dead_letters().await.is_empty(), "{run:?}: dead letters");
+}
+
+fn update(path: &str) -> serde_json::Value {
+    json!({"change": "update", "relative_path": path, "target_node_storage": "gitaly-2", "source_node_storage": "gitaly-1"})
+}
+
+fn delete_replica(path: &str) -> serde_json::Value {
+    json!({"change": "delete_replica", "relative_path": path, "target_node_storage": "gitaly-2"})
+}
+
+#[tokio::test]
+async fn delete_replica_then_update_leaves_the_replica_replicated() {
+    for run in RUNS {
+        let c = Cluster::start(2).await;
+        c.db.store
+            .create_repository(c.vs(), "r.git", "gitaly-1", 5, &["gitaly-1"])
+            .await
+            .unwrap();
+        c.db.store
+            .set_generation(c.vs(), "r.git", "gitaly-2", 3)
+            .await
+            .unwrap();
+        run_pair(
+            &c,
+            run,
+            "RemoveRepository",
+            [delete_replica("r.git"), update("r.git")],
+        )
+        .await;
+        assert_eq!(target_rows(&c).await, [("r.git".to_owned(), 5)], "{run:?}");
+        // On the target, the replication came after any removal.
+        let calls = c.node(2).calls();
+        let last = calls
+            .iter()
+            .rev()
+            .find(|call| matches!(call.method, "RemoveRepository" | "ReplicateRepository"));
+        assert_eq!(
+            last.map(|call| call.method),
+            Some("ReplicateRepository"),
+            "{run:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn update_then_delete_replica_leaves_the_replica_gone() {
+    for run in RUNS {
+        let c = Cluster::start(2).await;
+        c.db.store
+            .create_repository(c.vs(), "r.git", "gitaly-1", 5, &["gitaly-1"])
+            .await
+            .unwrap();
+        c.db.store
+            .set_generation(c.vs(), "r.git", "gitaly-2", 3)
+            .await
+            .unwrap();
+        run_pair(
+            &c,
+            run,
+            "ReplicateRepository",
+            [update("r.git"), delete_replica("r.git")],
+        )
+        .await;
+        assert_eq!(target_rows(&c).await, [], "{run:?}");
+        let calls = c.node(2).calls();
+        let last = calls
+            .iter()
+            .rev()
+            .find(|call| matches!(call.method, "RemoveRepository" | "ReplicateRepository"));
+        assert_eq!(
+            last.map(|call| call.method),
+            Some("RemoveRepository"),
+            "{run:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn rename_then_update_of_the_new_path_leaves_only_the_new_path() {
+    for run in RUNS {
+        let c = Cluster::start(2).await;
+        // The primary renamed p.git to q.git already; gitaly-2 still has p.git.
+        c.db.store
+            .create_repository(c.vs(), "q.git", "gitaly-1", 5, &["gitaly-1"])
+            .await
+            .unwrap();
+        sqlx::query(
+            "INSERT INTO storage_repositories
+                (repository_id, virtual_storage, relative_path, storage, generation)
+            SELECT repository_id, virtual_storage, 'p.git', 'gitaly-2', 5 FROM repositories
+            WHERE virtual_storage = $1 AND relative_path = 'q.git'",
+        )
+        .bind(c.vs())
+        .execute(c.db.store.pool())
+        .await
+        .unwrap();
+        let rename = json!({"change": "rename", "relative_path": "p.git", "target_node_storage": "gitaly-2", "params": {"new_relative_path": "q.git"}});
+        run_pair(&c, run, "RenameRepository", [rename, update("q.git")]).await;
+        assert_eq!(target_rows(&c).await, [("q.git".to_owned(), 5)], "{run:?}");
+        // p.git left the target: renamed away, or removed once q.git was
+        // replicated by the later job.
+        let calls = c.node(2).calls();
+        let last_on_p = calls
+            .iter()
+            .rev()
+            .find(|call| call.relative_path == "p.git")
+            .map(|call| call.method);
+        assert!(
+            matches!(last_on_p, Some("RenameRepository" | "RemoveRepository")),
+            "{run:?}: {last_on_p:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_job_older_than_one_applied_is_superseded_without_a_call() {
+    let c = Cluster::start(2).await;
+    c.db.store
+        .create_repository(c.vs(), "o.git", "gitaly-1", 5, &["gitaly-1"])
+        .await
+        .unwrap();
+    // The delete fails until the update has run and completed.
+    c.node(2).respond(
+        "RemoveRepository",
+        Behaviour::fail(Code::Unavailable, "restarting").times(1),
+    );
+    c.publish(&c.job(delete_replica("o.git"))).await;
+    c.publish(&c.job(update("o.git"))).await;
+    let consumer = c.consumer().await;
+    assert!(
+        c.eventually(WAIT, || async { c.work_messages().await == 0 })
+            .await
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    consumer.stop().await.unwrap();
+    assert_eq!(target_rows(&c).await, [("o.git".to_owned(), 5)]);
+    // The retried delete was superseded: its only call was the failed one,
+    // unless it happened to run before the update.
+    let removes = c.node(2).calls_to("RemoveRepository");
+    let replicate = c.node(2).calls_to("ReplicateRepository");
+    assert_eq!(replicate.len(), 1);
+    assert!(
+        removes
+            .iter()
+            .all(|r| r.received_at < replicate[0].received_at),
+        "a removal ran after the replication"
+    );
+}
