@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
+use crate::queue::names::{MAX_NAME_LEN, is_valid_name};
 use sqlx::postgres::{PgConnectOptions, PgSslMode};
 use toml::{Table, Value};
 
@@ -853,16 +854,47 @@ fn check_subject_prefix(prefix: &str) -> Result<(), ConfigError> {
             "{prefix:?} is not a subject prefix: expected non-empty tokens separated by dots, \
              without spaces, '*' or '>'"
         ),
+    )?;
+    check(
+        prefix.len() <= MAX_SUBJECT_PART_LEN,
+        "nats.subject_prefix",
+        format!(
+            "is {} bytes long, more than {MAX_SUBJECT_PART_LEN}",
+            prefix.len()
+        ),
     )
 }
 
+/// Longest subject prefix and storage name, in bytes. A job's subject is the
+/// prefix and both storage names, each byte of which may escape to three, and
+/// nats-server closes a connection that sends a protocol line (a publish's
+/// subject, reply subject and sizes) over 4 KiB (`max_control_line`): at this
+/// length the longest dead-letter subject is 1,792 bytes, which leaves room.
+const MAX_SUBJECT_PART_LEN: usize = 255;
+
+/// A stream name or the consumer prefix: it becomes part of JetStream names,
+/// which nats-server uses in subjects and as directory names.
 fn check_name(key: &str, name: &str) -> Result<(), ConfigError> {
-    let bad = |c: char| c.is_whitespace() || c.is_control() || ".*>/\\".contains(c);
     check(
-        !name.is_empty() && !name.contains(bad),
+        is_valid_name(name),
         key,
         format!(
-            "{name:?} is not a valid name: it must be non-empty, without spaces, '.', '*', '>', '/' or '\\'"
+            "{name:?} is not a valid name: it must be 1 to {MAX_NAME_LEN} characters of \
+             A-Z, a-z, 0-9, '-' and '_'"
+        ),
+    )
+}
+
+/// A virtual storage or storage name: free text (subjects escape it and
+/// consumer names hash it), but not empty, and short enough for a subject.
+fn check_storage_name(key: &str, name: &str) -> Result<(), ConfigError> {
+    check(!name.is_empty(), key, "must not be empty")?;
+    check(
+        name.len() <= MAX_SUBJECT_PART_LEN,
+        key,
+        format!(
+            "is {} bytes long, more than {MAX_SUBJECT_PART_LEN}: it goes into NATS subjects",
+            name.len()
         ),
     )
 }
@@ -956,11 +988,7 @@ impl Config {
         let mut names = HashMap::new();
         for (i, vs) in self.virtual_storages.iter().enumerate() {
             let key = format!("virtual_storage[{i}]");
-            check(
-                !vs.name.is_empty(),
-                &format!("{key}.name"),
-                "must not be empty",
-            )?;
+            check_storage_name(&format!("{key}.name"), &vs.name)?;
             if let Some(prev) = names.insert(vs.name.as_str(), i) {
                 return Err(ConfigError::new(
                     format!("{key}.name"),
@@ -981,11 +1009,7 @@ impl Config {
             let mut storages = HashMap::new();
             for (j, node) in vs.nodes.iter().enumerate() {
                 let key = format!("{key}.node[{j}]");
-                check(
-                    !node.storage.is_empty(),
-                    &format!("{key}.storage"),
-                    "must not be empty",
-                )?;
+                check_storage_name(&format!("{key}.storage"), &node.storage)?;
                 if let Some(prev) = storages.insert(node.storage.as_str(), j) {
                     return Err(ConfigError::new(
                         format!("{key}.storage"),

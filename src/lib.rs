@@ -15,6 +15,7 @@ pub mod queue;
 pub mod replicator;
 pub mod retry_delay;
 pub mod service;
+pub mod stable_hash;
 pub mod storage_node;
 pub mod store;
 pub mod subject;

@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::cluster::Cluster;
+use common::cluster::{Cluster, nats_url};
 use gitaly_replicator::gitaly::recording_server::Behaviour;
 use gitaly_replicator::queue::dead_letter::headers;
 use serde_json::json;
@@ -54,6 +54,47 @@ async fn setup_is_idempotent_and_reports_what_it_changed() {
     assert!(o.status.success(), "{}", all(&o));
     assert!(stdout(&o).contains("ack_wait 5s -> 7s"), "{}", all(&o));
     let o = cli(&changed, &["setup"], None);
+    assert!(
+        stdout(&o).lines().all(|l| l.starts_with("unchanged")),
+        "{}",
+        all(&o)
+    );
+}
+
+#[tokio::test]
+async fn setup_moves_consumers_from_their_old_names_and_keeps_their_jobs() {
+    let storages = ["gitaly-1", "gitaly.3"].map(String::from);
+    let c = Cluster::start_named(&storages, nats_url(), |_| {}).await;
+    let renamed = c.rename_consumers_to_old_names().await;
+    for storage in &storages {
+        for n in 0..2 {
+            c.publish(&c.job(json!({"change": "cleanup", "relative_path": format!("p{n}.git"), "target_node_storage": storage})))
+                .await;
+        }
+    }
+    let o = cli(&c.toml, &["setup"], None);
+    assert!(o.status.success(), "{}", all(&o));
+    let out = stdout(&o);
+    for (old, new) in &renamed {
+        assert!(
+            out.contains(&format!("moved consumer {old} to {new} on ")),
+            "{old}: {out}"
+        );
+        assert!(
+            out.contains(&format!("created consumer {new} on ")),
+            "{out}"
+        );
+    }
+    let work = c.js.get_stream(&c.layout.stream).await.unwrap();
+    for spec in &c.layout.consumers {
+        let info = work.consumer_info(&spec.durable_name).await.unwrap();
+        assert_eq!(
+            info.num_pending, 2,
+            "{}: the jobs wait for it",
+            spec.durable_name
+        );
+    }
+    let o = cli(&c.toml, &["setup"], None);
     assert!(
         stdout(&o).lines().all(|l| l.starts_with("unchanged")),
         "{}",

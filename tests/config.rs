@@ -322,6 +322,69 @@ fn a_duplicate_or_empty_virtual_storage_name_is_an_error() {
 }
 
 #[test]
+fn storage_names_are_free_text_but_not_empty_nor_too_long_for_a_subject() {
+    let long = "x".repeat(255);
+    for name in [
+        "gitaly.3",
+        "node~1",
+        "störage",
+        "a%41",
+        "a b*>",
+        long.as_str(),
+    ] {
+        let toml = MINIMAL.replace("\"gitaly-1\"", &format!("\"{name}\""));
+        let config = Config::from_toml_str(&toml).unwrap_or_else(|e| panic!("{name:?}: {e}"));
+        assert_eq!(config.virtual_storages[0].nodes[0].storage, name);
+    }
+    let too_long = "x".repeat(256);
+    for (name, message) in [
+        ("", "must not be empty"),
+        (too_long.as_str(), "more than 255"),
+    ] {
+        let err = error(&MINIMAL.replace("\"gitaly-1\"", &format!("\"{name}\"")));
+        assert_eq!(err.key, "virtual_storage[0].node[0].storage", "{err}");
+        assert!(err.message.contains(message), "{err}");
+        let err = error(&MINIMAL.replace("\"default\"", &format!("\"{name}\"")));
+        assert_eq!(err.key, "virtual_storage[0].name", "{err}");
+        assert!(err.message.contains(message), "{err}");
+    }
+}
+
+#[test]
+fn the_consumer_prefix_and_stream_names_hold_only_letters_digits_dash_and_underscore() {
+    let long = "x".repeat(65);
+    for (key, value) in [
+        ("consumer_prefix", "gitaly~replicator"),
+        ("consumer_prefix", "a%41"),
+        ("consumer_prefix", "störage"),
+        ("consumer_prefix", ""),
+        ("consumer_prefix", long.as_str()),
+        ("stream", "GITALY~REPLICATION"),
+        ("stream", ""),
+        ("dead_letter_stream", "DEAD%"),
+    ] {
+        let err = error(&with_minimal("", &format!("[nats]\n{key} = \"{value}\"")));
+        assert_eq!(err.key, format!("nats.{key}"), "{value:?}: {err}");
+        assert!(
+            err.message.contains("A-Z, a-z, 0-9, '-' and '_'"),
+            "{value:?}: {err}"
+        );
+    }
+    let fine = "x".repeat(64);
+    let toml = with_minimal("", &format!("[nats]\nconsumer_prefix = \"{fine}\""));
+    assert_eq!(
+        Config::from_toml_str(&toml).unwrap().nats.consumer_prefix,
+        fine
+    );
+    let prefix = format!("{}.replication", "x".repeat(250));
+    let err = error(&with_minimal(
+        "",
+        &format!("[nats]\nsubject_prefix = \"{prefix}\""),
+    ));
+    assert_eq!(err.key, "nats.subject_prefix", "{err}");
+}
+
+#[test]
 fn a_config_without_virtual_storages_or_nodes_is_an_error() {
     assert_eq!(error("").key, "virtual_storage");
     assert_eq!(

@@ -4,9 +4,11 @@
 
 mod common;
 
-use common::cluster::Cluster;
+use common::cluster::{Cluster, nats_url};
+use common::service::ServiceTask;
 use gitaly_replicator::gitaly::recording_server::Behaviour;
 use gitaly_replicator::queue::dead_letter::headers;
+use gitaly_replicator::subject::job_subject;
 use serde_json::json;
 use std::time::Duration;
 use tonic::Code;
@@ -714,4 +716,169 @@ async fn a_busy_process_holds_no_more_jobs_than_its_slots_and_one_batch() {
     );
     assert_eq!(c.node(2).calls().len(), 150);
     consumer.stop().await.unwrap();
+}
+
+/// Storage names that need escaping in a subject; `gitaly-1` and `gitaly_3`
+/// are plain, the latter what `gitaly.3` reads as once sanitized.
+fn awkward_storages() -> Vec<String> {
+    [
+        "gitaly-1", "gitaly.3", "node~1", "störage", "a%41", "gitaly_3",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// JetStream names: only `A-Z a-z 0-9 - _`.
+fn is_plain_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// The (storage, relative path) of every call node `i` received, sorted.
+fn calls_of(c: &Cluster, i: usize) -> Vec<(String, String)> {
+    let mut calls: Vec<_> = c
+        .node(i)
+        .calls()
+        .into_iter()
+        .map(|call| (call.storage, call.relative_path))
+        .collect();
+    calls.sort();
+    calls
+}
+
+/// Waits until node `i` (storage `i - 1`) has received `calls` calls, for
+/// every node, and the work stream is empty.
+async fn every_target_has_calls_and_the_stream_drains(
+    c: &Cluster,
+    storages: &[String],
+    calls: usize,
+) {
+    for (i, storage) in storages.iter().enumerate() {
+        assert!(
+            c.node(i + 1).wait_for_calls(calls, WAIT).await,
+            "{storage}: got {:?}",
+            calls_of(c, i + 1)
+        );
+    }
+    assert!(
+        c.eventually(WAIT, || async { c.work_messages().await == 0 })
+            .await,
+        "{} jobs left in the work stream",
+        c.work_messages().await
+    );
+}
+
+#[tokio::test]
+async fn storages_with_any_name_get_their_jobs_through_the_running_service() {
+    let storages = awkward_storages();
+    let c = Cluster::start_named(&storages, nats_url(), |_| {}).await;
+    let mut names: Vec<&str> = c
+        .layout
+        .consumers
+        .iter()
+        .map(|s| s.durable_name.as_str())
+        .collect();
+    names.push(&c.layout.advisory_consumer);
+    for name in &names {
+        assert!(is_plain_name(name), "consumer name {name:?}");
+    }
+    names.sort();
+    names.dedup();
+    assert_eq!(names.len(), storages.len() + 1, "consumer names are unique");
+
+    let service = ServiceTask::start(c.config.clone());
+    for (i, storage) in storages.iter().enumerate() {
+        // As any publisher would: raw JSON on the escaped subject...
+        let raw = json!({"change": "optimize_repository", "virtual_storage": c.vs(), "relative_path": format!("raw-{i}.git"), "target_node_storage": storage});
+        let subject = job_subject(&c.names.subject_prefix, c.vs(), storage);
+        c.js.publish(subject, serde_json::to_vec(&raw).unwrap().into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        // ...and with the library's publisher, as the CLI does.
+        c.publish(&c.job(json!({"change": "optimize_repository", "relative_path": format!("lib-{i}.git"), "target_node_storage": storage}))).await;
+    }
+    every_target_has_calls_and_the_stream_drains(&c, &storages, 2).await;
+    for (i, storage) in storages.iter().enumerate() {
+        assert_eq!(
+            calls_of(&c, i + 1),
+            [
+                (storage.clone(), format!("lib-{i}.git")),
+                (storage.clone(), format!("raw-{i}.git"))
+            ],
+            "each job reached its own target, once"
+        );
+    }
+    // The connection survived: later jobs still flow, to every target.
+    for storage in &storages {
+        c.publish(&c.job(json!({"change": "cleanup", "relative_path": "later.git", "target_node_storage": storage}))).await;
+    }
+    every_target_has_calls_and_the_stream_drains(&c, &storages, 3).await;
+    assert!(c.dead_letters().await.is_empty());
+    assert!(service.is_running());
+    service.stop().await;
+}
+
+#[tokio::test]
+async fn consumers_under_their_old_names_are_moved_at_start_and_lose_no_job() {
+    let storages = awkward_storages();
+    let c = Cluster::start_named(&storages, nats_url(), |_| {}).await;
+    let renamed = c.rename_consumers_to_old_names().await;
+    let mut jobs = Vec::new();
+    for storage in &storages {
+        for n in 0..3 {
+            jobs.push(c.job(json!({"change": "pack_refs", "relative_path": format!("old-{n}.git"), "target_node_storage": storage})));
+        }
+    }
+    for r in c.publisher().publish_many(&jobs, 100).await {
+        r.unwrap();
+    }
+    // One job taken by a process of the old deployment and never acked: in
+    // flight when its consumer goes. (gitaly-1's old name has no `%`, so this
+    // client can take it.)
+    let (old_gitaly_1, _) = &renamed[0];
+    let old_consumer: async_nats::jetstream::consumer::PullConsumer =
+        c.js.get_stream(&c.layout.stream)
+            .await
+            .unwrap()
+            .get_consumer(old_gitaly_1)
+            .await
+            .unwrap();
+    use futures::StreamExt;
+    let mut batch = old_consumer
+        .fetch()
+        .max_messages(1)
+        .messages()
+        .await
+        .unwrap();
+    let _unacked = batch.next().await.unwrap().unwrap();
+
+    let service = ServiceTask::start(c.config.clone());
+    every_target_has_calls_and_the_stream_drains(&c, &storages, 3).await;
+    for (i, storage) in storages.iter().enumerate() {
+        let paths: Vec<String> = calls_of(&c, i + 1).into_iter().map(|(_, p)| p).collect();
+        assert_eq!(paths, ["old-0.git", "old-1.git", "old-2.git"], "{storage}");
+    }
+    assert!(c.dead_letters().await.is_empty());
+    let mut work: Vec<String> = c
+        .layout
+        .consumers
+        .iter()
+        .map(|s| s.durable_name.clone())
+        .collect();
+    work.sort();
+    assert_eq!(
+        c.consumer_names(&c.layout.stream).await,
+        work,
+        "old consumers are gone"
+    );
+    assert_eq!(
+        c.consumer_names(&c.layout.advisory_stream).await,
+        std::slice::from_ref(&c.layout.advisory_consumer)
+    );
+    assert!(service.is_running());
+    service.stop().await;
 }

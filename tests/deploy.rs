@@ -544,7 +544,7 @@ fn config_with_names(names: &TestNames) -> Config {
 fn renamed(text: &str, names: &TestNames) -> String {
     text.replace("GITALY_REPLICATION", &names.stream)
         .replace("gitaly.replication", &names.subject_prefix)
-        .replace("gitaly-replicator~", &format!("{}~", names.consumer_prefix))
+        .replace("gitaly-replicator_", &format!("{}_", names.consumer_prefix))
 }
 
 async fn api(client: &async_nats::Client, subject: String, body: Vec<u8>) -> Json {

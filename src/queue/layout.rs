@@ -1,14 +1,18 @@
 //! The JetStream layout: the work stream, the dead-letter stream, the stream
 //! that keeps max-deliveries advisories, and one durable pull consumer per
-//! (virtual storage, target storage). Created idempotently; an existing object
-//! is compared first, changed only where JetStream allows it (each change is
-//! reported), and refused with a clear error where it does not.
+//! (virtual storage, target storage), named as [`crate::queue::names`] says.
+//! Created idempotently; an existing object is compared first, changed only
+//! where JetStream allows it (each change is reported), and refused with a
+//! clear error where it does not. A consumer found under another name with
+//! the same filter (an older naming scheme's) is moved to its name.
 
 use crate::config::Config;
-use crate::subject::{dead_letter_prefix, escape_token, job_subject};
+use crate::queue::names::{advisory_consumer_name, durable_name};
+use crate::subject::{dead_letter_prefix, job_subject};
 use async_nats::jetstream::Context;
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
 use async_nats::jetstream::stream::{self, DiscardPolicy, RetentionPolicy, StorageType};
+use futures::TryStreamExt;
 use std::time::Duration;
 
 /// Why the layout could not be ensured.
@@ -83,6 +87,13 @@ pub struct Layout {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LayoutChange {
     Created(String),
+    /// A consumer deleted because the one named `to` takes its filter; its
+    /// unacknowledged jobs stay in the stream for `to`.
+    Moved {
+        stream: String,
+        from: String,
+        to: String,
+    },
     Updated {
         object: String,
         changes: Vec<String>,
@@ -94,23 +105,15 @@ impl std::fmt::Display for LayoutChange {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             LayoutChange::Created(o) => write!(f, "created {o}"),
+            LayoutChange::Moved { stream, from, to } => {
+                write!(f, "moved consumer {from} to {to} on {stream}")
+            }
             LayoutChange::Updated { object, changes } => {
                 write!(f, "updated {object}: {}", changes.join(", "))
             }
             LayoutChange::Unchanged(o) => write!(f, "unchanged {o}"),
         }
     }
-}
-
-/// The durable consumer name for a target: `<prefix>~<vs>~<target>` with
-/// each storage escaped as for subjects. `~` cannot occur in an escaped
-/// token, so the name is unambiguous.
-pub fn durable_name(consumer_prefix: &str, virtual_storage: &str, target: &str) -> String {
-    format!(
-        "{consumer_prefix}~{}~{}",
-        escape_token(virtual_storage),
-        escape_token(target)
-    )
 }
 
 impl Layout {
@@ -130,7 +133,7 @@ impl Layout {
             stream: nats.stream.clone(),
             dead_letter_stream: nats.dead_letter_stream.clone(),
             advisory_stream: format!("{}_ADVISORIES", nats.stream),
-            advisory_consumer: format!("{}~advisories", nats.consumer_prefix),
+            advisory_consumer: advisory_consumer_name(&nats.consumer_prefix),
             replicas: nats.replicas,
             max_bytes: nats.max_bytes,
             max_messages: nats.max_messages,
@@ -257,22 +260,27 @@ impl Layout {
             .get_stream(&self.stream)
             .await
             .map_err(|e| api(format!("stream {}", self.stream), e))?;
+        let existing = durable_consumers(&work, &self.stream).await?;
         for spec in &self.consumers {
             let wanted = self.consumer_config(spec);
+            move_consumers(&work, &self.stream, &existing, &wanted, &mut report).await?;
             report.push(ensure_consumer(&work, &self.stream, wanted).await?);
         }
         let advisories = js
             .get_stream(&self.advisory_stream)
             .await
             .map_err(|e| api(format!("stream {}", self.advisory_stream), e))?;
-        report.push(
-            ensure_consumer(
-                &advisories,
-                &self.advisory_stream,
-                self.advisory_consumer_config(),
-            )
-            .await?,
-        );
+        let existing = durable_consumers(&advisories, &self.advisory_stream).await?;
+        let wanted = self.advisory_consumer_config();
+        move_consumers(
+            &advisories,
+            &self.advisory_stream,
+            &existing,
+            &wanted,
+            &mut report,
+        )
+        .await?;
+        report.push(ensure_consumer(&advisories, &self.advisory_stream, wanted).await?);
         Ok(report)
     }
 }
@@ -390,6 +398,53 @@ async fn ensure_stream(js: &Context, wanted: stream::Config) -> Result<LayoutCha
     Ok(LayoutChange::Updated { object, changes })
 }
 
+/// (name, filter subject) of every durable consumer on `stream`.
+async fn durable_consumers(
+    stream: &stream::Stream,
+    stream_name: &str,
+) -> Result<Vec<(String, String)>, LayoutError> {
+    let what = || format!("consumers of stream {stream_name}");
+    let mut list = stream.consumers();
+    let mut found = Vec::new();
+    while let Some(info) = list.try_next().await.map_err(|e| api(what(), e))? {
+        if info.config.durable_name.is_some() {
+            found.push((info.name, info.config.filter_subject));
+        }
+    }
+    Ok(found)
+}
+
+/// Deletes every durable consumer in `existing` that has `wanted`'s filter
+/// subject under another name: a WorkQueue stream refuses a second consumer
+/// with an overlapping filter, so the one under the old name (`<prefix>~…`
+/// before names were hashed, or another prefix's) must go before `wanted` can
+/// be created. Nothing is lost: the stream keeps every unacknowledged job
+/// until a consumer acks it, and `wanted` delivers from the first one.
+async fn move_consumers(
+    stream: &stream::Stream,
+    stream_name: &str,
+    existing: &[(String, String)],
+    wanted: &pull::Config,
+    report: &mut Vec<LayoutChange>,
+) -> Result<(), LayoutError> {
+    let to = wanted.durable_name.clone().unwrap_or_default();
+    let old = existing
+        .iter()
+        .filter(|(name, filter)| *filter == wanted.filter_subject && *name != to);
+    for (from, _) in old {
+        stream
+            .delete_consumer(from)
+            .await
+            .map_err(|e| api(format!("consumer {from} on {stream_name}"), e))?;
+        report.push(LayoutChange::Moved {
+            stream: stream_name.to_owned(),
+            from: from.clone(),
+            to: to.clone(),
+        });
+    }
+    Ok(())
+}
+
 async fn ensure_consumer(
     stream: &stream::Stream,
     stream_name: &str,
@@ -479,9 +534,15 @@ mod tests {
     }
 
     #[test]
-    fn durable_names_are_unambiguous() {
-        assert_ne!(durable_name("p", "a-b", "c"), durable_name("p", "a", "b-c"));
-        assert_ne!(durable_name("p", "a_b", "c"), durable_name("p", "a", "b_c"));
-        assert_eq!(durable_name("p", "vs", "gitaly 1"), "p~vs~gitaly%201");
+    fn a_move_is_reported_with_both_names() {
+        let moved = LayoutChange::Moved {
+            stream: "S".into(),
+            from: "p~vs~gitaly%2E3".into(),
+            to: "p_vs_gitaly_3_fd49e0ab7ffb2f67".into(),
+        };
+        assert_eq!(
+            moved.to_string(),
+            "moved consumer p~vs~gitaly%2E3 to p_vs_gitaly_3_fd49e0ab7ffb2f67 on S"
+        );
     }
 }

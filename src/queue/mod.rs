@@ -1,5 +1,5 @@
-//! JetStream: the layout, publishing, pulling, the consumer loop, and the
-//! dead-letter stream.
+//! JetStream: the layout and its names, publishing, pulling, the consumer
+//! loop, and the dead-letter stream.
 
 pub mod ack;
 pub mod advisories;
@@ -10,6 +10,7 @@ pub mod dead_letter;
 pub mod depth;
 pub mod exclusion;
 pub mod layout;
+pub mod names;
 pub mod publisher;
 pub mod puller;
 pub mod requeue;

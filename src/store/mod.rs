@@ -321,22 +321,11 @@ fn superseded_sql(base: usize) -> String {
     )
 }
 
-/// The advisory lock key of a replica: 64-bit FNV-1a over the three names,
-/// each preceded by its length so that no two triples run together. Stable
-/// across processes and builds (std's hasher is randomly seeded).
+/// The advisory lock key of a replica: the stable hash of the three names
+/// (length-prefixed, so no two triples run together).
 pub fn repository_lock_key(virtual_storage: &str, relative_path: &str, target: &str) -> i64 {
-    const OFFSET_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
-    const PRIME: u64 = 0x0000_0100_0000_01b3;
-    let mut hash = OFFSET_BASIS;
-    for field in [virtual_storage, relative_path, target] {
-        let len = (field.len() as u64).to_le_bytes();
-        for byte in len.iter().chain(field.as_bytes()) {
-            hash ^= u64::from(*byte);
-            hash = hash.wrapping_mul(PRIME);
-        }
-    }
     // Postgres keys are bigint: keep the bits, not the value.
-    hash as i64
+    crate::stable_hash::fnv1a_64(&[virtual_storage, relative_path, target]) as i64
 }
 
 impl RepositoryStore {

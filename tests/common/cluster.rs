@@ -138,15 +138,26 @@ impl Cluster {
 
     /// Like `start_with`, on the NATS server at `nats_url`.
     pub async fn start_on(n: usize, nats_url: String, edit: impl FnOnce(&mut String)) -> Cluster {
+        let storages: Vec<String> = (1..=n).map(|i| format!("gitaly-{i}")).collect();
+        Self::start_named(&storages, nats_url, edit).await
+    }
+
+    /// One recording node per storage name, in order (`node(1)` is the
+    /// first); the names go into the TOML as basic strings, unescaped.
+    pub async fn start_named(
+        storages: &[String],
+        nats_url: String,
+        edit: impl FnOnce(&mut String),
+    ) -> Cluster {
         let names = TestNames::new();
         let db = TestDatabase::new().await;
         let mut nodes = Vec::new();
         let mut specs = Vec::new();
-        for i in 1..=n {
-            let token = format!("token-{i}");
+        for (i, storage) in storages.iter().enumerate() {
+            let token = format!("token-{}", i + 1);
             let node = RecordingGitaly::new(Some(&token)).serve().await.unwrap();
             specs.push(NodeSpec {
-                storage: format!("gitaly-{i}"),
+                storage: storage.clone(),
                 address: node.address(),
                 token,
             });
@@ -267,6 +278,69 @@ impl Cluster {
     {
         super::eventually(timeout, check).await
     }
+}
+
+impl Cluster {
+    /// Makes the provisioned layout look like one that `setup` made before
+    /// consumer names were sanitized: every consumer is deleted and created
+    /// again, same settings, under its old name. Returns (old, new) names, the
+    /// advisory consumer's last.
+    pub async fn rename_consumers_to_old_names(&self) -> Vec<(String, String)> {
+        let work = self.js.get_stream(&self.layout.stream).await.unwrap();
+        let advisories = self
+            .js
+            .get_stream(&self.layout.advisory_stream)
+            .await
+            .unwrap();
+        let mut consumers: Vec<_> = self
+            .layout
+            .consumers
+            .iter()
+            .map(|spec| {
+                let old = old_durable_name(
+                    &self.names.consumer_prefix,
+                    &spec.virtual_storage,
+                    &spec.target_storage,
+                );
+                (&work, self.layout.consumer_config(spec), old)
+            })
+            .collect();
+        consumers.push((
+            &advisories,
+            self.layout.advisory_consumer_config(),
+            format!("{}~advisories", self.names.consumer_prefix),
+        ));
+        let mut renamed = Vec::new();
+        for (stream, mut config, old) in consumers {
+            let new = config.durable_name.clone().unwrap();
+            stream.delete_consumer(&new).await.unwrap();
+            config.durable_name = Some(old.clone());
+            config.name = Some(old.clone());
+            stream.create_consumer(config).await.unwrap();
+            renamed.push((old, new));
+        }
+        renamed
+    }
+
+    /// Names of the durable consumers on `stream`, sorted.
+    pub async fn consumer_names(&self, stream: &str) -> Vec<String> {
+        use futures::TryStreamExt;
+        let stream = self.js.get_stream(stream).await.unwrap();
+        let mut names: Vec<String> = stream.consumer_names().try_collect().await.unwrap();
+        names.sort();
+        names
+    }
+}
+
+/// The durable name of a target before names were sanitized:
+/// `<prefix>~<escaped vs>~<escaped target>`.
+pub fn old_durable_name(consumer_prefix: &str, virtual_storage: &str, target: &str) -> String {
+    use gitaly_replicator::subject::escape_token;
+    format!(
+        "{consumer_prefix}~{}~{}",
+        escape_token(virtual_storage),
+        escape_token(target)
+    )
 }
 
 /// Messages left in the layout's work stream (pending or in flight).

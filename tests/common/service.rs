@@ -15,8 +15,7 @@ pub struct RunningService {
     /// Port of the operations endpoint (`/metrics`, `/health/*`).
     pub port: u16,
     relative_path: String,
-    stop: oneshot::Sender<()>,
-    task: JoinHandle<Result<(), ServiceError>>,
+    service: ServiceTask,
 }
 
 impl RunningService {
@@ -42,17 +41,12 @@ impl RunningService {
             "Cleanup",
             Behaviour::fail(tonic::Code::Unimplemented, "gone"),
         );
-        let config = Config::from_toml_str(&cluster.toml).unwrap();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(gitaly_replicator::service::run(config, async {
-            let _ = stopped.await;
-        }));
+        let service = ServiceTask::start(Config::from_toml_str(&cluster.toml).unwrap());
         RunningService {
             cluster,
             port,
             relative_path: relative_path.to_owned(),
-            stop,
-            task,
+            service,
         }
     }
 
@@ -65,6 +59,32 @@ impl RunningService {
             json!({"change": "cleanup", "relative_path": path, "target_node_storage": "gitaly-3"}),
         ))
         .await;
+    }
+
+    /// Stops the service as a signal would; it must end cleanly.
+    pub async fn stop(self) {
+        self.service.stop().await;
+    }
+}
+
+/// `gitaly_replicator::service::run` over a test's config, in a task.
+pub struct ServiceTask {
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<Result<(), ServiceError>>,
+}
+
+impl ServiceTask {
+    pub fn start(config: Config) -> ServiceTask {
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(gitaly_replicator::service::run(config, async {
+            let _ = stopped.await;
+        }));
+        ServiceTask { stop, task }
+    }
+
+    /// Whether the service is still running (it has not failed).
+    pub fn is_running(&self) -> bool {
+        !self.task.is_finished()
     }
 
     /// Stops the service as a signal would; it must end cleanly.
