@@ -584,29 +584,22 @@ impl RepositoryStore {
         .map_err(failed("delete_repository"))
     }
 
-    /// Deletes the replica row of `storage`. Returns false when there was none.
+    /// Deletes the replica row of `storage`, ungated (see
+    /// [`Self::delete_replica_in_order`]). Returns false when there was none.
     pub async fn delete_replica(
         &self,
         virtual_storage: &str,
         relative_path: &str,
         storage: &str,
     ) -> Result<bool, StoreError> {
-        let result = sqlx::query(
-            "DELETE FROM storage_repositories
-            WHERE virtual_storage = $1 AND relative_path = $2 AND storage = $3",
-        )
-        .bind(virtual_storage)
-        .bind(relative_path)
-        .bind(storage)
-        .execute(&self.pool)
-        .await
-        .map_err(failed("delete_replica"))?;
-        Ok(result.rows_affected() > 0)
+        let gated = self
+            .delete_replica_in_order(virtual_storage, relative_path, storage, None)
+            .await?;
+        Ok(gated == Gated::Written(true))
     }
 
-    /// Moves the repository row (relative and replica path) and the replica
-    /// row of `storage` to `new_relative_path`, in one statement. Returns
-    /// false when neither was at the old path (e.g. already renamed).
+    /// Renames, ungated (see [`Self::rename_repository_in_order`]). Returns
+    /// false when neither row was at the old path (e.g. already renamed).
     pub async fn rename_repository(
         &self,
         virtual_storage: &str,
@@ -614,25 +607,16 @@ impl RepositoryStore {
         storage: &str,
         new_relative_path: &str,
     ) -> Result<bool, StoreError> {
-        sqlx::query_scalar(
-            "WITH repository AS (
-                UPDATE repositories SET relative_path = $4, replica_path = $4
-                WHERE virtual_storage = $1 AND relative_path = $2
-                RETURNING 1
-            ), replica AS (
-                UPDATE storage_repositories SET relative_path = $4
-                WHERE virtual_storage = $1 AND relative_path = $2 AND storage = $3
-                RETURNING 1
+        let gated = self
+            .rename_repository_in_order(
+                virtual_storage,
+                relative_path,
+                storage,
+                new_relative_path,
+                None,
             )
-            SELECT EXISTS (SELECT FROM repository) OR EXISTS (SELECT FROM replica)",
-        )
-        .bind(virtual_storage)
-        .bind(relative_path)
-        .bind(storage)
-        .bind(new_relative_path)
-        .fetch_one(&self.pool)
-        .await
-        .map_err(failed("rename_repository"))
+            .await?;
+        Ok(gated == Gated::Written(true))
     }
 
     /// Deletes the replica row of `storage`, and the repository row when no

@@ -112,6 +112,22 @@ fn with_gate(rest: &str) -> String {
 }
 
 impl RepositoryStore {
+    /// Runs a gated statement whose final SELECT answers `held, in_order`
+    /// and whether its write changed anything.
+    async fn gated_write(
+        &self,
+        sql: &str,
+        keys: &[ReplicaKey<'_>],
+        order: Option<&WriteOrder>,
+        operation: &'static str,
+    ) -> Result<Gated<bool>, StoreError> {
+        let (held, in_order, written): (bool, bool, bool) = gate_query(sql, keys, order)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(failed(operation))?;
+        Ok(gated(held, in_order, written))
+    }
+
     /// For each replica key: whether a job at or after `order`'s sequence
     /// (of the same stream) already took effect there. Read after the job's
     /// lock is taken, so it sees every write made under the lock before.
@@ -154,7 +170,8 @@ impl RepositoryStore {
         Ok(gated(held, in_order, ()))
     }
 
-    /// [`Self::delete_replica`] through the gate of the target's replica.
+    /// Deletes the replica row of `storage`, through the gate of that replica;
+    /// `Written(false)` when there was no row.
     pub async fn delete_replica_in_order(
         &self,
         virtual_storage: &str,
@@ -172,12 +189,9 @@ impl RepositoryStore {
                 SELECT held, in_order, EXISTS (SELECT FROM deleted) FROM gate",
             )
         });
-        let (held, in_order, deleted): (bool, bool, bool) =
-            gate_query(&SQL, &[(virtual_storage, relative_path, storage)], order)
-                .fetch_one(&self.pool)
-                .await
-                .map_err(failed("delete_replica"))?;
-        Ok(gated(held, in_order, deleted))
+        let key = (virtual_storage, relative_path, storage);
+        self.gated_write(&SQL, &[key], order, "delete_replica")
+            .await
     }
 
     /// [`Self::delete_repository`] (the repository row and the target's
@@ -206,16 +220,15 @@ impl RepositoryStore {
                 FROM gate",
             )
         });
-        let (held, in_order, deleted): (bool, bool, bool) =
-            gate_query(&SQL, &[(virtual_storage, relative_path, storage)], order)
-                .fetch_one(&self.pool)
-                .await
-                .map_err(failed("delete_repository"))?;
-        Ok(gated(held, in_order, deleted))
+        let key = (virtual_storage, relative_path, storage);
+        self.gated_write(&SQL, &[key], order, "delete_repository")
+            .await
     }
 
-    /// [`Self::rename_repository`] through the gates of the target's replica at
-    /// both paths: a rename takes effect at the old path and at the new one.
+    /// Moves the repository row (relative and replica path) and the replica
+    /// row of `storage` to `new_relative_path`, through the gates of that
+    /// replica at both paths: a rename takes effect at the old path and at the
+    /// new one. `Written(false)` when neither was at the old path.
     pub async fn rename_repository_in_order(
         &self,
         virtual_storage: &str,
@@ -245,10 +258,7 @@ impl RepositoryStore {
             (virtual_storage, relative_path, storage),
             (virtual_storage, new_relative_path, storage),
         ];
-        let (held, in_order, moved): (bool, bool, bool) = gate_query(&SQL, &keys, order)
-            .fetch_one(&self.pool)
+        self.gated_write(&SQL, &keys, order, "rename_repository")
             .await
-            .map_err(failed("rename_repository"))?;
-        Ok(gated(held, in_order, moved))
     }
 }
