@@ -62,6 +62,28 @@ async fn run_pair(c: &Cluster, run: Run, first_method: &str, jobs: [serde_json::
     assert!(c.dead_letters().await.is_empty(), "{run:?}: dead letters");
 }
 
+/// r.git at generation 5 on the source and 3 on the target.
+async fn seed_outdated_replica(c: &Cluster) {
+    c.db.store
+        .create_repository(c.vs(), "r.git", "gitaly-1", 5, &["gitaly-1"])
+        .await
+        .unwrap();
+    c.db.store
+        .set_generation(c.vs(), "r.git", "gitaly-2", 3)
+        .await
+        .unwrap();
+}
+
+/// The last of the target's calls that removed or replicated a repository.
+fn last_remove_or_replicate(c: &Cluster) -> Option<&'static str> {
+    c.node(2)
+        .calls()
+        .iter()
+        .rev()
+        .map(|call| call.method)
+        .find(|m| matches!(*m, "RemoveRepository" | "ReplicateRepository"))
+}
+
 fn update(path: &str) -> serde_json::Value {
     json!({"change": "update", "relative_path": path, "target_node_storage": "gitaly-2", "source_node_storage": "gitaly-1"})
 }
@@ -74,14 +96,7 @@ fn delete_replica(path: &str) -> serde_json::Value {
 async fn delete_replica_then_update_leaves_the_replica_replicated() {
     for run in RUNS {
         let c = Cluster::start(2).await;
-        c.db.store
-            .create_repository(c.vs(), "r.git", "gitaly-1", 5, &["gitaly-1"])
-            .await
-            .unwrap();
-        c.db.store
-            .set_generation(c.vs(), "r.git", "gitaly-2", 3)
-            .await
-            .unwrap();
+        seed_outdated_replica(&c).await;
         run_pair(
             &c,
             run,
@@ -91,13 +106,8 @@ async fn delete_replica_then_update_leaves_the_replica_replicated() {
         .await;
         assert_eq!(target_rows(&c).await, [("r.git".to_owned(), 5)], "{run:?}");
         // On the target, the replication came after any removal.
-        let calls = c.node(2).calls();
-        let last = calls
-            .iter()
-            .rev()
-            .find(|call| matches!(call.method, "RemoveRepository" | "ReplicateRepository"));
         assert_eq!(
-            last.map(|call| call.method),
+            last_remove_or_replicate(&c),
             Some("ReplicateRepository"),
             "{run:?}"
         );
@@ -108,14 +118,7 @@ async fn delete_replica_then_update_leaves_the_replica_replicated() {
 async fn update_then_delete_replica_leaves_the_replica_gone() {
     for run in RUNS {
         let c = Cluster::start(2).await;
-        c.db.store
-            .create_repository(c.vs(), "r.git", "gitaly-1", 5, &["gitaly-1"])
-            .await
-            .unwrap();
-        c.db.store
-            .set_generation(c.vs(), "r.git", "gitaly-2", 3)
-            .await
-            .unwrap();
+        seed_outdated_replica(&c).await;
         run_pair(
             &c,
             run,
@@ -124,13 +127,8 @@ async fn update_then_delete_replica_leaves_the_replica_gone() {
         )
         .await;
         assert_eq!(target_rows(&c).await, [], "{run:?}");
-        let calls = c.node(2).calls();
-        let last = calls
-            .iter()
-            .rev()
-            .find(|call| matches!(call.method, "RemoveRepository" | "ReplicateRepository"));
         assert_eq!(
-            last.map(|call| call.method),
+            last_remove_or_replicate(&c),
             Some("RemoveRepository"),
             "{run:?}"
         );
