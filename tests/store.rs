@@ -807,3 +807,43 @@ async fn a_closed_pool_is_retryable() {
     assert_eq!(error.operation(), "generation");
     assert!(error.is_retryable(), "{error}");
 }
+
+// --- batched generation writes ---
+
+// On a current-thread runtime every write below is queued before the
+// batching task runs, so they go to Postgres as one statement first.
+#[tokio::test(flavor = "current_thread")]
+async fn a_bad_row_in_a_generation_batch_fails_only_its_own_job() {
+    use gitaly_replicator::generation_batcher::GenerationBatcher;
+    use gitaly_replicator::store::{Gated, GenerationRecord};
+
+    let db = TestDatabase::new().await;
+    let paths: Vec<String> = (0..5).map(|i| format!("batch-{i}.git")).collect();
+    for p in &paths {
+        db.store
+            .create_repository(VS, p, "gitaly-1", 7, &["gitaly-1"])
+            .await
+            .unwrap();
+    }
+    // Postgres text cannot hold NUL: this row breaks the batch's statement.
+    let bad = "bad\0.git".to_owned();
+    let batcher = GenerationBatcher::start(db.store.clone());
+    let writes = paths.iter().chain([&bad]).map(|p| {
+        batcher.set_generation(GenerationRecord {
+            virtual_storage: VS,
+            relative_path: p,
+            storage: "gitaly-2",
+            generation: 7,
+            order: None,
+        })
+    });
+    let answers = futures::future::join_all(writes).await;
+    for (p, a) in paths.iter().zip(&answers) {
+        assert_eq!(a.as_ref().ok(), Some(&Gated::Written(true)), "{p}: {a:?}");
+        assert_eq!(
+            db.store.generation(VS, p, "gitaly-2").await.unwrap(),
+            Some(7)
+        );
+    }
+    assert!(answers[paths.len()].is_err(), "{:?}", answers[paths.len()]);
+}
