@@ -142,21 +142,58 @@ async fn a_lost_lock_session_fences_its_guards_and_never_takes_their_locks_back(
         .execute(db.store.pool())
         .await
         .unwrap();
-    // The guard is told within the keepalive, and the lock is not taken back:
-    // b may have it now.
+    // The guard is told within the keepalive.
     assert!(
         tokio::time::timeout(Duration::from_secs(2), held.lost().cancelled())
             .await
             .is_ok(),
         "the guard of a lost session was not told"
     );
-    let in_b = b.acquire(key, &CancellationToken::new()).await.unwrap();
-    // a's late release touches nothing of b's.
+    // Postgres freed the lock, but a's job may still be running: nobody gets
+    // it while a's guard lives (the grace period is longer than this wait).
+    assert!(!can_take(&b, key, Duration::from_secs(2)).await);
+    // Once a's job has stopped, b gets it promptly, and a never took it back.
     a.release(held);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let in_b = tokio::time::timeout(
+        Duration::from_secs(2),
+        b.acquire(key, &CancellationToken::new()),
+    )
+    .await
+    .expect("b waited for the grace period instead of a's release")
+    .unwrap();
     assert!(!can_take(&a, key, Duration::from_millis(500)).await);
     b.release(in_b);
     assert!(can_take(&a, key, Duration::from_secs(3)).await);
+}
+
+#[tokio::test]
+async fn a_session_lost_with_its_process_bars_new_locks_only_for_the_grace_period() {
+    let db = TestDatabase::new().await;
+    let (a, _sa) = process(&db);
+    let (b, _sb) = process(&db);
+    let key = repository_lock_key("default", "gone.git", "gitaly-2");
+    let held = a.acquire(key, &CancellationToken::new()).await.unwrap();
+    let pid = held.session_pid();
+    // The guard is never released, as if its process were hung or gone.
+    std::mem::forget(held);
+    sqlx::query("SELECT pg_terminate_backend($1)")
+        .bind(pid)
+        .execute(db.store.pool())
+        .await
+        .unwrap();
+    let other = repository_lock_key("default", "elsewhere.git", "gitaly-2");
+    let started = std::time::Instant::now();
+    // Every repository waits, not only the one the lost session held: which
+    // it held died with it.
+    assert!(!can_take(&b, other, Duration::from_secs(2)).await);
+    assert!(can_take(&b, key, Duration::from_secs(10)).await);
+    let waited = started.elapsed();
+    let grace = Duration::from_secs(u64::from(gitaly_replicator::store::ORPHAN_GRACE_SECONDS));
+    assert!(
+        waited >= grace - Duration::from_millis(500) && waited < grace + Duration::from_secs(4),
+        "{waited:?}"
+    );
+    assert!(can_take(&b, other, Duration::from_secs(2)).await);
 }
 
 #[tokio::test]

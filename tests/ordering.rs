@@ -206,3 +206,54 @@ async fn a_job_older_than_one_applied_is_superseded_without_a_call() {
         "a removal ran after the replication"
     );
 }
+
+/// The backend holding the advisory lock of a replica, once one does.
+async fn lock_holder_pid(c: &Cluster, relative_path: &str) -> Option<i32> {
+    let key = gitaly_replicator::store::repository_lock_key(c.vs(), relative_path, "gitaly-2");
+    sqlx::query_scalar(
+        "SELECT pid FROM pg_locks
+        WHERE locktype = 'advisory' AND granted AND objsubid = 1
+          AND classid = (($1::int8 >> 32) & 4294967295)::oid
+          AND objid = ($1::int8 & 4294967295)::oid",
+    )
+    .bind(key)
+    .fetch_optional(c.db.store.pool())
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_killed_lock_connection_never_lets_two_processes_call_gitaly_for_one_replica() {
+    // One job per fetch, so the two processes each take one.
+    let c = Cluster::start_with(2, |t| *t = t.replace("batch_size = 10", "batch_size = 1")).await;
+    seed_outdated_replica(&c).await;
+    for method in ["ReplicateRepository", "GarbageCollect"] {
+        c.node(2)
+            .respond(method, Behaviour::delay(Duration::from_millis(1500)));
+    }
+    let x = c.consumer().await;
+    let y = c.consumer().await;
+    c.publish(&c.job(update("r.git"))).await;
+    c.publish(&c.job(json!({"change": "gc", "relative_path": "r.git", "target_node_storage": "gitaly-2", "params": {"create_bitmap": false, "prune": false}}))).await;
+    // The first job is in its Gitaly call, holding the lock; kill its session.
+    assert!(c.node(2).wait_for_calls(1, WAIT).await);
+    let pid = lock_holder_pid(&c, "r.git")
+        .await
+        .expect("the running job holds the repository lock");
+    sqlx::query("SELECT pg_terminate_backend($1)")
+        .bind(pid)
+        .execute(c.db.store.pool())
+        .await
+        .unwrap();
+    assert!(
+        c.eventually(WAIT, || async { c.work_messages().await == 0 })
+            .await
+    );
+    x.stop().await.unwrap();
+    y.stop().await.unwrap();
+    assert_eq!(c.node(2).max_overlap(), 1, "two Gitaly calls overlapped");
+    // The interrupted job ran again: three calls for two jobs.
+    assert_eq!(c.node(2).calls().len(), 3);
+    assert_eq!(target_rows(&c).await, [("r.git".to_owned(), 5)]);
+    assert!(c.dead_letters().await.is_empty());
+}

@@ -9,7 +9,11 @@
 //! Locks are fenced. If that connection dies, Postgres frees its locks and
 //! another process may take them at once, so they are never taken back: every
 //! guard of the lost session is told ([`RepositoryGuard::lost`]) and its job
-//! stops and is redelivered. Each guard names the session (backend pid) that
+//! stops and is redelivered. Until those jobs have stopped, no process is
+//! granted any new lock: each session is listed in a registry, and a listed
+//! session that is gone bars new locks until its owner clears it or a grace
+//! period passes (see `store::lock_sessions`). Each guard names the session
+//! (backend pid) that
 //! granted it, and the store's state-changing writes check in the same
 //! statement that this session still holds the lock (see `store::order`). A
 //! statement that fails while the connection stays up (a statement timeout,
@@ -22,11 +26,11 @@
 //! 15 %).
 
 use crate::queue::completions::JobKey;
-use crate::store::{self, LockSessionAnswers, LockSessionBatch, StoreError};
+use crate::store::{self, LockSessionAnswers, LockSessionBatch, ORPHAN_GRACE_SECONDS, StoreError};
 use sqlx::Connection;
 use sqlx::postgres::{PgConnectOptions, PgConnection};
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 use time::OffsetDateTime;
 use tokio::sync::{OwnedMutexGuard, mpsc, oneshot};
@@ -48,6 +52,9 @@ struct Answer {
 struct Session {
     pid: i32,
     lost: CancellationToken,
+    /// Held by every guard of the session: when the session is lost, its
+    /// entry in the registry is cleared once the last guard is gone.
+    guards: Arc<()>,
 }
 
 const REFUSED: Answer = Answer {
@@ -85,6 +92,7 @@ pub struct RepositoryGuard {
     superseded: bool,
     pid: i32,
     lost: CancellationToken,
+    _session: Arc<()>,
     _local: OwnedMutexGuard<()>,
 }
 
@@ -120,6 +128,9 @@ pub const LOCK_CONNECTION_NAME: &str = "gitaly-replicator repository locks";
 /// While locks are held, the connection is checked this often, so the jobs
 /// of a lost session are stopped promptly.
 const KEEPALIVE: Duration = Duration::from_millis(250);
+
+/// A keepalive that takes longer than this counts as a lost session.
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(1);
 
 const RETRY_MIN: Duration = Duration::from_millis(20);
 const RETRY_MAX: Duration = Duration::from_secs(1);
@@ -197,6 +208,7 @@ impl RepositoryLocks {
                     superseded: answer.superseded,
                     pid: session.pid,
                     lost: session.lost,
+                    _session: session.guards,
                     _local: local,
                 });
             }
@@ -258,9 +270,29 @@ impl RepositoryLocks {
 struct LockSession {
     conn: PgConnection,
     pid: i32,
+    backend_start: OffsetDateTime,
     /// Keys this session holds, with their reentrancy count.
     held: HashMap<i64, u32>,
     lost: CancellationToken,
+    guards: Arc<()>,
+}
+
+/// A lost session still in the registry: it bars new locks everywhere until
+/// its jobs have stopped (its last guard is gone) and it is cleared.
+struct Departed {
+    pid: i32,
+    backend_start: OffsetDateTime,
+    guards: Weak<()>,
+    since: tokio::time::Instant,
+}
+
+impl Departed {
+    /// Its jobs have stopped, or others cleared it after the grace period
+    /// (a guard kept for an abandoned call never goes).
+    fn settled(&self) -> bool {
+        self.guards.strong_count() == 0
+            || self.since.elapsed() > Duration::from_secs(u64::from(ORPHAN_GRACE_SECONDS))
+    }
 }
 
 impl LockSession {
@@ -274,7 +306,7 @@ impl LockSession {
     }
 
     /// Ends the session: every job holding one of its locks is told to stop.
-    async fn lose(self, why: &str) {
+    async fn lose(self, why: &str) -> Departed {
         if !self.held.is_empty() {
             tracing::error!(
                 locks = self.held.len(),
@@ -283,6 +315,35 @@ impl LockSession {
         }
         self.lost.cancel();
         let _ = self.conn.close().await;
+        Departed {
+            pid: self.pid,
+            backend_start: self.backend_start,
+            guards: Arc::downgrade(&self.guards),
+            since: tokio::time::Instant::now(),
+        }
+    }
+}
+
+/// Clears from the registry the lost sessions whose jobs have stopped, and
+/// when locks were barred, starts or ends the grace period of sessions other
+/// processes lost.
+async fn tidy_registry(s: &mut LockSession, departed: &mut Vec<Departed>, barred: &mut bool) {
+    let mut left = Vec::new();
+    for d in departed.drain(..) {
+        if !d.settled() {
+            left.push(d);
+            continue;
+        }
+        if let Err(e) = store::unregister_lock_session(&mut s.conn, d.pid, d.backend_start).await {
+            tracing::warn!(error = %e, "cannot clear a lost lock session; retrying");
+            left.push(d);
+        }
+    }
+    *departed = left;
+    if std::mem::take(barred)
+        && let Err(e) = store::expire_lock_sessions(&mut s.conn).await
+    {
+        tracing::warn!(error = %e, "cannot expire lost lock sessions");
     }
 }
 
@@ -293,21 +354,43 @@ async fn lock_holder(
     shutdown: CancellationToken,
 ) {
     let mut session: Option<LockSession> = None;
+    let mut departed: Vec<Departed> = Vec::new();
+    // A lock statement answered that locks are barred: the registry needs
+    // tidying (at most once per keepalive).
+    let mut barred = false;
     let mut reconnect_wait = RETRY_MIN;
     let mut keepalive = tokio::time::interval(KEEPALIVE);
     keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let holding = session.as_ref().is_some_and(|s| !s.held.is_empty());
+        let tending = holding || barred || !departed.is_empty();
         let first = tokio::select! {
             r = rx.recv() => match r { Some(r) => r, None => break },
             _ = shutdown.cancelled(), if !holding => break,
-            _ = keepalive.tick(), if holding => {
+            _ = keepalive.tick(), if tending => {
+                if session.is_none() && !departed.is_empty() {
+                    session = connect(&options).await;
+                }
                 if let Some(mut s) = session.take() {
-                    match store::swap_advisory_locks(&mut s.conn, &[], &[]).await {
-                        Ok(_) => session = Some(s),
-                        Err(e) => {
+                    // A connection that hangs (a network partition) is as
+                    // lost as a closed one: its jobs must stop in time.
+                    let ping = tokio::time::timeout(
+                        KEEPALIVE_TIMEOUT,
+                        store::swap_advisory_locks(&mut s.conn, &[], &[]),
+                    )
+                    .await;
+                    match ping {
+                        Ok(Ok(_)) => {
+                            tidy_registry(&mut s, &mut departed, &mut barred).await;
+                            session = Some(s);
+                        }
+                        Ok(Err(e)) => {
                             tracing::warn!(error = %e, "repository lock connection lost");
-                            s.lose("the repository lock session was lost").await;
+                            departed.push(s.lose("the repository lock session was lost").await);
+                        }
+                        Err(_) => {
+                            tracing::warn!("repository lock connection does not answer");
+                            departed.push(s.lose("the repository lock session stopped answering").await);
                         }
                     }
                 }
@@ -332,22 +415,33 @@ async fn lock_holder(
         };
         reconnect_wait = RETRY_MIN;
         match serve_batch(&mut s, batch).await {
-            Ok(()) => session = Some(s),
+            Ok(was_barred) => {
+                barred |= was_barred;
+                session = Some(s);
+            }
             Err(e) if e.connection_usable() => match resync(&mut s).await {
                 Ok(()) => session = Some(s),
                 Err(e) => {
                     tracing::warn!(error = %e, "repository lock connection failed");
-                    s.lose("the repository lock session failed").await;
+                    departed.push(s.lose("the repository lock session failed").await);
                 }
             },
             Err(e) => {
                 tracing::warn!(error = %e, "repository lock connection failed");
-                s.lose("the repository lock session was lost").await;
+                departed.push(s.lose("the repository lock session was lost").await);
             }
         }
     }
-    if let Some(s) = session {
+    if let Some(mut s) = session {
         s.lost.cancel();
+        // With locks still held (calls abandoned at shutdown that may still
+        // run), the entry stays: others wait out the grace period.
+        if s.held.is_empty()
+            && let Err(e) =
+                store::unregister_lock_session(&mut s.conn, s.pid, s.backend_start).await
+        {
+            tracing::warn!(error = %e, "cannot clear the lock session at shutdown");
+        }
         let _ = s.conn.close().await;
     }
 }
@@ -366,16 +460,20 @@ async fn connect(options: &PgConnectOptions) -> Option<LockSession> {
     // work: one lost in a Postgres crash means a job runs again, so its
     // commits need not wait for the disk, nor the lock requests behind them.
     // Set by a statement rather than a startup option, which PgBouncer refuses.
-    let pid = match store::relax_commit_durability(&mut conn).await {
-        Ok(()) => store::backend_pid(&mut conn).await,
+    // The registry entry is written before, durably: it is what bars others
+    // from this session's locks if it is lost.
+    let registered = match store::register_lock_session(&mut conn).await {
+        Ok(r) => store::relax_commit_durability(&mut conn).await.map(|()| r),
         Err(e) => Err(e),
     };
-    match pid {
-        Ok(pid) => Some(LockSession {
+    match registered {
+        Ok((pid, backend_start)) => Some(LockSession {
             conn,
             pid,
+            backend_start,
             held: HashMap::new(),
             lost: CancellationToken::new(),
+            guards: Arc::new(()),
         }),
         Err(e) => {
             tracing::warn!(error = %e, "cannot set up the repository lock connection; retrying");
@@ -431,7 +529,9 @@ fn deny(batch: Vec<Request>) {
     }
 }
 
-async fn serve_batch(s: &mut LockSession, batch: Vec<Request>) -> Result<(), StoreError> {
+/// Answers a batch; true when new locks were barred (see
+/// `store::LockSwap::barred`).
+async fn serve_batch(s: &mut LockSession, batch: Vec<Request>) -> Result<bool, StoreError> {
     let mut unlocks = Vec::new();
     let mut records: Vec<Completion> = Vec::new();
     let mut written = Vec::new();
@@ -470,9 +570,10 @@ async fn serve_batch(s: &mut LockSession, batch: Vec<Request>) -> Result<(), Sto
         // Locks alone: the plain statement is cheaper.
         store::swap_advisory_locks(&mut s.conn, &exchange.unlock, &exchange.lock)
             .await
-            .map(|taken| LockSessionAnswers {
-                superseded: vec![false; taken.len()],
-                taken,
+            .map(|swap| LockSessionAnswers {
+                superseded: vec![false; swap.taken.len()],
+                taken: swap.taken,
+                barred: swap.barred,
             })
     } else {
         store::exchange_on_lock_session(&mut s.conn, &exchange).await
@@ -518,6 +619,7 @@ async fn serve_batch(s: &mut LockSession, batch: Vec<Request>) -> Result<(), Sto
             session: Some(Session {
                 pid: s.pid,
                 lost: s.lost.clone(),
+                guards: s.guards.clone(),
             }),
         };
         // The job went away while asking: give the lock back.
@@ -532,5 +634,5 @@ async fn serve_batch(s: &mut LockSession, batch: Vec<Request>) -> Result<(), Sto
     if !abandoned.is_empty() {
         store::swap_advisory_locks(&mut s.conn, &abandoned, &[]).await?;
     }
-    Ok(())
+    Ok(answers.barred)
 }

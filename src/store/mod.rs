@@ -4,8 +4,12 @@
 //! statement or transaction. Writes are idempotent, because JetStream delivers
 //! a job at least once.
 
+mod lock_sessions;
 mod order;
 
+pub use lock_sessions::{
+    ORPHAN_GRACE_SECONDS, expire_lock_sessions, register_lock_session, unregister_lock_session,
+};
 pub use order::{Gated, WriteOrder};
 
 use sqlx::migrate::{MigrateError, Migrator};
@@ -783,12 +787,37 @@ impl RepositoryStore {
     }
 }
 
-/// The select list of a lock swap: the count of keys released from `$1`, and
-/// whether each key of `$2` was taken, in order.
+/// The CTE of a lock swap that says whether new locks are barred: some lock
+/// session is gone while its jobs may still run (see `lock_sessions`).
+/// Asked only when `$2` asks for locks.
+fn lock_fence_cte() -> String {
+    format!(
+        "fence AS MATERIALIZED (
+            SELECT CASE WHEN cardinality($2::bigint[]) = 0 THEN false
+                        ELSE {} END AS barred)",
+        lock_sessions::orphan_blocks_sql()
+    )
+}
+
+/// The select list of a lock swap (after [`lock_fence_cte`]): the count of
+/// keys released from `$1`, whether each key of `$2` was taken, in order
+/// (none while barred), and whether new locks were barred.
 const LOCK_SWAP_COLUMNS: &str = "
     (SELECT count(*) FROM unnest($1::bigint[]) AS u(k) WHERE pg_advisory_unlock(u.k)),
-    ARRAY(SELECT pg_try_advisory_lock(l.k)
-          FROM unnest($2::bigint[]) WITH ORDINALITY AS l(k, i) ORDER BY l.i)";
+    ARRAY(SELECT CASE WHEN (SELECT barred FROM fence) THEN false
+                      ELSE pg_try_advisory_lock(l.k) END
+          FROM unnest($2::bigint[]) WITH ORDINALITY AS l(k, i) ORDER BY l.i),
+    (SELECT barred FROM fence)";
+
+/// What a lock swap answers.
+#[derive(Debug)]
+pub struct LockSwap {
+    /// Whether each requested key was taken, in order.
+    pub taken: Vec<bool>,
+    /// No lock was granted because a lost lock session may still have jobs
+    /// running: see [`expire_lock_sessions`].
+    pub barred: bool,
+}
 
 /// Releases the session advisory locks of `unlock` and takes, without
 /// waiting, those of `lock`, on `conn`, in one statement; answers whether each
@@ -796,29 +825,21 @@ const LOCK_SWAP_COLUMNS: &str = "
 /// in both lists stays held whichever Postgres evaluates first, and the
 /// caller must not ask twice for a key it holds unless it also releases it
 /// twice. Releasing a key the session does not hold is ignored (Postgres
-/// logs a warning).
+/// logs a warning). No lock is taken while barred (see [`LockSwap`]).
 pub async fn swap_advisory_locks(
     conn: &mut sqlx::PgConnection,
     unlock: &[i64],
     lock: &[i64],
-) -> Result<Vec<bool>, StoreError> {
-    static SQL: LazyLock<String> = LazyLock::new(|| format!("SELECT {LOCK_SWAP_COLUMNS}"));
-    let (_, taken): (i64, Vec<bool>) = sqlx::query_as(&SQL)
+) -> Result<LockSwap, StoreError> {
+    static SQL: LazyLock<String> =
+        LazyLock::new(|| format!("WITH {} SELECT {LOCK_SWAP_COLUMNS}", lock_fence_cte()));
+    let (_, taken, barred): (i64, Vec<bool>, bool) = sqlx::query_as(&SQL)
         .bind(unlock)
         .bind(lock)
         .fetch_one(conn)
         .await
         .map_err(failed("swap_advisory_locks"))?;
-    Ok(taken)
-}
-
-/// The backend pid of the session on `conn`: the fence its advisory locks
-/// are checked by.
-pub async fn backend_pid(conn: &mut sqlx::PgConnection) -> Result<i32, StoreError> {
-    sqlx::query_scalar("SELECT pg_backend_pid()")
-        .fetch_one(conn)
-        .await
-        .map_err(failed("backend_pid"))
+    Ok(LockSwap { taken, barred })
 }
 
 /// The advisory lock keys the session on `conn` holds.
@@ -862,6 +883,8 @@ pub struct LockSessionBatch<'a> {
 pub struct LockSessionAnswers {
     pub taken: Vec<bool>,
     pub superseded: Vec<bool>,
+    /// See [`LockSwap::barred`].
+    pub barred: bool,
 }
 
 /// Does a [`LockSessionBatch`] in one statement on `conn`: records the
@@ -875,9 +898,10 @@ pub async fn exchange_on_lock_session(
     const OPERATION: &str = "exchange_on_lock_session";
     static SQL: LazyLock<String> = LazyLock::new(|| {
         format!(
-            "WITH recorded AS ({})
+            "WITH recorded AS ({}), {}
             SELECT {LOCK_SWAP_COLUMNS}, {}",
             record_completions_sql(3),
+            lock_fence_cte(),
             superseded_sql(9)
         )
     });
@@ -891,9 +915,14 @@ pub async fn exchange_on_lock_session(
     CompletionColumns::of_optional(batch.check.iter().copied())
         .add_to(&mut args)
         .map_err(&encode)?;
-    let (_, taken, superseded): (i64, Vec<bool>, Vec<bool>) = sqlx::query_as_with(&SQL, args)
-        .fetch_one(conn)
-        .await
-        .map_err(failed(OPERATION))?;
-    Ok(LockSessionAnswers { taken, superseded })
+    let (_, taken, barred, superseded): (i64, Vec<bool>, bool, Vec<bool>) =
+        sqlx::query_as_with(&SQL, args)
+            .fetch_one(conn)
+            .await
+            .map_err(failed(OPERATION))?;
+    Ok(LockSessionAnswers {
+        taken,
+        superseded,
+        barred,
+    })
 }
