@@ -505,3 +505,93 @@ async fn the_demo_replicates_verifies_every_replica_and_removes_what_it_created(
         .unwrap();
     assert_eq!(left, 0, "the demo database is left");
 }
+
+/// Publish order on real replicas: `delete_replica` then `update` leaves the
+/// replica equal to its source, `update` then `delete_replica` leaves none,
+/// whether one process or two run the pair (queued before they start, so
+/// one batch or one job each).
+#[tokio::test]
+async fn state_changing_pairs_leave_each_replica_on_disk_as_the_last_job_asked() {
+    for processes in [1, 2] {
+        let c = NodeCluster::start(2).await;
+        let (kept, dropped) = ("order/kept.git", "order/dropped.git");
+        for path in [kept, dropped] {
+            Repo::at(&c, 1, path).populate();
+            c.record(path, 1).await;
+        }
+        let first = c.replicator();
+        c.publish_update(kept, "gitaly-2").await;
+        c.publish_update(dropped, "gitaly-2").await;
+        c.wait_for_generation(kept, "gitaly-2", 1).await;
+        c.wait_for_generation(dropped, "gitaly-2", 1).await;
+        first.stop().await.unwrap();
+        // A write on the source, then the pairs, with no process running.
+        for path in [kept, dropped] {
+            Repo::at(&c, 1, path).commit("main", "after");
+            c.record(path, 2).await;
+        }
+        let delete_replica = |path: &str| {
+            c.job(json!({"change": "delete_replica", "relative_path": path, "target_node_storage": "gitaly-2"}))
+        };
+        c.publish(&delete_replica(kept)).await;
+        c.publish_update(kept, "gitaly-2").await;
+        c.publish_update(dropped, "gitaly-2").await;
+        c.publish(&delete_replica(dropped)).await;
+        let services: Vec<_> = (0..processes).map(|_| c.replicator()).collect();
+        c.wait_until_drained().await;
+        for s in services {
+            s.stop().await.unwrap();
+        }
+        assert!(c.dead_letters().await.is_empty());
+        let replica = Repo::at(&c, 2, kept);
+        assert!(replica.exists(), "{processes} process(es): replica removed");
+        assert_eq!(replica.refs(), Repo::at(&c, 1, kept).refs());
+        replica.assert_fsck_clean();
+        assert_eq!(c.generation(kept, "gitaly-2").await, Some(2));
+        assert!(
+            !Repo::at(&c, 2, dropped).exists(),
+            "{processes} process(es): replica left"
+        );
+        assert_eq!(c.generation(dropped, "gitaly-2").await, None);
+    }
+}
+
+/// The case that left replicas wrong: a `delete_replica` fails (its target
+/// is restarting), the `update` published after it completes, then the
+/// delete is retried. It must not remove the replica the update made.
+#[tokio::test]
+async fn a_retried_delete_replica_never_removes_the_replica_a_later_update_made() {
+    let refuse_removal = vec![
+        "--fail-method".to_owned(),
+        "RemoveRepository=unavailable".to_owned(),
+    ];
+    let mut c = NodeCluster::start_with(
+        vec![
+            NodeSetup::default(),
+            NodeSetup {
+                flags: refuse_removal,
+                ..NodeSetup::default()
+            },
+        ],
+        |_| {},
+    )
+    .await;
+    let path = "order/retried.git";
+    let source = Repo::at(&c, 1, path);
+    source.populate();
+    c.record(path, 1).await;
+    let service = c.replicator();
+    c.publish(&c.job(json!({"change": "delete_replica", "relative_path": path, "target_node_storage": "gitaly-2"})))
+        .await;
+    c.publish_update(path, "gitaly-2").await;
+    c.wait_for_generation(path, "gitaly-2", 1).await;
+    // The target is back, removals work again: the delete's retry runs.
+    c.node_mut(2).restart_with(&[]).await;
+    c.wait_until_drained().await;
+    service.stop().await.unwrap();
+    assert!(c.dead_letters().await.is_empty());
+    let replica = Repo::at(&c, 2, path);
+    assert!(replica.exists(), "the retried delete removed the replica");
+    assert_eq!(replica.refs(), source.refs());
+    assert_eq!(c.generation(path, "gitaly-2").await, Some(1));
+}

@@ -116,6 +116,13 @@ impl NodeProcess {
         }
     }
 
+    /// Starts the node again on the same address, directory and token, with
+    /// `extra` flags from now on.
+    pub async fn restart_with(&mut self, extra: &[String]) {
+        self.extra = extra.to_vec();
+        self.restart().await;
+    }
+
     /// Starts the node again on the same address, directory, token and flags.
     pub async fn restart(&mut self) {
         self.kill().await;
