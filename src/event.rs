@@ -361,6 +361,12 @@ impl Job {
         serde_json::to_vec(&self.to_value()).unwrap_or_default()
     }
 
+    /// Where the repository lives on the storages: its replica path when the
+    /// job names one (Praefect 14.5 and later), else its relative path.
+    pub fn replica_path(&self) -> &str {
+        self.replica_path.as_deref().unwrap_or(&self.relative_path)
+    }
+
     /// The repository this job works on within the target: the key of the
     /// per-repository exclusion.
     pub fn repository_key(&self) -> (&str, &str, &str) {

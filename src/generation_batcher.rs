@@ -17,6 +17,7 @@ struct Read {
     source: String,
     target: String,
     order: Option<(String, i64)>,
+    repository_id: Option<i64>,
     reply: oneshot::Sender<Result<ReplicatedGeneration, StoreError>>,
 }
 
@@ -28,6 +29,7 @@ impl Read {
             source: &self.source,
             target: &self.target,
             order: self.order.as_ref().map(|(s, q)| (s.as_str(), *q)),
+            repository_id: self.repository_id,
         }
     }
 }
@@ -157,6 +159,7 @@ impl GenerationBatcher {
             source: query.source.to_owned(),
             target: query.target.to_owned(),
             order: query.order.map(|(s, q)| (s.to_owned(), q)),
+            repository_id: query.repository_id,
             reply,
         };
         if !self.reads.send(read) {

@@ -8,8 +8,8 @@ use crate::gitaly::metadata::{GITALY_SERVERS, encode_gitaly_servers};
 use crate::gitaly::{CallContext, CallError, CallErrorKind, NodeClient, NodeSet};
 use crate::proto::gitaly as pb;
 use crate::store::{
-    Gated, GenerationQuery, GenerationRecord, ReplicatedGeneration, RepositoryStore, StoreError,
-    WriteOrder,
+    Gated, GenerationQuery, GenerationRecord, ReplicatedGeneration, RepositoryStore, Standing,
+    StoreError, WriteOrder,
 };
 use std::fmt;
 use std::future::Future;
@@ -36,6 +36,9 @@ pub enum SkipReason {
     /// A state-changing job published later already took effect on the
     /// replica; applying this one would undo it.
     OutOfOrder,
+    /// The job names a repository (by `repository_id`) that is no longer
+    /// the one at its path: it was deleted and created again since.
+    Recreated,
 }
 
 impl fmt::Display for SkipReason {
@@ -61,6 +64,9 @@ impl fmt::Display for SkipReason {
             SkipReason::OutOfOrder => {
                 f.write_str("a job published later already took effect on this replica")
             }
+            SkipReason::Recreated => f.write_str(
+                "the repository at this path was deleted and created again since the job was published",
+            ),
         }
     }
 }
@@ -175,6 +181,7 @@ fn after_write<T>(gated: Gated<T>, done: JobOutcome) -> JobOutcome {
     match gated {
         Gated::Written(_) => done,
         Gated::Superseded => JobOutcome::Skipped(SkipReason::OutOfOrder),
+        Gated::Stale => JobOutcome::Skipped(SkipReason::Recreated),
         Gated::LockLost => JobOutcome::Interrupted,
     }
 }
@@ -223,13 +230,14 @@ impl GitalyReplicator {
     async fn run(&self, job: &Job, order: Option<&WriteOrder>) -> Step<JobOutcome> {
         let target = self.target(job)?;
         let ctx = CallContext::new(job.correlation_id.clone(), self.job_timeout);
-        let target_repo = repo(&job.target_node_storage, &job.relative_path);
+        let target_repo = repo(&job.target_node_storage, job.replica_path());
         let (vs, rel, storage) = job.repository_key();
         match &job.change {
             Change::Update | Change::Create => self.update(job, target, &ctx, order).await,
             Change::Delete | Change::DeleteReplica => {
-                if self.superseded(&[(vs, rel, storage)], order).await?[0] {
-                    return Ok(JobOutcome::Skipped(SkipReason::OutOfOrder));
+                let standing = self.standing(&[(vs, rel, storage)], order).await?;
+                if let Some(skipped) = standing.into_iter().next().flatten() {
+                    return Ok(JobOutcome::Skipped(skipped));
                 }
                 self.remove(target, &ctx, target_repo).await?;
                 let gated = if matches!(job.change, Change::Delete) {
@@ -247,15 +255,18 @@ impl GitalyReplicator {
                 ))
             }
             Change::Rename { new_relative_path } => {
+                // A rename moves the relative path, as Praefect's does; a
+                // replica path does not follow renames.
+                let target_repo = repo(storage, rel);
                 let keys = [
                     (vs, rel, storage),
                     (vs, new_relative_path.as_str(), storage),
                 ];
-                let superseded = self.superseded(&keys, order).await?;
-                if superseded[0] {
-                    return Ok(JobOutcome::Skipped(SkipReason::OutOfOrder));
+                let mut standing = self.standing(&keys, order).await?;
+                if let Some(skipped) = standing[0].take() {
+                    return Ok(JobOutcome::Skipped(skipped));
                 }
-                if superseded[1] {
+                if standing[1].is_some() {
                     // A later job already settled the new path; what is
                     // left of the rename is that the old path is gone.
                     self.remove(target, &ctx, target_repo).await?;
@@ -382,21 +393,30 @@ impl GitalyReplicator {
         }
     }
 
-    /// Whether a later state-changing job already took effect on each of
-    /// `keys` (all false without an order).
-    async fn superseded(
+    /// For each of `keys`, why the job must not run there: a later
+    /// state-changing job already took effect, or the repository was
+    /// re-created (all `None` without an order).
+    async fn standing(
         &self,
         keys: &[(&str, &str, &str)],
         order: Option<&WriteOrder>,
-    ) -> Step<Vec<bool>> {
-        match order {
-            Some(order) => self
-                .store
-                .superseded_in_order(keys, order)
-                .await
-                .map_err(store_failed),
-            None => Ok(vec![false; keys.len()]),
-        }
+    ) -> Step<Vec<Option<SkipReason>>> {
+        let Some(order) = order else {
+            return Ok(vec![None; keys.len()]);
+        };
+        let standing = self
+            .store
+            .standing_in_order(keys, order)
+            .await
+            .map_err(store_failed)?;
+        Ok(standing
+            .into_iter()
+            .map(|s| match s {
+                Standing::Current => None,
+                Standing::Superseded => Some(SkipReason::OutOfOrder),
+                Standing::Stale => Some(SkipReason::Recreated),
+            })
+            .collect())
     }
 
     /// RemoveRepository on the target; a repository already gone counts as
@@ -471,6 +491,7 @@ impl GitalyReplicator {
             source: source_storage,
             target: target_storage,
             order: order.map(|o| (o.stream.as_str(), o.sequence)),
+            repository_id: order.and_then(|o| o.repository_id),
         };
         let generation = match self
             .generations
@@ -497,13 +518,19 @@ impl GitalyReplicator {
             ReplicatedGeneration::Superseded => {
                 return Ok(JobOutcome::Skipped(SkipReason::OutOfOrder));
             }
+            ReplicatedGeneration::Stale => {
+                return Ok(JobOutcome::Skipped(SkipReason::Recreated));
+            }
         };
+        // On disk the repository lives at its replica path (Praefect 14.5
+        // and later), on the source and the target alike.
+        let path = job.replica_path();
 
         let mut client = target.repository_service();
         let mut req = target.request(
             pb::ReplicateRepositoryRequest {
-                repository: repo(target_storage, rel),
-                source: repo(source_storage, rel),
+                repository: repo(target_storage, path),
+                source: repo(source_storage, path),
             },
             ctx,
         );
@@ -539,7 +566,7 @@ impl GitalyReplicator {
         let mut pools = source.object_pool_service();
         let req = source.request(
             pb::GetObjectPoolRequest {
-                repository: repo(source_storage, rel),
+                repository: repo(source_storage, path),
             },
             ctx,
         );
@@ -555,7 +582,7 @@ impl GitalyReplicator {
             let req = target.request(
                 pb::LinkRepositoryToObjectPoolRequest {
                     object_pool: Some(pool),
-                    repository: repo(target_storage, rel),
+                    repository: repo(target_storage, path),
                 },
                 ctx,
             );

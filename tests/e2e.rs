@@ -595,3 +595,84 @@ async fn a_retried_delete_replica_never_removes_the_replica_a_later_update_made(
     assert_eq!(replica.refs(), source.refs());
     assert_eq!(c.generation(path, "gitaly-2").await, Some(1));
 }
+
+/// A repository deleted and created again at its path while its old
+/// replica's `delete` was still queued (Praefect 14.5 and later give each a
+/// new `repository_id`): the late delete must not remove the new
+/// repository's replica or records, and the update for the new one leaves
+/// the replica equal to the new source, with one process or two.
+#[tokio::test]
+async fn delete_then_update_after_the_repository_is_recreated_leaves_the_new_replica_on_disk() {
+    for processes in [1, 2] {
+        let c = NodeCluster::start(2).await;
+        let path = "recreated/r.git";
+        let source = Repo::at(&c, 1, path);
+        source.populate();
+        let store = &c.db.store;
+        let old = store
+            .create_repository(c.vs(), path, "gitaly-1", 1, &["gitaly-1"])
+            .await
+            .unwrap();
+        let first = c.replicator();
+        let mut update = json!({"change": "update", "relative_path": path, "source_node_storage": "gitaly-1", "target_node_storage": "gitaly-2", "repository_id": old});
+        c.publish(&c.job(update.clone())).await;
+        c.wait_for_generation(path, "gitaly-2", 1).await;
+        first.stop().await.unwrap();
+
+        // Deleted everywhere but on gitaly-2, whose removal is queued; then
+        // created again with other content.
+        sqlx::query("DELETE FROM repositories WHERE repository_id = $1")
+            .bind(old)
+            .execute(store.pool())
+            .await
+            .unwrap();
+        std::fs::remove_dir_all(&source.path).unwrap();
+        source.populate();
+        source.commit("main", "the new repository");
+        let new = store
+            .create_repository(c.vs(), path, "gitaly-1", 0, &["gitaly-1"])
+            .await
+            .unwrap();
+        c.publish(&c.job(json!({"change": "delete", "relative_path": path, "target_node_storage": "gitaly-2", "repository_id": old})))
+            .await;
+        update["repository_id"] = new.into();
+        c.publish(&c.job(update)).await;
+
+        let services: Vec<_> = (0..processes).map(|_| c.replicator()).collect();
+        c.wait_until_drained().await;
+        for s in services {
+            s.stop().await.unwrap();
+        }
+        assert!(c.dead_letters().await.is_empty());
+        let replica = Repo::at(&c, 2, path);
+        assert!(replica.exists(), "{processes} process(es): replica removed");
+        assert_eq!(replica.refs(), source.refs(), "{processes} process(es)");
+        replica.assert_fsck_clean();
+        assert_eq!(c.db.repository_id(c.vs(), path).await, Some(new));
+        assert_eq!(c.generation(path, "gitaly-2").await, Some(0));
+    }
+}
+
+/// Praefect 15's replica paths: the repository lives at `@cluster/…` on
+/// every storage, while the store knows it by its relative path.
+#[tokio::test]
+async fn an_update_with_a_replica_path_replicates_the_directory_at_that_path() {
+    let c = NodeCluster::start(2).await;
+    let (relative_path, replica_path) = ("group/project.git", "@cluster/5e/1b/7");
+    let source = Repo::at(&c, 1, replica_path);
+    source.populate();
+    let id =
+        c.db.store
+            .create_repository(c.vs(), relative_path, "gitaly-1", 1, &["gitaly-1"])
+            .await
+            .unwrap();
+    let service = c.replicator();
+    c.publish(&c.job(json!({"change": "update", "relative_path": relative_path, "replica_path": replica_path, "repository_id": id, "source_node_storage": "gitaly-1", "target_node_storage": "gitaly-2"})))
+        .await;
+    c.wait_for_generation(relative_path, "gitaly-2", 1).await;
+    service.stop().await.unwrap();
+    let replica = Repo::at(&c, 2, replica_path);
+    assert_eq!(replica.refs(), source.refs());
+    replica.assert_fsck_clean();
+    assert!(!Repo::at(&c, 2, relative_path).exists());
+}

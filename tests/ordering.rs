@@ -172,6 +172,84 @@ async fn rename_then_update_of_the_new_path_leaves_only_the_new_path() {
     }
 }
 
+/// Praefect's delete and re-create of `path`: the repository's rows go
+/// (replicas with it), and a new repository with a new id starts on the
+/// primary at generation 0. Returns the old id and the new one.
+async fn delete_and_recreate(c: &Cluster, path: &str) -> (i64, i64) {
+    let old =
+        c.db.store
+            .create_repository(c.vs(), path, "gitaly-1", 5, &["gitaly-1", "gitaly-2"])
+            .await
+            .unwrap();
+    sqlx::query("DELETE FROM repositories WHERE repository_id = $1")
+        .bind(old)
+        .execute(c.db.store.pool())
+        .await
+        .unwrap();
+    let new =
+        c.db.store
+            .create_repository(c.vs(), path, "gitaly-1", 0, &["gitaly-1"])
+            .await
+            .unwrap();
+    assert_ne!(old, new);
+    (old, new)
+}
+
+#[tokio::test]
+async fn delete_then_update_after_the_repository_is_recreated_leaves_the_new_replica() {
+    for run in RUNS {
+        let c = Cluster::start(2).await;
+        let (old, new) = delete_and_recreate(&c, "r.git").await;
+        let mut delete = json!({"change": "delete", "relative_path": "r.git", "target_node_storage": "gitaly-2"});
+        delete["repository_id"] = old.into();
+        let mut update = update("r.git");
+        update["repository_id"] = new.into();
+        run_pair(&c, run, "RemoveRepository", [delete, update]).await;
+        assert_eq!(
+            c.db.repository_id(c.vs(), "r.git").await,
+            Some(new),
+            "{run:?}"
+        );
+        assert_eq!(target_rows(&c).await, [("r.git".to_owned(), 0)], "{run:?}");
+        assert_eq!(
+            last_remove_or_replicate(&c),
+            Some("ReplicateRepository"),
+            "{run:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn jobs_for_a_repository_since_recreated_at_their_path_change_nothing() {
+    let c = Cluster::start(2).await;
+    let (old, new) = delete_and_recreate(&c, "s.git").await;
+    c.db.store
+        .set_generation(c.vs(), "s.git", "gitaly-2", 0)
+        .await
+        .unwrap();
+    for change in ["delete", "delete_replica", "update"] {
+        let mut job =
+            json!({"change": change, "relative_path": "s.git", "target_node_storage": "gitaly-2"});
+        if change == "update" {
+            job["source_node_storage"] = "gitaly-1".into();
+        }
+        job["repository_id"] = old.into();
+        c.publish(&c.job(job)).await;
+    }
+    let consumer = c.consumer().await;
+    assert!(
+        c.eventually(WAIT, || async { c.work_messages().await == 0 })
+            .await
+    );
+    consumer.stop().await.unwrap();
+    assert!(c.dead_letters().await.is_empty());
+    // The new repository is untouched, on disk and in Postgres.
+    let methods: Vec<_> = c.node(2).calls().iter().map(|call| call.method).collect();
+    assert!(methods.is_empty(), "calls made: {methods:?}");
+    assert_eq!(c.db.repository_id(c.vs(), "s.git").await, Some(new));
+    assert_eq!(target_rows(&c).await, [("s.git".to_owned(), 0)]);
+}
+
 #[tokio::test]
 async fn a_job_older_than_one_applied_is_superseded_without_a_call() {
     let c = Cluster::start(2).await;

@@ -702,6 +702,7 @@ async fn run_job<R: Replicator>(shared: &Shared<R>, target: &Target, d: &Deliver
             stream: shared.stream_incarnation.clone(),
             sequence: i64::try_from(d.placement.sequence).unwrap_or(i64::MAX),
             lock_session: guards.first().map(|g| g.session_pid()),
+            repository_id: job.repository_id,
         });
         let lost = guards.first().map(|g| g.lost().clone()).unwrap_or_default();
         let timer = Instant::now();

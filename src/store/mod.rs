@@ -10,7 +10,7 @@ mod order;
 pub use lock_sessions::{
     ORPHAN_GRACE_SECONDS, expire_lock_sessions, register_lock_session, unregister_lock_session,
 };
-pub use order::{Gated, WriteOrder};
+pub use order::{Gated, Standing, WriteOrder};
 
 use sqlx::migrate::{MigrateError, Migrator};
 use sqlx::postgres::PgArguments;
@@ -43,6 +43,9 @@ pub enum ReplicatedGeneration {
     /// A state-changing job as new or newer already took effect on the
     /// target (see [`WriteOrder`]).
     Superseded,
+    /// The repository at the job's path is another one than the job's
+    /// `repository_id` (see [`WriteOrder::repository_id`]).
+    Stale,
 }
 
 /// Identifies a job for completion dedup: twins share every field.
@@ -200,6 +203,9 @@ pub struct GenerationQuery<'a> {
     pub target: &'a str,
     /// The job's stream and sequence, to check the target's order record.
     pub order: Option<(&'a str, i64)>,
+    /// The job's repository id, to check it is still the repository at the
+    /// path (`None`: unchecked).
+    pub repository_id: Option<i64>,
 }
 
 /// One replica's row for [`RepositoryStore::set_generations`].
@@ -357,14 +363,19 @@ impl RepositoryStore {
         &self,
         jobs: &[GenerationQuery<'_>],
     ) -> Result<Vec<ReplicatedGeneration>, StoreError> {
-        let rows: Vec<(i64, Option<i64>, bool)> = sqlx::query_as(
+        let rows: Vec<(i64, Option<i64>, bool, bool)> = sqlx::query_as(
             "SELECT COALESCE(s.generation, -1), t.generation,
                 EXISTS (SELECT FROM replication_order o
                         WHERE o.virtual_storage = q.vs AND o.relative_path = q.rel
                           AND o.target_storage = q.tgt AND o.stream = q.stream
-                          AND o.sequence >= q.seq)
-            FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[])
-                WITH ORDINALITY AS q(vs, rel, src, tgt, stream, seq, i)
+                          AND o.sequence >= q.seq),
+                q.id IS NOT NULL AND EXISTS (
+                    SELECT FROM repositories r
+                    WHERE r.virtual_storage = q.vs AND r.relative_path = q.rel
+                      AND r.repository_id <> q.id)
+            FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[],
+                        $7::bigint[])
+                WITH ORDINALITY AS q(vs, rel, src, tgt, stream, seq, id, i)
             LEFT JOIN storage_repositories s
                 ON s.virtual_storage = q.vs AND s.relative_path = q.rel AND s.storage = q.src
             LEFT JOIN storage_repositories t
@@ -385,13 +396,16 @@ impl RepositoryStore {
                 .map(|j| j.order.map_or(0, |o| o.1))
                 .collect::<Vec<_>>(),
         )
+        .bind(jobs.iter().map(|j| j.repository_id).collect::<Vec<_>>())
         .fetch_all(&self.pool)
         .await
         .map_err(failed("replicated_generation"))?;
         Ok(rows
             .into_iter()
-            .map(|(source, target, superseded)| {
-                if superseded {
+            .map(|(source, target, superseded, stale)| {
+                if stale {
+                    ReplicatedGeneration::Stale
+                } else if superseded {
                     ReplicatedGeneration::Superseded
                 } else {
                     ReplicatedGeneration::decide(source, target)
@@ -414,6 +428,7 @@ impl RepositoryStore {
             source,
             target,
             order: None,
+            repository_id: None,
         };
         self.replicated_generations(&[query])
             .await?
@@ -428,8 +443,8 @@ impl RepositoryStore {
     /// Records replica generations, many in one statement: upserts each
     /// replica row, never lowering it, and raises each repository's
     /// generation when lower (or NULL). Each row passes its own gate first
-    /// (see [`WriteOrder`]); a row that is superseded or whose lock is lost
-    /// writes nothing. Answers, in input order, `Written(true)` when the
+    /// (see [`WriteOrder`]); a row that is superseded, stale or whose lock
+    /// is lost writes nothing. Answers, in input order, `Written(true)` when the
     /// replica row now holds that generation (inserted, raised or
     /// rewritten); `Written(false)` when skipped: -1, no repository row, or
     /// the replica already newer. A replica named twice keeps the higher
@@ -438,11 +453,12 @@ impl RepositoryStore {
         &self,
         replicas: &[GenerationRecord<'_>],
     ) -> Result<Vec<Gated<bool>>, StoreError> {
-        let rows: Vec<(bool, bool, bool)> = sqlx::query_as(
+        let rows: Vec<(bool, bool, bool, bool)> = sqlx::query_as(
             "WITH input AS (
                 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[],
-                                     $5::text[], $6::bigint[], $7::int[], $8::bigint[])
-                    WITH ORDINALITY AS t(vs, rel, storage, gen, stream, seq, pid, k, i)
+                                     $5::text[], $6::bigint[], $7::int[], $8::bigint[],
+                                     $9::bigint[])
+                    WITH ORDINALITY AS t(vs, rel, storage, gen, stream, seq, pid, k, id, i)
             ), held AS MATERIALIZED (
                 SELECT l.pid, l.classid, l.objid FROM pg_locks l
                 WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
@@ -455,18 +471,24 @@ impl RepositoryStore {
                     WHERE h.pid = input.pid
                       AND h.classid = ((input.k >> 32) & 4294967295)::oid
                       AND h.objid = (input.k & 4294967295)::oid)
+            ), current AS MATERIALIZED (
+                SELECT f.* FROM fenced f
+                WHERE f.id IS NULL OR NOT EXISTS (
+                    SELECT FROM repositories r
+                    WHERE r.virtual_storage = f.vs AND r.relative_path = f.rel
+                      AND r.repository_id <> f.id)
             ), ordered AS (
                 INSERT INTO replication_order AS o
                     (virtual_storage, relative_path, target_storage, stream, sequence)
                 SELECT DISTINCT ON (vs, rel, storage) vs, rel, storage, stream, seq
-                FROM fenced WHERE stream IS NOT NULL
+                FROM current WHERE stream IS NOT NULL
                 ORDER BY vs, rel, storage, seq DESC
                 ON CONFLICT (virtual_storage, relative_path, target_storage) DO UPDATE
                     SET stream = EXCLUDED.stream, sequence = EXCLUDED.sequence
                     WHERE o.stream <> EXCLUDED.stream OR o.sequence < EXCLUDED.sequence
                 RETURNING virtual_storage, relative_path, target_storage, sequence
             ), allowed AS MATERIALIZED (
-                SELECT f.* FROM fenced f
+                SELECT f.* FROM current f
                 LEFT JOIN ordered o
                     ON o.virtual_storage = f.vs AND o.relative_path = f.rel
                    AND o.target_storage = f.storage AND o.sequence = f.seq
@@ -491,9 +513,10 @@ impl RepositoryStore {
                     WHERE storage_repositories.generation <= EXCLUDED.generation
                 RETURNING virtual_storage, relative_path, storage, generation
             )
-            SELECT f.i IS NOT NULL, a.i IS NOT NULL, w.generation IS NOT NULL
+            SELECT f.i IS NOT NULL, c.i IS NOT NULL, a.i IS NOT NULL, w.generation IS NOT NULL
             FROM input
             LEFT JOIN fenced f ON f.i = input.i
+            LEFT JOIN current c ON c.i = input.i
             LEFT JOIN allowed a ON a.i = input.i
             LEFT JOIN (SELECT DISTINCT * FROM written) w
                 ON w.virtual_storage = input.vs AND w.relative_path = input.rel
@@ -533,12 +556,20 @@ impl RepositoryStore {
                 .map(|r| repository_lock_key(r.virtual_storage, r.relative_path, r.storage))
                 .collect::<Vec<_>>(),
         )
+        .bind(
+            replicas
+                .iter()
+                .map(|r| r.order.and_then(|o| o.repository_id))
+                .collect::<Vec<_>>(),
+        )
         .fetch_all(&self.pool)
         .await
         .map_err(failed("set_generation"))?;
         Ok(rows
             .into_iter()
-            .map(|(held, in_order, written)| order::gated(held, in_order, written))
+            .map(|(held, current, in_order, written)| {
+                order::gated(held, current, in_order, written)
+            })
             .collect())
     }
 

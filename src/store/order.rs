@@ -10,6 +10,11 @@
 //!   stream sequence; if it already holds that sequence or a later one, the
 //!   job is superseded and writes nothing. The upsert locks the row, so two
 //!   writers of one replica serialize and the older one loses.
+//! - **identity**: a job that names its `repository_id` (Praefect 14.5 and
+//!   later) applies only while the repository at its path is that one. Once
+//!   the repository was deleted and created again at the same path (a new
+//!   id), the job belongs to a repository that is gone: it is stale and
+//!   writes nothing, so a late delete never removes the new repository.
 
 use super::{RepositoryStore, StoreError, failed, repository_lock_key};
 
@@ -24,6 +29,9 @@ pub struct WriteOrder {
     /// Backend pid of the session holding the job's repository locks; `None`
     /// writes without a fence (tools and tests that hold no lock).
     pub lock_session: Option<i32>,
+    /// The job's `repository_id`; `None` (jobs that do not name one) skips
+    /// the identity check.
+    pub repository_id: Option<i64>,
 }
 
 /// What a gated write did.
@@ -33,15 +41,31 @@ pub enum Gated<T> {
     Written(T),
     /// A job as new or newer already took effect on the replica.
     Superseded,
+    /// The repository at the job's path is another one than the job names
+    /// (deleted and created again since).
+    Stale,
     /// The job's repository lock is no longer held by its session.
     LockLost,
 }
 
-/// The gate over parameters `$1..$7`: replica keys `$1` (virtual storage),
+/// Where a job stands on one of its replica keys before it runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Standing {
+    /// Nothing newer took effect: the job may run.
+    Current,
+    /// A job as new or newer already took effect there.
+    Superseded,
+    /// The repository at the path is another one than the job names.
+    Stale,
+}
+
+/// The gate over parameters `$1..$8`: replica keys `$1` (virtual storage),
 /// `$2` (relative path), `$3` (storage) and `$4` (lock key) as arrays; the
-/// stream `$5` (NULL: unordered), the sequence `$6` and the lock session's pid
-/// `$7` (NULL: unfenced). Defines the CTE `gate(held, in_order)`; a write
-/// proceeds only where both are true.
+/// stream `$5` (NULL: unordered), the sequence `$6`, the lock session's pid
+/// `$7` (NULL: unfenced) and the job's repository id `$8` (NULL: unchecked),
+/// checked at the first key's path. Defines the CTE
+/// `gate(held, current, in_order)`; a write proceeds only where `held` and
+/// `in_order` are true (`in_order` implies `current`).
 const GATE_SQL: &str = "
     gate_input AS (
         SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[])
@@ -56,19 +80,27 @@ const GATE_SQL: &str = "
                   AND l.classid = ((g.k >> 32) & 4294967295)::oid
                   AND l.objid = (g.k & 4294967295)::oid)
         ) AS held
+    ), identity AS MATERIALIZED (
+        SELECT $8::bigint IS NULL OR NOT EXISTS (
+            SELECT FROM repositories r
+            WHERE r.virtual_storage = $1[1] AND r.relative_path = $2[1]
+              AND r.repository_id <> $8::bigint
+        ) AS current
     ), ordered AS (
         INSERT INTO replication_order AS o
             (virtual_storage, relative_path, target_storage, stream, sequence)
         SELECT vs, rel, tgt, $5::text, $6::bigint FROM gate_input
         WHERE $5::text IS NOT NULL AND (SELECT held FROM fence)
+          AND (SELECT current FROM identity)
         ON CONFLICT (virtual_storage, relative_path, target_storage) DO UPDATE
             SET stream = EXCLUDED.stream, sequence = EXCLUDED.sequence
             WHERE o.stream <> EXCLUDED.stream OR o.sequence < EXCLUDED.sequence
         RETURNING 1
     ), gate AS MATERIALIZED (
         SELECT (SELECT held FROM fence) AS held,
-               $5::text IS NULL
-                 OR (SELECT count(*) FROM ordered) = (SELECT count(*) FROM gate_input)
+               (SELECT current FROM identity) AS current,
+               (SELECT current FROM identity) AND ($5::text IS NULL
+                 OR (SELECT count(*) FROM ordered) = (SELECT count(*) FROM gate_input))
                  AS in_order
     )";
 
@@ -95,13 +127,15 @@ where
         .bind(order.map(|o| o.stream.clone()))
         .bind(order.map_or(0, |o| o.sequence))
         .bind(order.and_then(|o| o.lock_session))
+        .bind(order.and_then(|o| o.repository_id))
 }
 
-pub(super) fn gated<T>(held: bool, in_order: bool, written: T) -> Gated<T> {
-    match (held, in_order) {
-        (false, _) => Gated::LockLost,
-        (true, false) => Gated::Superseded,
-        (true, true) => Gated::Written(written),
+pub(super) fn gated<T>(held: bool, current: bool, in_order: bool, written: T) -> Gated<T> {
+    match (held, current, in_order) {
+        (false, _, _) => Gated::LockLost,
+        (true, false, _) => Gated::Stale,
+        (true, true, false) => Gated::Superseded,
+        (true, true, true) => Gated::Written(written),
     }
 }
 
@@ -112,8 +146,8 @@ fn with_gate(rest: &str) -> String {
 }
 
 impl RepositoryStore {
-    /// Runs a gated statement whose final SELECT answers `held, in_order`
-    /// and whether its write changed anything.
+    /// Runs a gated statement whose final SELECT answers `held, current,
+    /// in_order` and whether its write changed anything.
     async fn gated_write(
         &self,
         sql: &str,
@@ -121,26 +155,33 @@ impl RepositoryStore {
         order: Option<&WriteOrder>,
         operation: &'static str,
     ) -> Result<Gated<bool>, StoreError> {
-        let (held, in_order, written): (bool, bool, bool) = gate_query(sql, keys, order)
-            .fetch_one(&self.pool)
-            .await
-            .map_err(failed(operation))?;
-        Ok(gated(held, in_order, written))
+        let (held, current, in_order, written): (bool, bool, bool, bool) =
+            gate_query(sql, keys, order)
+                .fetch_one(&self.pool)
+                .await
+                .map_err(failed(operation))?;
+        Ok(gated(held, current, in_order, written))
     }
 
-    /// For each replica key: whether a job at or after `order`'s sequence
-    /// (of the same stream) already took effect there. Read after the job's
-    /// lock is taken, so it sees every write made under the lock before.
-    pub async fn superseded_in_order(
+    /// Where the job stands on each replica key: superseded when a job at
+    /// or after `order`'s sequence (of the same stream) already took effect
+    /// there; stale when the repository at the first key's path is another
+    /// one than `order` names. Read after the job's lock is taken, so it sees
+    /// every write made under the lock before.
+    pub async fn standing_in_order(
         &self,
         keys: &[ReplicaKey<'_>],
         order: &WriteOrder,
-    ) -> Result<Vec<bool>, StoreError> {
-        sqlx::query_scalar(
-            "SELECT EXISTS (
-                SELECT FROM replication_order o
-                WHERE o.virtual_storage = q.vs AND o.relative_path = q.rel
-                  AND o.target_storage = q.tgt AND o.stream = $4 AND o.sequence >= $5)
+    ) -> Result<Vec<Standing>, StoreError> {
+        let rows: Vec<(bool, bool)> = sqlx::query_as(
+            "SELECT q.i = 1 AND $6::bigint IS NOT NULL AND EXISTS (
+                    SELECT FROM repositories r
+                    WHERE r.virtual_storage = q.vs AND r.relative_path = q.rel
+                      AND r.repository_id <> $6::bigint),
+                EXISTS (
+                    SELECT FROM replication_order o
+                    WHERE o.virtual_storage = q.vs AND o.relative_path = q.rel
+                      AND o.target_storage = q.tgt AND o.stream = $4 AND o.sequence >= $5)
             FROM unnest($1::text[], $2::text[], $3::text[]) WITH ORDINALITY AS q(vs, rel, tgt, i)
             ORDER BY q.i",
         )
@@ -149,9 +190,18 @@ impl RepositoryStore {
         .bind(keys.iter().map(|k| k.2).collect::<Vec<_>>())
         .bind(&order.stream)
         .bind(order.sequence)
+        .bind(order.repository_id)
         .fetch_all(&self.pool)
         .await
-        .map_err(failed("superseded_in_order"))
+        .map_err(failed("standing_in_order"))?;
+        Ok(rows
+            .into_iter()
+            .map(|(stale, superseded)| match (stale, superseded) {
+                (true, _) => Standing::Stale,
+                (false, true) => Standing::Superseded,
+                (false, false) => Standing::Current,
+            })
+            .collect())
     }
 
     /// Records that a job took effect on the replicas `keys` without any other
@@ -162,12 +212,12 @@ impl RepositoryStore {
         order: &WriteOrder,
     ) -> Result<Gated<()>, StoreError> {
         static SQL: std::sync::LazyLock<String> =
-            std::sync::LazyLock::new(|| with_gate("SELECT held, in_order FROM gate"));
-        let (held, in_order): (bool, bool) = gate_query(&SQL, keys, Some(order))
+            std::sync::LazyLock::new(|| with_gate("SELECT held, current, in_order FROM gate"));
+        let (held, current, in_order): (bool, bool, bool) = gate_query(&SQL, keys, Some(order))
             .fetch_one(&self.pool)
             .await
             .map_err(failed("record_order"))?;
-        Ok(gated(held, in_order, ()))
+        Ok(gated(held, current, in_order, ()))
     }
 
     /// Deletes the replica row of `storage`, through the gate of that replica;
@@ -186,7 +236,7 @@ impl RepositoryStore {
                     WHERE virtual_storage = $1[1] AND relative_path = $2[1] AND storage = $3[1]
                       AND (SELECT held AND in_order FROM gate)
                     RETURNING 1)
-                SELECT held, in_order, EXISTS (SELECT FROM deleted) FROM gate",
+                SELECT held, current, in_order, EXISTS (SELECT FROM deleted) FROM gate",
             )
         });
         let key = (virtual_storage, relative_path, storage);
@@ -215,7 +265,7 @@ impl RepositoryStore {
                     WHERE virtual_storage = $1[1] AND relative_path = $2[1] AND storage = $3[1]
                       AND (SELECT held AND in_order FROM gate)
                     RETURNING 1)
-                SELECT held, in_order,
+                SELECT held, current, in_order,
                        EXISTS (SELECT FROM repository) OR EXISTS (SELECT FROM replicas)
                 FROM gate",
             )
@@ -249,7 +299,7 @@ impl RepositoryStore {
                     WHERE virtual_storage = $1[1] AND relative_path = $2[1] AND storage = $3[1]
                       AND (SELECT held AND in_order FROM gate)
                     RETURNING 1)
-                SELECT held, in_order,
+                SELECT held, current, in_order,
                        EXISTS (SELECT FROM repository) OR EXISTS (SELECT FROM replica)
                 FROM gate",
             )

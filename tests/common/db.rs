@@ -71,6 +71,19 @@ impl TestDatabase {
             .unwrap();
         RepositoryStore::new(pool)
     }
+
+    /// The id of the repository at `relative_path`, if there is one.
+    pub async fn repository_id(&self, virtual_storage: &str, relative_path: &str) -> Option<i64> {
+        sqlx::query_scalar(
+            "SELECT repository_id FROM repositories
+            WHERE virtual_storage = $1 AND relative_path = $2",
+        )
+        .bind(virtual_storage)
+        .bind(relative_path)
+        .fetch_optional(self.store.pool())
+        .await
+        .unwrap()
+    }
 }
 
 impl Drop for TestDatabase {
