@@ -122,16 +122,26 @@ impl GenerationBatcher {
                 }
             }
         });
-        // One write batch at a time: concurrent multi-row upserts could
-        // deadlock each other on the repository rows.
-        let writes = Coalescer::start(MAX_BATCH, 1, move |batch: Vec<Write>| {
+        // Two write batches at a time: while one waits for its commit, the
+        // next runs, so a job does not wait a whole commit for a free slot.
+        // They cannot meet on a replica row (its repository lock admits one
+        // job at a time); on a repository row, rows sorted by key lock in the
+        // same order, and a deadlock with another process's batch is retried.
+        let writes = Coalescer::start(MAX_BATCH, 2, move |mut batch: Vec<Write>| {
             let store = store.clone();
+            batch.sort_unstable_by(|a, b| {
+                (&a.virtual_storage, &a.relative_path, &a.storage).cmp(&(
+                    &b.virtual_storage,
+                    &b.relative_path,
+                    &b.storage,
+                ))
+            });
             async move {
                 let records: Vec<_> = batch.iter().map(Write::record).collect();
                 let answers: Vec<_> = each_answered!(&records[..], |r| {
                     let mut result = store.set_generations(r).await;
-                    // Another process's batch may still deadlock with ours;
-                    // one retry settles it without failing every job.
+                    // A deadlock with another batch is settled by one retry,
+                    // without failing every job.
                     if result.as_ref().is_err_and(StoreError::is_deadlock) {
                         result = store.set_generations(r).await;
                     }

@@ -6,7 +6,8 @@ mod common;
 
 use common::db::TestDatabase;
 use gitaly_replicator::store::{
-    CompletionKey, ReplicatedGeneration, RepositoryStore, repository_lock_key,
+    self, CompletionKey, Gated, GenerationRecord, ReplicatedGeneration, RepositoryStore,
+    repository_lock_key,
 };
 use time::OffsetDateTime;
 
@@ -815,7 +816,6 @@ async fn a_closed_pool_is_retryable() {
 #[tokio::test(flavor = "current_thread")]
 async fn a_bad_row_in_a_generation_batch_fails_only_its_own_job() {
     use gitaly_replicator::generation_batcher::GenerationBatcher;
-    use gitaly_replicator::store::{Gated, GenerationRecord};
 
     let db = TestDatabase::new().await;
     let paths: Vec<String> = (0..5).map(|i| format!("batch-{i}.git")).collect();
@@ -846,4 +846,90 @@ async fn a_bad_row_in_a_generation_batch_fails_only_its_own_job() {
         );
     }
     assert!(answers[paths.len()].is_err(), "{:?}", answers[paths.len()]);
+}
+
+/// A session of its own on the test database: its pid and start, and the
+/// connection that keeps it alive.
+async fn live_session(db: &TestDatabase) -> (store::LockSessionId, sqlx::PgConnection) {
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    let (pid, backend_start) =
+        sqlx::query_as("SELECT pid, backend_start FROM pg_stat_get_activity(pg_backend_pid())")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+    (store::LockSessionId { pid, backend_start }, conn)
+}
+
+fn fenced_by(session: store::LockSessionId, sequence: i64) -> store::WriteOrder {
+    store::WriteOrder {
+        stream: "work@1".into(),
+        sequence,
+        lock_session: Some(session),
+        repository_id: None,
+    }
+}
+
+#[tokio::test]
+async fn gated_writes_go_through_only_while_the_lock_session_that_granted_them_lives() {
+    let db = TestDatabase::new().await;
+    db.store
+        .create_repository(VS, REPO, "gitaly-1", 3, &["gitaly-1", "gitaly-2"])
+        .await
+        .unwrap();
+    let (session, conn) = live_session(&db).await;
+    let record = |order| GenerationRecord {
+        virtual_storage: VS,
+        relative_path: REPO,
+        storage: "gitaly-2",
+        generation: 3,
+        order,
+    };
+
+    let live = fenced_by(session, 1);
+    assert_eq!(
+        db.store
+            .set_generations(&[record(Some(&live))])
+            .await
+            .unwrap(),
+        [Gated::Written(true)]
+    );
+    // The same pid with another start is another session (a reused pid).
+    let reused = store::LockSessionId {
+        backend_start: session.backend_start - time::Duration::seconds(1),
+        ..session
+    };
+    let impostor = fenced_by(reused, 2);
+    assert_eq!(
+        db.store
+            .set_generations(&[record(Some(&impostor))])
+            .await
+            .unwrap(),
+        [Gated::LockLost]
+    );
+    assert_eq!(
+        db.store
+            .delete_replica_in_order(VS, REPO, "gitaly-2", Some(&impostor))
+            .await
+            .unwrap(),
+        Gated::LockLost
+    );
+    // Once the session is gone, nothing it fenced is written.
+    use sqlx::Connection;
+    conn.close().await.unwrap();
+    let gone = fenced_by(session, 3);
+    assert!(
+        common::eventually(std::time::Duration::from_secs(5), || async {
+            db.store
+                .delete_replica_in_order(VS, REPO, "gitaly-2", Some(&gone))
+                .await
+                .unwrap()
+                == Gated::LockLost
+        })
+        .await
+    );
+    assert_eq!(
+        replica_storages(&db.store, REPO).await,
+        ["gitaly-1", "gitaly-2"]
+    );
 }

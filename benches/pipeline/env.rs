@@ -182,17 +182,17 @@ max_ack_pending = -1
         calls: usize,
         watch: &[u32],
         timeout: Duration,
-    ) -> anyhow::Result<(f64, u64)> {
+    ) -> anyhow::Result<Drained> {
         let deadline = Instant::now() + timeout;
         let counter = &self.target.gitaly;
         let start_count = counter.call_count();
-        let mut first: Option<Instant> = None;
+        let mut first: Option<(Instant, f64)> = None;
         let mut peak = 0;
         let mut polls: u64 = 0;
         loop {
             let n = counter.call_count() - start_count;
             if n > 0 && first.is_none() {
-                first = Some(Instant::now());
+                first = Some((Instant::now(), cpu_busy_secs()));
             }
             if polls.is_multiple_of(10) {
                 for pid in watch {
@@ -201,8 +201,14 @@ max_ack_pending = -1
             }
             polls += 1;
             if n >= calls && self.work_messages().await? == 0 {
-                let secs = first.map(|f| f.elapsed().as_secs_f64()).unwrap_or(0.0);
-                return Ok((secs, peak));
+                let (secs, cpu_secs) = first
+                    .map(|(f, cpu)| (f.elapsed().as_secs_f64(), cpu_busy_secs() - cpu))
+                    .unwrap_or((0.0, 0.0));
+                return Ok(Drained {
+                    secs,
+                    peak_kib: peak,
+                    cpu_secs,
+                });
             }
             if Instant::now() > deadline {
                 anyhow::bail!("drain timed out: {n} of {calls} calls");
@@ -232,6 +238,40 @@ max_ack_pending = -1
 }
 
 /// Peak resident set (VmHWM) of a process, in KiB.
+/// What a drain measured.
+pub struct Drained {
+    /// From the first call to the last job acknowledged.
+    pub secs: f64,
+    /// The highest peak RSS of the watched processes.
+    pub peak_kib: u64,
+    /// CPU time the whole machine spent busy meanwhile (every process:
+    /// consumer, NATS, Postgres, the bench's own target), which stolen time
+    /// on a shared host does not inflate the way it does wall time.
+    pub cpu_secs: f64,
+}
+
+/// Busy CPU time of the machine so far (user, nice, system, irq, softirq
+/// from /proc/stat, in USER_HZ = 100 ticks); 0 where unreadable.
+pub fn cpu_busy_secs() -> f64 {
+    std::fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().find(|l| l.starts_with("cpu "))?.to_owned();
+            let ticks: Vec<u64> = line
+                .split_whitespace()
+                .skip(1)
+                .filter_map(|v| v.parse().ok())
+                .collect();
+            // user nice system idle iowait irq softirq
+            let busy = [0, 1, 2, 5, 6]
+                .iter()
+                .filter_map(|&i| ticks.get(i))
+                .sum::<u64>();
+            Some(busy as f64 / 100.0)
+        })
+        .unwrap_or(0.0)
+}
+
 pub fn peak_rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()

@@ -84,7 +84,7 @@ async fn main() -> anyhow::Result<()> {
         rows.extend(scenarios::maintenance(&sizes, raw_rate).await?);
     }
     if wanted("update") {
-        rows.push(scenarios::update(&sizes).await?);
+        rows.extend(scenarios::update(&sizes).await?);
     }
     if wanted("latency") {
         rows.extend(scenarios::latency(&sizes).await?);

@@ -701,7 +701,7 @@ async fn run_job<R: Replicator>(shared: &Shared<R>, target: &Target, d: &Deliver
         let order = ordered.then(|| WriteOrder {
             stream: shared.stream_incarnation.clone(),
             sequence: i64::try_from(d.placement.sequence).unwrap_or(i64::MAX),
-            lock_session: guards.first().map(|g| g.session_pid()),
+            lock_session: guards.first().map(|g| g.session()),
             repository_id: job.repository_id,
         });
         let lost = guards.first().map(|g| g.lost().clone()).unwrap_or_default();

@@ -13,11 +13,12 @@
 //! granted any new lock: each session is listed in a registry, and a listed
 //! session that is gone bars new locks until its owner clears it or a grace
 //! period passes (see `store::lock_sessions`). Each guard names the session
-//! (backend pid) that
-//! granted it, and the store's state-changing writes check in the same
-//! statement that this session still holds the lock (see `store::order`). A
-//! statement that fails while the connection stays up (a statement timeout,
-//! say) does not end the session: what it holds is read back and put right.
+//! (backend pid and start) that granted it, and the store's state-changing
+//! writes check in the same statement that this session is still alive, and
+//! so still holds the lock (see `store::order`). A statement that fails while
+//! the connection stays up (a statement timeout, say) does not end the
+//! session: what it holds is read back and put right, and a session missing
+//! a lock a job holds is dropped.
 //!
 //! Completion dedup rides on the same statements: a lock request carries the
 //! job's dedup check and an unlock carries its completion record, so a burst
@@ -26,7 +27,9 @@
 //! 15 %).
 
 use crate::queue::completions::JobKey;
-use crate::store::{self, LockSessionAnswers, LockSessionBatch, ORPHAN_GRACE_SECONDS, StoreError};
+use crate::store::{
+    self, LockSessionAnswers, LockSessionBatch, LockSessionId, ORPHAN_GRACE_SECONDS, StoreError,
+};
 use sqlx::Connection;
 use sqlx::postgres::{PgConnectOptions, PgConnection};
 use std::collections::HashMap;
@@ -50,7 +53,7 @@ struct Answer {
 /// The lock session that granted a lock.
 #[derive(Debug, Clone)]
 struct Session {
-    pid: i32,
+    id: LockSessionId,
     lost: CancellationToken,
     /// Held by every guard of the session: when the session is lost, its
     /// entry in the registry is cleared once the last guard is gone.
@@ -90,7 +93,7 @@ pub struct RepositoryGuard {
     key: i64,
     waited: bool,
     superseded: bool,
-    pid: i32,
+    session: LockSessionId,
     lost: CancellationToken,
     _session: Arc<()>,
     _local: OwnedMutexGuard<()>,
@@ -109,10 +112,15 @@ impl RepositoryGuard {
         self.superseded
     }
 
-    /// Backend pid of the Postgres session holding the lock: the fence the
-    /// store's writes check.
+    /// Backend pid of the Postgres session holding the lock.
     pub fn session_pid(&self) -> i32 {
-        self.pid
+        self.session.pid
+    }
+
+    /// The Postgres session holding the lock: the fence the store's writes
+    /// check.
+    pub fn session(&self) -> LockSessionId {
+        self.session
     }
 
     /// Cancelled when the session holding the lock is lost: the job must stop
@@ -206,7 +214,7 @@ impl RepositoryLocks {
                     key,
                     waited,
                     superseded: answer.superseded,
-                    pid: session.pid,
+                    session: session.id,
                     lost: session.lost,
                     _session: session.guards,
                     _local: local,
@@ -246,7 +254,7 @@ impl RepositoryLocks {
         };
         let _ = self.requests.send(Request::Unlock {
             key: guard.key,
-            pid: Some(guard.pid),
+            pid: Some(guard.session.pid),
             record,
             done,
         });
@@ -617,7 +625,10 @@ async fn serve_batch(s: &mut LockSession, batch: Vec<Request>) -> Result<bool, S
             taken,
             superseded,
             session: Some(Session {
-                pid: s.pid,
+                id: LockSessionId {
+                    pid: s.pid,
+                    backend_start: s.backend_start,
+                },
                 lost: s.lost.clone(),
                 guards: s.guards.clone(),
             }),

@@ -10,7 +10,7 @@ mod order;
 pub use lock_sessions::{
     ORPHAN_GRACE_SECONDS, expire_lock_sessions, register_lock_session, unregister_lock_session,
 };
-pub use order::{Gated, Standing, WriteOrder};
+pub use order::{Gated, LockSessionId, Standing, WriteOrder};
 
 use sqlx::migrate::{MigrateError, Migrator};
 use sqlx::postgres::PgArguments;
@@ -456,21 +456,19 @@ impl RepositoryStore {
         let rows: Vec<(bool, bool, bool, bool)> = sqlx::query_as(
             "WITH input AS (
                 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[],
-                                     $5::text[], $6::bigint[], $7::int[], $8::bigint[],
+                                     $5::text[], $6::bigint[], $7::int[], $8::timestamptz[],
                                      $9::bigint[])
-                    WITH ORDINALITY AS t(vs, rel, storage, gen, stream, seq, pid, k, id, i)
-            ), held AS MATERIALIZED (
-                SELECT l.pid, l.classid, l.objid FROM pg_locks l
-                WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
-                  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-                  AND l.pid IN (SELECT pid FROM input WHERE pid IS NOT NULL)
+                    WITH ORDINALITY AS t(vs, rel, storage, gen, stream, seq, pid, started, id, i)
+            ), alive AS MATERIALIZED (
+                SELECT s.pid, s.started FROM (SELECT DISTINCT pid, started FROM input
+                                              WHERE pid IS NOT NULL) s
+                WHERE EXISTS (SELECT FROM pg_stat_get_activity(s.pid) a
+                              WHERE a.backend_start IS NULL OR a.backend_start = s.started)
             ), fenced AS MATERIALIZED (
                 SELECT input.* FROM input
                 WHERE input.pid IS NULL OR EXISTS (
-                    SELECT FROM held h
-                    WHERE h.pid = input.pid
-                      AND h.classid = ((input.k >> 32) & 4294967295)::oid
-                      AND h.objid = (input.k & 4294967295)::oid)
+                    SELECT FROM alive WHERE alive.pid = input.pid
+                                        AND alive.started = input.started)
             ), current AS MATERIALIZED (
                 SELECT f.* FROM fenced f
                 WHERE f.id IS NULL OR NOT EXISTS (
@@ -547,13 +545,17 @@ impl RepositoryStore {
         .bind(
             replicas
                 .iter()
-                .map(|r| r.order.and_then(|o| o.lock_session))
+                .map(|r| r.order.and_then(|o| o.lock_session).map(|l| l.pid))
                 .collect::<Vec<_>>(),
         )
         .bind(
             replicas
                 .iter()
-                .map(|r| repository_lock_key(r.virtual_storage, r.relative_path, r.storage))
+                .map(|r| {
+                    r.order
+                        .and_then(|o| o.lock_session)
+                        .map(|l| l.backend_start)
+                })
                 .collect::<Vec<_>>(),
         )
         .bind(

@@ -2,10 +2,15 @@
 //!
 //! Each write of a state-changing job (update, create, delete,
 //! delete_replica, rename) goes through a gate in the same statement:
-//! - **fence**: the job's repository locks must still be held by the lock
-//!   session that granted them (its backend pid, read from `pg_locks`). A
-//!   session that died freed its locks, and another process may run the
-//!   repository now: the write is refused and the job redelivered.
+//! - **fence**: the lock session that granted the job's repository locks
+//!   must still be alive (its backend, by pid and start time, in
+//!   `pg_stat_get_activity`). Its session locks last as long as it does
+//!   (a lock is only given back when its job is done, and a session found
+//!   missing a lock is dropped), so a live session still holds them; one
+//!   that died freed them, and another process may run the repository now:
+//!   the write is refused and the job redelivered. Asking for one backend
+//!   costs far less than reading `pg_locks`, which copies the whole lock
+//!   table under every lock partition's lock.
 //! - **order**: the replica's `replication_order` row is raised to the job's
 //!   stream sequence; if it already holds that sequence or a later one, the
 //!   job is superseded and writes nothing. The upsert locks the row, so two
@@ -16,7 +21,15 @@
 //!   id), the job belongs to a repository that is gone: it is stale and
 //!   writes nothing, so a late delete never removes the new repository.
 
-use super::{RepositoryStore, StoreError, failed, repository_lock_key};
+use super::{RepositoryStore, StoreError, failed};
+use time::OffsetDateTime;
+
+/// A Postgres session, as the fence names it: a pid alone can be reused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LockSessionId {
+    pub pid: i32,
+    pub backend_start: OffsetDateTime,
+}
 
 /// A state-changing job's place among its replica's jobs, and the lock
 /// session it runs under.
@@ -26,9 +39,9 @@ pub struct WriteOrder {
     pub stream: String,
     /// The job's stream sequence (its original one, if it was requeued).
     pub sequence: i64,
-    /// Backend pid of the session holding the job's repository locks; `None`
-    /// writes without a fence (tools and tests that hold no lock).
-    pub lock_session: Option<i32>,
+    /// The session holding the job's repository locks; `None` writes without
+    /// a fence (tools and tests that hold no lock).
+    pub lock_session: Option<LockSessionId>,
     /// The job's `repository_id`; `None` (jobs that do not name one) skips
     /// the identity check.
     pub repository_id: Option<i64>,
@@ -60,37 +73,31 @@ pub enum Standing {
 }
 
 /// The gate over parameters `$1..$8`: replica keys `$1` (virtual storage),
-/// `$2` (relative path), `$3` (storage) and `$4` (lock key) as arrays; the
-/// stream `$5` (NULL: unordered), the sequence `$6`, the lock session's pid
-/// `$7` (NULL: unfenced) and the job's repository id `$8` (NULL: unchecked),
-/// checked at the first key's path. Defines the CTE
+/// `$2` (relative path) and `$3` (storage) as arrays; the stream `$4` (NULL:
+/// unordered), the sequence `$5`, the lock session's pid `$6` (NULL:
+/// unfenced) and start `$8`, and the job's repository id `$7` (NULL:
+/// unchecked), checked at the first key's path. Defines the CTE
 /// `gate(held, current, in_order)`; a write proceeds only where `held` and
 /// `in_order` are true (`in_order` implies `current`).
 const GATE_SQL: &str = "
     gate_input AS (
-        SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[])
-            AS g(vs, rel, tgt, k)
+        SELECT * FROM unnest($1::text[], $2::text[], $3::text[]) AS g(vs, rel, tgt)
     ), fence AS MATERIALIZED (
-        SELECT $7::int IS NULL OR NOT EXISTS (
-            SELECT FROM gate_input g WHERE NOT EXISTS (
-                SELECT FROM pg_locks l
-                WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
-                  AND l.pid = $7::int
-                  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-                  AND l.classid = ((g.k >> 32) & 4294967295)::oid
-                  AND l.objid = (g.k & 4294967295)::oid)
+        SELECT $6::int IS NULL OR EXISTS (
+            SELECT FROM pg_stat_get_activity($6::int) a
+            WHERE a.backend_start IS NULL OR a.backend_start = $8::timestamptz
         ) AS held
     ), identity AS MATERIALIZED (
-        SELECT $8::bigint IS NULL OR NOT EXISTS (
+        SELECT $7::bigint IS NULL OR NOT EXISTS (
             SELECT FROM repositories r
             WHERE r.virtual_storage = $1[1] AND r.relative_path = $2[1]
-              AND r.repository_id <> $8::bigint
+              AND r.repository_id <> $7::bigint
         ) AS current
     ), ordered AS (
         INSERT INTO replication_order AS o
             (virtual_storage, relative_path, target_storage, stream, sequence)
-        SELECT vs, rel, tgt, $5::text, $6::bigint FROM gate_input
-        WHERE $5::text IS NOT NULL AND (SELECT held FROM fence)
+        SELECT vs, rel, tgt, $4::text, $5::bigint FROM gate_input
+        WHERE $4::text IS NOT NULL AND (SELECT held FROM fence)
           AND (SELECT current FROM identity)
         ON CONFLICT (virtual_storage, relative_path, target_storage) DO UPDATE
             SET stream = EXCLUDED.stream, sequence = EXCLUDED.sequence
@@ -99,7 +106,7 @@ const GATE_SQL: &str = "
     ), gate AS MATERIALIZED (
         SELECT (SELECT held FROM fence) AS held,
                (SELECT current FROM identity) AS current,
-               (SELECT current FROM identity) AND ($5::text IS NULL
+               (SELECT current FROM identity) AND ($4::text IS NULL
                  OR (SELECT count(*) FROM ordered) = (SELECT count(*) FROM gate_input))
                  AS in_order
     )";
@@ -119,15 +126,11 @@ where
         .bind(keys.iter().map(|k| k.0.to_owned()).collect::<Vec<_>>())
         .bind(keys.iter().map(|k| k.1.to_owned()).collect::<Vec<_>>())
         .bind(keys.iter().map(|k| k.2.to_owned()).collect::<Vec<_>>())
-        .bind(
-            keys.iter()
-                .map(|k| repository_lock_key(k.0, k.1, k.2))
-                .collect::<Vec<_>>(),
-        )
         .bind(order.map(|o| o.stream.clone()))
         .bind(order.map_or(0, |o| o.sequence))
-        .bind(order.and_then(|o| o.lock_session))
+        .bind(order.and_then(|o| o.lock_session).map(|l| l.pid))
         .bind(order.and_then(|o| o.repository_id))
+        .bind(order.and_then(|o| o.lock_session).map(|l| l.backend_start))
 }
 
 pub(super) fn gated<T>(held: bool, current: bool, in_order: bool, written: T) -> Gated<T> {
