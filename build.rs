@@ -1,20 +1,6 @@
-//! Compiles `proto/` into Rust with a pure-Rust protobuf compiler (protox), so
-//! building needs nothing but cargo.
+//! sqlx embeds `migrations/` at compile time but does not notice a new file
+//! there by itself.
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = [
-        "proto/gitaly/shared.proto",
-        "proto/gitaly/repository.proto",
-        "proto/gitaly/objectpool.proto",
-        "proto/gitaly/ref.proto",
-        "proto/grpc/health/v1/health.proto",
-    ];
-    let descriptors = protox::compile(files, ["proto"])?;
-    tonic_prost_build::configure()
-        .build_client(true)
-        .build_server(true)
-        .compile_fds(descriptors)?;
-    println!("cargo:rerun-if-changed=proto");
+fn main() {
     println!("cargo:rerun-if-changed=migrations");
-    Ok(())
 }

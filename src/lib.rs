@@ -4,7 +4,6 @@
 
 pub mod coalescer;
 pub mod config;
-pub mod demo;
 pub mod deploy;
 pub mod event;
 pub mod generation_batcher;
@@ -16,16 +15,7 @@ pub mod replicator;
 pub mod retry_delay;
 pub mod service;
 pub mod stable_hash;
-pub mod storage_node;
 pub mod store;
 pub mod subject;
 
-/// Code generated from `proto/`.
-pub mod proto {
-    pub mod gitaly {
-        tonic::include_proto!("gitaly");
-    }
-    pub mod health {
-        tonic::include_proto!("grpc.health.v1");
-    }
-}
+pub use gitaly_wire::proto;

@@ -3,7 +3,6 @@
 //! target, and the consumer as a separate `gitaly-replicator run` process.
 
 use gitaly_replicator::event::Job;
-use gitaly_replicator::gitaly::recording_server::{Behaviour, RecordingGitaly, RunningGitaly};
 use gitaly_replicator::queue::layout::Layout;
 use gitaly_replicator::queue::publisher::Publisher;
 use gitaly_replicator::store::RepositoryStore;
@@ -12,6 +11,7 @@ use sqlx::{Connection, PgConnection};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+use testkit::recording_gitaly::{Behaviour, RecordingGitaly, RunningGitaly};
 
 pub const SERVER_DB: &str = "postgres://postgres@127.0.0.1:5432/test";
 pub const NATS: &str = "nats://127.0.0.1:4222";

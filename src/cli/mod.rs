@@ -1,7 +1,6 @@
 //! Commands of the `gitaly-replicator` binary.
 
 mod dead;
-mod demo;
 mod deploy_manifests;
 mod publish;
 mod status;
@@ -54,10 +53,6 @@ enum Command {
     /// the streams and consumers as nats CLI JSON, from the configuration;
     /// needs no secrets and contacts nothing.
     DeployManifests(deploy_manifests::DeployManifestsArgs),
-    /// Show the whole system at work on this machine: three storage nodes,
-    /// repositories, replication through NATS, a check of every replica.
-    /// Needs only NATS (JetStream) and Postgres; reads no config file.
-    Demo(demo::DemoArgs),
 }
 
 /// Exit code for a bad configuration or bad usage (EX_USAGE).
@@ -128,9 +123,6 @@ fn report(result: anyhow::Result<()>) -> ExitCode {
 }
 
 pub async fn dispatch(args: Args) -> ExitCode {
-    if let Command::Demo(d) = &args.command {
-        return demo::run(d).await;
-    }
     if let Command::DeployManifests(d) = &args.command {
         return deploy_manifests::run(&args.config, d);
     }
@@ -168,7 +160,6 @@ pub async fn dispatch(args: Args) -> ExitCode {
         Command::Dead(d) => report(dead::run(&config, d).await),
         Command::CheckConfig { .. } => ExitCode::SUCCESS,
         Command::DeployManifests(_) => ExitCode::SUCCESS,
-        Command::Demo(_) => ExitCode::SUCCESS,
     }
 }
 

@@ -1,13 +1,13 @@
 //! The Gitaly side: generated clients wrapped with Gitaly's auth token,
-//! `gitaly-servers` metadata, error classification, per-node channels and a
-//! recording Gitaly server for tests and benchmarks.
+//! `gitaly-servers` metadata, error classification and per-node channels.
+//! The wire itself (generated code, the token, the metadata) is the
+//! `gitaly-wire` crate's.
 
-pub mod auth;
 pub mod error;
 pub mod health;
-pub mod metadata;
 pub mod node;
-pub mod recording_server;
+
+pub use gitaly_wire::{auth, metadata};
 
 pub use error::{CallError, CallErrorKind};
 pub use node::{CallContext, ChannelError, NodeClient, NodeSet};

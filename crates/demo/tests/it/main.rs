@@ -1,0 +1,51 @@
+//! The demo end to end, as `gitaly-replicator-demo` runs it: it passes on
+//! this machine's NATS and Postgres and leaves nothing behind.
+
+use demo::{DemoOptions, ProgressStyle};
+use std::time::Duration;
+
+fn nats_url() -> String {
+    std::env::var("GITALY_REPLICATOR_TEST_NATS_URL")
+        .unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned())
+}
+
+#[tokio::test]
+async fn the_demo_replicates_verifies_every_replica_and_removes_what_it_created() {
+    let database_url = std::env::var(testkit::db::SERVER_URL_ENV)
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
+    let options = DemoOptions {
+        repositories: 4,
+        nats_url: nats_url(),
+        database_url,
+        progress: ProgressStyle::Quiet,
+        timeout: Duration::from_secs(60),
+        ..DemoOptions::default()
+    };
+    let report = demo::run(options, std::future::pending()).await.unwrap();
+    assert!(report.passed(), "{report}");
+    assert_eq!(report.unfinished, 0);
+    assert_eq!(report.dead_letters, 0);
+    assert_eq!(report.checks.len(), 4);
+    assert_eq!(report.replica_tally(), (8, 8));
+    assert_eq!(report.jobs_published(), 8 + 8 + 3 + 3);
+    assert_eq!(report.measurements.total("completed"), 22);
+    assert!(report.kept.is_none());
+
+    // Nothing is left behind: directory, database, streams.
+    let dir = std::env::temp_dir().join(format!("gitaly-replicator-demo-{}", report.run_id));
+    assert!(!dir.exists(), "{} is left", dir.display());
+    let client = async_nats::connect(nats_url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let stream = format!("DEMO_{}", report.run_id.to_ascii_uppercase());
+    assert!(
+        js.get_stream(&stream).await.is_err(),
+        "stream {stream} is left"
+    );
+    let admin = testkit::db::TestDatabase::new().await;
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_database WHERE datname = $1")
+        .bind(format!("gitaly_replicator_demo_{}", report.run_id))
+        .fetch_one(&admin.pool)
+        .await
+        .unwrap();
+    assert_eq!(left, 0, "the demo database is left");
+}

@@ -1,0 +1,159 @@
+//! `gitaly.RepositoryService` on the node: each method resolves its
+//! repository, takes the repository's lock when it reads or changes the whole
+//! of it, and hands over to the module that does the work.
+
+use crate::node::StorageNode;
+use crate::snapshot_stream::{self, SnapshotStream};
+use crate::storage::io_status;
+use crate::{checksum, cleanup, lifecycle, maintenance, replicate};
+use gitaly_wire::proto::gitaly as pb;
+use gitaly_wire::proto::gitaly::repository_service_server::RepositoryService;
+use std::time::SystemTime;
+use tonic::{Request, Response, Status};
+
+type Reply<T> = Result<Response<T>, Status>;
+
+#[tonic::async_trait]
+impl RepositoryService for StorageNode {
+    async fn repository_exists(
+        &self,
+        request: Request<pb::RepositoryExistsRequest>,
+    ) -> Reply<pb::RepositoryExistsResponse> {
+        let repo = self.repo(request.get_ref().repository.as_ref())?;
+        Ok(Response::new(pb::RepositoryExistsResponse {
+            exists: repo.exists(),
+        }))
+    }
+
+    async fn create_repository(
+        &self,
+        request: Request<pb::CreateRepositoryRequest>,
+    ) -> Reply<pb::CreateRepositoryResponse> {
+        let req = request.into_inner();
+        let repo = self.repo(req.repository.as_ref())?;
+        let _guard = self.locks().lock(&repo.path).await;
+        lifecycle::create(&repo, &req.default_branch, req.object_format).await?;
+        Ok(Response::new(pb::CreateRepositoryResponse {}))
+    }
+
+    async fn replicate_repository(
+        &self,
+        request: Request<pb::ReplicateRepositoryRequest>,
+    ) -> Reply<pb::ReplicateRepositoryResponse> {
+        let (metadata, _, req) = request.into_parts();
+        replicate::replicate(self, &metadata, req).await?;
+        Ok(Response::new(pb::ReplicateRepositoryResponse {}))
+    }
+
+    async fn remove_repository(
+        &self,
+        request: Request<pb::RemoveRepositoryRequest>,
+    ) -> Reply<pb::RemoveRepositoryResponse> {
+        let (repo, _guard) = self.existing(request.get_ref().repository.as_ref()).await?;
+        lifecycle::remove(&repo).await?;
+        Ok(Response::new(pb::RemoveRepositoryResponse {}))
+    }
+
+    async fn rename_repository(
+        &self,
+        request: Request<pb::RenameRepositoryRequest>,
+    ) -> Reply<pb::RenameRepositoryResponse> {
+        let req = request.into_inner();
+        let from = self.repo(req.repository.as_ref())?;
+        let to = from.storage.repo(&req.relative_path)?;
+        let _guards = self.locks().lock_two(&from.path, &to.path).await;
+        from.require()?;
+        lifecycle::rename(&from, &to)?;
+        Ok(Response::new(pb::RenameRepositoryResponse {}))
+    }
+
+    async fn garbage_collect(
+        &self,
+        request: Request<pb::GarbageCollectRequest>,
+    ) -> Reply<pb::GarbageCollectResponse> {
+        let req = request.into_inner();
+        let (repo, _guard) = self.existing(req.repository.as_ref()).await?;
+        maintenance::garbage_collect(&repo, req.create_bitmap, req.prune).await?;
+        Ok(Response::new(pb::GarbageCollectResponse {}))
+    }
+
+    async fn repack_full(
+        &self,
+        request: Request<pb::RepackFullRequest>,
+    ) -> Reply<pb::RepackFullResponse> {
+        let req = request.into_inner();
+        let (repo, _guard) = self.existing(req.repository.as_ref()).await?;
+        maintenance::repack_full(&repo, req.create_bitmap).await?;
+        Ok(Response::new(pb::RepackFullResponse {}))
+    }
+
+    async fn repack_incremental(
+        &self,
+        request: Request<pb::RepackIncrementalRequest>,
+    ) -> Reply<pb::RepackIncrementalResponse> {
+        let (repo, _guard) = self.existing(request.get_ref().repository.as_ref()).await?;
+        maintenance::repack_incremental(&repo).await?;
+        Ok(Response::new(pb::RepackIncrementalResponse {}))
+    }
+
+    async fn cleanup(&self, request: Request<pb::CleanupRequest>) -> Reply<pb::CleanupResponse> {
+        let (repo, guard) = self.existing(request.get_ref().repository.as_ref()).await?;
+        let removed = tokio::task::spawn_blocking(move || {
+            let _guard = guard;
+            cleanup::clean_stale_files(&repo.path, SystemTime::now())
+        })
+        .await
+        .map_err(|e| Status::internal(format!("cleanup task failed: {e}")))?
+        .map_err(|e| io_status("cleaning up", e))?;
+        tracing::debug!(removed, "cleanup removed stale files");
+        Ok(Response::new(pb::CleanupResponse {}))
+    }
+
+    async fn write_commit_graph(
+        &self,
+        request: Request<pb::WriteCommitGraphRequest>,
+    ) -> Reply<pb::WriteCommitGraphResponse> {
+        let req = request.into_inner();
+        let (repo, _guard) = self.existing(req.repository.as_ref()).await?;
+        maintenance::write_commit_graph(&repo, req.split_strategy).await?;
+        Ok(Response::new(pb::WriteCommitGraphResponse {}))
+    }
+
+    async fn midx_repack(
+        &self,
+        request: Request<pb::MidxRepackRequest>,
+    ) -> Reply<pb::MidxRepackResponse> {
+        let (repo, _guard) = self.existing(request.get_ref().repository.as_ref()).await?;
+        maintenance::midx_repack(&repo).await?;
+        Ok(Response::new(pb::MidxRepackResponse {}))
+    }
+
+    async fn optimize_repository(
+        &self,
+        request: Request<pb::OptimizeRepositoryRequest>,
+    ) -> Reply<pb::OptimizeRepositoryResponse> {
+        let (repo, _guard) = self.existing(request.get_ref().repository.as_ref()).await?;
+        maintenance::optimize(&repo).await?;
+        Ok(Response::new(pb::OptimizeRepositoryResponse {}))
+    }
+
+    type GetSnapshotStream = SnapshotStream;
+
+    async fn get_snapshot(
+        &self,
+        request: Request<pb::GetSnapshotRequest>,
+    ) -> Reply<Self::GetSnapshotStream> {
+        let (repo, guard) = self.existing(request.get_ref().repository.as_ref()).await?;
+        Ok(Response::new(snapshot_stream::snapshot(repo, guard).await?))
+    }
+
+    async fn calculate_checksum(
+        &self,
+        request: Request<pb::CalculateChecksumRequest>,
+    ) -> Reply<pb::CalculateChecksumResponse> {
+        let (repo, _guard) = self.existing(request.get_ref().repository.as_ref()).await?;
+        Ok(Response::new(pb::CalculateChecksumResponse {
+            checksum: checksum::checksum(&repo).await?,
+        }))
+    }
+}

@@ -1,0 +1,152 @@
+//! Real storage nodes as processes: the `storage-node` binary, each with its
+//! own storage directory and token, killed when the fixture is dropped.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+/// Overrides where the `storage-node` binary is.
+pub const BINARY_ENV: &str = "STORAGE_NODE_BIN";
+
+/// The `storage-node` binary: `$STORAGE_NODE_BIN`, else the one cargo built
+/// beside the running test (`target/<profile>/storage-node`; `cargo test
+/// --workspace` builds it).
+pub fn binary() -> PathBuf {
+    if let Some(path) = std::env::var_os(BINARY_ENV) {
+        return path.into();
+    }
+    let exe = std::env::current_exe().expect("the test's own path");
+    // target/<profile>/deps/<test binary>
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("the test binary lies in target/<profile>/deps");
+    let path = profile_dir.join("storage-node");
+    assert!(
+        path.exists(),
+        "no storage-node binary at {}: run the tests with `cargo test --workspace` \
+         (or `cargo build -p storage-node` with the same profile first), or set {BINARY_ENV}",
+        path.display()
+    );
+    path
+}
+
+/// One `storage-node` process serving one storage.
+pub struct NodeProcess {
+    pub storage: String,
+    /// The storage's directory of repositories.
+    pub dir: PathBuf,
+    /// The token the node checks.
+    pub token: String,
+    pub addr: SocketAddr,
+    extra: Vec<String>,
+    child: Option<Child>,
+}
+
+impl NodeProcess {
+    /// Starts the binary on `listen` (port 0 for a free one) and waits for
+    /// its `listening on ADDR` line.
+    pub async fn spawn(
+        storage: &str,
+        dir: &Path,
+        token: &str,
+        listen: &str,
+        extra: &[String],
+    ) -> NodeProcess {
+        let (child, addr) = Self::start(storage, dir, token, listen, extra).await;
+        NodeProcess {
+            storage: storage.to_owned(),
+            dir: dir.to_owned(),
+            token: token.to_owned(),
+            addr,
+            extra: extra.to_vec(),
+            child: Some(child),
+        }
+    }
+
+    async fn start(
+        storage: &str,
+        dir: &Path,
+        token: &str,
+        listen: &str,
+        extra: &[String],
+    ) -> (Child, SocketAddr) {
+        let mut child = Command::new(binary())
+            .args(["--listen", listen, "--token", token, "--log", "error"])
+            .arg("--storage")
+            .arg(format!("{storage}={}", dir.display()))
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("the storage-node binary starts");
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let mut line = String::new();
+        let mut stdout = BufReader::new(stdout);
+        let read = stdout.read_line(&mut line);
+        tokio::time::timeout(Duration::from_secs(10), read)
+            .await
+            .expect("storage-node printed its address within 10 s")
+            .expect("reading storage-node's stdout");
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line of storage-node: {line:?}"))
+            .parse()
+            .expect("an address after 'listening on'");
+        (child, addr)
+    }
+
+    /// `tcp://ADDR`, as the config writes it.
+    pub fn address(&self) -> String {
+        format!("tcp://{}", self.addr)
+    }
+
+    /// Where a repository of this storage lives.
+    pub fn repo(&self, relative_path: &str) -> PathBuf {
+        self.dir.join(relative_path)
+    }
+
+    /// SIGKILL, then reap.
+    pub async fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().await.expect("killing storage-node");
+        }
+    }
+
+    /// Starts the node again on the same address, directory and token, with
+    /// `extra` flags from now on.
+    pub async fn restart_with(&mut self, extra: &[String]) {
+        self.extra = extra.to_vec();
+        self.restart().await;
+    }
+
+    /// Starts the node again on the same address, directory, token and flags.
+    pub async fn restart(&mut self) {
+        self.kill().await;
+        // The killed process's listener is closed with it; wait until the
+        // port can be bound, in case the kernel is slow to release it.
+        let free = crate::eventually(Duration::from_secs(5), || async {
+            std::net::TcpListener::bind(self.addr).is_ok()
+        })
+        .await;
+        assert!(free, "port of {} still taken", self.storage);
+        let listen = self.addr.to_string();
+        let (child, addr) =
+            Self::start(&self.storage, &self.dir, &self.token, &listen, &self.extra).await;
+        assert_eq!(addr, self.addr);
+        self.child = Some(child);
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.start_kill();
+        }
+    }
+}

@@ -1,0 +1,375 @@
+//! The operator commands as processes: setup, publish, status, dead.
+
+use crate::common::cluster::{Cluster, nats_url};
+use gitaly_replicator::queue::dead_letter::headers;
+use serde_json::json;
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+use testkit::recording_gitaly::Behaviour;
+
+fn cli(toml: &str, args: &[&str], stdin: Option<&str>) -> Output {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.toml");
+    std::fs::write(&path, toml).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_gitaly-replicator"))
+        .arg("--config")
+        .arg(&path)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    if let Some(text) = stdin {
+        input.write_all(text.as_bytes()).unwrap();
+    }
+    drop(input);
+    child.wait_with_output().unwrap()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn all(o: &Output) -> String {
+    format!("{}{}", stdout(o), String::from_utf8_lossy(&o.stderr))
+}
+
+#[tokio::test]
+async fn setup_is_idempotent_and_reports_what_it_changed() {
+    let c = Cluster::start(2).await;
+    let o = cli(&c.toml, &["setup"], None);
+    assert!(o.status.success(), "{}", all(&o));
+    assert!(
+        stdout(&o).lines().all(|l| l.starts_with("unchanged")),
+        "{}",
+        all(&o)
+    );
+    let changed = c.toml.replace("ack_wait = \"5s\"", "ack_wait = \"7s\"");
+    let o = cli(&changed, &["setup"], None);
+    assert!(o.status.success(), "{}", all(&o));
+    assert!(stdout(&o).contains("ack_wait 5s -> 7s"), "{}", all(&o));
+    let o = cli(&changed, &["setup"], None);
+    assert!(
+        stdout(&o).lines().all(|l| l.starts_with("unchanged")),
+        "{}",
+        all(&o)
+    );
+}
+
+#[tokio::test]
+async fn setup_moves_consumers_from_their_old_names_and_keeps_their_jobs() {
+    let storages = ["gitaly-1", "gitaly.3"].map(String::from);
+    let c = Cluster::start_named(&storages, nats_url(), |_| {}).await;
+    let renamed = c.rename_consumers_to_old_names().await;
+    for storage in &storages {
+        for n in 0..2 {
+            c.publish(&c.job(json!({"change": "cleanup", "relative_path": format!("p{n}.git"), "target_node_storage": storage})))
+                .await;
+        }
+    }
+    let o = cli(&c.toml, &["setup"], None);
+    assert!(o.status.success(), "{}", all(&o));
+    let out = stdout(&o);
+    for (old, new) in &renamed {
+        assert!(
+            out.contains(&format!("moved consumer {old} to {new} on ")),
+            "{old}: {out}"
+        );
+        assert!(
+            out.contains(&format!("created consumer {new} on ")),
+            "{out}"
+        );
+    }
+    let work = c.js.get_stream(&c.layout.stream).await.unwrap();
+    for spec in &c.layout.consumers {
+        let info = work.consumer_info(&spec.durable_name).await.unwrap();
+        assert_eq!(
+            info.num_pending, 2,
+            "{}: the jobs wait for it",
+            spec.durable_name
+        );
+    }
+    let o = cli(&c.toml, &["setup"], None);
+    assert!(
+        stdout(&o).lines().all(|l| l.starts_with("unchanged")),
+        "{}",
+        all(&o)
+    );
+}
+
+#[tokio::test]
+async fn setup_refuses_a_stream_with_incompatible_settings() {
+    let c = Cluster::start(2).await;
+    // Someone made the dead-letter stream a work queue by hand.
+    c.js.delete_stream(&c.layout.dead_letter_stream)
+        .await
+        .unwrap();
+    let mut wrong = c.layout.dead_letter_stream_config();
+    wrong.retention = async_nats::jetstream::stream::RetentionPolicy::WorkQueue;
+    c.js.create_stream(wrong).await.unwrap();
+    let o = cli(&c.toml, &["setup"], None);
+    assert!(!o.status.success());
+    let err = all(&o);
+    assert!(
+        err.contains(&c.layout.dead_letter_stream) && err.contains("retention"),
+        "{err}"
+    );
+    let info =
+        c.js.get_stream(&c.layout.dead_letter_stream)
+            .await
+            .unwrap()
+            .cached_info()
+            .clone();
+    assert_eq!(
+        info.config.retention,
+        async_nats::jetstream::stream::RetentionPolicy::WorkQueue,
+        "changed silently"
+    );
+}
+
+#[tokio::test]
+async fn publish_from_flags_and_stdin_validates_first_and_sets_a_message_id() {
+    let c = Cluster::start(2).await;
+    let vs = c.vs().to_owned();
+    let o = cli(
+        &c.toml,
+        &[
+            "publish",
+            "--virtual-storage",
+            &vs,
+            "--change",
+            "gc",
+            "--relative-path",
+            "a.git",
+            "--target",
+            "gitaly-2",
+            "--param",
+            "create_bitmap=true",
+            "--param",
+            "prune=false",
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", all(&o));
+    assert!(stdout(&o).contains("published sequence=1"), "{}", all(&o));
+    // Two identical updates are two jobs: ids are per publish, not payload hashes.
+    let line = json!({"change": "update", "virtual_storage": vs, "relative_path": "b.git", "target_node_storage": "gitaly-2", "source_node_storage": "gitaly-1"}).to_string();
+    let bad = json!({"change": "gc", "virtual_storage": vs, "relative_path": "c.git", "target_node_storage": "gitaly-2", "params": {"prune": true}}).to_string();
+    let unknown = json!({"change": "cleanup", "virtual_storage": vs, "relative_path": "d.git", "target_node_storage": "gitaly-7"}).to_string();
+    let o = cli(
+        &c.toml,
+        &["publish", "--stdin"],
+        Some(&format!("{line}\n{line}\n{bad}\n{unknown}\n")),
+    );
+    assert!(!o.status.success(), "bad lines must fail the command");
+    let out = all(&o);
+    assert_eq!(out.matches("published sequence=").count(), 2, "{out}");
+    assert!(out.contains("params.create_bitmap"), "{out}");
+    assert!(out.contains("gitaly-7"), "{out}");
+    assert!(out.contains("2 job(s) not published"), "{out}");
+    assert_eq!(c.work_messages().await, 3);
+    // The same idempotency key twice is one job.
+    for _ in 0..2 {
+        let o = cli(
+            &c.toml,
+            &[
+                "publish",
+                "--virtual-storage",
+                &vs,
+                "--change",
+                "cleanup",
+                "--relative-path",
+                "e.git",
+                "--target",
+                "gitaly-2",
+                "--message-id",
+                "key-1",
+            ],
+            None,
+        );
+        assert!(o.status.success(), "{}", all(&o));
+    }
+    assert_eq!(c.work_messages().await, 4);
+}
+
+#[tokio::test]
+async fn publish_to_a_full_stream_fails_loudly_and_drops_nothing() {
+    let c = Cluster::start_with(2, |t| {
+        *t = t.replace("[nats]\n", "[nats]\nmax_messages = 5\n");
+    })
+    .await;
+    let vs = c.vs().to_owned();
+    let mut published = 0;
+    let mut refused = None;
+    for i in 0..20 {
+        let o = cli(
+            &c.toml,
+            &[
+                "publish",
+                "--virtual-storage",
+                &vs,
+                "--change",
+                "cleanup",
+                "--relative-path",
+                &format!("f{i}.git"),
+                "--target",
+                "gitaly-2",
+            ],
+            None,
+        );
+        if o.status.success() {
+            published += 1;
+        } else {
+            refused = Some(all(&o));
+            break;
+        }
+    }
+    let err = refused.expect("the stream never filled up");
+    assert!(
+        err.contains("full") && err.contains("maximum messages"),
+        "{err}"
+    );
+    assert_eq!(published, 5);
+    assert!(published > 0);
+    assert_eq!(
+        c.work_messages().await,
+        published,
+        "an accepted job was dropped"
+    );
+}
+
+#[tokio::test]
+async fn status_shows_pending_in_flight_and_dead_per_target() {
+    let c = Cluster::start(3).await;
+    c.node(2).respond(
+        "Cleanup",
+        Behaviour::fail(tonic::Code::InvalidArgument, "nope"),
+    );
+    let consumer = c.consumer().await;
+    c.publish(&c.job(
+        json!({"change": "cleanup", "relative_path": "x.git", "target_node_storage": "gitaly-2"}),
+    ))
+    .await;
+    assert!(
+        c.eventually(Duration::from_secs(10), || async {
+            c.dead_letters().await.len() == 1
+        })
+        .await
+    );
+    consumer.stop().await.unwrap();
+    for i in 0..4 {
+        c.publish(&c.job(json!({"change": "cleanup", "relative_path": format!("p{i}.git"), "target_node_storage": "gitaly-3"}))).await;
+    }
+    let o = cli(&c.toml, &["status"], None);
+    assert!(o.status.success(), "{}", all(&o));
+    let out = stdout(&o);
+    let row = |target: &str| -> Vec<String> {
+        out.lines()
+            .find(|l| l.split_whitespace().nth(1) == Some(target))
+            .unwrap_or_else(|| panic!("no row for {target} in\n{out}"))
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect()
+    };
+    assert_eq!(row("gitaly-2")[2..], ["0", "0", "0", "1"]);
+    assert_eq!(row("gitaly-3")[2..], ["4", "0", "0", "0"]);
+    assert_eq!(row("gitaly-1")[2..], ["0", "0", "0", "0"]);
+}
+
+#[tokio::test]
+async fn dead_list_replay_and_purge_handle_the_dead_letters() {
+    let c = Cluster::start(2).await;
+    c.node(2).respond(
+        "Cleanup",
+        Behaviour::fail(tonic::Code::InvalidArgument, "refused").times(2),
+    );
+    let consumer = c.consumer().await;
+    for p in ["one.git", "two.git"] {
+        c.publish(&c.job(
+            json!({"change": "cleanup", "relative_path": p, "target_node_storage": "gitaly-2"}),
+        ))
+        .await;
+    }
+    assert!(
+        c.eventually(Duration::from_secs(10), || async {
+            c.dead_letters().await.len() == 2
+        })
+        .await
+    );
+    let o = cli(&c.toml, &["dead", "list"], None);
+    assert!(o.status.success(), "{}", all(&o));
+    let out = stdout(&o);
+    assert!(
+        out.contains("one.git") && out.contains("two.git") && out.contains("reason=invalid"),
+        "{out}"
+    );
+    let o = cli(&c.toml, &["dead", "list", "--json"], None);
+    let first: serde_json::Value =
+        serde_json::from_str(stdout(&o).lines().next().unwrap()).unwrap();
+    assert!(first["error"].as_str().unwrap().contains("refused"));
+    let seq = first["sequence"].as_u64().unwrap().to_string();
+    let replayed_path = if stdout(&o).lines().next().unwrap().contains("one.git") {
+        "one.git"
+    } else {
+        "two.git"
+    };
+    // Replay one: it goes back to work and now succeeds.
+    let o = cli(&c.toml, &["dead", "replay", &seq], None);
+    assert!(o.status.success(), "{}", all(&o));
+    assert!(
+        c.eventually(Duration::from_secs(10), || async {
+            c.node(2)
+                .calls_to("Cleanup")
+                .iter()
+                .filter(|x| x.relative_path == replayed_path)
+                .count()
+                == 2
+        })
+        .await
+    );
+    assert!(
+        c.eventually(Duration::from_secs(10), || async {
+            c.work_messages().await == 0
+        })
+        .await
+    );
+    assert_eq!(c.dead_letters().await.len(), 1);
+    assert!(c.dead_letters().await[0].header(headers::REASON).is_some());
+    let o = cli(&c.toml, &["dead", "replay", "999999"], None);
+    assert!(!o.status.success());
+    let o = cli(&c.toml, &["dead", "purge", "--all"], None);
+    assert!(o.status.success(), "{}", all(&o));
+    assert!(stdout(&o).contains("purged 1"));
+    assert!(c.dead_letters().await.is_empty());
+    consumer.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn check_config_masks_every_secret() {
+    let c = Cluster::start(2).await;
+    let o = cli(&c.toml, &["check-config"], None);
+    assert!(o.status.success(), "{}", all(&o));
+    let out = all(&o);
+    assert!(out.contains("[masked]"));
+    assert!(
+        !out.contains("token-1") && !out.contains("token-2"),
+        "{out}"
+    );
+}
+
+#[tokio::test]
+async fn setup_refuses_a_byte_limit_that_this_nats_server_would_enforce_by_dropping_jobs() {
+    let c = Cluster::start(2).await;
+    let version = c.client.server_info().version;
+    let with_limit = c.toml.replace("[nats]\n", "[nats]\nmax_bytes = 100000\n");
+    let o = cli(&with_limit, &["setup"], None);
+    if gitaly_replicator::queue::layout::byte_limit_is_safe(&version) {
+        assert!(o.status.success(), "{}", all(&o));
+    } else {
+        assert!(!o.status.success());
+        assert!(all(&o).contains("nats-server#4771"), "{}", all(&o));
+    }
+}

@@ -1,0 +1,388 @@
+//! A test cluster: recording Gitaly nodes on 127.0.0.1, a database of its
+//! own, and JetStream streams and consumers under a unique prefix, all
+//! removed when the fixture is dropped.
+
+use super::db::TestDatabase;
+use async_nats::jetstream::Context;
+use gitaly_replicator::config::Config;
+use gitaly_replicator::event::Job;
+use gitaly_replicator::gitaly::NodeSet;
+use gitaly_replicator::queue::consumer::{self, ConsumerDeps, ConsumerSettings};
+use gitaly_replicator::queue::dead_letter::{self, DeadMessage};
+use gitaly_replicator::queue::exclusion::RepositoryLocks;
+use gitaly_replicator::queue::layout::Layout;
+use gitaly_replicator::queue::publisher::Publisher;
+use gitaly_replicator::replicator::GitalyReplicator;
+use gitaly_replicator::retry_delay::RetryPolicy;
+use std::str::FromStr;
+use std::time::Duration;
+use testkit::recording_gitaly::{RecordingGitaly, RunningGitaly};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub const NATS_URL_ENV: &str = "GITALY_REPLICATOR_TEST_NATS_URL";
+
+pub fn nats_url() -> String {
+    std::env::var(NATS_URL_ENV).unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned())
+}
+
+/// Names unique to one test.
+#[derive(Debug, Clone)]
+pub struct TestNames {
+    pub id: String,
+    pub virtual_storage: String,
+    pub subject_prefix: String,
+    pub stream: String,
+    pub dead_letter_stream: String,
+    pub consumer_prefix: String,
+}
+
+impl TestNames {
+    pub fn new() -> Self {
+        let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
+        TestNames {
+            virtual_storage: format!("vs-{id}"),
+            subject_prefix: format!("t{id}.replication"),
+            stream: format!("T{id}"),
+            dead_letter_stream: format!("T{id}_DEAD"),
+            consumer_prefix: format!("t{id}"),
+            id,
+        }
+    }
+}
+
+/// One node of the cluster config.
+pub struct NodeSpec {
+    pub storage: String,
+    pub address: String,
+    pub token: String,
+}
+
+/// The TOML of a test config; `extra` is appended inside `[replication]`.
+pub fn config_toml(
+    names: &TestNames,
+    nodes: &[NodeSpec],
+    database_url: &str,
+    nats_url: &str,
+) -> String {
+    let mut s = String::from("prometheus_listen_addr = \"\"\ngraceful_stop_timeout = \"10s\"\n\n");
+    s += &format!(
+        "[[virtual_storage]]\nname = \"{}\"\n",
+        names.virtual_storage
+    );
+    for n in nodes {
+        s += &format!(
+            "[[virtual_storage.node]]\nstorage = \"{}\"\naddress = \"{}\"\ntoken = \"{}\"\n",
+            n.storage, n.address, n.token
+        );
+    }
+    s += &format!("\n[database]\nurl = \"{database_url}\"\n");
+    s += "\n[replication]\nbatch_size = 10\nhealth_check_interval = \"200ms\"\nretry_delay = \"200ms\"\nmax_retry_delay = \"1s\"\n";
+    s += &format!(
+        "\n[nats]\nurl = \"{nats_url}\"\nsubject_prefix = \"{}\"\nstream = \"{}\"\ndead_letter_stream = \"{}\"\nconsumer_prefix = \"{}\"\nack_wait = \"5s\"\nfetch_expires = \"1s\"\nduplicate_window = \"1m\"\n",
+        names.subject_prefix, names.stream, names.dead_letter_stream, names.consumer_prefix
+    );
+    s
+}
+
+/// Deletes the test's streams (and with them the consumers).
+pub fn delete_streams(nats_url: String, names: TestNames) {
+    let _ = std::thread::spawn(move || {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return;
+        };
+        rt.block_on(async move {
+            if let Ok(client) = async_nats::connect(nats_url).await {
+                let js = async_nats::jetstream::new(client);
+                for s in [
+                    names.stream.clone(),
+                    names.dead_letter_stream.clone(),
+                    format!("{}_ADVISORIES", names.stream),
+                ] {
+                    let _ = js.delete_stream(s).await;
+                }
+            }
+        });
+    })
+    .join();
+}
+
+pub struct Cluster {
+    pub names: TestNames,
+    pub db: TestDatabase,
+    pub nodes: Vec<RunningGitaly>,
+    pub config: Config,
+    pub client: async_nats::Client,
+    pub js: Context,
+    pub layout: Layout,
+    /// The config as TOML, for tests that run the binary.
+    pub toml: String,
+    nats_url: String,
+}
+
+impl Cluster {
+    /// `n` recording nodes named gitaly-1..n with tokens token-1..n; each
+    /// checks its token. Streams and consumers are provisioned.
+    pub async fn start(n: usize) -> Cluster {
+        Self::start_with(n, |_| {}).await
+    }
+
+    /// Like `start`, with a chance to edit the config's TOML first.
+    pub async fn start_with(n: usize, edit: impl FnOnce(&mut String)) -> Cluster {
+        Self::start_on(n, nats_url(), edit).await
+    }
+
+    /// Like `start_with`, on the NATS server at `nats_url`.
+    pub async fn start_on(n: usize, nats_url: String, edit: impl FnOnce(&mut String)) -> Cluster {
+        let storages: Vec<String> = (1..=n).map(|i| format!("gitaly-{i}")).collect();
+        Self::start_named(&storages, nats_url, edit).await
+    }
+
+    /// One recording node per storage name, in order (`node(1)` is the
+    /// first); the names go into the TOML as basic strings, unescaped.
+    pub async fn start_named(
+        storages: &[String],
+        nats_url: String,
+        edit: impl FnOnce(&mut String),
+    ) -> Cluster {
+        let names = TestNames::new();
+        let db = TestDatabase::new().await;
+        let mut nodes = Vec::new();
+        let mut specs = Vec::new();
+        for (i, storage) in storages.iter().enumerate() {
+            let token = format!("token-{}", i + 1);
+            let node = RecordingGitaly::new(Some(&token)).serve().await.unwrap();
+            specs.push(NodeSpec {
+                storage: storage.clone(),
+                address: node.address(),
+                token,
+            });
+            nodes.push(node);
+        }
+        let mut toml = config_toml(&names, &specs, &db.url, &nats_url);
+        edit(&mut toml);
+        let config = Config::from_toml_str(&toml).unwrap();
+        let client = async_nats::connect(&nats_url).await.unwrap();
+        let js = async_nats::jetstream::new(client.clone());
+        let layout = Layout::from_config(&config);
+        layout.ensure(&js).await.unwrap();
+        Cluster {
+            names,
+            db,
+            nodes,
+            config,
+            client,
+            js,
+            layout,
+            toml,
+            nats_url,
+        }
+    }
+
+    pub fn vs(&self) -> &str {
+        &self.names.virtual_storage
+    }
+
+    /// The recording node of `gitaly-<i>` (1-based).
+    pub fn node(&self, i: usize) -> &RecordingGitaly {
+        &self.nodes[i - 1].gitaly
+    }
+
+    pub fn publisher(&self) -> Publisher {
+        Publisher::new(self.js.clone(), self.layout.clone())
+    }
+
+    /// A job of this cluster's virtual storage.
+    pub fn job(&self, json: serde_json::Value) -> Job {
+        let mut v = json;
+        v["virtual_storage"] = self.vs().into();
+        Job::from_value(&v).unwrap()
+    }
+
+    pub async fn publish(&self, job: &Job) {
+        self.publisher().publish(job, None).await.unwrap();
+    }
+
+    pub fn settings(&self) -> ConsumerSettings {
+        ConsumerSettings {
+            batch_size: self.config.replication.batch_size,
+            pull_loops_per_target: 1,
+            max_concurrent_jobs: 64,
+            fetch_expires: self.config.nats.fetch_expires,
+            ack_wait: self.config.nats.ack_wait,
+            attempts: self.config.replication.attempts,
+            retry: RetryPolicy {
+                initial: Duration::from_millis(200),
+                max: Duration::from_secs(1),
+                ..RetryPolicy::default()
+            },
+            health_check_interval: Duration::from_millis(200),
+            grace_period: Duration::from_secs(10),
+            queue_depth_interval: Duration::from_millis(500),
+        }
+    }
+
+    /// Starts a consumer in this process with the cluster's settings.
+    pub async fn consumer(&self) -> RunningConsumer {
+        self.consumer_with(self.settings()).await
+    }
+
+    pub async fn consumer_with(&self, settings: ConsumerSettings) -> RunningConsumer {
+        let nodes = NodeSet::from_config(&self.config).unwrap();
+        let stop_locks = CancellationToken::new();
+        let options = sqlx::postgres::PgConnectOptions::from_str(&self.db.url).unwrap();
+        let locks = RepositoryLocks::start(options, stop_locks.clone());
+        let timeout = (!self.config.replication.job_timeout.is_zero())
+            .then_some(self.config.replication.job_timeout);
+        let deps = ConsumerDeps {
+            client: self.client.clone(),
+            layout: self.layout.clone(),
+            replicator: GitalyReplicator::new(nodes.clone(), self.db.store.clone(), timeout),
+            locks,
+            nodes,
+            settings,
+        };
+        let (tx, rx) = oneshot::channel::<()>();
+        let handle = tokio::spawn(async move {
+            let r = consumer::run(deps, async {
+                let _ = rx.await;
+            })
+            .await;
+            stop_locks.cancel();
+            r.map_err(|e| e.to_string())
+        });
+        RunningConsumer {
+            stop: Some(tx),
+            handle: Some(handle),
+        }
+    }
+
+    /// Messages left in the work stream.
+    pub async fn work_messages(&self) -> u64 {
+        work_messages(&self.js, &self.layout).await
+    }
+
+    pub async fn dead_letters(&self) -> Vec<DeadMessage> {
+        dead_letters(&self.js, &self.layout).await
+    }
+
+    /// Polls `check` every 50 ms until it holds or `timeout` passes.
+    pub async fn eventually<F, Fut>(&self, timeout: Duration, check: F) -> bool
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        super::eventually(timeout, check).await
+    }
+}
+
+impl Cluster {
+    /// Makes the provisioned layout look like one that `setup` made before
+    /// consumer names were sanitized: every consumer is deleted and created
+    /// again, same settings, under its old name. Returns (old, new) names, the
+    /// advisory consumer's last.
+    pub async fn rename_consumers_to_old_names(&self) -> Vec<(String, String)> {
+        let work = self.js.get_stream(&self.layout.stream).await.unwrap();
+        let advisories = self
+            .js
+            .get_stream(&self.layout.advisory_stream)
+            .await
+            .unwrap();
+        let mut consumers: Vec<_> = self
+            .layout
+            .consumers
+            .iter()
+            .map(|spec| {
+                let old = old_durable_name(
+                    &self.names.consumer_prefix,
+                    &spec.virtual_storage,
+                    &spec.target_storage,
+                );
+                (&work, self.layout.consumer_config(spec), old)
+            })
+            .collect();
+        consumers.push((
+            &advisories,
+            self.layout.advisory_consumer_config(),
+            format!("{}~advisories", self.names.consumer_prefix),
+        ));
+        let mut renamed = Vec::new();
+        for (stream, mut config, old) in consumers {
+            let new = config.durable_name.clone().unwrap();
+            stream.delete_consumer(&new).await.unwrap();
+            config.durable_name = Some(old.clone());
+            config.name = Some(old.clone());
+            stream.create_consumer(config).await.unwrap();
+            renamed.push((old, new));
+        }
+        renamed
+    }
+
+    /// Names of the durable consumers on `stream`, sorted.
+    pub async fn consumer_names(&self, stream: &str) -> Vec<String> {
+        use futures::TryStreamExt;
+        let stream = self.js.get_stream(stream).await.unwrap();
+        let mut names: Vec<String> = stream.consumer_names().try_collect().await.unwrap();
+        names.sort();
+        names
+    }
+}
+
+/// The durable name of a target before names were sanitized:
+/// `<prefix>~<escaped vs>~<escaped target>`.
+pub fn old_durable_name(consumer_prefix: &str, virtual_storage: &str, target: &str) -> String {
+    use gitaly_replicator::subject::escape_token;
+    format!(
+        "{consumer_prefix}~{}~{}",
+        escape_token(virtual_storage),
+        escape_token(target)
+    )
+}
+
+/// Messages left in the layout's work stream (pending or in flight).
+pub async fn work_messages(js: &Context, layout: &Layout) -> u64 {
+    let mut s = js.get_stream(&layout.stream).await.unwrap();
+    s.info().await.unwrap().state.messages
+}
+
+/// Every message of the layout's dead-letter stream.
+pub async fn dead_letters(js: &Context, layout: &Layout) -> Vec<DeadMessage> {
+    dead_letter::list(js, layout, 1, 100_000).await.unwrap()
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        delete_streams(self.nats_url.clone(), self.names.clone());
+    }
+}
+
+/// A consumer running in a task of the test.
+pub struct RunningConsumer {
+    stop: Option<oneshot::Sender<()>>,
+    handle: Option<JoinHandle<Result<(), String>>>,
+}
+
+impl RunningConsumer {
+    /// Graceful shutdown; returns the run's result.
+    pub async fn stop(mut self) -> Result<(), String> {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        match self.handle.take() {
+            Some(h) => h.await.unwrap_or_else(|e| Err(e.to_string())),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for RunningConsumer {
+    fn drop(&mut self) {
+        if let Some(h) = self.handle.take() {
+            h.abort();
+        }
+    }
+}

@@ -1,0 +1,20 @@
+//! The service's integration tests, one binary: each module is one concern,
+//! run against the real NATS and Postgres (shared, with names of the test's
+//! own) or private ones where a test stops them.
+
+mod common;
+
+mod broker_restart;
+mod cli;
+mod config;
+mod consumer;
+mod deploy;
+mod e2e;
+mod event_contract;
+mod exclusion;
+mod mixed_load;
+mod ops;
+mod ordering;
+mod process;
+mod replicator;
+mod store;
