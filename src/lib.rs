@@ -2,11 +2,9 @@
 //! Cluster in step, with NATS JetStream as the job queue and Postgres as the
 //! repository store.
 
-pub mod coalescer;
 pub mod config;
 pub mod deploy;
 pub mod event;
-pub mod generation_batcher;
 pub mod gitaly;
 pub mod metrics;
 pub mod ops_server;

@@ -3,10 +3,10 @@
 //! queue: the consumer maps outcomes to acknowledgements.
 
 use crate::event::{Change, Job};
-use crate::generation_batcher::GenerationBatcher;
 use crate::gitaly::metadata::{GITALY_SERVERS, encode_gitaly_servers};
 use crate::gitaly::{CallContext, CallError, CallErrorKind, NodeClient, NodeSet};
 use crate::proto::gitaly as pb;
+use crate::store::generation_batcher::GenerationBatcher;
 use crate::store::{
     Gated, GenerationQuery, GenerationRecord, ReplicatedGeneration, RepositoryStore, Standing,
     StoreError, WriteOrder,

@@ -3,12 +3,10 @@
 
 pub mod ack;
 pub mod advisories;
-pub mod completions;
 pub mod connect;
 pub mod consumer;
 pub mod dead_letter;
 pub mod depth;
-pub mod exclusion;
 pub mod layout;
 pub mod names;
 pub mod publisher;

@@ -2,8 +2,8 @@
 //! for one process, with its own lock connection to a real Postgres.
 
 use crate::common::db::TestDatabase;
-use gitaly_replicator::queue::completions::JobKey;
-use gitaly_replicator::queue::exclusion::{LOCK_CONNECTION_NAME, RepositoryLocks};
+use gitaly_replicator::store::JobKey;
+use gitaly_replicator::store::locks::{LOCK_CONNECTION_NAME, RepositoryLocks};
 use gitaly_replicator::store::repository_lock_key;
 use sqlx::postgres::PgConnectOptions;
 use std::str::FromStr;

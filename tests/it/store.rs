@@ -813,7 +813,7 @@ async fn a_closed_pool_is_retryable() {
 // batching task runs, so they go to Postgres as one statement first.
 #[tokio::test(flavor = "current_thread")]
 async fn a_bad_row_in_a_generation_batch_fails_only_its_own_job() {
-    use gitaly_replicator::generation_batcher::GenerationBatcher;
+    use gitaly_replicator::store::generation_batcher::GenerationBatcher;
 
     let db = TestDatabase::new().await;
     let paths: Vec<String> = (0..5).map(|i| format!("batch-{i}.git")).collect();

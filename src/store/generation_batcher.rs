@@ -4,7 +4,7 @@
 //! acknowledged only after its generation is stored. A batch that fails is
 //! tried again row by row, so one bad row fails only its own job.
 
-use crate::coalescer::Coalescer;
+use crate::store::coalescer::Coalescer;
 use crate::store::{
     Gated, GenerationQuery, GenerationRecord, ReplicatedGeneration, RepositoryStore, StoreError,
     WriteOrder,

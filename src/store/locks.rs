@@ -1,0 +1,273 @@
+//! Per-repository exclusion: at most one job per (virtual storage, relative
+//! path, target) runs at a time, in this process (an async mutex per key) and
+//! across processes (a Postgres session advisory lock on the key's hash).
+//!
+//! All of this process's advisory locks live on one dedicated connection owned
+//! by a task that batches lock and unlock requests into one statement each, so
+//! exclusion costs two round trips per burst of jobs rather than per job.
+//!
+//! Locks are fenced. If that connection dies, Postgres frees its locks and
+//! another process may take them at once, so they are never taken back: every
+//! guard of the lost session is told ([`RepositoryGuard::lost`]) and its job
+//! stops and is redelivered. Until those jobs have stopped, no process is
+//! granted any new lock: each session is listed in a registry, and a listed
+//! session that is gone bars new locks until its owner clears it or a grace
+//! period passes (see `store::lock_sessions`). Each guard names the session
+//! (backend pid and start) that granted it, and the store's state-changing
+//! writes check in the same statement that this session is still alive, and
+//! so still holds the lock (see `store::order`). A statement that fails while
+//! the connection stays up (a statement timeout, say) does not end the
+//! session: what it holds is read back and put right, and a session missing
+//! a lock a job holds is dropped.
+//!
+//! Completion dedup rides on the same statements: a lock request carries the
+//! job's dedup check and an unlock carries its completion record, so a burst
+//! of jobs costs one statement where separate check, record and lock
+//! statements cost three (the pipeline bench's maintenance rate rose by about
+//! 15 %).
+
+mod holder;
+
+use crate::store::{JobKey, LockSessionId};
+use sqlx::postgres::PgConnectOptions;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use time::OffsetDateTime;
+use tokio::sync::{OwnedMutexGuard, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+/// A job's completion key with a time: its creation for a dedup check, its
+/// start for a completion record.
+pub type Completion = (JobKey, OffsetDateTime);
+
+#[derive(Debug, Clone)]
+struct Answer {
+    taken: bool,
+    superseded: bool,
+    session: Option<Session>,
+}
+
+/// The lock session that granted a lock.
+#[derive(Debug, Clone)]
+struct Session {
+    id: LockSessionId,
+    lost: CancellationToken,
+    /// Held by every guard of the session: when the session is lost, its
+    /// entry in the registry is cleared once the last guard is gone.
+    guards: Arc<()>,
+}
+
+const REFUSED: Answer = Answer {
+    taken: false,
+    superseded: false,
+    session: None,
+};
+
+enum Request {
+    TryLock {
+        key: i64,
+        check: Option<Completion>,
+        reply: oneshot::Sender<Answer>,
+    },
+    Unlock {
+        key: i64,
+        /// The session that granted the lock; a lock of an earlier session
+        /// is gone already.
+        pid: Option<i32>,
+        record: Option<Completion>,
+        done: Option<oneshot::Sender<()>>,
+    },
+}
+
+/// The process's repository locks.
+pub struct RepositoryLocks {
+    local: Mutex<HashMap<i64, Arc<tokio::sync::Mutex<()>>>>,
+    requests: mpsc::UnboundedSender<Request>,
+}
+
+/// Held while a job runs; release with [`RepositoryLocks::release`].
+pub struct RepositoryGuard {
+    key: i64,
+    waited: bool,
+    superseded: bool,
+    session: LockSessionId,
+    lost: CancellationToken,
+    _session: Arc<()>,
+    _local: OwnedMutexGuard<()>,
+}
+
+impl RepositoryGuard {
+    /// Whether the lock was not free at once (another job of the repository
+    /// ran first), so what was checked before may have changed.
+    pub fn waited(&self) -> bool {
+        self.waited
+    }
+
+    /// The answer to the dedup check asked with the lock: a twin job
+    /// completed after this one was created.
+    pub fn superseded(&self) -> bool {
+        self.superseded
+    }
+
+    /// Backend pid of the Postgres session holding the lock.
+    pub fn session_pid(&self) -> i32 {
+        self.session.pid
+    }
+
+    /// The Postgres session holding the lock: the fence the store's writes
+    /// check.
+    pub fn session(&self) -> LockSessionId {
+        self.session
+    }
+
+    /// Cancelled when the session holding the lock is lost: the job must stop
+    /// and write nothing.
+    pub fn lost(&self) -> &CancellationToken {
+        &self.lost
+    }
+}
+
+/// `application_name` of the connection that holds the locks.
+pub const LOCK_CONNECTION_NAME: &str = "gitaly-replicator repository locks";
+
+/// While locks are held, the connection is checked this often, so the jobs
+/// of a lost session are stopped promptly.
+const KEEPALIVE: Duration = Duration::from_millis(250);
+
+/// A keepalive that takes longer than this counts as a lost session.
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(1);
+
+const RETRY_MIN: Duration = Duration::from_millis(20);
+const RETRY_MAX: Duration = Duration::from_secs(1);
+
+impl RepositoryLocks {
+    /// Starts the lock-holding task; it stops when `shutdown` is cancelled
+    /// and no guards remain.
+    pub fn start(options: PgConnectOptions, shutdown: CancellationToken) -> Arc<RepositoryLocks> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        // Named, so operators can tell it apart in pg_stat_activity.
+        let options = options.application_name(LOCK_CONNECTION_NAME);
+        tokio::spawn(holder::lock_holder(options, rx, shutdown));
+        Arc::new(RepositoryLocks {
+            local: Mutex::new(HashMap::new()),
+            requests: tx,
+        })
+    }
+
+    fn local_mutex(&self, key: i64) -> Arc<tokio::sync::Mutex<()>> {
+        let mut map = self.local.lock().unwrap_or_else(|e| e.into_inner());
+        map.entry(key).or_default().clone()
+    }
+
+    /// Waits until this job may run on `key`. Returns `None` if `cancel`
+    /// fires first. Waiting never fails the job: a busy or unreachable lock
+    /// holder only means waiting longer.
+    pub async fn acquire(&self, key: i64, cancel: &CancellationToken) -> Option<RepositoryGuard> {
+        self.acquire_checked(key, None, cancel).await
+    }
+
+    /// Like [`Self::acquire`], and asks with the lock whether `check` (the
+    /// job's key and creation time) is superseded; see
+    /// [`RepositoryGuard::superseded`].
+    pub async fn acquire_checked(
+        &self,
+        key: i64,
+        check: Option<Completion>,
+        cancel: &CancellationToken,
+    ) -> Option<RepositoryGuard> {
+        let local = self.local_mutex(key);
+        let mut waited = false;
+        let local = match local.clone().try_lock_owned() {
+            Ok(g) => g,
+            Err(_) => {
+                waited = true;
+                tokio::select! {
+                    g = local.lock_owned() => g,
+                    _ = cancel.cancelled() => return None,
+                }
+            }
+        };
+        let mut wait = RETRY_MIN;
+        loop {
+            let (reply, answer) = oneshot::channel();
+            let request = Request::TryLock {
+                key,
+                check: check.clone(),
+                reply,
+            };
+            if self.requests.send(request).is_err() {
+                return None;
+            }
+            let answer = tokio::select! {
+                a = answer => a.unwrap_or(REFUSED),
+                _ = cancel.cancelled() => {
+                    // The request may still be granted; give it back.
+                    let _ = self.requests.send(Request::Unlock { key, pid: None, record: None, done: None });
+                    return None;
+                }
+            };
+            if let (true, Some(session)) = (answer.taken, answer.session) {
+                return Some(RepositoryGuard {
+                    key,
+                    waited,
+                    superseded: answer.superseded,
+                    session: session.id,
+                    lost: session.lost,
+                    _session: session.guards,
+                    _local: local,
+                });
+            }
+            waited = true;
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = cancel.cancelled() => return None,
+            }
+            wait = (wait * 2).min(RETRY_MAX);
+        }
+    }
+
+    /// Gives the key back. The unlock is queued before the local mutex is
+    /// released, so the next local job's lock request comes after it.
+    pub fn release(&self, guard: RepositoryGuard) {
+        drop(self.release_recording(guard, None));
+    }
+
+    /// Gives the key back and records `record` (the job's key and start
+    /// time) as completed, in the same statement. The key is free for local
+    /// jobs at once; the returned future ends when the record is written (or
+    /// failed to be, which is only logged: it saves later work, it is not the
+    /// job's effect).
+    pub fn release_recording(
+        &self,
+        guard: RepositoryGuard,
+        record: Option<Completion>,
+    ) -> impl Future<Output = ()> + use<> {
+        let (done, written) = match record {
+            Some(_) => {
+                let (tx, rx) = oneshot::channel();
+                (Some(tx), Some(rx))
+            }
+            None => (None, None),
+        };
+        let _ = self.requests.send(Request::Unlock {
+            key: guard.key,
+            pid: Some(guard.session.pid),
+            record,
+            done,
+        });
+        let key = guard.key;
+        drop(guard);
+        let mut map = self.local.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(m) = map.get(&key)
+            && Arc::strong_count(m) == 1
+        {
+            map.remove(&key);
+        }
+        async move {
+            if let Some(w) = written {
+                let _ = w.await;
+            }
+        }
+    }
+}
