@@ -1,19 +1,102 @@
 //! gitaly-replicator: keeps the replicas of Git repositories in a Gitaly
 //! Cluster in step, with NATS JetStream as the job queue and Postgres as the
-//! repository store.
+//! repository store. It does the job of Praefect's replication manager.
+//!
+//! # Layout
+//! - `config/`: the one TOML file (Praefect's shape) and its environment
+//!   overrides, parsed and validated before anything connects.
+//! - `event`: the job contract, ours and Praefect's, decoded once at the
+//!   edge into a [`Job`] with typed params; `subject`: the subjects jobs
+//!   travel on, with reversibly escaped storage names.
+//! - `queue/`: JetStream only. `layout` (streams, consumers, their names),
+//!   `publisher`, `puller` (the pull protocol), `consumer` (the loop that
+//!   carries a job from fetch to acknowledgement), `ack` (the one decision:
+//!   outcome → ack, nak with delay, term, dead letter), `requeue`,
+//!   `dead_letter`, `advisories` (stranded jobs), `depth`.
+//! - `replicator`: one job → Gitaly calls → an outcome; it never touches the
+//!   queue.
+//! - `gitaly/`: clients with the v2 token, `gitaly-servers` metadata, health,
+//!   error classification (the wire itself is the `gitaly-wire` crate).
+//! - `store/`: Postgres only. Praefect's repository store, the per-replica
+//!   order and lock fence of state-changing writes, completion dedup, the
+//!   repository locks and their session, the batching of many jobs' reads
+//!   and writes into one statement.
+//! - `service`: `run`, which wires the above together and owns shutdown;
+//!   `metrics`, `ops_server`: Prometheus metrics and health endpoints.
+//! - `deploy`: manifests generated from the config.
+//!
+//! A job's path, fetch to ack, is traced file by file in `ARCHITECTURE.md`.
+//!
+//! # Public API
+//! The service ([`run`], [`Config`]), the job contract ([`Job`] and its
+//! parts), publishing ([`Publisher`] over a [`Layout`]), the operator's
+//! tools (setup, status, dead letters, manifests), Praefect's repository
+//! store ([`RepositoryStore`]) and Gitaly clients ([`NodeClient`]). Every
+//! module is private; what is not named here is an internal.
 
 pub mod config;
-pub mod deploy;
-pub mod event;
-pub mod gitaly;
-pub mod metrics;
-pub mod ops_server;
-pub mod queue;
-pub mod replicator;
-pub mod retry_delay;
-pub mod service;
-pub mod stable_hash;
-pub mod store;
-pub mod subject;
+mod deploy;
+mod event;
+mod gitaly;
+mod metrics;
+mod ops_server;
+mod queue;
+mod replicator;
+mod retry_delay;
+mod service;
+mod stable_hash;
+mod store;
+mod subject;
 
-pub use gitaly_wire::proto;
+#[cfg(test)]
+mod test_database;
+
+// The service.
+pub use config::Config;
+pub use service::{ServiceError, connect_store, provision, run};
+
+// The job contract.
+pub use event::{Change, ChangeType, InvalidEvent, Job, MAX_TEXT_LEN, SplitStrategy};
+pub use subject::{
+    SubjectError, dead_letter_prefix, escape_token, job_subject, parse_job_subject, unescape_token,
+};
+
+// JetStream: the layout, connecting, publishing, what an operator reads.
+pub use queue::connect::{ConnectError, connect as connect_nats};
+pub use queue::depth::{TargetDepth, snapshot as queue_depth};
+pub use queue::layout::{ConsumerSpec, Layout, LayoutChange, LayoutError, byte_limit_is_safe};
+pub use queue::publisher::{PublishError, Published, Publisher};
+
+/// The dead-letter stream: what a dead job carries, and the operator's
+/// list, replay, delete and purge.
+pub mod dead_letters {
+    pub use crate::queue::dead_letter::{
+        DeadLetterError, DeadMessage, delete, headers, list, purge_all, replay,
+    };
+}
+
+/// The metric names, Praefect's kept where dashboards expect them.
+pub mod metric_names {
+    pub use crate::metrics::{
+        ALL, DEAD_LETTERS_TOTAL, JOBS_TOTAL, OUTCOMES, PULL_RENEWALS_TOTAL, QUEUE_DEPTH,
+        REPLICATION_DELAY, REPLICATION_JOBS, REPLICATION_LATENCY, TARGET_HEALTHY,
+    };
+}
+pub use metrics::install as install_metrics;
+
+/// Manifests generated from the config: the JetStream objects as the nats
+/// CLI's JSON, and the KEDA ScaledObject.
+pub mod manifests {
+    pub use crate::deploy::{
+        ManifestFile, NATS_MONITORING_PORT, NATS_SCRIPT, SCALED_OBJECT_FILE, ScalingOptions,
+        consumer_file_name, jetstream_files, load_config_without_secrets, scaled_object,
+        stream_file_name,
+    };
+}
+
+// Praefect's repository store.
+pub use store::{ReplicatedGeneration, RepositoryStore, StoreError};
+
+// Gitaly: the protocol and clients of its nodes.
+pub use gitaly::{CallContext, CallError, CallErrorKind, ChannelError, NodeClient, NodeSet};
+pub use gitaly_wire::{auth, metadata, proto};

@@ -130,7 +130,8 @@ pub trait Replicator: Send + Sync + 'static {
         order: Option<&WriteOrder>,
     ) -> impl Future<Output = JobOutcome> + Send;
 
-    /// Runs `job` outside any order (tools and tests).
+    /// Runs `job` outside any order.
+    #[cfg(test)]
     fn replicate(&self, job: &Job) -> impl Future<Output = JobOutcome> + Send {
         self.replicate_in_order(job, None)
     }
@@ -203,14 +204,6 @@ impl GitalyReplicator {
             store,
             job_timeout,
         }
-    }
-
-    pub fn nodes(&self) -> &NodeSet {
-        &self.nodes
-    }
-
-    pub fn store(&self) -> &RepositoryStore {
-        &self.store
     }
 
     /// The target's client. A consumer only runs for configured targets, so
@@ -618,3 +611,6 @@ impl Replicator for GitalyReplicator {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -76,11 +76,6 @@ pub fn dead_letter_prefix(prefix: &str) -> String {
     format!("{prefix}-dead")
 }
 
-/// The dead-letter subject for a job that was published on `subject`.
-pub fn dead_letter_subject(prefix: &str, virtual_storage: &str, target_storage: &str) -> String {
-    job_subject(&dead_letter_prefix(prefix), virtual_storage, target_storage)
-}
-
 /// Splits a job subject back into (virtual storage, target storage).
 pub fn parse_job_subject(prefix: &str, subject: &str) -> Result<(String, String), SubjectError> {
     let wrong = || SubjectError::WrongShape {

@@ -2,10 +2,10 @@
 //! its own on the machine's Postgres and NATS, an in-process recording Gitaly
 //! target, and the consumer as a separate `gitaly-replicator run` process.
 
-use gitaly_replicator::event::Job;
-use gitaly_replicator::queue::layout::Layout;
-use gitaly_replicator::queue::publisher::Publisher;
-use gitaly_replicator::store::RepositoryStore;
+use gitaly_replicator::Job;
+use gitaly_replicator::Layout;
+use gitaly_replicator::Publisher;
+use gitaly_replicator::RepositoryStore;
 use serde_json::json;
 use sqlx::{Connection, PgConnection};
 use std::path::PathBuf;

@@ -84,8 +84,8 @@ pub async fn raw(s: &Sizes) -> anyhow::Result<Row> {
 /// a time, with no queue and no database: the ceiling of one dispatch per job
 /// on this machine.
 pub async fn grpc_ceiling(s: &Sizes) -> anyhow::Result<Row> {
-    use gitaly_replicator::gitaly::{CallContext, NodeSet};
     use gitaly_replicator::proto::gitaly as pb;
+    use gitaly_replicator::{CallContext, NodeSet};
     let env = BenchEnv::new(&opts(Duration::ZERO)).await?;
     let config = gitaly_replicator::config::Config::from_toml_str(&env.toml)?;
     let nodes = NodeSet::from_config(&config)?;
@@ -273,8 +273,7 @@ pub async fn latency(s: &Sizes) -> anyhow::Result<Vec<Row>> {
         acked
     });
     let child = env.spawn_consumer()?;
-    let publisher =
-        gitaly_replicator::queue::publisher::Publisher::new(env.js.clone(), env.layout.clone());
+    let publisher = gitaly_replicator::Publisher::new(env.js.clone(), env.layout.clone());
     // An idle consumer that has run for a while: let it connect, provision,
     // find the target healthy and open its connections with a few jobs
     // (not measured), then let it idle.

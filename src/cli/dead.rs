@@ -1,12 +1,12 @@
 //! `dead list | replay | purge`: the dead-letter stream for operators.
 
 use clap::Subcommand;
+use gitaly_replicator::Layout;
 use gitaly_replicator::config::Config;
-use gitaly_replicator::queue::connect::connect;
-use gitaly_replicator::queue::dead_letter::{self, headers};
-use gitaly_replicator::queue::layout::Layout;
-use gitaly_replicator::subject::dead_letter_prefix;
-use gitaly_replicator::subject::parse_job_subject;
+use gitaly_replicator::connect_nats;
+use gitaly_replicator::dead_letter_prefix;
+use gitaly_replicator::dead_letters::{self, headers};
+use gitaly_replicator::parse_job_subject;
 use time::format_description::well_known::Rfc3339;
 
 #[derive(Debug, Subcommand)]
@@ -40,12 +40,12 @@ pub enum DeadCommand {
 }
 
 pub async fn run(config: &Config, command: DeadCommand) -> anyhow::Result<()> {
-    let client = connect(&config.nats, "gitaly-replicator dead").await?;
+    let client = connect_nats(&config.nats, "gitaly-replicator dead").await?;
     let js = async_nats::jetstream::new(client.clone());
     let layout = Layout::from_config(config);
     match command {
         DeadCommand::List { from, limit, json } => {
-            let dead = dead_letter::list(&js, &layout, from, limit).await?;
+            let dead = dead_letters::list(&js, &layout, from, limit).await?;
             for m in &dead {
                 let storages =
                     parse_job_subject(&dead_letter_prefix(&layout.subject_prefix), &m.subject)
@@ -88,7 +88,7 @@ pub async fn run(config: &Config, command: DeadCommand) -> anyhow::Result<()> {
         DeadCommand::Replay { sequences, all } => {
             let chosen = choose(&js, &layout, sequences, all).await?;
             for m in &chosen {
-                dead_letter::replay(&js, &layout, m).await?;
+                dead_letters::replay(&js, &layout, m).await?;
             }
             println!("replayed {} job(s)", chosen.len());
         }
@@ -96,11 +96,11 @@ pub async fn run(config: &Config, command: DeadCommand) -> anyhow::Result<()> {
             if all {
                 println!(
                     "purged {} job(s)",
-                    dead_letter::purge_all(&js, &layout).await?
+                    dead_letters::purge_all(&js, &layout).await?
                 );
             } else {
                 for s in &sequences {
-                    dead_letter::delete(&js, &layout, *s).await?;
+                    dead_letters::delete(&js, &layout, *s).await?;
                 }
                 println!("purged {} job(s)", sequences.len());
             }
@@ -115,11 +115,11 @@ async fn choose(
     layout: &Layout,
     sequences: Vec<u64>,
     all: bool,
-) -> anyhow::Result<Vec<dead_letter::DeadMessage>> {
+) -> anyhow::Result<Vec<dead_letters::DeadMessage>> {
     if !all && sequences.is_empty() {
         anyhow::bail!("name the dead-letter sequences to replay, or pass --all");
     }
-    let every = dead_letter::list(js, layout, 1, usize::MAX).await?;
+    let every = dead_letters::list(js, layout, 1, usize::MAX).await?;
     if all {
         return Ok(every);
     }

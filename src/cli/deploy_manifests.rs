@@ -3,8 +3,8 @@
 //! streams and consumers as JSON for the `nats` CLI, so they never drift from
 //! what `setup` creates. Needs no secrets and contacts nothing.
 
-use gitaly_replicator::deploy::{self, ManifestFile, ScalingOptions};
-use gitaly_replicator::queue::layout::Layout;
+use gitaly_replicator::Layout;
+use gitaly_replicator::manifests::{self, ManifestFile, ScalingOptions};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -47,7 +47,7 @@ pub struct DeployManifestsArgs {
 const EXIT_USAGE: u8 = 64;
 
 pub fn run(config_path: &Path, args: &DeployManifestsArgs) -> ExitCode {
-    let config = match deploy::load_config_without_secrets(config_path) {
+    let config = match manifests::load_config_without_secrets(config_path) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("gitaly-replicator: {e}");
@@ -63,7 +63,7 @@ pub fn run(config_path: &Path, args: &DeployManifestsArgs) -> ExitCode {
     }
     let layout = Layout::from_config(&config);
     let files = if args.nats {
-        match deploy::jetstream_files(&layout) {
+        match manifests::jetstream_files(&layout) {
             Ok(files) => files,
             Err(e) => {
                 eprintln!("gitaly-replicator: cannot write the JetStream JSON: {e}");
@@ -85,8 +85,8 @@ pub fn run(config_path: &Path, args: &DeployManifestsArgs) -> ExitCode {
             account: args.account.clone(),
         };
         vec![ManifestFile {
-            name: deploy::SCALED_OBJECT_FILE.into(),
-            contents: deploy::scaled_object(&layout, &options),
+            name: manifests::SCALED_OBJECT_FILE.into(),
+            contents: manifests::scaled_object(&layout, &options),
         }]
     };
     let Some(dir) = &args.output else {

@@ -144,13 +144,13 @@ pub async fn dispatch(args: Args) -> ExitCode {
     init_logging(&config.logging);
     match args.command {
         Command::Run => report(
-            gitaly_replicator::service::run(config, shutdown_signal())
+            gitaly_replicator::run(config, shutdown_signal())
                 .await
                 .context("run"),
         ),
         Command::Setup => report(setup(&config).await),
         Command::Migrate => report(
-            gitaly_replicator::service::connect_store(&config)
+            gitaly_replicator::connect_store(&config)
                 .await
                 .map(|_| println!("migrations applied"))
                 .context("migrate"),
@@ -164,10 +164,9 @@ pub async fn dispatch(args: Args) -> ExitCode {
 }
 
 async fn setup(config: &Config) -> anyhow::Result<()> {
-    let client =
-        gitaly_replicator::queue::connect::connect(&config.nats, "gitaly-replicator setup").await?;
-    let layout = gitaly_replicator::queue::layout::Layout::from_config(config);
-    for change in gitaly_replicator::service::provision(&client, &layout).await? {
+    let client = gitaly_replicator::connect_nats(&config.nats, "gitaly-replicator setup").await?;
+    let layout = gitaly_replicator::Layout::from_config(config);
+    for change in gitaly_replicator::provision(&client, &layout).await? {
         println!("{change}");
     }
     Ok(())

@@ -2,11 +2,11 @@
 
 use anyhow::Context as _;
 use clap::Args;
+use gitaly_replicator::Job;
+use gitaly_replicator::Layout;
+use gitaly_replicator::Publisher;
 use gitaly_replicator::config::Config;
-use gitaly_replicator::event::Job;
-use gitaly_replicator::queue::connect::connect;
-use gitaly_replicator::queue::layout::Layout;
-use gitaly_replicator::queue::publisher::Publisher;
+use gitaly_replicator::connect_nats;
 use serde_json::{Map, Value};
 use std::io::BufRead;
 use std::process::ExitCode;
@@ -108,7 +108,7 @@ async fn publish(config: &Config, args: PublishArgs) -> anyhow::Result<usize> {
     } else {
         jobs.push(job_from_flags(&args)?);
     }
-    let client = connect(&config.nats, "gitaly-replicator publish").await?;
+    let client = connect_nats(&config.nats, "gitaly-replicator publish").await?;
     let publisher = Publisher::new(
         async_nats::jetstream::new(client.clone()),
         Layout::from_config(config),

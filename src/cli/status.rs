@@ -1,14 +1,14 @@
 //! `status`: queue depth per (virtual storage, target).
 
+use gitaly_replicator::Layout;
 use gitaly_replicator::config::Config;
-use gitaly_replicator::queue::connect::connect;
-use gitaly_replicator::queue::depth::snapshot;
-use gitaly_replicator::queue::layout::Layout;
+use gitaly_replicator::connect_nats;
+use gitaly_replicator::queue_depth;
 
 pub async fn run(config: &Config) -> anyhow::Result<()> {
-    let client = connect(&config.nats, "gitaly-replicator status").await?;
+    let client = connect_nats(&config.nats, "gitaly-replicator status").await?;
     let js = async_nats::jetstream::new(client);
-    let rows = snapshot(&js, &Layout::from_config(config))
+    let rows = queue_depth(&js, &Layout::from_config(config))
         .await
         .map_err(anyhow::Error::msg)?;
     let vs_w = rows

@@ -682,6 +682,13 @@ async fn run_job<R: Replicator>(shared: &Shared<R>, target: &Target, d: &Deliver
         }
     };
     let mut record = None;
+    if guards.iter().any(|g| g.waited()) {
+        job_log!(
+            debug,
+            d,
+            "waited for the repository lock: another job of this replica ran first"
+        );
+    }
     let ran = if guards.iter().any(|g| g.superseded()) {
         drop(permit);
         Ran::Finished(JobOutcome::Skipped(SkipReason::Superseded), None, false)

@@ -5,7 +5,6 @@
 
 use crate::event::Job;
 use crate::queue::layout::Layout;
-use crate::subject::job_subject;
 use async_nats::HeaderMap;
 use async_nats::jetstream::Context;
 use async_nats::jetstream::context::{PublishAckFuture, PublishErrorKind};
@@ -229,13 +228,4 @@ fn settle(
             other => results[i] = Some(Err(other)),
         },
     }
-}
-
-/// The subject a job is published on (for tools that publish by hand).
-pub fn subject_for(layout: &Layout, job: &Job) -> String {
-    job_subject(
-        &layout.subject_prefix,
-        &job.virtual_storage,
-        &job.target_node_storage,
-    )
 }

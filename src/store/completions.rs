@@ -2,12 +2,17 @@
 //! start time of a completed job per (repository, target, change type,
 //! source), and whether a job created before it is superseded.
 
-use super::{RepositoryStore, StoreError, encode_failed, failed};
 use crate::event::Job;
 use sqlx::Arguments;
 use sqlx::postgres::PgArguments;
-use std::sync::LazyLock;
 use time::OffsetDateTime;
+// The standalone statements below exist for the tests of the SQL that the
+// lock session's statements embed (see `lock_statements`).
+#[cfg(test)]
+use {
+    super::{RepositoryStore, StoreError, encode_failed, failed},
+    std::sync::LazyLock,
+};
 
 /// Identifies a job for completion dedup: twins share every field.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -107,6 +112,7 @@ impl CompletionColumns<'_> {
         args.add(self.time)
     }
 
+    #[cfg(test)]
     fn into_args(self, operation: &'static str) -> Result<PgArguments, StoreError> {
         let mut args = PgArguments::default();
         self.add_to(&mut args).map_err(encode_failed(operation))?;
@@ -163,11 +169,12 @@ pub(super) fn superseded_sql(base: usize) -> String {
     )
 }
 
+#[cfg(test)]
 impl RepositoryStore {
     /// Records that jobs completed, each with the time it started; one
     /// statement for the whole slice. A key keeps its latest start, so a
     /// repeat (redelivery) or an older completion changes nothing.
-    pub async fn record_completions(
+    pub(crate) async fn record_completions(
         &self,
         completions: &[(CompletionKey<'_>, OffsetDateTime)],
     ) -> Result<(), StoreError> {
@@ -181,7 +188,7 @@ impl RepositoryStore {
     }
 
     /// Records one completion (see [`Self::record_completions`]).
-    pub async fn record_completion(
+    pub(crate) async fn record_completion(
         &self,
         key: &CompletionKey<'_>,
         started_at: OffsetDateTime,
@@ -192,7 +199,7 @@ impl RepositoryStore {
     /// For each (key, created_at): whether a twin job with the same key
     /// completed that had started after this one was created (Praefect's
     /// completion dedup). One statement; answers in input order.
-    pub async fn superseded_many(
+    pub(crate) async fn superseded_many(
         &self,
         jobs: &[(CompletionKey<'_>, OffsetDateTime)],
     ) -> Result<Vec<bool>, StoreError> {
@@ -205,7 +212,7 @@ impl RepositoryStore {
     }
 
     /// One job's answer of [`Self::superseded_many`].
-    pub async fn superseded(
+    pub(crate) async fn superseded(
         &self,
         key: &CompletionKey<'_>,
         created_at: OffsetDateTime,

@@ -73,7 +73,7 @@ impl RepositoryStore {
     /// Praefect's rule, for many jobs in one statement: reads each source's
     /// and target's replica generations (-1 = no row) and decides between
     /// replicate, up to date and downgrade. Answers in input order.
-    pub async fn replicated_generations(
+    pub(crate) async fn replicated_generations(
         &self,
         jobs: &[GenerationQuery<'_>],
     ) -> Result<Vec<ReplicatedGeneration>, StoreError> {
@@ -163,7 +163,7 @@ impl RepositoryStore {
     /// rewritten); `Written(false)` when skipped: -1, no repository row, or
     /// the replica already newer. A replica named twice keeps the higher
     /// generation.
-    pub async fn set_generations(
+    pub(crate) async fn set_generations(
         &self,
         replicas: &[GenerationRecord<'_>],
     ) -> Result<Vec<Gated<bool>>, StoreError> {
@@ -376,7 +376,7 @@ impl RepositoryStore {
     /// other's replica and leave the repository row behind (which one
     /// statement with CTEs could, all of it reading one snapshot). Returns
     /// false when neither row was deleted.
-    pub async fn delete_invalid_repository(
+    pub(crate) async fn delete_invalid_repository(
         &self,
         virtual_storage: &str,
         relative_path: &str,

@@ -111,6 +111,7 @@ impl RepositoryGuard {
     }
 
     /// Backend pid of the Postgres session holding the lock.
+    #[cfg(test)]
     pub fn session_pid(&self) -> i32 {
         self.session.pid
     }
@@ -163,6 +164,7 @@ impl RepositoryLocks {
     /// Waits until this job may run on `key`. Returns `None` if `cancel`
     /// fires first. Waiting never fails the job: a busy or unreachable lock
     /// holder only means waiting longer.
+    #[cfg(test)]
     pub async fn acquire(&self, key: i64, cancel: &CancellationToken) -> Option<RepositoryGuard> {
         self.acquire_checked(key, None, cancel).await
     }
@@ -271,3 +273,6 @@ impl RepositoryLocks {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -26,7 +26,7 @@ pub use lock_sessions::{
     ORPHAN_GRACE_SECONDS, expire_lock_sessions, register_lock_session, unregister_lock_session,
 };
 pub use lock_statements::{
-    LockSessionAnswers, LockSessionBatch, LockSwap, advisory_locks_held, exchange_on_lock_session,
+    LockSessionAnswers, LockSessionBatch, advisory_locks_held, exchange_on_lock_session,
     relax_commit_durability, swap_advisory_locks,
 };
 pub use order::{Gated, LockSessionId, Standing, WriteOrder};
@@ -67,3 +67,6 @@ impl RepositoryStore {
             .map_err(|source| StoreError::Migrate { source })
     }
 }
+
+#[cfg(test)]
+mod tests;

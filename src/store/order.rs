@@ -171,7 +171,7 @@ impl RepositoryStore {
     /// there; stale when the repository at the first key's path is another
     /// one than `order` names. Read after the job's lock is taken, so it sees
     /// every write made under the lock before.
-    pub async fn standing_in_order(
+    pub(crate) async fn standing_in_order(
         &self,
         keys: &[ReplicaKey<'_>],
         order: &WriteOrder,
@@ -207,25 +207,9 @@ impl RepositoryStore {
             .collect())
     }
 
-    /// Records that a job took effect on the replicas `keys` without any other
-    /// write (an update that found nothing to do), through the gate.
-    pub async fn record_order(
-        &self,
-        keys: &[ReplicaKey<'_>],
-        order: &WriteOrder,
-    ) -> Result<Gated<()>, StoreError> {
-        static SQL: std::sync::LazyLock<String> =
-            std::sync::LazyLock::new(|| with_gate("SELECT held, current, in_order FROM gate"));
-        let (held, current, in_order): (bool, bool, bool) = gate_query(&SQL, keys, Some(order))
-            .fetch_one(&self.pool)
-            .await
-            .map_err(failed("record_order"))?;
-        Ok(gated(held, current, in_order, ()))
-    }
-
     /// Deletes the replica row of `storage`, through the gate of that replica;
     /// `Written(false)` when there was no row.
-    pub async fn delete_replica_in_order(
+    pub(crate) async fn delete_replica_in_order(
         &self,
         virtual_storage: &str,
         relative_path: &str,
@@ -249,7 +233,7 @@ impl RepositoryStore {
 
     /// [`Self::delete_repository`] (the repository row and the target's
     /// replica row) through the gate of the target's replica.
-    pub async fn delete_repository_in_order(
+    pub(crate) async fn delete_repository_in_order(
         &self,
         virtual_storage: &str,
         relative_path: &str,
@@ -282,7 +266,7 @@ impl RepositoryStore {
     /// row of `storage` to `new_relative_path`, through the gates of that
     /// replica at both paths: a rename takes effect at the old path and at the
     /// new one. `Written(false)` when neither was at the old path.
-    pub async fn rename_repository_in_order(
+    pub(crate) async fn rename_repository_in_order(
         &self,
         virtual_storage: &str,
         relative_path: &str,

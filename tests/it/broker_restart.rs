@@ -14,9 +14,9 @@ async fn a_pull_request_lost_in_a_broker_restart_is_detected_and_renewed() {
         *t = t.replace("fetch_expires = \"1s\"", "fetch_expires = \"60s\"");
     })
     .await;
-    let mut settings = c.settings();
-    settings.fetch_expires = Duration::from_secs(4);
-    let consumer = c.consumer_with(settings).await;
+    let consumer = c
+        .consumer_with(|config| config.nats.fetch_expires = Duration::from_secs(4))
+        .await;
     c.publish(&c.job(json!({"change": "cleanup", "relative_path": "before.git", "target_node_storage": "gitaly-2"}))).await;
     assert!(c.node(2).wait_for_calls(1, Duration::from_secs(10)).await);
     // The server forgets the open pull request; no timeout status will come.

@@ -1,7 +1,7 @@
 //! The operator commands as processes: setup, publish, status, dead.
 
 use crate::common::cluster::{Cluster, nats_url};
-use gitaly_replicator::queue::dead_letter::headers;
+use gitaly_replicator::dead_letters::headers;
 use serde_json::json;
 use std::io::Write;
 use std::process::{Command, Output, Stdio};
@@ -366,7 +366,7 @@ async fn setup_refuses_a_byte_limit_that_this_nats_server_would_enforce_by_dropp
     let version = c.client.server_info().version;
     let with_limit = c.toml.replace("[nats]\n", "[nats]\nmax_bytes = 100000\n");
     let o = cli(&with_limit, &["setup"], None);
-    if gitaly_replicator::queue::layout::byte_limit_is_safe(&version) {
+    if gitaly_replicator::byte_limit_is_safe(&version) {
         assert!(o.status.success(), "{}", all(&o));
     } else {
         assert!(!o.status.success());

@@ -4,8 +4,8 @@
 
 use crate::common::cluster::{Cluster, nats_url};
 use crate::common::service::ServiceTask;
-use gitaly_replicator::queue::dead_letter::headers;
-use gitaly_replicator::subject::job_subject;
+use gitaly_replicator::dead_letters::headers;
+use gitaly_replicator::job_subject;
 use serde_json::json;
 use std::time::Duration;
 use testkit::recording_gitaly::Behaviour;
@@ -116,7 +116,7 @@ async fn a_job_failing_on_its_last_attempt_goes_to_the_dead_letters_with_its_hea
     );
     assert!(dead.header(headers::DEAD_AT).is_some());
     assert_eq!(
-        gitaly_replicator::event::Job::from_json(&dead.payload)
+        gitaly_replicator::Job::from_json(&dead.payload)
             .unwrap()
             .relative_path,
         "d.git"
@@ -385,7 +385,7 @@ async fn identical_updates_in_one_batch_are_dispatched_once() {
     consumer.stop().await.unwrap();
 }
 
-fn gc(c: &Cluster, path: &str) -> gitaly_replicator::event::Job {
+fn gc(c: &Cluster, path: &str) -> gitaly_replicator::Job {
     c.job(json!({"change": "gc", "relative_path": path, "target_node_storage": "gitaly-2", "params": {"create_bitmap": false, "prune": true}}))
 }
 
@@ -458,17 +458,16 @@ async fn a_collapsed_update_published_after_a_twin_completed_still_runs() {
     c.publish(&update()).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     // A twin completed elsewhere between the two publications.
-    let key = gitaly_replicator::store::CompletionKey {
-        virtual_storage: c.vs(),
-        relative_path: "col.git",
-        target_storage: "gitaly-2",
-        change_type: "update",
-        source_storage: "gitaly-1",
-    };
-    c.db.store
-        .record_completion(&key, time::OffsetDateTime::now_utc())
-        .await
-        .unwrap();
+    sqlx::query(
+        "INSERT INTO replication_completions
+            (virtual_storage, relative_path, target_storage, change_type, source_storage,
+             started_at)
+        VALUES ($1, 'col.git', 'gitaly-2', 'update', 'gitaly-1', now())",
+    )
+    .bind(c.vs())
+    .execute(c.db.store.pool())
+    .await
+    .unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
     c.publish(&update()).await;
     c.node(2).set_serving(true);
@@ -571,9 +570,9 @@ async fn shutdown_in_the_middle_of_a_batch_loses_nothing() {
     let c = Cluster::start(2).await;
     c.node(2)
         .respond("*", Behaviour::delay(Duration::from_millis(300)));
-    let mut settings = c.settings();
-    settings.max_concurrent_jobs = 2;
-    let consumer = c.consumer_with(settings.clone()).await;
+    let two_slots =
+        |config: &mut gitaly_replicator::config::Config| config.replication.max_concurrent_jobs = 2;
+    let consumer = c.consumer_with(two_slots).await;
     let jobs: Vec<_> = (0..20)
         .map(|i| c.job(json!({"change": "cleanup", "relative_path": format!("s{i}.git"), "target_node_storage": "gitaly-2"})))
         .collect();
@@ -588,7 +587,7 @@ async fn shutdown_in_the_middle_of_a_batch_loses_nothing() {
         "all jobs ran before the shutdown: {done_first}"
     );
     // What was fetched but not started went back at once (no ack-wait delay).
-    let second = c.consumer_with(settings).await;
+    let second = c.consumer_with(two_slots).await;
     assert!(
         c.eventually(WAIT, || async { c.work_messages().await == 0 })
             .await
@@ -668,19 +667,17 @@ async fn a_busy_process_holds_no_more_jobs_than_its_slots_and_one_batch() {
     let c = Cluster::start_with(2, |t| t.push_str("max_ack_pending = -1\n")).await;
     c.node(2)
         .respond("*", Behaviour::delay(Duration::from_millis(100)));
-    let settings = gitaly_replicator::queue::consumer::ConsumerSettings {
-        max_concurrent_jobs: 4,
-        ..c.settings()
-    };
-    let bound = gitaly_replicator::queue::consumer::intake_capacity(&settings, 1);
-    assert_eq!(bound, 4 + 10);
+    // Four job slots, and one batch of 10 for the one pull loop.
+    let bound = 4 + 10;
     let jobs: Vec<_> = (0..150)
         .map(|i| c.job(json!({"change": "optimize_repository", "relative_path": format!("busy-{i}.git"), "target_node_storage": "gitaly-2"})))
         .collect();
     for r in c.publisher().publish_many(&jobs, 100).await {
         r.unwrap();
     }
-    let consumer = c.consumer_with(settings).await;
+    let consumer = c
+        .consumer_with(|config| config.replication.max_concurrent_jobs = 4)
+        .await;
     let durable = &c
         .layout
         .consumers

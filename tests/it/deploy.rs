@@ -8,8 +8,8 @@ use crate::common::cluster::{TestNames, delete_streams, nats_url};
 use crate::common::http::get;
 use crate::common::service::RunningService;
 use gitaly_replicator::config::{Config, node_token_env_var};
-use gitaly_replicator::deploy::{self, ScalingOptions};
-use gitaly_replicator::queue::layout::{Layout, LayoutChange};
+use gitaly_replicator::manifests::{self, ScalingOptions};
+use gitaly_replicator::{Layout, LayoutChange};
 use promql_parser::parser::{Expr, LabelModifier};
 use promql_parser::util::{ExprVisitor, walk_expr};
 use serde_json::{Value as Json, json};
@@ -313,7 +313,7 @@ async fn alert_rules_and_dashboard_use_only_metrics_and_labels_the_service_expor
         .filter(|n| n.starts_with("gitaly_"))
         .cloned()
         .collect();
-    let all: BTreeSet<String> = gitaly_replicator::metrics::ALL
+    let all: BTreeSet<String> = gitaly_replicator::metric_names::ALL
         .iter()
         .map(|s| s.to_string())
         .collect();
@@ -439,7 +439,7 @@ fn committed_jetstream_files() -> BTreeMap<String, String> {
 #[test]
 fn nats_json_is_what_the_layout_of_the_example_config_generates() {
     let layout = Layout::from_config(&example_config());
-    let generated: BTreeMap<String, String> = deploy::jetstream_files(&layout)
+    let generated: BTreeMap<String, String> = manifests::jetstream_files(&layout)
         .unwrap()
         .into_iter()
         .map(|f| (f.name, f.contents))
@@ -460,7 +460,7 @@ fn nats_json_is_what_the_layout_of_the_example_config_generates() {
     // Field by field, on what setup sets.
     use async_nats::jetstream::{consumer, stream};
     let parse_stream = |name: &str| -> stream::Config {
-        serde_json::from_str(&committed[&deploy::stream_file_name(name)]).unwrap()
+        serde_json::from_str(&committed[&manifests::stream_file_name(name)]).unwrap()
     };
     for wanted in [
         layout.work_stream_config(),
@@ -494,7 +494,7 @@ fn nats_json_is_what_the_layout_of_the_example_config_generates() {
         )]);
     for (stream_name, wanted) in consumers {
         let durable = wanted.durable_name.clone().unwrap();
-        let file = deploy::consumer_file_name(&stream_name, &durable);
+        let file = manifests::consumer_file_name(&stream_name, &durable);
         let got: consumer::pull::Config = serde_json::from_str(&committed[&file]).unwrap();
         assert_eq!(got.durable_name, wanted.durable_name, "{file}");
         assert_eq!(got.name, wanted.name, "{file}");
@@ -504,7 +504,7 @@ fn nats_json_is_what_the_layout_of_the_example_config_generates() {
         assert_eq!(got.ack_wait, wanted.ack_wait, "{file}");
         assert_eq!(got.max_deliver, wanted.max_deliver, "{file}");
         assert_eq!(got.max_ack_pending, wanted.max_ack_pending, "{file}");
-        let script = &committed[deploy::NATS_SCRIPT];
+        let script = &committed[manifests::NATS_SCRIPT];
         assert!(
             script.contains(&format!(
                 "nats consumer add '{stream_name}' --config '{file}'"
@@ -568,7 +568,7 @@ async fn the_nats_json_creates_on_a_real_server_exactly_what_setup_creates() {
 
     // As an operator would with the nats CLI: the files, in the script's order.
     let files = committed_jetstream_files();
-    let script = &files[deploy::NATS_SCRIPT];
+    let script = &files[manifests::NATS_SCRIPT];
     let mut created = Vec::new();
     for line in script.lines().filter(|l| l.starts_with("nats ")) {
         let quoted: Vec<&str> = line.split('\'').skip(1).step_by(2).collect();
@@ -875,7 +875,7 @@ fn keda_has_one_nats_jetstream_trigger_per_consumer_and_is_current() {
     let committed = read("kubernetes/scaledobject.yaml");
     assert_eq!(
         committed,
-        deploy::scaled_object(&layout, &ScalingOptions::for_config(&config)),
+        manifests::scaled_object(&layout, &ScalingOptions::for_config(&config)),
         "scaledobject.yaml is stale: run deploy/regenerate.sh"
     );
 

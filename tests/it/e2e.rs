@@ -340,7 +340,7 @@ async fn replicated(c: &NodeCluster, paths: &[String]) -> usize {
 
 /// The process's metrics (the recorder the service installed).
 fn samples() -> Samples {
-    Samples::parse(&gitaly_replicator::metrics::install().unwrap().render())
+    Samples::parse(&gitaly_replicator::install_metrics().unwrap().render())
 }
 
 /// Jobs of this virtual storage that ended `outcome`.

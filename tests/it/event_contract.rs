@@ -1,5 +1,5 @@
 //! The replication event contract: `schemas/replication-event.v1.json` (what
-//! publishers are told) and `gitaly_replicator::event::Job::from_json` (what the
+//! publishers are told) and `gitaly_replicator::Job::from_json` (what the
 //! consumer enforces) must agree on every example under `tests/data/events/`.
 //!
 //! - `valid/*.json` pass both, and so does `Job::to_json()` of each.
@@ -8,7 +8,7 @@
 //!   below, and each entry is asserted to still be an exception, so neither list
 //!   can silently go stale.
 
-use gitaly_replicator::event::{ChangeType, Job, MAX_TEXT_LEN};
+use gitaly_replicator::{ChangeType, Job, MAX_TEXT_LEN};
 use jsonschema::{Draft, Validator};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};

@@ -3,7 +3,7 @@
 //! with its reason, and the consumer keeps going.
 
 use crate::common::cluster::Cluster;
-use gitaly_replicator::queue::dead_letter::headers;
+use gitaly_replicator::dead_letters::headers;
 use serde_json::json;
 use std::time::Duration;
 

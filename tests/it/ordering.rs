@@ -283,16 +283,14 @@ async fn a_job_older_than_one_applied_is_superseded_without_a_call() {
     );
 }
 
-/// The backend holding the advisory lock of a replica, once one does.
-async fn lock_holder_pid(c: &Cluster, relative_path: &str) -> Option<i32> {
-    let key = gitaly_replicator::store::repository_lock_key(c.vs(), relative_path, "gitaly-2");
+/// The backend holding a repository lock in the test's database, once one
+/// does (one job at a time holds one here).
+async fn lock_holder_pid(c: &Cluster) -> Option<i32> {
     sqlx::query_scalar(
         "SELECT pid FROM pg_locks
-        WHERE locktype = 'advisory' AND granted AND objsubid = 1
-          AND classid = (($1::int8 >> 32) & 4294967295)::oid
-          AND objid = ($1::int8 & 4294967295)::oid",
+        WHERE locktype = 'advisory' AND granted
+          AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
     )
-    .bind(key)
     .fetch_optional(c.db.store.pool())
     .await
     .unwrap()
@@ -313,7 +311,7 @@ async fn a_killed_lock_connection_never_lets_two_processes_call_gitaly_for_one_r
     c.publish(&c.job(json!({"change": "gc", "relative_path": "r.git", "target_node_storage": "gitaly-2", "params": {"create_bitmap": false, "prune": false}}))).await;
     // The first job is in its Gitaly call, holding the lock; kill its session.
     assert!(c.node(2).wait_for_calls(1, WAIT).await);
-    let pid = lock_holder_pid(&c, "r.git")
+    let pid = lock_holder_pid(&c)
         .await
         .expect("the running job holds the repository lock");
     sqlx::query("SELECT pg_terminate_backend($1)")

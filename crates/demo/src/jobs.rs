@@ -11,7 +11,7 @@ use crate::MIN_REPOSITORIES;
 use crate::error::DemoError;
 use crate::nodes::{SOURCE, STORAGES, TARGETS, VIRTUAL_STORAGE};
 use crate::repositories::RepositorySpec;
-use gitaly_replicator::event::{Change, Job, SplitStrategy};
+use gitaly_replicator::{Change, Job, SplitStrategy};
 
 /// Every maintenance change, with the params the demo sends.
 pub const MAINTENANCE: [Change; 8] = [

@@ -6,8 +6,8 @@
 
 use crate::metrics_text::Samples;
 use crate::nodes::{STORAGES, VIRTUAL_STORAGE};
-use gitaly_replicator::event::ChangeType;
-use gitaly_replicator::metrics::{
+use gitaly_replicator::ChangeType;
+use gitaly_replicator::metric_names::{
     DEAD_LETTERS_TOTAL, JOBS_TOTAL, OUTCOMES, REPLICATION_DELAY, REPLICATION_LATENCY,
     TARGET_HEALTHY,
 };

@@ -5,7 +5,7 @@
 use crate::measurements::Measurements;
 use crate::nodes::STORAGES;
 use crate::verify::{RepositoryCheck, Role};
-use gitaly_replicator::event::ChangeType;
+use gitaly_replicator::ChangeType;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::PathBuf;

@@ -8,7 +8,7 @@ use crate::error::DemoError;
 use crate::git;
 use crate::nodes::{SOURCE, VIRTUAL_STORAGE};
 use futures::stream::{self, StreamExt, TryStreamExt};
-use gitaly_replicator::store::RepositoryStore;
+use gitaly_replicator::RepositoryStore;
 use sha2::{Digest, Sha256};
 use std::fmt::Write as _;
 use std::path::Path;

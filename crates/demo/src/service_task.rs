@@ -4,8 +4,8 @@
 
 use crate::error::DemoError;
 use crate::metrics_text;
+use gitaly_replicator::ServiceError;
 use gitaly_replicator::config::Config;
-use gitaly_replicator::service::{self, ServiceError};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
@@ -20,7 +20,7 @@ pub struct ServiceTask {
 impl ServiceTask {
     pub fn start(config: Config) -> ServiceTask {
         let (stop, stopped) = oneshot::channel::<()>();
-        let handle = tokio::spawn(service::run(config, async move {
+        let handle = tokio::spawn(gitaly_replicator::run(config, async move {
             let _ = stopped.await;
         }));
         ServiceTask {

@@ -17,11 +17,11 @@ use crate::verify::verify;
 use crate::workspace::Workspace;
 use crate::{DemoOptions, MIN_REPOSITORIES, preflight};
 use async_nats::jetstream;
-use gitaly_replicator::event::Job;
-use gitaly_replicator::queue::connect::connect;
-use gitaly_replicator::queue::layout::Layout;
-use gitaly_replicator::queue::publisher::Publisher;
-use gitaly_replicator::{metrics, service};
+use gitaly_replicator::Job;
+use gitaly_replicator::Layout;
+use gitaly_replicator::Publisher;
+use gitaly_replicator::connect_nats;
+
 use metrics_exporter_prometheus::PrometheusHandle;
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -106,7 +106,7 @@ async fn body(
         ws.config_file().display()
     )))?;
     let config = parse(&toml)?;
-    let store = service::connect_store(&config).await?;
+    let store = gitaly_replicator::connect_store(&config).await?;
 
     let specs = repositories::plan(options.repositories);
     repositories::create_all(&specs, &nodes.source().dir, ws.git_home(), &store).await?;
@@ -120,7 +120,7 @@ async fn body(
         stats.created, stats.commits, stats.refs, database.name
     ));
 
-    let client = connect(&config.nats, "gitaly-replicator demo")
+    let client = connect_nats(&config.nats, "gitaly-replicator demo")
         .await
         .map_err(DemoError::nats("connecting"))?;
     let layout = Layout::from_config(&config);
@@ -132,7 +132,7 @@ async fn body(
             layout.advisory_stream.clone(),
         ],
     ));
-    service::provision(&client, &layout).await?;
+    gitaly_replicator::provision(&client, &layout).await?;
     let js = jetstream::new(client.clone());
     let publisher = Publisher::new(js.clone(), layout.clone());
     let plan = jobs::plan(&specs, &ws.id)?;
@@ -146,8 +146,8 @@ async fn body(
         plan.follow_up.len()
     ));
 
-    let recorder =
-        metrics::install().map_err(|e| DemoError::ServiceTask(format!("metrics recorder: {e}")))?;
+    let recorder = gitaly_replicator::install_metrics()
+        .map_err(|e| DemoError::ServiceTask(format!("metrics recorder: {e}")))?;
     let baseline = Samples::parse(&recorder.render());
     let setup_time = started.elapsed();
     let service = owned.service.insert(ServiceTask::start(config));

@@ -10,8 +10,8 @@ use crate::jobs::FollowUp;
 use crate::nodes::{DemoNodes, SOURCE, STORAGES, VIRTUAL_STORAGE};
 use crate::repositories::{RepositorySpec, SOURCE_GENERATION};
 use futures::stream::{self, StreamExt, TryStreamExt};
-use gitaly_replicator::event::ChangeType;
-use gitaly_replicator::store::RepositoryStore;
+use gitaly_replicator::ChangeType;
+use gitaly_replicator::RepositoryStore;
 use std::fmt;
 use std::path::Path;
 

@@ -4,22 +4,15 @@
 
 use super::db::TestDatabase;
 use async_nats::jetstream::Context;
+use gitaly_replicator::Job;
+use gitaly_replicator::Layout;
+use gitaly_replicator::Publisher;
 use gitaly_replicator::config::Config;
-use gitaly_replicator::event::Job;
-use gitaly_replicator::gitaly::NodeSet;
-use gitaly_replicator::queue::consumer::{self, ConsumerDeps, ConsumerSettings};
-use gitaly_replicator::queue::dead_letter::{self, DeadMessage};
-use gitaly_replicator::queue::layout::Layout;
-use gitaly_replicator::queue::publisher::Publisher;
-use gitaly_replicator::replicator::GitalyReplicator;
-use gitaly_replicator::retry_delay::RetryPolicy;
-use gitaly_replicator::store::locks::RepositoryLocks;
-use std::str::FromStr;
+use gitaly_replicator::dead_letters::{self, DeadMessage};
 use std::time::Duration;
 use testkit::recording_gitaly::{RecordingGitaly, RunningGitaly};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 
 pub const NATS_URL_ENV: &str = "GITALY_REPLICATOR_TEST_NATS_URL";
 
@@ -207,53 +200,23 @@ impl Cluster {
         self.publisher().publish(job, None).await.unwrap();
     }
 
-    pub fn settings(&self) -> ConsumerSettings {
-        ConsumerSettings {
-            batch_size: self.config.replication.batch_size,
-            pull_loops_per_target: 1,
-            max_concurrent_jobs: 64,
-            fetch_expires: self.config.nats.fetch_expires,
-            ack_wait: self.config.nats.ack_wait,
-            attempts: self.config.replication.attempts,
-            retry: RetryPolicy {
-                initial: Duration::from_millis(200),
-                max: Duration::from_secs(1),
-                ..RetryPolicy::default()
-            },
-            health_check_interval: Duration::from_millis(200),
-            grace_period: Duration::from_secs(10),
-            queue_depth_interval: Duration::from_millis(500),
-        }
-    }
-
-    /// Starts a consumer in this process with the cluster's settings.
+    /// Starts a consumer in this process: the service, as `run` runs it,
+    /// on the cluster's config.
     pub async fn consumer(&self) -> RunningConsumer {
-        self.consumer_with(self.settings()).await
+        self.consumer_with(|_| {}).await
     }
 
-    pub async fn consumer_with(&self, settings: ConsumerSettings) -> RunningConsumer {
-        let nodes = NodeSet::from_config(&self.config).unwrap();
-        let stop_locks = CancellationToken::new();
-        let options = sqlx::postgres::PgConnectOptions::from_str(&self.db.url).unwrap();
-        let locks = RepositoryLocks::start(options, stop_locks.clone());
-        let timeout = (!self.config.replication.job_timeout.is_zero())
-            .then_some(self.config.replication.job_timeout);
-        let deps = ConsumerDeps {
-            client: self.client.clone(),
-            layout: self.layout.clone(),
-            replicator: GitalyReplicator::new(nodes.clone(), self.db.store.clone(), timeout),
-            locks,
-            nodes,
-            settings,
-        };
+    /// Like `consumer`, with a chance to change the config first.
+    pub async fn consumer_with(&self, edit: impl FnOnce(&mut Config)) -> RunningConsumer {
+        let mut config = self.config.clone();
+        edit(&mut config);
         let (tx, rx) = oneshot::channel::<()>();
         let handle = tokio::spawn(async move {
-            let r = consumer::run(deps, async {
+            gitaly_replicator::run(config, async {
                 let _ = rx.await;
             })
-            .await;
-            stop_locks.cancel();
-            r.map_err(|e| e.to_string())
+            .await
+            .map_err(|e| e.to_string())
         });
         RunningConsumer {
             stop: Some(tx),
@@ -335,7 +298,7 @@ impl Cluster {
 /// The durable name of a target before names were sanitized:
 /// `<prefix>~<escaped vs>~<escaped target>`.
 pub fn old_durable_name(consumer_prefix: &str, virtual_storage: &str, target: &str) -> String {
-    use gitaly_replicator::subject::escape_token;
+    use gitaly_replicator::escape_token;
     format!(
         "{consumer_prefix}~{}~{}",
         escape_token(virtual_storage),
@@ -351,7 +314,7 @@ pub async fn work_messages(js: &Context, layout: &Layout) -> u64 {
 
 /// Every message of the layout's dead-letter stream.
 pub async fn dead_letters(js: &Context, layout: &Layout) -> Vec<DeadMessage> {
-    dead_letter::list(js, layout, 1, 100_000).await.unwrap()
+    dead_letters::list(js, layout, 1, 100_000).await.unwrap()
 }
 
 impl Drop for Cluster {

@@ -1,7 +1,7 @@
 //! A test database with the replicator's migrations applied, and the
 //! repository store on it.
 
-use gitaly_replicator::store::RepositoryStore;
+use gitaly_replicator::RepositoryStore;
 
 pub struct TestDatabase {
     pub store: RepositoryStore,

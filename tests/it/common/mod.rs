@@ -6,7 +6,6 @@
 
 pub mod cluster;
 pub mod db;
-pub mod gitaly;
 pub mod process;
 pub mod service;
 pub mod storage_nodes;

@@ -3,8 +3,8 @@
 
 use super::cluster::Cluster;
 use super::http::free_port;
+use gitaly_replicator::ServiceError;
 use gitaly_replicator::config::Config;
-use gitaly_replicator::service::ServiceError;
 use serde_json::json;
 use testkit::recording_gitaly::Behaviour;
 use tokio::sync::oneshot;
@@ -67,7 +67,7 @@ impl RunningService {
     }
 }
 
-/// `gitaly_replicator::service::run` over a test's config, in a task.
+/// `gitaly_replicator::run` over a test's config, in a task.
 pub struct ServiceTask {
     stop: oneshot::Sender<()>,
     task: JoinHandle<Result<(), ServiceError>>,
@@ -76,7 +76,7 @@ pub struct ServiceTask {
 impl ServiceTask {
     pub fn start(config: Config) -> ServiceTask {
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(gitaly_replicator::service::run(config, async {
+        let task = tokio::spawn(gitaly_replicator::run(config, async {
             let _ = stopped.await;
         }));
         ServiceTask { stop, task }

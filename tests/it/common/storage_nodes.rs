@@ -9,12 +9,12 @@ use super::db::TestDatabase;
 use super::eventually;
 use super::service::ServiceTask;
 use async_nats::jetstream::Context;
+use gitaly_replicator::Job;
+use gitaly_replicator::Layout;
+use gitaly_replicator::Publisher;
 use gitaly_replicator::config::{Config, Node, Secret};
-use gitaly_replicator::event::Job;
-use gitaly_replicator::gitaly::{CallContext, NodeClient};
-use gitaly_replicator::queue::dead_letter::DeadMessage;
-use gitaly_replicator::queue::layout::Layout;
-use gitaly_replicator::queue::publisher::Publisher;
+use gitaly_replicator::dead_letters::DeadMessage;
+use gitaly_replicator::{CallContext, NodeClient};
 use std::time::Duration;
 pub use testkit::storage_node::NodeProcess;
 

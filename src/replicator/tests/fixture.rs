@@ -2,10 +2,10 @@
 //! a target on 127.0.0.1:0, each checking its own v2 token, the config that
 //! names them, and a database of the test's own. Everything stops on drop.
 
-use super::db::TestDatabase;
-use gitaly_replicator::config::Config;
-use gitaly_replicator::gitaly::NodeSet;
-use gitaly_replicator::replicator::GitalyReplicator;
+use crate::config::Config;
+use crate::gitaly::NodeSet;
+use crate::replicator::GitalyReplicator;
+use crate::test_database::TestDatabase;
 use testkit::recording_gitaly::{RecordingGitaly, RunningGitaly};
 
 pub const VIRTUAL_STORAGE: &str = "default";
@@ -86,7 +86,6 @@ pub struct TwoNodes {
     pub db: TestDatabase,
     pub source: RunningGitaly,
     pub target: RunningGitaly,
-    pub config: Config,
     pub replicator: GitalyReplicator,
 }
 
@@ -134,7 +133,6 @@ impl TwoNodes {
             db,
             source,
             target,
-            config,
             replicator,
         }
     }

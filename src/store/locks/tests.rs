@@ -1,10 +1,9 @@
 //! Per-repository exclusion across processes: each `RepositoryLocks` stands
 //! for one process, with its own lock connection to a real Postgres.
 
-use crate::common::db::TestDatabase;
-use gitaly_replicator::store::JobKey;
-use gitaly_replicator::store::locks::{LOCK_CONNECTION_NAME, RepositoryLocks};
-use gitaly_replicator::store::repository_lock_key;
+use super::{LOCK_CONNECTION_NAME, RepositoryLocks};
+use crate::store::{JobKey, repository_lock_key};
+use crate::test_database::TestDatabase;
 use sqlx::postgres::PgConnectOptions;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -186,7 +185,7 @@ async fn a_session_lost_with_its_process_bars_new_locks_only_for_the_grace_perio
     assert!(!can_take(&b, other, Duration::from_secs(2)).await);
     assert!(can_take(&b, key, Duration::from_secs(10)).await);
     let waited = started.elapsed();
-    let grace = Duration::from_secs(u64::from(gitaly_replicator::store::ORPHAN_GRACE_SECONDS));
+    let grace = Duration::from_secs(u64::from(crate::store::ORPHAN_GRACE_SECONDS));
     assert!(
         waited >= grace - Duration::from_millis(500) && waited < grace + Duration::from_secs(4),
         "{waited:?}"
