@@ -26,8 +26,15 @@ pub const TARGET_HEALTHY: &str = "gitaly_replicator_target_healthy";
 /// Pull requests that stalled and were renewed (counter): virtual_storage, gitaly_storage.
 pub const PULL_RENEWALS_TOTAL: &str = "gitaly_replicator_pull_renewals_total";
 
+/// Acknowledgements that failed or were sent while disconnected (counter):
+/// kind (ack, nak, term, progress, dead_letter, requeue).
+pub const ACK_ERRORS_TOTAL: &str = "gitaly_replicator_ack_errors_total";
+
+/// The `kind` labels of [`ACK_ERRORS_TOTAL`].
+pub const ACK_ERROR_KINDS: [&str; 6] = ["ack", "nak", "term", "progress", "dead_letter", "requeue"];
+
 /// Every metric the service exports (for docs, alert rules and their tests).
-pub const ALL: [&str; 8] = [
+pub const ALL: [&str; 9] = [
     REPLICATION_JOBS,
     REPLICATION_LATENCY,
     REPLICATION_DELAY,
@@ -36,6 +43,7 @@ pub const ALL: [&str; 8] = [
     DEAD_LETTERS_TOTAL,
     TARGET_HEALTHY,
     PULL_RENEWALS_TOTAL,
+    ACK_ERRORS_TOTAL,
 ];
 
 /// Praefect's histogram buckets, in seconds.
@@ -79,9 +87,22 @@ pub fn install() -> Result<PrometheusHandle, String> {
                 PULL_RENEWALS_TOTAL,
                 "Pull requests that stalled and were renewed"
             );
+            metrics::describe_counter!(
+                ACK_ERRORS_TOTAL,
+                "Acknowledgements that failed or were sent while disconnected from NATS"
+            );
+            // Exported from the start, so a rate over it is never empty.
+            for kind in ACK_ERROR_KINDS {
+                counter!(ACK_ERRORS_TOTAL, "kind" => kind).increment(0);
+            }
             Ok(handle)
         })
         .clone()
+}
+
+/// Counts one failed acknowledgement of `kind` (one of [`ACK_ERROR_KINDS`]).
+pub fn ack_error(kind: &'static str) {
+    counter!(ACK_ERRORS_TOTAL, "kind" => kind).increment(1);
 }
 
 /// Outcome labels of [`JOBS_TOTAL`].

@@ -15,6 +15,7 @@ use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio_util::task::TaskTracker;
 use tonic::metadata::MetadataValue;
 
 /// Why a job was acknowledged without doing anything.
@@ -196,11 +197,16 @@ fn repo(storage: &str, relative_path: &str) -> Option<pb::Repository> {
 }
 
 impl GitalyReplicator {
-    /// Needs a Tokio runtime: it starts the generation batching tasks.
-    pub fn new(nodes: NodeSet, store: RepositoryStore, job_timeout: Option<Duration>) -> Self {
+    /// Starts its generation batching tasks in `tasks`.
+    pub fn new(
+        nodes: NodeSet,
+        store: RepositoryStore,
+        job_timeout: Option<Duration>,
+        tasks: &TaskTracker,
+    ) -> Self {
         GitalyReplicator {
             nodes,
-            generations: GenerationBatcher::start(store.clone()),
+            generations: GenerationBatcher::start(store.clone(), tasks),
             store,
             job_timeout,
         }

@@ -1,5 +1,7 @@
-//! The one place that computes how long a failed job waits before its next
-//! attempt: exponential in the delivery count, with jitter.
+//! The one place that computes how long something that failed waits before
+//! it is tried again, exponential in the failures, with jitter: a job before
+//! its next attempt, and the service's own retries (pull requests, the lock
+//! connection, waiting for a repository lock).
 //!
 //! Built on the `backoff` crate, which is unmaintained (RUSTSEC-2025-0012);
 //! it is used only here so that moving to `backon` touches this file alone.
@@ -33,6 +35,17 @@ impl Default for RetryPolicy {
 }
 
 impl RetryPolicy {
+    /// For the service's own calls to its broker and database (a pull
+    /// request, a reconnect): from 100 ms, doubling, up to 5 s.
+    pub const fn reconnect() -> Self {
+        RetryPolicy {
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(5),
+            multiplier: 2.0,
+            jitter: 0.2,
+        }
+    }
+
     /// The delay before attempt `failed + 1`, after `failed` failed deliveries (≥ 1).
     pub fn delay_after(&self, failed: u64) -> Duration {
         let mut backoff = ExponentialBackoffBuilder::new()

@@ -1,6 +1,12 @@
 //! The `run` command as a library function: connect everything the config
 //! names, provision the queue, serve metrics and health, and consume until
 //! the shutdown future resolves. Tests call this directly.
+//!
+//! It is the one owner of shutdown: it makes the cancellation tokens and the
+//! task trackers, and every task of the service is spawned in them. When
+//! `run` returns, normally or with an error at any point of start-up,
+//! nothing it started is still running: no pull request goes out, the ops
+//! port is closed.
 
 use crate::config::Config;
 use crate::gitaly::{ChannelError, NodeSet};
@@ -17,6 +23,7 @@ use sqlx::postgres::PgPoolOptions;
 use std::future::Future;
 use std::net::SocketAddr;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// Why the service stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -60,7 +67,6 @@ pub fn consumer_settings(config: &Config) -> ConsumerSettings {
             ..RetryPolicy::default()
         },
         health_check_interval: r.health_check_interval,
-        grace_period: config.graceful_stop_timeout,
         queue_depth_interval: std::time::Duration::from_secs(10),
     }
 }
@@ -94,56 +100,142 @@ pub async fn provision(
 ) -> Result<Vec<LayoutChange>, ServiceError> {
     let js = async_nats::jetstream::new(client.clone());
     let changes = layout.ensure(&js).await?;
-    for c in &changes {
-        match c {
-            LayoutChange::Unchanged(_) => tracing::debug!("{c}"),
-            _ => tracing::info!("{c}"),
-        }
-    }
+    log_changes(&changes);
     Ok(changes)
 }
 
-/// Runs the service until `shutdown` resolves, then drains.
+/// Runs the service until `shutdown` resolves, then drains: no new jobs
+/// are fetched, those not started are released at once, running ones get
+/// `graceful_stop_timeout`; then everything else stops.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), ServiceError> {
+    let tokens = Tokens::new();
+    let tasks = TaskTracker::new();
+    let jobs = TaskTracker::new();
+    let mut client = None;
+    let result = serve(&config, shutdown, &tokens, &tasks, &jobs, &mut client).await;
+    // Whatever happened, everything started stops before `run` returns.
+    tokens.stop.cancel();
+    jobs.close();
+    if tokio::time::timeout(config.graceful_stop_timeout, jobs.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            grace_period = ?config.graceful_stop_timeout,
+            "grace period over: abandoning running jobs; JetStream redelivers them"
+        );
+        tokens.abort.cancel();
+        jobs.wait().await;
+    }
+    // The last acknowledgements go out before the connection closes.
+    if let Some(client) = client {
+        let _ = client.flush().await;
+    }
+    tokens.background.cancel();
+    tasks.close();
+    tasks.wait().await;
+    tracing::info!("stopped");
+    result
+}
+
+/// The service's cancellation tree.
+struct Tokens {
+    /// Stop fetching; release what has not started.
+    stop: CancellationToken,
+    /// The grace period is over: abandon running dispatches.
+    abort: CancellationToken,
+    /// Jobs are done: stop what served them (ops server, locks, health).
+    background: CancellationToken,
+}
+
+impl Tokens {
+    fn new() -> Self {
+        let root = CancellationToken::new();
+        Tokens {
+            stop: root.child_token(),
+            abort: root.child_token(),
+            background: root.child_token(),
+        }
+    }
+}
+
+/// Starts everything in `tasks` and `jobs` and consumes until `shutdown`;
+/// returns at the first error of start-up. `client` gets the NATS
+/// connection once there is one.
+async fn serve(
+    config: &Config,
+    shutdown: impl Future<Output = ()>,
+    tokens: &Tokens,
+    tasks: &TaskTracker,
+    jobs: &TaskTracker,
+    client: &mut Option<async_nats::Client>,
+) -> Result<(), ServiceError> {
     let handle = metrics::install().map_err(ServiceError::Metrics)?;
     let readiness = Readiness::default();
-    let background = CancellationToken::new();
-    tokio::spawn(ops_server::upkeep(handle.clone(), background.clone()));
+    tasks.spawn(ops_server::upkeep(
+        handle.clone(),
+        tokens.background.clone(),
+    ));
     if let Some(addr) = config.prometheus_listen_addr {
         let listener = ops_server::bind(addr)
             .await
             .map_err(|source| ServiceError::Listen { addr, source })?;
         tracing::info!(%addr, "serving /metrics, /health/live and /health/ready");
-        tokio::spawn(ops_server::serve(
+        tasks.spawn(ops_server::serve(
             listener,
             handle,
             readiness.clone(),
-            background.clone(),
+            tokens.background.clone(),
         ));
     }
-    let store = connect_store(&config).await?;
-    let client = connect(&config.nats, "gitaly-replicator").await?;
-    let layout = Layout::from_config(&config);
-    provision(&client, &layout).await?;
-    let nodes = NodeSet::from_config(&config)?;
+    let store = connect_store(config).await?;
+    let nats = connect(&config.nats, "gitaly-replicator").await?;
+    *client = Some(nats.clone());
+    let layout = Layout::from_config(config);
+    let js = async_nats::jetstream::new(nats.clone());
+    log_changes(&layout.ensure_streams(&js).await?);
+    let nodes = NodeSet::from_config(config)?;
     let job_timeout =
         (!config.replication.job_timeout.is_zero()).then_some(config.replication.job_timeout);
-    let replicator = GitalyReplicator::new(nodes.clone(), store.clone(), job_timeout);
-    let locks = RepositoryLocks::start(config.database.connect_options()?, background.clone());
-    readiness.set(true);
+    let replicator = GitalyReplicator::new(nodes.clone(), store.clone(), job_timeout, tasks);
+    let locks = RepositoryLocks::start(
+        config.database.connect_options()?,
+        tasks,
+        tokens.background.clone(),
+    );
     let deps = ConsumerDeps {
-        client: client.clone(),
+        client: nats,
         layout,
         replicator,
         locks,
         nodes,
-        settings: consumer_settings(&config),
+        settings: consumer_settings(config),
+        stop: tokens.stop.clone(),
+        abort: tokens.abort.clone(),
+        background: tokens.background.clone(),
+        tasks: tasks.clone(),
+        jobs: jobs.clone(),
+        readiness: readiness.clone(),
     };
-    let result = consumer::run(deps, shutdown).await;
+    drop(store);
+    let consumer = consumer::run(deps);
+    tokio::pin!(consumer);
+    let result = tokio::select! {
+        r = &mut consumer => r,
+        () = shutdown => {
+            tokens.stop.cancel();
+            consumer.await
+        }
+    };
     readiness.set(false);
-    background.cancel();
-    let _ = client.flush().await;
-    store.pool().close().await;
-    tracing::info!("stopped");
-    result.map_err(Into::into)
+    Ok(result?)
+}
+
+fn log_changes(changes: &[LayoutChange]) {
+    for c in changes {
+        match c {
+            LayoutChange::Unchanged(_) => tracing::debug!("{c}"),
+            _ => tracing::info!("{c}"),
+        }
+    }
 }

@@ -7,18 +7,21 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
-/// Checks the node now and then every `interval`; the receiver holds the
-/// latest verdict. The first check happens before the receiver says `true`,
-/// so nothing is fetched for a node that was never seen healthy.
+/// Checks the node now and then every `interval`, in a task of `tasks`; the
+/// receiver holds the latest verdict. The first check happens before the
+/// receiver says `true`, so nothing is fetched for a node that was never seen
+/// healthy.
 pub fn watch_health(
     node: Arc<NodeClient>,
     interval: Duration,
     metrics: TargetMetrics,
+    tasks: &TaskTracker,
     shutdown: CancellationToken,
 ) -> watch::Receiver<bool> {
     let (tx, rx) = watch::channel(false);
-    tokio::spawn(async move {
+    tasks.spawn(async move {
         let timeout = interval.clamp(Duration::from_millis(200), Duration::from_secs(5));
         let mut tick = tokio::time::interval(interval.max(Duration::from_millis(50)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -1,6 +1,10 @@
-//! The one mapping from a job's outcome to its acknowledgement.
+//! The one decision: what JetStream is told about a delivered job, from where
+//! the job stands, how often it was delivered, whether shutdown came first,
+//! and its part in a collapsed group. A pure function with a table of tests;
+//! the consumer only carries its answers out (`acknowledger`).
 
 use crate::event::ChangeType;
+use crate::queue::dead_letter::DeadReason;
 use crate::replicator::JobOutcome;
 use crate::retry_delay::RetryPolicy;
 use std::time::Duration;
@@ -21,43 +25,137 @@ pub fn attempts_for(change: ChangeType, default: u32) -> Attempts {
     }
 }
 
-/// What to tell JetStream about a delivered job.
+/// Where a delivered job stands when something must be said about it.
+#[derive(Debug, Clone, Copy)]
+pub enum Stage<'a> {
+    /// Waiting for its repository or a job slot, or running.
+    InFlight,
+    /// Handed back unstarted: shutdown came first, or it arrived after the
+    /// stop.
+    Released,
+    /// Still in its Gitaly call when the grace period ended.
+    Abandoned,
+    /// Not a valid job.
+    Undecodable,
+    /// It ran to this outcome (a follower: its group's leader did).
+    Finished(&'a JobOutcome),
+    /// Its dead-letter publish failed.
+    DeadLetterFailed,
+    /// Its requeue publish failed.
+    RequeueFailed,
+}
+
+/// A job's part in a collapsed group of identical updates: the leader runs,
+/// its followers are answered with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Leader,
+    /// The leader had been delivered this often.
+    Follower {
+        leader_delivered: u64,
+    },
+}
+
+/// A job's deliveries so far and how many it may have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Deliveries {
+    /// The server's count: 1 on the first delivery.
+    pub delivered: u64,
+    pub attempts: Attempts,
+    /// The consumer's limit, after which the server stops delivering.
+    pub max_deliver: u64,
+}
+
+impl Deliveries {
+    /// A nak on the server's last delivery would strand the job.
+    fn last(&self) -> bool {
+        self.delivered >= self.max_deliver
+    }
+}
+
+/// What to tell JetStream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AckAction {
     Ack,
-    /// Redeliver after the delay.
-    Nak(Duration),
+    /// Still ours: reset the ack timer.
+    Progress,
+    /// Deliver again, at once or after the delay.
+    Nak(Option<Duration>),
     /// Publish to the dead-letter stream, then terminate.
-    DeadLetter {
-        invalid: bool,
-    },
-    /// Out of server deliveries but not of attempts: publish a fresh copy to
-    /// the work subject, then terminate this one.
+    DeadLetter(DeadReason),
+    /// Publish a fresh copy that keeps the job's place, then terminate: out
+    /// of server deliveries but not of attempts.
     Requeue,
+    /// Say nothing: its call may still run, so it must not be handed to
+    /// another process before the ack wait ends.
+    Leave,
 }
 
-/// Decides the acknowledgement. `delivered` is the server's delivery count
-/// (1 on the first delivery); `max_deliver` the consumer's limit.
+/// The acknowledgement for a job at `stage`.
 pub fn decide(
-    outcome: &JobOutcome,
-    delivered: u64,
-    attempts: Attempts,
-    max_deliver: u64,
+    stage: Stage<'_>,
+    role: Role,
+    deliveries: &Deliveries,
     retry: &RetryPolicy,
+) -> AckAction {
+    // Another delivery, soon or later; on the server's last delivery a nak
+    // would strand the job, so it goes back as a fresh copy instead.
+    let again = |delay: Option<Duration>| {
+        if deliveries.last() {
+            AckAction::Requeue
+        } else {
+            AckAction::Nak(delay)
+        }
+    };
+    let soon = Some(retry.delay_after(1));
+    match stage {
+        Stage::InFlight => AckAction::Progress,
+        Stage::Released => again(None),
+        Stage::Abandoned => AckAction::Leave,
+        Stage::Undecodable => AckAction::DeadLetter(DeadReason::Invalid),
+        // A dead job whose dead letter could not be written waits for its
+        // next delivery; a fresh copy would reset its attempts.
+        Stage::DeadLetterFailed => AckAction::Nak(soon),
+        Stage::RequeueFailed => AckAction::Nak(None),
+        Stage::Finished(outcome) => match role {
+            Role::Leader => finished(outcome, deliveries, retry, again),
+            Role::Follower { leader_delivered } => {
+                let leader = Deliveries {
+                    delivered: leader_delivered,
+                    ..*deliveries
+                };
+                match finished(outcome, &leader, retry, |d| AckAction::Nak(d)) {
+                    AckAction::Ack => AckAction::Ack,
+                    // It comes back when its leader does, and collapses again.
+                    AckAction::Nak(delay) => again(delay),
+                    // Its leader died or was requeued; it never ran, so it
+                    // keeps its own attempts.
+                    _ => again(soon),
+                }
+            }
+        },
+    }
+}
+
+/// The leader's answer to an outcome; `again` redelivers it.
+fn finished(
+    outcome: &JobOutcome,
+    deliveries: &Deliveries,
+    retry: &RetryPolicy,
+    again: impl Fn(Option<Duration>) -> AckAction,
 ) -> AckAction {
     match outcome {
         JobOutcome::Completed | JobOutcome::Skipped(_) | JobOutcome::Unsupported { .. } => {
             AckAction::Ack
         }
-        JobOutcome::Invalid(_) => AckAction::DeadLetter { invalid: true },
-        // Its lock was lost, not its attempt: run it again soon, and on the
-        // server's last delivery as a fresh copy rather than a dead letter.
-        JobOutcome::Interrupted if delivered >= max_deliver => AckAction::Requeue,
-        JobOutcome::Interrupted => AckAction::Nak(retry.delay_after(1)),
-        JobOutcome::Failed(_) => match attempts {
-            Attempts::Limited(n) if delivered >= n => AckAction::DeadLetter { invalid: false },
-            Attempts::Unlimited if delivered >= max_deliver => AckAction::Requeue,
-            _ => AckAction::Nak(retry.delay_after(delivered)),
+        JobOutcome::Invalid(_) => AckAction::DeadLetter(DeadReason::Invalid),
+        // Its lock was lost, not its attempt.
+        JobOutcome::Interrupted => again(Some(retry.delay_after(1))),
+        JobOutcome::Failed(_) => match deliveries.attempts {
+            Attempts::Limited(n) if deliveries.delivered >= n => {
+                AckAction::DeadLetter(DeadReason::Dead)
+            }
+            _ => again(Some(retry.delay_after(deliveries.delivered))),
         },
     }
 }
@@ -67,6 +165,7 @@ mod tests {
     use super::*;
     use crate::gitaly::{CallError, CallErrorKind};
     use crate::replicator::{ReplicationError, SkipReason};
+    use AckAction::*;
 
     fn failed() -> JobOutcome {
         JobOutcome::Failed(ReplicationError::Call(CallError {
@@ -78,73 +177,255 @@ mod tests {
         }))
     }
 
+    const RETRY: RetryPolicy = RetryPolicy {
+        initial: Duration::from_secs(1),
+        max: Duration::from_secs(60),
+        multiplier: 2.0,
+        jitter: 0.0,
+    };
+
+    fn nak_after(failures: u64) -> AckAction {
+        Nak(Some(RETRY.delay_after(failures)))
+    }
+
+    /// Three attempts, three server deliveries.
+    fn delivery(delivered: u64) -> Deliveries {
+        Deliveries {
+            delivered,
+            attempts: Attempts::Limited(3),
+            max_deliver: 3,
+        }
+    }
+
+    fn unlimited(delivered: u64) -> Deliveries {
+        Deliveries {
+            attempts: Attempts::Unlimited,
+            ..delivery(delivered)
+        }
+    }
+
     #[test]
-    fn outcomes_map_to_the_design_table() {
-        let p = RetryPolicy::default();
-        let three = Attempts::Limited(3);
-        assert_eq!(
-            decide(&JobOutcome::Completed, 1, three, 3, &p),
-            AckAction::Ack
-        );
-        assert_eq!(
-            decide(
-                &JobOutcome::Skipped(SkipReason::Superseded),
-                1,
-                three,
-                3,
-                &p
+    fn every_stage_role_and_delivery_count_maps_to_the_design_table() {
+        let completed = JobOutcome::Completed;
+        let skipped = JobOutcome::Skipped(SkipReason::Superseded);
+        let unsupported = JobOutcome::Unsupported {
+            method: "Cleanup",
+            message: String::new(),
+        };
+        let invalid = JobOutcome::Invalid("bad".into());
+        let failed = failed();
+        let interrupted = JobOutcome::Interrupted;
+        let leader = Role::Leader;
+        let follower = |leader_delivered| Role::Follower { leader_delivered };
+        let rows: Vec<(&str, Stage, Role, Deliveries, AckAction)> = vec![
+            // While it waits or runs, it stays ours.
+            ("in flight", Stage::InFlight, leader, delivery(1), Progress),
+            (
+                "follower in flight",
+                Stage::InFlight,
+                follower(1),
+                delivery(3),
+                Progress,
             ),
-            AckAction::Ack
-        );
-        assert_eq!(
-            decide(
-                &JobOutcome::Unsupported {
-                    method: "Cleanup",
-                    message: String::new()
+            // Done, nothing to do, or an RPC a newer Gitaly removed: ack.
+            (
+                "completed",
+                Stage::Finished(&completed),
+                leader,
+                delivery(1),
+                Ack,
+            ),
+            (
+                "skipped",
+                Stage::Finished(&skipped),
+                leader,
+                delivery(2),
+                Ack,
+            ),
+            (
+                "unsupported",
+                Stage::Finished(&unsupported),
+                leader,
+                delivery(1),
+                Ack,
+            ),
+            (
+                "completed on the last delivery",
+                Stage::Finished(&completed),
+                leader,
+                delivery(3),
+                Ack,
+            ),
+            // Never valid: a dead letter, no retry.
+            (
+                "invalid",
+                Stage::Finished(&invalid),
+                leader,
+                delivery(1),
+                DeadLetter(DeadReason::Invalid),
+            ),
+            (
+                "undecodable",
+                Stage::Undecodable,
+                leader,
+                delivery(1),
+                DeadLetter(DeadReason::Invalid),
+            ),
+            // Failed: retried with a growing delay, dead when attempts run out.
+            (
+                "failed, first",
+                Stage::Finished(&failed),
+                leader,
+                delivery(1),
+                nak_after(1),
+            ),
+            (
+                "failed, second",
+                Stage::Finished(&failed),
+                leader,
+                delivery(2),
+                nak_after(2),
+            ),
+            (
+                "failed, last",
+                Stage::Finished(&failed),
+                leader,
+                delivery(3),
+                DeadLetter(DeadReason::Dead),
+            ),
+            // More attempts than server deliveries: a fresh copy at the limit.
+            (
+                "failed at max_deliver with attempts left",
+                Stage::Finished(&failed),
+                leader,
+                Deliveries {
+                    attempts: Attempts::Limited(5),
+                    ..delivery(3)
                 },
-                1,
-                three,
-                3,
-                &p
+                Requeue,
             ),
-            AckAction::Ack
-        );
-        assert_eq!(
-            decide(&JobOutcome::Invalid("x".into()), 1, three, 3, &p),
-            AckAction::DeadLetter { invalid: true }
-        );
-        assert!(matches!(
-            decide(&failed(), 1, three, 3, &p),
-            AckAction::Nak(_)
-        ));
-        assert!(matches!(
-            decide(&failed(), 2, three, 3, &p),
-            AckAction::Nak(_)
-        ));
-        assert_eq!(
-            decide(&failed(), 3, three, 3, &p),
-            AckAction::DeadLetter { invalid: false }
-        );
-        assert!(matches!(
-            decide(&failed(), 2, Attempts::Unlimited, 3, &p),
-            AckAction::Nak(_)
-        ));
-        assert_eq!(
-            decide(&failed(), 3, Attempts::Unlimited, 3, &p),
-            AckAction::Requeue
-        );
-        assert!(matches!(
-            decide(&JobOutcome::Interrupted, 1, three, 3, &p),
-            AckAction::Nak(_)
-        ));
-        assert_eq!(
-            decide(&JobOutcome::Interrupted, 3, three, 3, &p),
-            AckAction::Requeue
-        );
+            // delete_replica never dies.
+            (
+                "unlimited, failed",
+                Stage::Finished(&failed),
+                leader,
+                unlimited(2),
+                nak_after(2),
+            ),
+            (
+                "unlimited, failed at max_deliver",
+                Stage::Finished(&failed),
+                leader,
+                unlimited(3),
+                Requeue,
+            ),
+            // A lost lock costs no attempt.
+            (
+                "interrupted",
+                Stage::Finished(&interrupted),
+                leader,
+                delivery(2),
+                nak_after(1),
+            ),
+            (
+                "interrupted on the last delivery",
+                Stage::Finished(&interrupted),
+                leader,
+                delivery(3),
+                Requeue,
+            ),
+            // Shutdown before it started: back at once, never stranded.
+            ("released", Stage::Released, leader, delivery(1), Nak(None)),
+            (
+                "released on the last delivery",
+                Stage::Released,
+                leader,
+                delivery(3),
+                Requeue,
+            ),
+            (
+                "released follower on the last delivery",
+                Stage::Released,
+                follower(1),
+                delivery(3),
+                Requeue,
+            ),
+            // The grace period ended mid-call: say nothing.
+            ("abandoned", Stage::Abandoned, leader, delivery(1), Leave),
+            // A failed dead-letter publish keeps the job; a failed requeue too.
+            (
+                "dead letter failed",
+                Stage::DeadLetterFailed,
+                leader,
+                delivery(3),
+                nak_after(1),
+            ),
+            (
+                "requeue failed",
+                Stage::RequeueFailed,
+                leader,
+                delivery(3),
+                Nak(None),
+            ),
+            // Followers are answered with their leader...
+            (
+                "follower of a completed leader",
+                Stage::Finished(&completed),
+                follower(1),
+                delivery(1),
+                Ack,
+            ),
+            (
+                "follower of a failed leader",
+                Stage::Finished(&failed),
+                follower(2),
+                delivery(1),
+                nak_after(2),
+            ),
+            // ...but each by its own delivery count,
+            (
+                "follower on its last delivery, leader failed",
+                Stage::Finished(&failed),
+                follower(1),
+                delivery(3),
+                Requeue,
+            ),
+            // and a follower never ran, so a dead or invalid leader does not
+            // use up its attempts.
+            (
+                "follower of a dead leader",
+                Stage::Finished(&failed),
+                follower(3),
+                delivery(1),
+                nak_after(1),
+            ),
+            (
+                "follower of an invalid leader",
+                Stage::Finished(&invalid),
+                follower(1),
+                delivery(2),
+                nak_after(1),
+            ),
+            (
+                "follower of an interrupted leader",
+                Stage::Finished(&interrupted),
+                follower(1),
+                delivery(1),
+                nak_after(1),
+            ),
+        ];
+        for (name, stage, role, deliveries, expected) in rows {
+            assert_eq!(decide(stage, role, &deliveries, &RETRY), expected, "{name}");
+        }
+    }
+
+    #[test]
+    fn delete_replica_has_unlimited_attempts_and_the_rest_the_configured_number() {
         assert_eq!(
             attempts_for(ChangeType::DeleteReplica, 3),
             Attempts::Unlimited
         );
         assert_eq!(attempts_for(ChangeType::Update, 5), Attempts::Limited(5));
+        assert_eq!(attempts_for(ChangeType::Update, 0), Attempts::Limited(1));
     }
 }

@@ -241,6 +241,16 @@ impl Layout {
     /// Creates what is missing, updates what JetStream can change, and refuses
     /// what it cannot. Returns one entry per object.
     pub async fn ensure(&self, js: &Context) -> Result<Vec<LayoutChange>, LayoutError> {
+        let mut report = self.ensure_streams(js).await?;
+        for spec in &self.consumers {
+            report.extend(self.ensure_target(js, spec).await?);
+        }
+        Ok(report)
+    }
+
+    /// The streams and the advisory consumer: what must exist before any
+    /// target's consumer.
+    pub async fn ensure_streams(&self, js: &Context) -> Result<Vec<LayoutChange>, LayoutError> {
         let version = js.client().server_info().version;
         if self.max_bytes != -1 && !byte_limit_is_safe(&version) {
             return Err(LayoutError::UnsafeByteLimit {
@@ -255,16 +265,6 @@ impl Layout {
             self.advisory_stream_config(),
         ] {
             report.push(ensure_stream(js, config).await?);
-        }
-        let work = js
-            .get_stream(&self.stream)
-            .await
-            .map_err(|e| api(format!("stream {}", self.stream), e))?;
-        let existing = durable_consumers(&work, &self.stream).await?;
-        for spec in &self.consumers {
-            let wanted = self.consumer_config(spec);
-            move_consumers(&work, &self.stream, &existing, &wanted, &mut report).await?;
-            report.push(ensure_consumer(&work, &self.stream, wanted).await?);
         }
         let advisories = js
             .get_stream(&self.advisory_stream)
@@ -281,6 +281,24 @@ impl Layout {
         )
         .await?;
         report.push(ensure_consumer(&advisories, &self.advisory_stream, wanted).await?);
+        Ok(report)
+    }
+
+    /// One target's durable consumer (taking over one of an older name).
+    pub async fn ensure_target(
+        &self,
+        js: &Context,
+        spec: &ConsumerSpec,
+    ) -> Result<Vec<LayoutChange>, LayoutError> {
+        let work = js
+            .get_stream(&self.stream)
+            .await
+            .map_err(|e| api(format!("stream {}", self.stream), e))?;
+        let existing = durable_consumers(&work, &self.stream).await?;
+        let wanted = self.consumer_config(spec);
+        let mut report = Vec::new();
+        move_consumers(&work, &self.stream, &existing, &wanted, &mut report).await?;
+        report.push(ensure_consumer(&work, &self.stream, wanted).await?);
         Ok(report)
     }
 }

@@ -2,11 +2,13 @@
 //! loop, and the dead-letter stream.
 
 pub mod ack;
+pub mod acknowledger;
 pub mod advisories;
 pub mod connect;
 pub mod consumer;
 pub mod dead_letter;
 pub mod depth;
+mod job;
 pub mod layout;
 pub mod names;
 pub mod publisher;

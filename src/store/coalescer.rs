@@ -7,6 +7,7 @@
 use std::future::Future;
 use std::sync::Arc;
 use tokio::sync::{Semaphore, mpsc};
+use tokio_util::task::TaskTracker;
 
 /// The sending side; cheap to clone.
 pub struct Coalescer<T> {
@@ -22,9 +23,14 @@ impl<T> Clone for Coalescer<T> {
 }
 
 impl<T: Send + 'static> Coalescer<T> {
-    /// Starts the batching task. It ends when every sender is dropped and
-    /// the queue is drained.
-    pub fn start<F, Fut>(max_batch: usize, max_in_flight: usize, handler: F) -> Coalescer<T>
+    /// Starts the batching task in `tasks`. It ends when every sender is
+    /// dropped and the queue is drained.
+    pub fn start<F, Fut>(
+        tasks: &TaskTracker,
+        max_batch: usize,
+        max_in_flight: usize,
+        handler: F,
+    ) -> Coalescer<T>
     where
         F: Fn(Vec<T>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = ()> + Send + 'static,
@@ -32,7 +38,8 @@ impl<T: Send + 'static> Coalescer<T> {
         let (tx, mut rx) = mpsc::unbounded_channel::<T>();
         let handler = Arc::new(handler);
         let slots = Arc::new(Semaphore::new(max_in_flight.max(1)));
-        tokio::spawn(async move {
+        let batches = tasks.clone();
+        tasks.spawn(async move {
             while let Some(first) = rx.recv().await {
                 // Wait for a free slot first: items keep queueing meanwhile,
                 // so a busy handler gets bigger batches.
@@ -47,7 +54,7 @@ impl<T: Send + 'static> Coalescer<T> {
                     }
                 }
                 let handler = handler.clone();
-                tokio::spawn(async move {
+                batches.spawn(async move {
                     handler(batch).await;
                     drop(slot);
                 });
@@ -72,16 +79,21 @@ mod tests {
     async fn items_queued_while_the_handler_is_busy_arrive_as_one_batch() {
         let sizes = Arc::new(Mutex::new(Vec::new()));
         let seen = sizes.clone();
-        let c = Coalescer::start(100, 1, move |batch: Vec<oneshot::Sender<()>>| {
-            let seen = seen.clone();
-            async move {
-                seen.lock().unwrap().push(batch.len());
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                for reply in batch {
-                    let _ = reply.send(());
+        let c = Coalescer::start(
+            &TaskTracker::new(),
+            100,
+            1,
+            move |batch: Vec<oneshot::Sender<()>>| {
+                let seen = seen.clone();
+                async move {
+                    seen.lock().unwrap().push(batch.len());
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    for reply in batch {
+                        let _ = reply.send(());
+                    }
                 }
-            }
-        });
+            },
+        );
         let mut waits = Vec::new();
         for _ in 0..21 {
             let (tx, rx) = oneshot::channel();

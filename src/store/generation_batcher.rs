@@ -10,6 +10,7 @@ use crate::store::{
     WriteOrder,
 };
 use tokio::sync::oneshot;
+use tokio_util::task::TaskTracker;
 
 struct Read {
     virtual_storage: String,
@@ -108,10 +109,10 @@ fn missing_answer() -> StoreError {
 }
 
 impl GenerationBatcher {
-    /// Starts the batching tasks; they need a Tokio runtime.
-    pub fn start(store: RepositoryStore) -> GenerationBatcher {
+    /// Starts the batching tasks in `tasks`.
+    pub fn start(store: RepositoryStore, tasks: &TaskTracker) -> GenerationBatcher {
         let s = store.clone();
-        let reads = Coalescer::start(MAX_BATCH, 2, move |batch: Vec<Read>| {
+        let reads = Coalescer::start(tasks, MAX_BATCH, 2, move |batch: Vec<Read>| {
             let store = s.clone();
             async move {
                 let queries: Vec<_> = batch.iter().map(Read::query).collect();
@@ -127,7 +128,7 @@ impl GenerationBatcher {
         // They cannot meet on a replica row (its repository lock admits one
         // job at a time); on a repository row, rows sorted by key lock in the
         // same order, and a deadlock with another process's batch is retried.
-        let writes = Coalescer::start(MAX_BATCH, 2, move |mut batch: Vec<Write>| {
+        let writes = Coalescer::start(tasks, MAX_BATCH, 2, move |mut batch: Vec<Write>| {
             let store = store.clone();
             batch.sort_unstable_by(|a, b| {
                 (&a.virtual_storage, &a.relative_path, &a.storage).cmp(&(

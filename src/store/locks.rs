@@ -28,6 +28,7 @@
 
 mod holder;
 
+use crate::retry_delay::RetryPolicy;
 use crate::store::{JobKey, LockSessionId};
 use sqlx::postgres::PgConnectOptions;
 use std::collections::HashMap;
@@ -36,6 +37,7 @@ use std::time::Duration;
 use time::OffsetDateTime;
 use tokio::sync::{OwnedMutexGuard, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// A job's completion key with a time: its creation for a dedup check, its
 /// start for a completion record.
@@ -139,17 +141,27 @@ const KEEPALIVE: Duration = Duration::from_millis(250);
 /// A keepalive that takes longer than this counts as a lost session.
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(1);
 
-const RETRY_MIN: Duration = Duration::from_millis(20);
-const RETRY_MAX: Duration = Duration::from_secs(1);
+/// How a lock request that was refused, or a lost lock connection, is tried
+/// again: from 20 ms, doubling, up to 1 s.
+const RETRY: RetryPolicy = RetryPolicy {
+    initial: Duration::from_millis(20),
+    max: Duration::from_secs(1),
+    multiplier: 2.0,
+    jitter: 0.2,
+};
 
 impl RepositoryLocks {
-    /// Starts the lock-holding task; it stops when `shutdown` is cancelled
-    /// and no guards remain.
-    pub fn start(options: PgConnectOptions, shutdown: CancellationToken) -> Arc<RepositoryLocks> {
+    /// Starts the lock-holding task in `tasks`; it stops when `shutdown` is
+    /// cancelled and no guards remain.
+    pub fn start(
+        options: PgConnectOptions,
+        tasks: &TaskTracker,
+        shutdown: CancellationToken,
+    ) -> Arc<RepositoryLocks> {
         let (tx, rx) = mpsc::unbounded_channel();
         // Named, so operators can tell it apart in pg_stat_activity.
         let options = options.application_name(LOCK_CONNECTION_NAME);
-        tokio::spawn(holder::lock_holder(options, rx, shutdown));
+        tasks.spawn(holder::lock_holder(options, rx, shutdown));
         Arc::new(RepositoryLocks {
             local: Mutex::new(HashMap::new()),
             requests: tx,
@@ -190,7 +202,7 @@ impl RepositoryLocks {
                 }
             }
         };
-        let mut wait = RETRY_MIN;
+        let mut refused = 0;
         loop {
             let (reply, answer) = oneshot::channel();
             let request = Request::TryLock {
@@ -221,11 +233,11 @@ impl RepositoryLocks {
                 });
             }
             waited = true;
+            refused += 1;
             tokio::select! {
-                _ = tokio::time::sleep(wait) => {}
+                _ = tokio::time::sleep(RETRY.delay_after(refused)) => {}
                 _ = cancel.cancelled() => return None,
             }
-            wait = (wait * 2).min(RETRY_MAX);
         }
     }
 

@@ -128,6 +128,7 @@ impl TwoNodes {
             nodes,
             db.store.clone(),
             (!timeout.is_zero()).then_some(timeout),
+            &tokio_util::task::TaskTracker::new(),
         );
         TwoNodes {
             db,

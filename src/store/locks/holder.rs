@@ -3,10 +3,7 @@
 //! tells every guard when the session is lost, and keeps the registry of
 //! lost sessions (see `store::lock_sessions`).
 
-use super::{
-    Answer, Completion, KEEPALIVE, KEEPALIVE_TIMEOUT, REFUSED, RETRY_MAX, RETRY_MIN, Request,
-    Session,
-};
+use super::{Answer, Completion, KEEPALIVE, KEEPALIVE_TIMEOUT, REFUSED, RETRY, Request, Session};
 use crate::store::{
     self, JobKey, LockSessionAnswers, LockSessionBatch, LockSessionId, ORPHAN_GRACE_SECONDS,
     StoreError,
@@ -112,7 +109,7 @@ pub(super) async fn lock_holder(
     // A lock statement answered that locks are barred: the registry needs
     // tidying (at most once per keepalive).
     let mut barred = false;
-    let mut reconnect_wait = RETRY_MIN;
+    let mut reconnect_failures = 0;
     let mut keepalive = tokio::time::interval(KEEPALIVE);
     keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -163,11 +160,11 @@ pub(super) async fn lock_holder(
         }
         let Some(mut s) = session.take() else {
             deny(batch);
-            tokio::time::sleep(reconnect_wait).await;
-            reconnect_wait = (reconnect_wait * 2).min(RETRY_MAX);
+            reconnect_failures += 1;
+            tokio::time::sleep(RETRY.delay_after(reconnect_failures)).await;
             continue;
         };
-        reconnect_wait = RETRY_MIN;
+        reconnect_failures = 0;
         match serve_batch(&mut s, batch).await {
             Ok(was_barred) => {
                 barred |= was_barred;

@@ -14,7 +14,10 @@ use tokio_util::sync::CancellationToken;
 fn process(db: &TestDatabase) -> (Arc<RepositoryLocks>, CancellationToken) {
     let stop = CancellationToken::new();
     let options = PgConnectOptions::from_str(&db.url).unwrap();
-    (RepositoryLocks::start(options, stop.clone()), stop)
+    (
+        RepositoryLocks::start(options, &tokio_util::task::TaskTracker::new(), stop.clone()),
+        stop,
+    )
 }
 
 /// Tries to take `key` for `wait`; true when it got it (and gives it back).

@@ -175,7 +175,7 @@ async fn a_bad_row_in_a_generation_batch_fails_only_its_own_job() {
     }
     // Postgres text cannot hold NUL: this row breaks the batch's statement.
     let bad = "bad\0.git".to_owned();
-    let batcher = GenerationBatcher::start(db.store.clone());
+    let batcher = GenerationBatcher::start(db.store.clone(), &tokio_util::task::TaskTracker::new());
     let writes = paths.iter().chain([&bad]).map(|p| {
         batcher.set_generation(GenerationRecord {
             virtual_storage: VS,

@@ -1,0 +1,176 @@
+//! Carries out what `ack::decide` answered for one delivered message, and
+//! says so when it could not: every failed acknowledgement is logged once with
+//! the job's fields and counted in `gitaly_replicator_ack_errors_total{kind}`.
+//!
+//! A plain ack is a publish the client buffers: while the connection is down
+//! it returns at once and the ack waits in the client, to be sent after the
+//! reconnect or lost with the connection (the server then delivers the job
+//! again). So an acknowledgement made while disconnected counts as failed as
+//! well: a broker that takes no acks must not look healthy.
+
+use crate::metrics::{self, TargetMetrics};
+use crate::queue::ack::{AckAction, Deliveries, Role, Stage, decide};
+use crate::queue::dead_letter::{DeadJob, DeadReason, publish_dead};
+use crate::queue::layout::Layout;
+use crate::queue::requeue::{Placement, requeue};
+use crate::retry_delay::RetryPolicy;
+use async_nats::connection::State;
+use async_nats::jetstream::{self, AckKind};
+
+/// The fields a job's log lines carry, as Praefect names them.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct JobFields<'a> {
+    pub virtual_storage: &'a str,
+    pub target: &'a str,
+    pub source: &'a str,
+    pub correlation_id: &'a str,
+    pub change_type: &'a str,
+    pub relative_path: &'a str,
+    pub stream_sequence: u64,
+    pub attempt: u64,
+}
+
+/// Logs an event of one job with Praefect's field names at the top level of
+/// the line, where log queries written for Praefect look for them.
+macro_rules! job_log {
+    ($level:ident, $f:expr, $($rest:tt)*) => {{
+        let f: &$crate::queue::acknowledger::JobFields = &$f;
+        tracing::$level!(
+            virtual_storage = %f.virtual_storage,
+            replication_job_target = %f.target,
+            replication_job_source = %f.source,
+            correlation_id = %f.correlation_id,
+            change_type = %f.change_type,
+            relative_path = %f.relative_path,
+            stream_sequence = f.stream_sequence,
+            attempt = f.attempt,
+            $($rest)*
+        )
+    }};
+}
+pub(crate) use job_log;
+
+/// One delivered message, as the acknowledger needs it.
+pub struct Delivery<'a> {
+    pub message: &'a jetstream::Message,
+    /// The message's own stream sequence.
+    pub sequence: u64,
+    pub deliveries: Deliveries,
+    pub placement: Placement,
+    pub fields: JobFields<'a>,
+}
+
+/// Carries out the acknowledgements of one target's jobs; cheap to clone.
+#[derive(Clone)]
+pub struct Acknowledger {
+    js: jetstream::Context,
+    layout: Layout,
+    retry: RetryPolicy,
+    metrics: TargetMetrics,
+}
+
+impl Acknowledger {
+    pub fn new(
+        js: jetstream::Context,
+        layout: Layout,
+        retry: RetryPolicy,
+        metrics: TargetMetrics,
+    ) -> Self {
+        Acknowledger {
+            js,
+            layout,
+            retry,
+            metrics,
+        }
+    }
+
+    /// Decides for `stage` and carries the decision out; a dead letter or a
+    /// requeue whose publish fails is decided again as such. `error` is what
+    /// a dead letter records as the reason.
+    pub async fn settle(&self, d: &Delivery<'_>, stage: Stage<'_>, role: Role, error: &str) {
+        let action = decide(stage, role, &d.deliveries, &self.retry);
+        let fallback = match &action {
+            AckAction::DeadLetter(reason) => match self.dead_letter(d, *reason, error).await {
+                Ok(()) => return self.send(d, AckKind::Term, "term").await,
+                Err(e) => {
+                    self.failed(d, "dead_letter", &e);
+                    Stage::DeadLetterFailed
+                }
+            },
+            AckAction::Requeue => match self.requeue(d).await {
+                Ok(()) => return self.send(d, AckKind::Term, "term").await,
+                Err(e) => {
+                    self.failed(d, "requeue", &e);
+                    Stage::RequeueFailed
+                }
+            },
+            _ => return self.carry_out(d, action).await,
+        };
+        let action = decide(fallback, role, &d.deliveries, &self.retry);
+        self.carry_out(d, action).await;
+    }
+
+    /// Sends a plain acknowledgement.
+    async fn carry_out(&self, d: &Delivery<'_>, action: AckAction) {
+        let (kind, name) = match action {
+            AckAction::Ack => (AckKind::Ack, "ack"),
+            AckAction::Progress => (AckKind::Progress, "progress"),
+            AckAction::Nak(delay) => (AckKind::Nak(delay), "nak"),
+            AckAction::Leave => return,
+            // Decided again above; never carried out as plain acks.
+            AckAction::DeadLetter(_) | AckAction::Requeue => (AckKind::Nak(None), "nak"),
+        };
+        self.send(d, kind, name).await;
+    }
+
+    async fn send(&self, d: &Delivery<'_>, kind: AckKind, name: &'static str) {
+        match d.message.ack_with(kind).await {
+            Err(e) => self.failed(d, name, &e.to_string()),
+            Ok(()) if self.js.client().connection_state() != State::Connected => self.failed(
+                d,
+                name,
+                "sent while disconnected from NATS: it goes out after the reconnect, or the job is delivered again",
+            ),
+            Ok(()) => {}
+        }
+    }
+
+    async fn dead_letter(
+        &self,
+        d: &Delivery<'_>,
+        reason: DeadReason,
+        error: &str,
+    ) -> Result<(), String> {
+        let dead = DeadJob {
+            work_subject: d.message.message.subject.as_str(),
+            work_sequence: d.sequence,
+            payload: d.message.message.payload.clone(),
+            reason,
+            error,
+            attempts: d.deliveries.delivered,
+        };
+        publish_dead(&self.js, &self.layout, dead)
+            .await
+            .map_err(|e| e.to_string())?;
+        self.metrics.dead_letter(reason.as_str());
+        Ok(())
+    }
+
+    async fn requeue(&self, d: &Delivery<'_>) -> Result<(), String> {
+        requeue(
+            &self.js,
+            &self.layout.stream,
+            d.message.message.subject.to_string(),
+            d.message.message.payload.clone(),
+            d.placement,
+            d.sequence,
+            d.deliveries.delivered,
+        )
+        .await
+    }
+
+    fn failed(&self, d: &Delivery<'_>, kind: &'static str, error: &str) {
+        metrics::ack_error(kind);
+        job_log!(warn, d.fields, ack = kind, %error, "acknowledgement failed");
+    }
+}

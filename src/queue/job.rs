@@ -1,0 +1,437 @@
+//! One job's life in the consumer, from arrival to its final
+//! acknowledgement: decode it, collapse identical updates of a batch, wait
+//! for the repository and a job slot, dispatch, and settle.
+//!
+//! Every delivered message is owned by one task until it is settled; while
+//! it waits or runs, the task keeps it ours with in-progress acks. Each
+//! acknowledgement, follower acks included, is what `ack::decide` answers
+//! for the stage the job reached (`acknowledger` carries it out). Shutdown
+//! cancels waiting, never a dispatch: jobs that have not started are
+//! released at once, running ones get the grace period.
+
+use crate::event::Job;
+use crate::queue::ack::{Deliveries, Role, Stage};
+use crate::queue::acknowledger::{Delivery, JobFields, job_log};
+use crate::queue::consumer::{Shared, Target, delivery_facts, with_attempts};
+use crate::queue::layout::Layout;
+use crate::queue::requeue::Placement;
+use crate::replicator::{JobOutcome, Replicator, SkipReason};
+use crate::store::{JobKey, WriteOrder, repository_lock_key};
+use crate::subject::parse_job_subject;
+use async_nats::jetstream;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use time::OffsetDateTime;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::Instant;
+
+/// One delivered job before it runs.
+struct Delivered {
+    message: jetstream::Message,
+    job: Job,
+    deliveries: Deliveries,
+    /// The message's own stream sequence.
+    sequence: u64,
+    /// Its first publication: its place in its replica's order, and the
+    /// time completion dedup judges it by (the broker's clock; a publisher's
+    /// `created_at` may come from a clock that is off).
+    placement: Placement,
+    /// Its share of the intake, given back when the task ends.
+    held: Option<OwnedSemaphorePermit>,
+}
+
+impl Delivered {
+    fn fields(&self) -> JobFields<'_> {
+        let job = &self.job;
+        JobFields {
+            virtual_storage: &job.virtual_storage,
+            target: &job.target_node_storage,
+            source: job.source_node_storage.as_deref().unwrap_or(""),
+            correlation_id: job.correlation_id.as_deref().unwrap_or(""),
+            change_type: job.change_type().as_str(),
+            relative_path: &job.relative_path,
+            stream_sequence: self.sequence,
+            attempt: self.deliveries.delivered,
+        }
+    }
+
+    fn delivery(&self) -> Delivery<'_> {
+        Delivery {
+            message: &self.message,
+            sequence: self.sequence,
+            deliveries: self.deliveries,
+            placement: self.placement,
+            fields: self.fields(),
+        }
+    }
+}
+
+/// Nanoseconds since 1970, saturating (an i64 lasts until 2262).
+fn unix_nanos(t: OffsetDateTime) -> i64 {
+    i64::try_from(t.unix_timestamp_nanos()).unwrap_or(i64::MAX)
+}
+
+/// Decodes a batch, sends invalid messages to the dead letters, collapses
+/// identical updates, and starts one task per remaining job.
+pub(super) fn dispatch_batch<R: Replicator>(
+    shared: &Arc<Shared<R>>,
+    target: &Arc<Target>,
+    batch: Vec<(jetstream::Message, Option<OwnedSemaphorePermit>)>,
+) {
+    let mut groups: Vec<(Delivered, Vec<Delivered>)> = Vec::new();
+    let mut update_leader: HashMap<(String, String), usize> = HashMap::new();
+    for (message, held) in batch {
+        let (deliveries, sequence, placement) = delivery_facts(shared, &message);
+        shared
+            .latest_published
+            .fetch_max(unix_nanos(placement.published), Ordering::Relaxed);
+        let job = match decode(&shared.layout, &message) {
+            Ok(job) => job,
+            Err(reason) => {
+                let target = target.clone();
+                shared.jobs.spawn(async move {
+                    let _held = held;
+                    target.metrics.outcome(None, "invalid");
+                    let fields = JobFields {
+                        virtual_storage: &target.spec.virtual_storage,
+                        target: &target.spec.target_storage,
+                        stream_sequence: sequence,
+                        attempt: deliveries.delivered,
+                        ..JobFields::default()
+                    };
+                    job_log!(warn, fields, error = %reason, "invalid replication job");
+                    let d = Delivery {
+                        message: &message,
+                        sequence,
+                        deliveries,
+                        placement,
+                        fields,
+                    };
+                    let acks = &target.acknowledger;
+                    acks.settle(&d, Stage::Undecodable, Role::Leader, &reason)
+                        .await;
+                });
+                continue;
+            }
+        };
+        let deliveries = with_attempts(shared, &job, deliveries);
+        let d = Delivered {
+            message,
+            job,
+            deliveries,
+            sequence,
+            placement,
+            held,
+        };
+        if d.job.change_type().needs_source() {
+            let key = (
+                d.job.relative_path.clone(),
+                d.job.source_node_storage.clone().unwrap_or_default(),
+            );
+            if let Some(&i) = update_leader.get(&key) {
+                // The group runs as its newest job, so it takes that job's
+                // place in the replica's order: a state-changing job
+                // published between the twins cannot undo the newest one.
+                let (leader, followers) = &mut groups[i];
+                let (newer, mut older) = if d.placement.sequence > leader.placement.sequence {
+                    let old = std::mem::replace(leader, d);
+                    (leader, old)
+                } else {
+                    (leader, d)
+                };
+                match (&mut newer.held, older.held.take()) {
+                    (Some(l), Some(f)) => l.merge(f),
+                    (l, f) => *l = l.take().or(f),
+                }
+                followers.push(older);
+                continue;
+            }
+            update_leader.insert(key, groups.len());
+        }
+        groups.push((d, Vec::new()));
+    }
+    for (d, followers) in groups {
+        let shared2 = shared.clone();
+        let target = target.clone();
+        shared
+            .jobs
+            .spawn(Box::pin(process(shared2, target, d, followers)));
+    }
+}
+
+/// The job in a message, checked against the subject it came on.
+fn decode(layout: &Layout, m: &jetstream::Message) -> Result<Job, String> {
+    let job = Job::from_json(&m.message.payload).map_err(|e| e.to_string())?;
+    let (vs, target) = parse_job_subject(&layout.subject_prefix, m.message.subject.as_str())
+        .map_err(|e| e.to_string())?;
+    if vs != job.virtual_storage || target != job.target_node_storage {
+        return Err(format!(
+            "subject {} is for {vs}/{target} but the payload is for {}/{}",
+            m.message.subject, job.virtual_storage, job.target_node_storage
+        ));
+    }
+    Ok(job)
+}
+
+/// How far a job got before it was stopped.
+enum Ran {
+    /// The outcome; the latency when it completed; whether it was dispatched
+    /// (a superseded job never is).
+    Finished(JobOutcome, Option<Duration>, bool),
+    /// Shutdown came before it started.
+    Released,
+    /// The grace period ended mid-dispatch.
+    Abandoned,
+}
+
+async fn process<R: Replicator>(
+    shared: Arc<Shared<R>>,
+    target: Arc<Target>,
+    d: Delivered,
+    followers: Vec<Delivered>,
+) {
+    let change_type = d.job.change_type();
+    let acks = &target.acknowledger;
+    let fields = d.fields();
+    let work = run_job(&shared, &target, &d, &fields);
+    tokio::pin!(work);
+    let every = (shared.settings.ack_wait / 3).max(Duration::from_millis(100));
+    let mut tick = tokio::time::interval_at(Instant::now() + every, every);
+    let leader_delivered = d.deliveries.delivered;
+    let follower = Role::Follower { leader_delivered };
+    let ran = loop {
+        tokio::select! {
+            r = &mut work => break r,
+            _ = tick.tick() => {
+                acks.settle(&d.delivery(), Stage::InFlight, Role::Leader, "").await;
+                for f in &followers {
+                    acks.settle(&f.delivery(), Stage::InFlight, follower, "").await;
+                }
+            }
+        }
+    };
+    let (outcome, latency, dispatched) = match ran {
+        Ran::Finished(o, l, dispatched) => (o, l, dispatched),
+        Ran::Released => {
+            job_log!(
+                info,
+                fields,
+                "shutting down: job released before it started"
+            );
+            acks.settle(&d.delivery(), Stage::Released, Role::Leader, "")
+                .await;
+            for f in &followers {
+                acks.settle(&f.delivery(), Stage::Released, follower, "")
+                    .await;
+            }
+            return;
+        }
+        Ran::Abandoned => {
+            acks.settle(&d.delivery(), Stage::Abandoned, Role::Leader, "")
+                .await;
+            return;
+        }
+    };
+    let label = outcome.label();
+    if dispatched {
+        target.metrics.job_finished(change_type, label, latency);
+    } else {
+        target.metrics.outcome(Some(change_type), label);
+    }
+    log_outcome(&shared, &target, &fields, &outcome, latency);
+    let error = match &outcome {
+        JobOutcome::Failed(e) => e.to_string(),
+        JobOutcome::Invalid(e) => e.clone(),
+        _ => String::new(),
+    };
+    let stage = Stage::Finished(&outcome);
+    acks.settle(&d.delivery(), stage, Role::Leader, &error)
+        .await;
+    let collapsed = matches!(
+        outcome,
+        JobOutcome::Completed | JobOutcome::Skipped(_) | JobOutcome::Unsupported { .. }
+    );
+    for f in &followers {
+        if collapsed {
+            target.metrics.outcome(Some(change_type), "skipped");
+            job_log!(debug, f.fields(), skipped = %SkipReason::Collapsed, "collapsed update acknowledged");
+        }
+        acks.settle(&f.delivery(), stage, follower, "").await;
+    }
+}
+
+/// The log line of a finished job, as Praefect writes it.
+fn log_outcome<R>(
+    shared: &Shared<R>,
+    target: &Target,
+    fields: &JobFields<'_>,
+    outcome: &JobOutcome,
+    latency: Option<Duration>,
+) {
+    match outcome {
+        JobOutcome::Completed => {
+            job_log!(info, fields, new_state = "completed", latency = ?latency, "replication job processing finished")
+        }
+        JobOutcome::Skipped(reason) => {
+            job_log!(info, fields, new_state = "completed", skipped = %reason, "replication job processing finished")
+        }
+        JobOutcome::Failed(e) => {
+            job_log!(warn, fields, new_state = "failed", error = %e, "replication job processing finished")
+        }
+        JobOutcome::Invalid(e) => {
+            job_log!(warn, fields, new_state = "dead", error = %e, "replication job is invalid")
+        }
+        JobOutcome::Interrupted => {
+            job_log!(
+                warn,
+                fields,
+                new_state = "interrupted",
+                "repository lock lost: the job stopped before its write and runs again"
+            )
+        }
+        JobOutcome::Unsupported { method, message } => {
+            let first = shared
+                .warned_unsupported
+                .lock()
+                .map(|mut w| w.insert((target.spec.durable_name.clone(), *method)))
+                .unwrap_or(false);
+            if first {
+                job_log!(warn, fields, method, %message, "target does not implement this RPC any more; such jobs are acknowledged without effect");
+            }
+        }
+    }
+}
+
+/// The repository lock keys of a job: its replica, and for a rename the
+/// replica at the new path too, in a fixed order so that two renames in
+/// opposite directions cannot wait for each other.
+fn lock_keys(job: &Job) -> Vec<i64> {
+    let (vs, rel, target) = job.repository_key();
+    let mut keys = vec![repository_lock_key(vs, rel, target)];
+    if let crate::event::Change::Rename { new_relative_path } = &job.change {
+        keys.push(repository_lock_key(vs, new_relative_path, target));
+        keys.sort_unstable();
+        keys.dedup();
+    }
+    keys
+}
+
+/// Waits for the repository and a job slot, checks completion dedup, and
+/// dispatches.
+async fn run_job<R: Replicator>(
+    shared: &Shared<R>,
+    target: &Target,
+    d: &Delivered,
+    fields: &JobFields<'_>,
+) -> Ran {
+    let job = &d.job;
+    let change = job.change_type();
+    let ordered = change.changes_state();
+    // Maintenance jobs are deduplicated Praefect's way; state-changing jobs
+    // are ordered instead (a twin's completion says nothing about a delete
+    // published between the two).
+    let completion = (!ordered).then(|| JobKey::of(job));
+    let mut guards = Vec::new();
+    for (i, key) in lock_keys(job).into_iter().enumerate() {
+        // The dedup check is answered with the lock, so it sees every twin
+        // that completed before the lock was free.
+        let check = completion
+            .clone()
+            .filter(|_| i == 0)
+            .map(|c| (c, d.placement.published));
+        match shared.locks.acquire_checked(key, check, &shared.stop).await {
+            Some(g) => guards.push(g),
+            None => {
+                for g in guards {
+                    shared.locks.release(g);
+                }
+                return Ran::Released;
+            }
+        }
+    }
+    let permit = tokio::select! {
+        p = shared.permits.acquire() => p,
+        _ = shared.stop.cancelled() => {
+            for g in guards {
+                shared.locks.release(g);
+            }
+            return Ran::Released;
+        }
+    };
+    if guards.iter().any(|g| g.waited()) {
+        job_log!(
+            debug,
+            fields,
+            "waited for the repository lock: another job of this replica ran first"
+        );
+    }
+    let mut record = None;
+    let ran = if guards.iter().any(|g| g.superseded()) {
+        drop(permit);
+        Ran::Finished(JobOutcome::Skipped(SkipReason::Superseded), None, false)
+    } else {
+        let started_wall = OffsetDateTime::now_utc();
+        let delay = (started_wall - job.created_at.unwrap_or(d.placement.published))
+            .try_into()
+            .unwrap_or(Duration::ZERO);
+        target.metrics.job_started(change, delay);
+        job_log!(info, fields, "replication job processing started");
+        // On the broker's clock, a time this job surely started after.
+        let started = OffsetDateTime::from_unix_timestamp_nanos(i128::from(
+            shared.latest_published.load(Ordering::Relaxed),
+        ))
+        .unwrap_or(d.placement.published)
+        .max(d.placement.published);
+        let order = ordered.then(|| WriteOrder {
+            stream: shared.stream_incarnation.clone(),
+            sequence: i64::try_from(d.placement.sequence).unwrap_or(i64::MAX),
+            lock_session: guards.first().map(|g| g.session()),
+            repository_id: job.repository_id,
+        });
+        let lost = guards.first().map(|g| g.lost().clone()).unwrap_or_default();
+        let timer = Instant::now();
+        let outcome = tokio::select! {
+            // Boxed: Gitaly call futures are large, and moving them inline
+            // made every job's task copy kilobytes.
+            o = Box::pin(shared.replicator.replicate_in_order(job, order.as_ref())) => Some(o),
+            // The lock is gone and another process may run the repository
+            // now: stop, write nothing, run again.
+            _ = lost.cancelled() => Some(JobOutcome::Interrupted),
+            _ = shared.abort.cancelled() => None,
+        };
+        // The slot bounds calls to Gitaly; what follows is bookkeeping.
+        drop(permit);
+        match outcome {
+            None => {
+                target.metrics.job_finished(change, "abandoned", None);
+                // The lock connection's session keeps the lock until the
+                // process exits, so no other process starts this repository
+                // while its abandoned call may still run.
+                for g in guards {
+                    std::mem::forget(g);
+                }
+                return Ran::Abandoned;
+            }
+            Some(outcome) => {
+                let completed = matches!(outcome, JobOutcome::Completed);
+                let latency = completed.then(|| timer.elapsed());
+                if completed {
+                    record = completion.map(|c| (c, started));
+                }
+                Ran::Finished(outcome, latency, true)
+            }
+        }
+    };
+    // The record is written before the job is acknowledged, so a twin
+    // delivered after the ack sees it.
+    let mut guards = guards.into_iter();
+    if let Some(first) = guards.next() {
+        for g in guards {
+            shared.locks.release(g);
+        }
+        shared.locks.release_recording(first, record).await;
+    }
+    ran
+}
