@@ -124,7 +124,7 @@ pub fn decide(
                     delivered: leader_delivered,
                     ..*deliveries
                 };
-                match finished(outcome, &leader, retry, |d| AckAction::Nak(d)) {
+                match finished(outcome, &leader, retry, AckAction::Nak) {
                     AckAction::Ack => AckAction::Ack,
                     // It comes back when its leader does, and collapses again.
                     AckAction::Nak(delay) => again(delay),
