@@ -15,3 +15,4 @@ mod mixed_load;
 mod ops;
 mod ordering;
 mod process;
+mod promises;

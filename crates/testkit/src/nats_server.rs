@@ -78,6 +78,13 @@ impl PrivateNats {
         self.kill();
         self.spawn().await;
     }
+
+    /// Starts a killed server again on the same port and store.
+    pub async fn start_again(&mut self) {
+        if self.child.is_none() {
+            self.spawn().await;
+        }
+    }
 }
 
 impl Drop for PrivateNats {
