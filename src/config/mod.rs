@@ -61,7 +61,8 @@ use section::Ctx;
 const DEFAULT_PROMETHEUS_LISTEN_ADDR: SocketAddr =
     SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9652);
 
-/// The whole configuration.
+/// The whole configuration. Its `Serialize` is the masked form that
+/// [`Config::to_masked_toml`] prints: secrets come out as [`MASK`].
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Config {
     /// Where `/metrics`, `/health/live` and `/health/ready` listen; `None` (written
