@@ -34,7 +34,7 @@
 //! store ([`RepositoryStore`]) and Gitaly clients ([`NodeClient`]). Every
 //! module is private; what is not named here is an internal.
 
-pub mod config;
+mod config;
 mod deploy;
 mod event;
 mod gitaly;
@@ -51,8 +51,11 @@ mod subject;
 #[cfg(test)]
 mod test_database;
 
-// The service.
-pub use config::Config;
+// The service and its configuration.
+pub use config::{
+    Config, ConfigError, DatabaseConfig, LogFormat, LoggingConfig, NatsConfig, Node, NodeAddress,
+    ReplicationConfig, Secret, VirtualStorage, node_token_env_var,
+};
 pub use service::{ServiceError, connect_store, provision, run};
 
 // The job contract.

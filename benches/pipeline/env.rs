@@ -102,7 +102,7 @@ max_ack_pending = -1
             o.max_concurrent_jobs,
             o.pull_loops,
         );
-        let config = gitaly_replicator::config::Config::from_toml_str(&toml)?;
+        let config = gitaly_replicator::Config::from_toml_str(&toml)?;
         let client = async_nats::ConnectOptions::new().connect(NATS).await?;
         let js = async_nats::jetstream::new(client.clone());
         let layout = Layout::from_config(&config);

@@ -87,7 +87,7 @@ pub async fn grpc_ceiling(s: &Sizes) -> anyhow::Result<Row> {
     use gitaly_replicator::proto::gitaly as pb;
     use gitaly_replicator::{CallContext, NodeSet};
     let env = BenchEnv::new(&opts(Duration::ZERO)).await?;
-    let config = gitaly_replicator::config::Config::from_toml_str(&env.toml)?;
+    let config = gitaly_replicator::Config::from_toml_str(&env.toml)?;
     let nodes = NodeSet::from_config(&config)?;
     let node = nodes
         .get(&env.vs, "gitaly-2")

@@ -1,8 +1,8 @@
 //! `dead list | replay | purge`: the dead-letter stream for operators.
 
 use clap::Subcommand;
+use gitaly_replicator::Config;
 use gitaly_replicator::Layout;
-use gitaly_replicator::config::Config;
 use gitaly_replicator::connect_nats;
 use gitaly_replicator::dead_letter_prefix;
 use gitaly_replicator::dead_letters::{self, headers};

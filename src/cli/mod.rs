@@ -7,7 +7,7 @@ mod status;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use gitaly_replicator::config::{Config, LogFormat, LoggingConfig};
+use gitaly_replicator::{Config, LogFormat, LoggingConfig};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 

@@ -2,10 +2,10 @@
 
 use anyhow::Context as _;
 use clap::Args;
+use gitaly_replicator::Config;
 use gitaly_replicator::Job;
 use gitaly_replicator::Layout;
 use gitaly_replicator::Publisher;
-use gitaly_replicator::config::Config;
 use gitaly_replicator::connect_nats;
 use serde_json::{Map, Value};
 use std::io::BufRead;

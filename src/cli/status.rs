@@ -1,7 +1,7 @@
 //! `status`: queue depth per (virtual storage, target).
 
+use gitaly_replicator::Config;
 use gitaly_replicator::Layout;
-use gitaly_replicator::config::Config;
 use gitaly_replicator::connect_nats;
 use gitaly_replicator::queue_depth;
 

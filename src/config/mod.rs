@@ -47,11 +47,11 @@ use toml::Table;
 
 pub use address::NodeAddress;
 pub use database::DatabaseConfig;
-pub use env::{ENV_PREFIX, NON_CONFIG_ENV_VARS, node_token_env_var};
+pub use env::{ENV_PREFIX, node_token_env_var};
 pub use error::ConfigError;
 pub use logging::{LogFormat, LoggingConfig};
 pub use nats::NatsConfig;
-pub use praefect::PRAEFECT_IGNORED_KEYS;
+
 pub use replication::ReplicationConfig;
 pub use secret::{MASK, Secret};
 pub use virtual_storage::{Node, VirtualStorage};

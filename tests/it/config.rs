@@ -5,9 +5,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use gitaly_replicator::config::{
-    Config, ConfigError, LogFormat, NodeAddress, Secret, node_token_env_var,
-};
+use gitaly_replicator::{Config, ConfigError, LogFormat, NodeAddress, Secret, node_token_env_var};
 use sqlx::postgres::PgSslMode;
 
 const MINIMAL: &str = r#"

@@ -571,7 +571,7 @@ async fn shutdown_in_the_middle_of_a_batch_loses_nothing() {
     c.node(2)
         .respond("*", Behaviour::delay(Duration::from_millis(300)));
     let two_slots =
-        |config: &mut gitaly_replicator::config::Config| config.replication.max_concurrent_jobs = 2;
+        |config: &mut gitaly_replicator::Config| config.replication.max_concurrent_jobs = 2;
     let consumer = c.consumer_with(two_slots).await;
     let jobs: Vec<_> = (0..20)
         .map(|i| c.job(json!({"change": "cleanup", "relative_path": format!("s{i}.git"), "target_node_storage": "gitaly-2"})))

@@ -7,8 +7,8 @@
 use crate::common::cluster::{TestNames, delete_streams, nats_url};
 use crate::common::http::get;
 use crate::common::service::RunningService;
-use gitaly_replicator::config::{Config, node_token_env_var};
 use gitaly_replicator::manifests::{self, ScalingOptions};
+use gitaly_replicator::{Config, node_token_env_var};
 use gitaly_replicator::{Layout, LayoutChange};
 use promql_parser::parser::{Expr, LabelModifier};
 use promql_parser::util::{ExprVisitor, walk_expr};

@@ -7,7 +7,7 @@
 use crate::error::DemoError;
 use crate::nodes::{DemoNodes, VIRTUAL_STORAGE};
 use crate::workspace::Workspace;
-use gitaly_replicator::config::Config;
+use gitaly_replicator::Config;
 use std::net::SocketAddr;
 
 /// A TOML string literal (quotes and escapes).

@@ -1,9 +1,9 @@
 //! Why a demo run could not finish; each error says what it was doing.
 
+use gitaly_replicator::ConfigError;
 use gitaly_replicator::PublishError;
 use gitaly_replicator::ServiceError;
 use gitaly_replicator::StoreError;
-use gitaly_replicator::config::ConfigError;
 use std::fmt;
 use storage_node::ServeError;
 

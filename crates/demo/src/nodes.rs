@@ -4,7 +4,7 @@
 
 use crate::error::DemoError;
 use crate::workspace::Workspace;
-use gitaly_replicator::config::Secret;
+use gitaly_replicator::Secret;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;

@@ -4,8 +4,8 @@
 
 use crate::error::DemoError;
 use crate::metrics_text;
+use gitaly_replicator::Config;
 use gitaly_replicator::ServiceError;
-use gitaly_replicator::config::Config;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;

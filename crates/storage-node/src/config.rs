@@ -2,7 +2,7 @@
 //! faults to inject.
 
 use crate::faults::Faults;
-use gitaly_replicator::config::Secret;
+use gitaly_replicator::Secret;
 use std::path::PathBuf;
 
 /// A storage node's configuration.

@@ -3,7 +3,7 @@
 //! `grpc.health.v1.Health` passes untouched, as in Gitaly.
 
 use crate::faults::Faults;
-use gitaly_replicator::config::Secret;
+use gitaly_replicator::Secret;
 use gitaly_wire::auth::{self, AuthError};
 use std::future::Future;
 use std::pin::Pin;

@@ -3,7 +3,7 @@
 //! first line on stdout once it accepts calls; stops on SIGINT or SIGTERM.
 
 use clap::Parser;
-use gitaly_replicator::config::Secret;
+use gitaly_replicator::Secret;
 use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -11,7 +11,7 @@ use crate::snapshot::unpack_snapshot;
 use crate::storage::{RepoPath, io_status};
 use gitaly_replicator::CallContext;
 use gitaly_replicator::NodeClient;
-use gitaly_replicator::config::{Node, NodeAddress, Secret};
+use gitaly_replicator::{Node, NodeAddress, Secret};
 use gitaly_wire::metadata::{GITALY_SERVERS, ServerInfo, decode_gitaly_servers};
 use gitaly_wire::proto::gitaly as pb;
 use std::ffi::OsStr;

@@ -4,10 +4,10 @@
 
 use super::db::TestDatabase;
 use async_nats::jetstream::Context;
+use gitaly_replicator::Config;
 use gitaly_replicator::Job;
 use gitaly_replicator::Layout;
 use gitaly_replicator::Publisher;
-use gitaly_replicator::config::Config;
 use gitaly_replicator::dead_letters::{self, DeadMessage};
 use std::time::Duration;
 use testkit::recording_gitaly::{RecordingGitaly, RunningGitaly};

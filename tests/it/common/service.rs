@@ -3,8 +3,8 @@
 
 use super::cluster::Cluster;
 use super::http::free_port;
+use gitaly_replicator::Config;
 use gitaly_replicator::ServiceError;
-use gitaly_replicator::config::Config;
 use serde_json::json;
 use testkit::recording_gitaly::Behaviour;
 use tokio::sync::oneshot;

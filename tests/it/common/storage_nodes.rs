@@ -12,9 +12,9 @@ use async_nats::jetstream::Context;
 use gitaly_replicator::Job;
 use gitaly_replicator::Layout;
 use gitaly_replicator::Publisher;
-use gitaly_replicator::config::{Config, Node, Secret};
 use gitaly_replicator::dead_letters::DeadMessage;
 use gitaly_replicator::{CallContext, NodeClient};
+use gitaly_replicator::{Config, Node, Secret};
 use std::time::Duration;
 pub use testkit::storage_node::NodeProcess;
 

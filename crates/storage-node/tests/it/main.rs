@@ -2,8 +2,8 @@
 //! directories, called with real tonic clients carrying v2 tokens: in-process
 //! servers on 127.0.0.1:0, and the `storage-node` binary in one test.
 
-use gitaly_replicator::config::{Node as NodeSpec, Secret};
 use gitaly_replicator::{CallContext, NodeClient};
+use gitaly_replicator::{Node as NodeSpec, Secret};
 use gitaly_wire::auth::v2_token;
 use gitaly_wire::metadata::{GITALY_SERVERS, encode_gitaly_servers};
 use gitaly_wire::proto::gitaly as pb;
