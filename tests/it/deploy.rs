@@ -102,7 +102,7 @@ fn every_yaml_and_json_file_under_deploy_parses() {
             _ => {}
         }
     }
-    assert!(checked >= 19, "only {checked} YAML/JSON files found");
+    assert!(checked >= 18, "only {checked} YAML/JSON files found");
 }
 
 // --- metrics: rules and dashboard against a real scrape ---------------------
@@ -771,14 +771,25 @@ fn kubernetes_manifests_have_probes_resources_grace_and_wiring() {
     assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
     assert_eq!(c["securityContext"]["allowPrivilegeEscalation"], false);
 
-    // The config file is the ConfigMap, mounted where GITALY_REPLICATOR_CONFIG says.
-    let configmap = yaml("kubernetes/configmap.yaml");
-    let configmap_name = str_at(&configmap, "/metadata/name");
-    assert_eq!(
-        str_at(&configmap, "/data/config.toml"),
-        read("kubernetes/config.toml"),
-        "configmap.yaml is stale: run deploy/regenerate.sh"
+    // The config file is the ConfigMap kustomize generates from config.toml
+    // (named with a hash of its content, so a change rolls the pods),
+    // mounted where GITALY_REPLICATOR_CONFIG says.
+    let kustomization = yaml("kubernetes/kustomization.yaml");
+    let generator = kustomization["configMapGenerator"]
+        .as_array()
+        .expect("a configMapGenerator")
+        .iter()
+        .find(|g| {
+            g["files"]
+                .as_array()
+                .is_some_and(|f| f.iter().any(|f| f == "config.toml"))
+        })
+        .expect("a ConfigMap generated from config.toml");
+    assert!(
+        generator["options"]["disableNameSuffixHash"] != true,
+        "the ConfigMap's name must change with its content"
     );
+    let configmap_name = str_at(generator, "/name");
     let volume = pod["volumes"]
         .as_array()
         .unwrap()
@@ -845,7 +856,6 @@ fn kubernetes_manifests_have_probes_resources_grace_and_wiring() {
     assert!(pdb["spec"]["maxUnavailable"].is_number() || pdb["spec"]["minAvailable"].is_number());
 
     // kustomization lists every manifest.
-    let kustomization = yaml("kubernetes/kustomization.yaml");
     let listed: BTreeSet<&str> = kustomization["resources"]
         .as_array()
         .unwrap()
@@ -1090,15 +1100,13 @@ fn compose_runs_the_demo_with_a_config_the_service_accepts() {
     );
 }
 
-#[test]
-fn dockerfile_builds_both_binaries_into_a_small_image_running_as_a_user() {
-    let dockerfile = read("docker/Dockerfile");
+/// The runtime stage of a multi-stage Dockerfile, checked for what every
+/// image of ours has: a slim Debian, and a user other than root.
+fn runtime_stage(dockerfile: &str) -> &str {
     let stages: Vec<&str> = dockerfile.split("\nFROM ").collect();
     assert!(stages.len() >= 3, "a multi-stage build");
-    assert!(dockerfile.contains("cargo build --release --locked --bins"));
     let runtime = stages.last().unwrap();
     assert!(runtime.starts_with("debian:") && runtime.contains("slim"));
-    assert!(runtime.contains("git"), "storage-node needs git");
     let user = runtime
         .lines()
         .filter_map(|l| l.strip_prefix("USER "))
@@ -1106,14 +1114,69 @@ fn dockerfile_builds_both_binaries_into_a_small_image_running_as_a_user() {
         .expect("a USER in the runtime stage");
     let uid = user.split(':').next().unwrap().trim();
     assert!(uid != "root" && uid != "0", "runs as root");
-    for binary in ["gitaly-replicator", "storage-node"] {
-        assert!(
-            runtime
-                .lines()
-                .any(|l| l.starts_with("COPY --from=") && l.contains(&format!("/{binary}"))),
-            "the image lacks {binary}"
+    runtime
+}
+
+/// The binaries the runtime stage copies in from the build.
+fn copied_binaries(runtime: &str) -> BTreeSet<&str> {
+    runtime
+        .lines()
+        .filter(|l| l.starts_with("COPY --from="))
+        .flat_map(|l| l.split_whitespace())
+        .filter_map(|w| w.strip_prefix("/out/"))
+        .collect()
+}
+
+#[test]
+fn the_production_image_holds_the_service_alone_without_git_or_the_storage_node() {
+    let dockerfile = read("docker/Dockerfile");
+    assert!(
+        dockerfile.contains(
+            "cargo build --release --locked -p gitaly-replicator --bin gitaly-replicator"
+        )
+    );
+    let runtime = runtime_stage(&dockerfile);
+    assert_eq!(
+        copied_binaries(runtime),
+        BTreeSet::from(["gitaly-replicator"])
+    );
+    let installs: String = runtime
+        .lines()
+        .filter(|l| l.contains("apt-get install"))
+        .collect();
+    assert!(!installs.contains("git"), "the service image installs git");
+    assert!(
+        runtime.contains("CMD [\"gitaly-replicator\", \"run\"]"),
+        "the image runs the service"
+    );
+}
+
+#[test]
+fn the_demo_image_adds_the_storage_node_the_demo_and_git() {
+    let dockerfile = read("docker/Dockerfile.demo");
+    let runtime = runtime_stage(&dockerfile);
+    assert_eq!(
+        copied_binaries(runtime),
+        BTreeSet::from([
+            "gitaly-replicator",
+            "gitaly-replicator-demo",
+            "storage-node"
+        ])
+    );
+    assert!(runtime.contains("git"), "storage-node needs git");
+    // compose runs the storage nodes and the job script from it, the
+    // replicator from the production image.
+    let compose = yaml("docker/compose.yaml");
+    let dockerfile_of =
+        |service: &str| str_at(&compose["services"][service], "/build/dockerfile").to_owned();
+    for service in ["gitaly-1", "gitaly-2", "gitaly-3", "demo-jobs"] {
+        assert_eq!(
+            dockerfile_of(service),
+            "deploy/docker/Dockerfile.demo",
+            "{service}"
         );
     }
+    assert_eq!(dockerfile_of("replicator"), "deploy/docker/Dockerfile");
 }
 
 fn unit_keys(text: &str) -> BTreeMap<String, Vec<String>> {
