@@ -1,21 +1,21 @@
 //! A hash that every process and build computes alike, for names and keys
 //! that several processes must agree on (std's hasher is randomly seeded).
 
+use fnv::FnvHasher;
+use std::hash::Hasher;
+
 /// 64-bit FNV-1a over `fields`, each preceded by its length (8 bytes, little
 /// endian), so that no two lists of fields run together: `["a_b", "c"]` and
 /// `["a", "b_c"]` hash differently.
 pub fn fnv1a_64(fields: &[&str]) -> u64 {
-    const OFFSET_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
-    const PRIME: u64 = 0x0000_0100_0000_01b3;
-    let mut hash = OFFSET_BASIS;
+    // `Hasher::write` with the raw bytes, not `Hash::hash`: the latter adds
+    // prefixes and terminators of its own, and the values are pinned.
+    let mut hasher = FnvHasher::default();
     for field in fields {
-        let len = (field.len() as u64).to_le_bytes();
-        for byte in len.iter().chain(field.as_bytes()) {
-            hash ^= u64::from(*byte);
-            hash = hash.wrapping_mul(PRIME);
-        }
+        hasher.write(&(field.len() as u64).to_le_bytes());
+        hasher.write(field.as_bytes());
     }
-    hash
+    hasher.finish()
 }
 
 #[cfg(test)]

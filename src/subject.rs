@@ -5,20 +5,22 @@
 //! `>` or whitespace. Every byte outside `[A-Za-z0-9_-]` becomes `%XX`
 //! (upper-case hex), which is reversible and keeps common names readable.
 
-use std::fmt::Write;
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode_str, utf8_percent_encode};
+
+/// The bytes [`escape_token`] escapes: all but `A-Z a-z 0-9 _ -` (bytes
+/// outside ASCII are always escaped by percent-encoding).
+const ESCAPED: &AsciiSet = &NON_ALPHANUMERIC.remove(b'_').remove(b'-');
+
+/// The bytes left as they are, the complement of [`ESCAPED`] (whose own
+/// membership test is private to percent-encoding).
+fn is_plain(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b == b'_' || b == b'-'
+}
 
 /// Escapes one storage name into a subject token.
 pub fn escape_token(name: &str) -> String {
-    let mut out = String::with_capacity(name.len());
-    for b in name.bytes() {
-        if b.is_ascii_alphanumeric() || b == b'_' || b == b'-' {
-            out.push(b as char);
-        } else {
-            // Writing to a String cannot fail.
-            let _ = write!(out, "%{b:02X}");
-        }
-    }
-    out
+    // percent-encoding writes upper-case hex, as tokens always had.
+    utf8_percent_encode(name, ESCAPED).to_string()
 }
 
 /// Why a subject token could not be unescaped.
@@ -34,32 +36,34 @@ pub enum SubjectError {
 
 /// Reverses [`escape_token`].
 pub fn unescape_token(token: &str) -> Result<String, SubjectError> {
-    let bytes = token.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let b = bytes[i];
-        if b == b'%' {
-            let hex = bytes
-                .get(i + 1..i + 3)
-                .and_then(|h| std::str::from_utf8(h).ok())
-                .filter(|h| {
-                    h.bytes()
-                        .all(|c| c.is_ascii_digit() || (b'A'..=b'F').contains(&c))
-                })
-                .ok_or_else(|| SubjectError::BadEscape(token.to_owned()))?;
-            let v = u8::from_str_radix(hex, 16)
-                .map_err(|_| SubjectError::BadEscape(token.to_owned()))?;
-            out.push(v);
-            i += 3;
-        } else if b.is_ascii_alphanumeric() || b == b'_' || b == b'-' {
-            out.push(b);
-            i += 1;
+    // percent-encoding's decoder passes a stray `%`, lower-case hex and
+    // bytes that should have been escaped through; none of them is a token
+    // that escape_token could have written.
+    if !is_well_formed(token) {
+        return Err(SubjectError::BadEscape(token.to_owned()));
+    }
+    percent_decode_str(token)
+        .decode_utf8()
+        .map(|s| s.into_owned())
+        .map_err(|_| SubjectError::NotUtf8(token.to_owned()))
+}
+
+/// Only plain bytes and `%XX` with upper-case hex digits.
+fn is_well_formed(token: &str) -> bool {
+    let upper_hex =
+        |b: Option<u8>| b.is_some_and(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(&b));
+    let mut bytes = token.bytes();
+    while let Some(b) = bytes.next() {
+        let ok = if b == b'%' {
+            upper_hex(bytes.next()) && upper_hex(bytes.next())
         } else {
-            return Err(SubjectError::BadEscape(token.to_owned()));
+            is_plain(b)
+        };
+        if !ok {
+            return false;
         }
     }
-    String::from_utf8(out).map_err(|_| SubjectError::NotUtf8(token.to_owned()))
+    true
 }
 
 /// The subject jobs for one target are published on.
@@ -141,5 +145,17 @@ mod tests {
             "lower-case hex is not our encoding"
         );
         assert!(unescape_token("%FF").is_err(), "a lone 0xFF is not UTF-8");
+    }
+
+    #[test]
+    fn the_plain_bytes_are_exactly_those_the_escaped_set_leaves_alone() {
+        for b in 0..=0x7f_u8 {
+            let name = char::from(b).to_string();
+            let kept = escape_token(&name) == name;
+            assert_eq!(kept, is_plain(b), "byte {b:#04x}");
+            if !kept {
+                assert_eq!(escape_token(&name), format!("%{b:02X}"));
+            }
+        }
     }
 }

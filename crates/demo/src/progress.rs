@@ -1,9 +1,13 @@
-//! Live progress on stderr while the jobs run: a bar redrawn in place on a
-//! terminal, a plain line every second otherwise (logs, CI), nothing in
-//! quiet mode.
+//! Live progress on stderr while the jobs run: an `indicatif` bar redrawn in
+//! place on a terminal, a plain line every second otherwise (logs, CI),
+//! nothing in quiet mode.
 
-use std::io::{IsTerminal, Write};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressFinish};
+use std::io::IsTerminal;
 use std::time::{Duration, Instant};
+
+/// The bar's line: a 30-column bar, then [`Snapshot::text`].
+const BAR_TEMPLATE: &str = "  replicating [{bar:30}] {msg}";
 
 /// How progress is shown.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,32 +65,43 @@ impl Snapshot {
             self.elapsed.as_secs_f64()
         )
     }
+}
 
-    fn bar(&self, width: usize) -> String {
-        let filled = if self.total == 0 {
-            width
-        } else {
-            (self.done.min(self.total) as usize * width) / self.total as usize
-        };
-        let mut bar = "#".repeat(filled);
-        bar.push_str(&"-".repeat(width - filled));
-        bar
-    }
+/// A bar drawn to `target`, filled with `#` over `-`.
+fn styled_bar(target: ProgressDrawTarget) -> ProgressBar {
+    let style = indicatif::ProgressStyle::with_template(BAR_TEMPLATE)
+        .map(|style| style.progress_chars("#-"))
+        // The template is a constant; its test would fail before this is used.
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+    // Abandoned, not finished, when dropped: finishing fills the bar to its
+    // length, which would show unfinished jobs as done.
+    ProgressBar::with_draw_target(None, target)
+        .with_style(style)
+        .with_finish(ProgressFinish::Abandon)
+}
+
+/// Puts `s` on `bar`.
+fn show(bar: &ProgressBar, s: &Snapshot) {
+    bar.set_length(s.total);
+    bar.set_position(s.done);
+    bar.set_message(s.text());
 }
 
 /// Draws snapshots in the chosen style.
 pub struct Progress {
     style: ProgressStyle,
+    /// The bar, from the first update on (a bar draws itself when dropped,
+    /// so one that only narrates has none).
+    bar: Option<ProgressBar>,
     last_line: Option<Instant>,
-    drawn: bool,
 }
 
 impl Progress {
     pub fn new(style: ProgressStyle) -> Progress {
         Progress {
             style,
+            bar: None,
             last_line: None,
-            drawn: false,
         }
     }
 
@@ -94,10 +109,10 @@ impl Progress {
     pub fn update(&mut self, s: &Snapshot) {
         match self.style {
             ProgressStyle::Bar => {
-                let mut err = std::io::stderr().lock();
-                let _ = write!(err, "\r\x1b[2K  replicating [{}] {}", s.bar(30), s.text());
-                let _ = err.flush();
-                self.drawn = true;
+                let bar = self
+                    .bar
+                    .get_or_insert_with(|| styled_bar(ProgressDrawTarget::stderr()));
+                show(bar, s);
             }
             ProgressStyle::Lines => {
                 if self
@@ -112,13 +127,13 @@ impl Progress {
         }
     }
 
-    /// Shows the final state and ends the bar's line.
+    /// Shows the final state and leaves the bar where it stands.
     pub fn finish(&mut self, s: &Snapshot) {
         match self.style {
             ProgressStyle::Bar => {
                 self.update(s);
-                if self.drawn {
-                    eprintln!();
+                if let Some(bar) = &self.bar {
+                    bar.abandon();
                 }
             }
             ProgressStyle::Lines => eprintln!("  progress: {} (finished)", s.text()),
@@ -126,10 +141,12 @@ impl Progress {
         }
     }
 
-    /// Prints a line of narrative (nothing in quiet mode).
+    /// Prints a line of narrative (nothing in quiet mode), above a live bar.
     pub fn say(&self, line: &str) {
-        if self.style != ProgressStyle::Quiet {
-            eprintln!("{line}");
+        match (&self.bar, self.style) {
+            (_, ProgressStyle::Quiet) => {}
+            (Some(bar), _) => bar.suspend(|| eprintln!("{line}")),
+            (None, _) => eprintln!("{line}"),
         }
     }
 }
@@ -146,8 +163,21 @@ mod tests {
             elapsed: Duration::from_secs(3),
             ..Default::default()
         };
-        assert_eq!(s.bar(8), "##------");
         assert_eq!(s.rate(), 5.0);
         assert!(s.text().starts_with("15/60 jobs  5.0 jobs/s"));
+
+        let term = indicatif::InMemoryTerm::new(2, 120);
+        let bar = styled_bar(ProgressDrawTarget::term_like(Box::new(term.clone())));
+        show(&bar, &s);
+        bar.abandon();
+        assert_eq!(
+            term.contents(),
+            format!(
+                "  replicating [{}{}] {}",
+                "#".repeat(7),
+                "-".repeat(23),
+                s.text()
+            )
+        );
     }
 }
