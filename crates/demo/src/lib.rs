@@ -1,4 +1,4 @@
-//! `gitaly-replicator demo`: the whole system at work on this machine, with
+//! `gitaly-replicator-demo`: the whole system at work on this machine, with
 //! nothing but its NATS (JetStream) and Postgres.
 //!
 //! A run:
