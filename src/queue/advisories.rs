@@ -46,7 +46,15 @@ pub async fn run(js: Context, layout: Layout, mut puller: Puller, stop: Cancella
         }
     }
     for m in puller.close().await {
-        let _ = m.ack_with(jetstream::AckKind::Nak(None)).await;
+        acknowledge(&m, jetstream::AckKind::Nak(None), "nak").await;
+    }
+}
+
+/// Acknowledges an advisory; a failure is logged and counted like a job's.
+async fn acknowledge(m: &jetstream::Message, kind: jetstream::AckKind, name: &'static str) {
+    if let Err(e) = m.ack_with(kind).await {
+        crate::metrics::ack_error(name);
+        tracing::warn!(ack = name, error = %e, "acknowledging a max-deliveries advisory failed; it comes again");
     }
 }
 
@@ -57,19 +65,16 @@ pub async fn handle(js: &Context, layout: &Layout, m: &jetstream::Message) {
         Ok(a) => a,
         Err(e) => {
             tracing::warn!(error = %e, "unreadable max-deliveries advisory dropped");
-            let _ = m.ack_with(jetstream::AckKind::Term).await;
+            acknowledge(m, jetstream::AckKind::Term, "term").await;
             return;
         }
     };
     match move_stranded(js, layout, &advisory).await {
-        Ok(()) => {
-            let _ = m.ack().await;
-        }
+        Ok(()) => acknowledge(m, jetstream::AckKind::Ack, "ack").await,
         Err(e) => {
             tracing::error!(error = %e, stream_sequence = advisory.stream_seq, "could not move a stranded job; will retry");
-            let _ = m
-                .ack_with(jetstream::AckKind::Nak(Some(Duration::from_secs(5))))
-                .await;
+            let retry = jetstream::AckKind::Nak(Some(Duration::from_secs(5)));
+            acknowledge(m, retry, "nak").await;
         }
     }
 }
