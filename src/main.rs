@@ -1,5 +1,6 @@
-//! The `gitaly-replicator` command line: parse, load config (exit 64 when it
-//! is bad, before touching the network), set up logging, run one command.
+//! The `gitaly-replicator` command line: parse (exit 64 on a usage error),
+//! load config (exit 64 when it is bad, before touching the network), set up
+//! logging, run one command.
 
 mod cli;
 
