@@ -1,5 +1,6 @@
-//! The `gitaly-replicator` command line: parse, load config (exit 64 when it
-//! is bad, before touching the network), set up logging, run one command.
+//! The `gitaly-replicator` command line: parse (exit 64 on a usage error),
+//! load config (exit 64 when it is bad, before touching the network), set up
+//! logging, run one command.
 
 mod cli;
 
@@ -13,7 +14,10 @@ use clap::Parser;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    let args = cli::Args::parse();
+    let args = match cli::Args::try_parse() {
+        Ok(args) => args,
+        Err(e) => return cli::parse_error(&e),
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

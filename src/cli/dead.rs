@@ -16,6 +16,7 @@ pub enum DeadCommand {
         /// Start at this dead-letter sequence.
         #[arg(long, default_value_t = 1)]
         from: u64,
+        /// List at most this many jobs.
         #[arg(long, default_value_t = 100)]
         limit: usize,
         /// Print each job as one JSON object per line.
@@ -23,20 +24,22 @@ pub enum DeadCommand {
         json: bool,
     },
     /// Send dead jobs back to work (fresh attempts) and remove them here.
-    Replay {
-        /// Dead-letter sequences to replay.
-        sequences: Vec<u64>,
-        /// Replay every dead job.
-        #[arg(long, conflicts_with = "sequences")]
-        all: bool,
-    },
+    Replay(Selection),
     /// Delete dead jobs.
-    Purge {
-        sequences: Vec<u64>,
-        /// Delete every dead job.
-        #[arg(long, conflicts_with = "sequences")]
-        all: bool,
-    },
+    Purge(Selection),
+}
+
+/// Which dead jobs: named, or all of them. One is required, so a forgotten
+/// argument is a usage error rather than a command that does nothing.
+#[derive(Debug, clap::Args)]
+#[group(required = true, multiple = false)]
+pub struct Selection {
+    /// Dead-letter sequences, as `dead list` shows them.
+    #[arg(value_name = "SEQUENCE")]
+    sequences: Vec<u64>,
+    /// Every dead job.
+    #[arg(long)]
+    all: bool,
 }
 
 pub async fn run(config: &Config, command: DeadCommand) -> anyhow::Result<()> {
@@ -85,14 +88,14 @@ pub async fn run(config: &Config, command: DeadCommand) -> anyhow::Result<()> {
                 eprintln!("no dead jobs");
             }
         }
-        DeadCommand::Replay { sequences, all } => {
+        DeadCommand::Replay(Selection { sequences, all }) => {
             let chosen = choose(&js, &layout, sequences, all).await?;
             for m in &chosen {
                 dead_letters::replay(&js, &layout, m).await?;
             }
             println!("replayed {} job(s)", chosen.len());
         }
-        DeadCommand::Purge { sequences, all } => {
+        DeadCommand::Purge(Selection { sequences, all }) => {
             if all {
                 println!(
                     "purged {} job(s)",
@@ -116,9 +119,6 @@ async fn choose(
     sequences: Vec<u64>,
     all: bool,
 ) -> anyhow::Result<Vec<dead_letters::DeadMessage>> {
-    if !all && sequences.is_empty() {
-        anyhow::bail!("name the dead-letter sequences to replay, or pass --all");
-    }
     let every = dead_letters::list(js, layout, 1, usize::MAX).await?;
     if all {
         return Ok(every);

@@ -3,8 +3,8 @@
 //! streams and consumers as JSON for the `nats` CLI, so they never drift from
 //! what `setup` creates. Needs no secrets and contacts nothing.
 
-use gitaly_replicator::Layout;
 use gitaly_replicator::manifests::{self, ManifestFile, ScalingOptions};
+use gitaly_replicator::{Config, Layout};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -43,25 +43,15 @@ pub struct DeployManifestsArgs {
     account: String,
 }
 
-/// Exit code for a bad configuration or bad usage (EX_USAGE).
-const EXIT_USAGE: u8 = 64;
-
-pub fn run(config_path: &Path, args: &DeployManifestsArgs) -> ExitCode {
-    let config = match manifests::load_config_without_secrets(config_path) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("gitaly-replicator: {e}");
-            return ExitCode::from(EXIT_USAGE);
-        }
-    };
+pub fn run(config: &Config, args: &DeployManifestsArgs) -> ExitCode {
     if args.min_replicas > args.max_replicas || args.max_replicas == 0 {
         eprintln!(
             "gitaly-replicator: --min-replicas {} and --max-replicas {}: need 1 <= max and min <= max",
             args.min_replicas, args.max_replicas
         );
-        return ExitCode::from(EXIT_USAGE);
+        return ExitCode::from(super::EXIT_USAGE);
     }
-    let layout = Layout::from_config(&config);
+    let layout = Layout::from_config(config);
     let files = if args.nats {
         match manifests::jetstream_files(&layout) {
             Ok(files) => files,
@@ -71,7 +61,7 @@ pub fn run(config_path: &Path, args: &DeployManifestsArgs) -> ExitCode {
             }
         }
     } else {
-        let defaults = ScalingOptions::for_config(&config);
+        let defaults = ScalingOptions::for_config(config);
         let options = ScalingOptions {
             deployment: args.deployment.clone(),
             min_replicas: args.min_replicas,

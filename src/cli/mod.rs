@@ -2,13 +2,17 @@
 
 mod dead;
 mod deploy_manifests;
+mod logging;
 mod publish;
 mod status;
 
 use anyhow::Context as _;
+use clap::builder::{PossibleValuesParser, TypedValueParser};
+use clap::error::ErrorKind;
 use clap::{Parser, Subcommand};
-use gitaly_replicator::{Config, LogFormat, LoggingConfig};
-use std::path::{Path, PathBuf};
+use gitaly_replicator::{Config, LogFormat, manifests};
+use logging::Audience;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 /// Keeps the replicas of Git repositories in a Gitaly Cluster in step, with
@@ -25,6 +29,11 @@ pub struct Args {
         default_value = "config.toml"
     )]
     config: PathBuf,
+    /// How log lines on stderr look. This flag wins; without it, [logging]
+    /// format from the config (or GITALY_REPLICATOR_LOGGING__FORMAT) when set;
+    /// without that, json for `run` and text for the other commands.
+    #[arg(long, global = true, value_name = "FORMAT", value_parser = one_of(LogFormat::ALL.map(LogFormat::as_str), LogFormat::parse))]
+    log_format: Option<LogFormat>,
     #[command(subcommand)]
     command: Command,
 }
@@ -55,31 +64,38 @@ enum Command {
     DeployManifests(deploy_manifests::DeployManifestsArgs),
 }
 
-/// Exit code for a bad configuration or bad usage (EX_USAGE).
-const EXIT_CONFIG: u8 = 64;
-
-fn load_config(path: &Path) -> Result<Config, ExitCode> {
-    Config::load(path).map_err(|e| {
-        eprintln!("gitaly-replicator: {e}");
-        ExitCode::from(EXIT_CONFIG)
-    })
+impl Command {
+    fn audience(&self) -> Audience {
+        match self {
+            Command::Run => Audience::Service,
+            _ => Audience::Operator,
+        }
+    }
 }
 
-fn init_logging(logging: &LoggingConfig) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(logging.filter_directive()));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = match logging.format {
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .with_span_list(false)
-            .try_init(),
-        LogFormat::Text => builder.try_init(),
-    };
+/// Exit code for a bad configuration or bad usage (EX_USAGE).
+const EXIT_USAGE: u8 = 64;
+
+/// Prints what clap has to say and picks the exit code: 0 for `--help` and
+/// `--version` (on stdout), 64 for a usage error (on stderr), instead of
+/// clap's own 2, so that scripts and systemd see one code for "wrong input".
+pub fn parse_error(error: &clap::Error) -> ExitCode {
+    // Nothing better to do when stdout or stderr is closed.
+    let _ = error.print();
+    match error.kind() {
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => ExitCode::SUCCESS,
+        _ => ExitCode::from(EXIT_USAGE),
+    }
+}
+
+/// A value out of a closed set of names: `--help` lists them, and any other
+/// value is a usage error that lists them too.
+fn one_of<T: Clone + Send + Sync + 'static>(
+    names: impl IntoIterator<Item = &'static str>,
+    parse: fn(&str) -> Option<T>,
+) -> impl TypedValueParser<Value = T> {
+    // PossibleValuesParser has already refused names that `parse` does not know.
+    PossibleValuesParser::new(names).try_map(move |name| parse(&name).ok_or("unknown name"))
 }
 
 /// Resolves on the first SIGINT or SIGTERM; a second one exits at once.
@@ -123,26 +139,29 @@ fn report(result: anyhow::Result<()>) -> ExitCode {
 }
 
 pub async fn dispatch(args: Args) -> ExitCode {
-    if let Command::DeployManifests(d) = &args.command {
-        return deploy_manifests::run(&args.config, d);
-    }
-    if let Command::CheckConfig { file } = &args.command {
-        let path = file.as_deref().unwrap_or(&args.config);
-        return match load_config(path) {
-            Ok(c) => {
-                print!("{}", c.to_masked_toml());
-                eprintln!("gitaly-replicator: {} is valid", path.display());
-                ExitCode::SUCCESS
-            }
-            Err(code) => code,
-        };
-    }
-    let config = match load_config(&args.config) {
-        Ok(c) => c,
-        Err(code) => return code,
+    let Args {
+        config: path,
+        log_format,
+        command,
+    } = args;
+    let path = match &command {
+        Command::CheckConfig { file: Some(file) } => file.clone(),
+        _ => path,
     };
-    init_logging(&config.logging);
-    match args.command {
+    let loaded = match &command {
+        // Renders names only, so node tokens need not be set where it runs.
+        Command::DeployManifests(_) => manifests::load_config_without_secrets(&path),
+        _ => Config::load(&path),
+    };
+    let config = match loaded {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("gitaly-replicator: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    logging::init(log_format, &config.logging, command.audience());
+    match command {
         Command::Run => report(
             gitaly_replicator::run(config, shutdown_signal())
                 .await
@@ -158,8 +177,12 @@ pub async fn dispatch(args: Args) -> ExitCode {
         Command::Publish(p) => publish::run(&config, p).await,
         Command::Status => report(status::run(&config).await),
         Command::Dead(d) => report(dead::run(&config, d).await),
-        Command::CheckConfig { .. } => ExitCode::SUCCESS,
-        Command::DeployManifests(_) => ExitCode::SUCCESS,
+        Command::CheckConfig { .. } => {
+            print!("{}", config.to_masked_toml());
+            eprintln!("gitaly-replicator: {} is valid", path.display());
+            ExitCode::SUCCESS
+        }
+        Command::DeployManifests(d) => deploy_manifests::run(&config, &d),
     }
 }
 
@@ -170,4 +193,37 @@ async fn setup(config: &Config) -> anyhow::Result<()> {
         println!("{change}");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// Every argument of `command` and its subcommands that has no help, as
+    /// `path: --name`.
+    fn without_help(command: &clap::Command, path: &str) -> Vec<String> {
+        let path = format!("{path} {}", command.get_name()).trim().to_owned();
+        let mut missing: Vec<String> = command
+            .get_arguments()
+            .filter(|a| !matches!(a.get_id().as_str(), "help" | "version"))
+            .filter(|a| a.get_help().is_none_or(|h| h.to_string().trim().is_empty()))
+            .map(|a| format!("{path}: {}", a.get_id()))
+            .collect();
+        for sub in command.get_subcommands() {
+            missing.extend(without_help(sub, &path));
+        }
+        missing
+    }
+
+    #[test]
+    fn every_argument_of_every_command_has_help() {
+        let missing = without_help(&Args::command(), "");
+        assert!(missing.is_empty(), "no help: {missing:#?}");
+    }
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Args::command().debug_assert();
+    }
 }

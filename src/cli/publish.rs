@@ -2,6 +2,7 @@
 
 use anyhow::Context as _;
 use clap::Args;
+use gitaly_replicator::ChangeType;
 use gitaly_replicator::Config;
 use gitaly_replicator::Job;
 use gitaly_replicator::Layout;
@@ -16,11 +17,13 @@ pub struct PublishArgs {
     /// Read one JSON job per line from stdin instead of flags.
     #[arg(long, conflicts_with_all = ["change", "relative_path"])]
     stdin: bool,
-    /// Change type (update, delete, gc, ...).
-    #[arg(long, required_unless_present = "stdin")]
-    change: Option<String>,
+    /// The change type, as the job contract spells it.
+    #[arg(long, required_unless_present = "stdin", value_parser = super::one_of(ChangeType::ALL.map(ChangeType::as_str), ChangeType::parse))]
+    change: Option<ChangeType>,
+    /// The virtual storage the repository belongs to.
     #[arg(long, default_value = "default")]
     virtual_storage: String,
+    /// The repository's path relative to its storage, e.g. @hashed/aa/bb/aabb.git.
     #[arg(long, required_unless_present = "stdin")]
     relative_path: Option<String>,
     /// Target storage.
@@ -32,6 +35,7 @@ pub struct PublishArgs {
     /// A param as key=value, e.g. --param prune=true (repeatable).
     #[arg(long = "param", value_name = "KEY=VALUE")]
     params: Vec<String>,
+    /// Ties the job to the request that caused it, in logs and traces.
     #[arg(long)]
     correlation_id: Option<String>,
     /// Idempotency key used as Nats-Msg-Id (a fresh UUID by default). Reuse it
@@ -42,7 +46,10 @@ pub struct PublishArgs {
 
 fn job_from_flags(a: &PublishArgs) -> anyhow::Result<Job> {
     let mut m = Map::new();
-    m.insert("change".into(), a.change.clone().unwrap_or_default().into());
+    m.insert(
+        "change".into(),
+        a.change.map(ChangeType::as_str).unwrap_or_default().into(),
+    );
     m.insert("virtual_storage".into(), a.virtual_storage.clone().into());
     m.insert(
         "relative_path".into(),

@@ -1,5 +1,6 @@
 //! `[logging]`: the log format and level, in Praefect's spelling.
 
+use serde::ser::SerializeStruct;
 use serde::{Serialize, Serializer};
 
 /// Level names accepted as they are (Praefect's `warning`, `fatal` and `panic`
@@ -19,6 +20,9 @@ pub enum LogFormat {
 }
 
 impl LogFormat {
+    /// Every format, in the order the docs list them.
+    pub const ALL: [LogFormat; 2] = [LogFormat::Json, LogFormat::Text];
+
     /// The spelling used in the file.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -27,9 +31,9 @@ impl LogFormat {
         }
     }
 
-    /// The format spelled `name` in the file.
-    pub(super) fn named(name: &str) -> Option<LogFormat> {
-        [LogFormat::Json, LogFormat::Text]
+    /// The format spelled `name` in the file (and on the command line).
+    pub fn parse(name: &str) -> Option<LogFormat> {
+        LogFormat::ALL
             .into_iter()
             .find(|format| format.as_str() == name)
     }
@@ -42,10 +46,14 @@ impl Serialize for LogFormat {
 }
 
 /// `[logging]`: Praefect's `format` and `level`; its other logging keys are ignored.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LoggingConfig {
-    /// `"json"` (default) or `"text"`.
+    /// `"json"` or `"text"`; `json` when not set, but see `format_set`.
     pub format: LogFormat,
+    /// Whether the file or the environment named `format`. The command line
+    /// needs to know: an unset format lets each command pick its own (JSON for
+    /// the service, text for a person at a terminal), a set one is honoured.
+    pub format_set: bool,
     /// A level (`trace` … `error`, plus Praefect's `warning`, `fatal`, `panic`) or a
     /// `tracing` filter directive such as `info,gitaly_replicator=debug`.
     pub level: String,
@@ -55,12 +63,39 @@ impl Default for LoggingConfig {
     fn default() -> Self {
         LoggingConfig {
             format: LogFormat::Json,
+            format_set: false,
             level: "info".into(),
         }
     }
 }
 
+impl Serialize for LoggingConfig {
+    /// Leaves `format` out when it was not set: printed, it would read back as
+    /// set and override every command's own default.
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        // Destructured, so a new key does not compile until it is printed here.
+        let LoggingConfig {
+            format,
+            format_set,
+            level,
+        } = self;
+        let mut s = serializer.serialize_struct("LoggingConfig", 2)?;
+        if *format_set {
+            s.serialize_field("format", format)?;
+        } else {
+            s.skip_field("format")?;
+        }
+        s.serialize_field("level", level)?;
+        s.end()
+    }
+}
+
 impl LoggingConfig {
+    /// The format the file or the environment set, if either did.
+    pub fn format_if_set(&self) -> Option<LogFormat> {
+        self.format_set.then_some(self.format)
+    }
+
     /// The level as a `tracing` filter directive (Praefect's level names mapped).
     pub fn filter_directive(&self) -> String {
         match self.level.to_ascii_lowercase().as_str() {

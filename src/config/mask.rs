@@ -150,6 +150,7 @@ mod tests {
             graceful_stop_timeout: Duration::from_millis(90_250),
             logging: LoggingConfig {
                 format: LogFormat::Text,
+                format_set: true,
                 level: "info,gitaly_replicator=debug".into(),
             },
             virtual_storages: vec![VirtualStorage {

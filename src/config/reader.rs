@@ -55,17 +55,21 @@ pub(super) fn read(table: Table, ctx: &mut Ctx) -> Result<Config, ConfigError> {
 fn read_logging(ctx: &mut Ctx, mut s: Section) -> Result<LoggingConfig, ConfigError> {
     let defaults = LoggingConfig::default();
     let format = match s.optional(ctx, "format")? {
-        None => defaults.format,
-        Some(name) => LogFormat::named(&name).ok_or_else(|| {
+        None => None,
+        Some(name) => Some(LogFormat::parse(&name).ok_or_else(|| {
             ConfigError::new(
                 "logging.format",
                 format!("unknown format {name:?}; expected \"json\" or \"text\""),
             )
-        })?,
+        })?),
     };
     let level = s.optional(ctx, "level")?.unwrap_or(defaults.level);
     s.finish(ctx)?;
-    Ok(LoggingConfig { format, level })
+    Ok(LoggingConfig {
+        format: format.unwrap_or(defaults.format),
+        format_set: format.is_some(),
+        level,
+    })
 }
 
 fn read_virtual_storage(ctx: &mut Ctx, mut s: Section) -> Result<VirtualStorage, ConfigError> {

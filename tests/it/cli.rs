@@ -9,10 +9,18 @@ use std::time::Duration;
 use testkit::recording_gitaly::Behaviour;
 
 fn cli(toml: &str, args: &[&str], stdin: Option<&str>) -> Output {
+    cli_with_env(toml, args, stdin, &[])
+}
+
+/// Runs the binary with `toml` as its config and `env` set; `RUST_LOG` only
+/// when `env` sets it, so the caller's shell does not change what is logged.
+fn cli_with_env(toml: &str, args: &[&str], stdin: Option<&str>, env: &[(&str, &str)]) -> Output {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("config.toml");
     std::fs::write(&path, toml).unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_gitaly-replicator"))
+        .env_remove("RUST_LOG")
+        .envs(env.iter().copied())
         .arg("--config")
         .arg(&path)
         .args(args)
@@ -33,8 +41,42 @@ fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
 fn all(o: &Output) -> String {
-    format!("{}{}", stdout(o), String::from_utf8_lossy(&o.stderr))
+    format!("{}{}", stdout(o), stderr(o))
+}
+
+/// The lines of stderr that are JSON objects: log lines in the JSON format.
+fn json_log_lines(o: &Output) -> Vec<serde_json::Value> {
+    stderr(o)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(serde_json::Value::is_object)
+        .collect()
+}
+
+/// Puts one job for `relative_path` into the dead-letter stream: gitaly-2
+/// refuses its Cleanup, and the consumer that tried is stopped again.
+async fn one_dead_letter(c: &Cluster, relative_path: &str) {
+    c.node(2).respond(
+        "Cleanup",
+        Behaviour::fail(tonic::Code::InvalidArgument, "refused"),
+    );
+    let consumer = c.consumer().await;
+    c.publish(&c.job(
+        json!({"change": "cleanup", "relative_path": relative_path, "target_node_storage": "gitaly-2"}),
+    ))
+    .await;
+    assert!(
+        c.eventually(Duration::from_secs(10), || async {
+            c.dead_letters().await.len() == 1
+        })
+        .await
+    );
+    consumer.stop().await.unwrap();
 }
 
 #[tokio::test]
@@ -244,22 +286,7 @@ async fn publish_to_a_full_stream_fails_loudly_and_drops_nothing() {
 #[tokio::test]
 async fn status_shows_pending_in_flight_and_dead_per_target() {
     let c = Cluster::start(3).await;
-    c.node(2).respond(
-        "Cleanup",
-        Behaviour::fail(tonic::Code::InvalidArgument, "nope"),
-    );
-    let consumer = c.consumer().await;
-    c.publish(&c.job(
-        json!({"change": "cleanup", "relative_path": "x.git", "target_node_storage": "gitaly-2"}),
-    ))
-    .await;
-    assert!(
-        c.eventually(Duration::from_secs(10), || async {
-            c.dead_letters().await.len() == 1
-        })
-        .await
-    );
-    consumer.stop().await.unwrap();
+    one_dead_letter(&c, "x.git").await;
     for i in 0..4 {
         c.publish(&c.job(json!({"change": "cleanup", "relative_path": format!("p{i}.git"), "target_node_storage": "gitaly-3"}))).await;
     }
@@ -372,4 +399,135 @@ async fn setup_refuses_a_byte_limit_that_this_nats_server_would_enforce_by_dropp
         assert!(!o.status.success());
         assert!(all(&o).contains("nats-server#4771"), "{}", all(&o));
     }
+}
+
+#[test]
+fn usage_errors_exit_64_and_help_and_version_exit_0() {
+    for args in [
+        &["--no-such-flag", "status"][..],
+        &["status", "--no-such-flag"],
+        &["dead", "list", "--limit"],
+        &["dead", "list", "--limit", "many"],
+        &["--log-format", "xml", "status"],
+        &["dead"],
+        &[],
+    ] {
+        let o = cli("", args, None);
+        assert_eq!(o.status.code(), Some(64), "{args:?}: {}", all(&o));
+        assert!(
+            o.stdout.is_empty() && !o.stderr.is_empty(),
+            "{args:?}: {}",
+            all(&o)
+        );
+    }
+    for args in [["--help"], ["--version"]] {
+        let o = cli("", &args, None);
+        assert_eq!(o.status.code(), Some(0), "{args:?}: {}", all(&o));
+        assert!(!o.stdout.is_empty() && o.stderr.is_empty(), "{args:?}");
+    }
+}
+
+#[test]
+fn publish_refuses_an_unknown_change_type_as_a_usage_error_naming_the_valid_ones() {
+    let o = cli(
+        "",
+        &[
+            "publish",
+            "--change",
+            "garbage_collect",
+            "--relative-path",
+            "a.git",
+            "--target",
+            "gitaly-2",
+        ],
+        None,
+    );
+    assert_eq!(o.status.code(), Some(64), "{}", all(&o));
+    let err = stderr(&o);
+    assert!(err.contains("garbage_collect"), "{err}");
+    for change in gitaly_replicator::ChangeType::ALL {
+        assert!(err.contains(change.as_str()), "{change}: {err}");
+    }
+}
+
+#[test]
+fn publish_help_lists_every_change_type_as_the_contract_spells_it() {
+    let o = cli("", &["publish", "--help"], None);
+    assert!(o.status.success(), "{}", all(&o));
+    let help = stdout(&o);
+    let listed: Vec<&str> = help
+        .split_once("[possible values: ")
+        .and_then(|(_, rest)| rest.split_once(']'))
+        .map(|(values, _)| values.split(", ").map(str::trim).collect())
+        .unwrap_or_else(|| panic!("no possible values in\n{help}"));
+    let contract: Vec<&str> = gitaly_replicator::ChangeType::ALL
+        .iter()
+        .map(|c| c.as_str())
+        .collect();
+    assert_eq!(listed, contract, "{help}");
+}
+
+#[tokio::test]
+async fn status_logs_readable_warnings_by_default_and_json_when_asked() {
+    let c = Cluster::start(1).await;
+    let o = cli(&c.toml, &["status"], None);
+    assert!(o.status.success(), "{}", all(&o));
+    assert!(json_log_lines(&o).is_empty(), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("connected to NATS"), "{}", stderr(&o));
+
+    // RUST_LOG still sets the level; the format stays readable.
+    let info = [("RUST_LOG", "info")];
+    let o = cli_with_env(&c.toml, &["status"], None, &info);
+    assert!(stderr(&o).contains("connected to NATS"), "{}", stderr(&o));
+    assert!(json_log_lines(&o).is_empty(), "{}", stderr(&o));
+    let o = cli_with_env(&c.toml, &["status", "--log-format", "json"], None, &info);
+    assert!(
+        json_log_lines(&o)
+            .iter()
+            .any(|l| l["message"] == "connected to NATS"),
+        "{}",
+        stderr(&o)
+    );
+
+    // An unreachable NATS: the failure is logged as text, or as JSON when asked.
+    let unreachable = c.toml.replace(&nats_url(), "nats://127.0.0.1:1");
+    let o = cli(&unreachable, &["status"], None);
+    assert_eq!(o.status.code(), Some(1), "{}", all(&o));
+    assert!(stderr(&o).contains("cannot connect to NATS"), "{}", all(&o));
+    assert!(json_log_lines(&o).is_empty(), "{}", stderr(&o));
+    let o = cli(&unreachable, &["--log-format", "json", "status"], None);
+    assert_eq!(o.status.code(), Some(1), "{}", all(&o));
+    assert!(
+        json_log_lines(&o).iter().any(|l| l["level"] == "ERROR"),
+        "{}",
+        stderr(&o)
+    );
+
+    // A format set in the config is honoured, and the flag wins over it.
+    let json_in_file = format!("{unreachable}\n[logging]\nformat = \"json\"\n");
+    let o = cli(&json_in_file, &["status"], None);
+    assert!(!json_log_lines(&o).is_empty(), "{}", stderr(&o));
+    let o = cli(&json_in_file, &["status", "--log-format", "text"], None);
+    assert!(json_log_lines(&o).is_empty(), "{}", stderr(&o));
+    let o = cli_with_env(
+        &unreachable,
+        &["status"],
+        None,
+        &[("GITALY_REPLICATOR_LOGGING__FORMAT", "json")],
+    );
+    assert!(!json_log_lines(&o).is_empty(), "{}", stderr(&o));
+}
+
+#[tokio::test]
+async fn dead_purge_or_replay_without_a_selection_is_a_usage_error_and_touches_nothing() {
+    let c = Cluster::start(2).await;
+    one_dead_letter(&c, "kept.git").await;
+    for command in ["purge", "replay"] {
+        let o = cli(&c.toml, &["dead", command], None);
+        assert_eq!(o.status.code(), Some(64), "{command}: {}", all(&o));
+        let err = stderr(&o);
+        assert!(err.contains("SEQUENCE") && err.contains("--all"), "{err}");
+    }
+    assert_eq!(c.dead_letters().await.len(), 1, "a dead letter was touched");
+    assert_eq!(c.work_messages().await, 0, "a dead letter was replayed");
 }
