@@ -22,6 +22,7 @@
 //!   repository locks and their session, the batching of many jobs' reads
 //!   and writes into one statement.
 //! - `service`: `run`, which wires the above together and owns shutdown;
+//!   `dependencies`: waiting for NATS and Postgres, and watching them;
 //!   `metrics`, `ops_server`: Prometheus metrics and health endpoints.
 //! - `deploy`: manifests generated from the config.
 //!
@@ -35,7 +36,9 @@
 //! module is private; what is not named here is an internal.
 
 mod config;
+mod dependencies;
 mod deploy;
+mod error_chain;
 mod event;
 mod gitaly;
 mod metrics;
@@ -56,6 +59,7 @@ pub use config::{
     Config, ConfigError, DatabaseConfig, LogFormat, LoggingConfig, NatsConfig, Node, NodeAddress,
     ReplicationConfig, Secret, VirtualStorage, node_token_env_var,
 };
+pub use error_chain::display_error_chain;
 pub use service::{ServiceError, connect_store, provision, run};
 
 // The job contract.

@@ -33,8 +33,12 @@ pub const ACK_ERRORS_TOTAL: &str = "gitaly_replicator_ack_errors_total";
 /// The `kind` labels of [`ACK_ERRORS_TOTAL`].
 pub const ACK_ERROR_KINDS: [&str; 6] = ["ack", "nak", "term", "progress", "dead_letter", "requeue"];
 
+/// 1 while the service can reach the dependency (gauge): dependency (nats,
+/// postgres).
+pub const DEPENDENCY_UP: &str = "gitaly_replicator_dependency_up";
+
 /// Every metric the service exports (for docs, alert rules and their tests).
-pub const ALL: [&str; 9] = [
+pub const ALL: [&str; 10] = [
     REPLICATION_JOBS,
     REPLICATION_LATENCY,
     REPLICATION_DELAY,
@@ -44,6 +48,7 @@ pub const ALL: [&str; 9] = [
     TARGET_HEALTHY,
     PULL_RENEWALS_TOTAL,
     ACK_ERRORS_TOTAL,
+    DEPENDENCY_UP,
 ];
 
 /// Praefect's histogram buckets, in seconds.
@@ -91,6 +96,10 @@ pub fn install() -> Result<PrometheusHandle, String> {
                 ACK_ERRORS_TOTAL,
                 "Acknowledgements that failed or were sent while disconnected from NATS"
             );
+            metrics::describe_gauge!(
+                DEPENDENCY_UP,
+                "1 while the service can reach the dependency (nats, postgres)"
+            );
             // Exported from the start, so a rate over it is never empty.
             for kind in ACK_ERROR_KINDS {
                 counter!(ACK_ERRORS_TOTAL, "kind" => kind).increment(0);
@@ -98,6 +107,11 @@ pub fn install() -> Result<PrometheusHandle, String> {
             Ok(handle)
         })
         .clone()
+}
+
+/// Records whether `dependency` (`nats`, `postgres`) answers.
+pub fn dependency_up(dependency: &'static str, up: bool) {
+    gauge!(DEPENDENCY_UP, "dependency" => dependency).set(if up { 1.0 } else { 0.0 });
 }
 
 /// Counts one failed acknowledgement of `kind` (one of [`ACK_ERROR_KINDS`]).

@@ -1,6 +1,7 @@
 //! The operations endpoint: `/metrics` (Prometheus text), `/health/live` and
 //! `/health/ready`, on `prometheus_listen_addr`.
 
+use crate::dependencies::DependencyState;
 use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper::server::conn::http1;
@@ -16,17 +17,31 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-/// Whether the service is ready to work: set once streams, consumers and the
-/// database are usable, cleared on shutdown.
+/// Whether the service is ready to work: its streams and consumers are set
+/// up (cleared on shutdown) and NATS and Postgres both answer.
 #[derive(Clone, Default)]
-pub struct Readiness(Arc<AtomicBool>);
+pub struct Readiness {
+    set_up: Arc<AtomicBool>,
+    dependencies: DependencyState,
+}
 
 impl Readiness {
+    pub fn new(dependencies: DependencyState) -> Self {
+        Readiness {
+            set_up: Arc::default(),
+            dependencies,
+        }
+    }
+    /// Whether setup is done (and shutdown has not begun).
     pub fn set(&self, ready: bool) {
-        self.0.store(ready, Ordering::SeqCst);
+        self.set_up.store(ready, Ordering::SeqCst);
+    }
+    /// What the readiness also depends on.
+    pub fn dependencies(&self) -> &DependencyState {
+        &self.dependencies
     }
     pub fn get(&self) -> bool {
-        self.0.load(Ordering::SeqCst)
+        self.set_up.load(Ordering::SeqCst) && self.dependencies.all_up()
     }
 }
 

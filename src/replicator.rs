@@ -87,6 +87,14 @@ pub enum ReplicationError {
     },
 }
 
+impl ReplicationError {
+    /// Whether the repository store could not be reached: the job is not at
+    /// fault and is never dead-lettered for it.
+    pub fn is_database_outage(&self) -> bool {
+        matches!(self, ReplicationError::Store(e) if e.is_outage())
+    }
+}
+
 /// The result of one job; the consumer turns it into an acknowledgement.
 #[derive(Debug)]
 pub enum JobOutcome {

@@ -9,6 +9,8 @@
 //! port is closed.
 
 use crate::config::Config;
+use crate::dependencies::{Dependency, DependencyState, WaitEnded, wait_for, watch_dependencies};
+use crate::error_chain::display_error_chain;
 use crate::gitaly::{ChannelError, NodeSet};
 use crate::metrics;
 use crate::ops_server::{self, Readiness};
@@ -49,6 +51,38 @@ pub enum ServiceError {
     Node(#[from] ChannelError),
     #[error(transparent)]
     Consumer(#[from] ConsumerError),
+    /// `startup_timeout` passed with a dependency still not answering.
+    #[error("{missing} did not answer within startup_timeout ({waited}): {cause}")]
+    Unavailable {
+        /// What is missing, e.g. `NATS and Postgres`.
+        missing: String,
+        waited: humantime::Duration,
+        /// The last failure, of the dependency that ran out of time first.
+        cause: String,
+    },
+    /// Shutdown came while waiting for a dependency.
+    #[error("stopped while waiting for NATS and Postgres")]
+    Stopped,
+}
+
+impl ServiceError {
+    /// Whether waiting may help: the dependency is down or starting, not
+    /// refusing the configuration.
+    fn is_transient(&self) -> bool {
+        match self {
+            ServiceError::Database { source, .. } => crate::store::is_transient(source),
+            ServiceError::Store(e) => e.is_retryable(),
+            ServiceError::Nats(ConnectError::Connect { source, .. }) => matches!(
+                source.kind(),
+                async_nats::ConnectErrorKind::Io
+                    | async_nats::ConnectErrorKind::TimedOut
+                    | async_nats::ConnectErrorKind::Dns
+                    | async_nats::ConnectErrorKind::MaxReconnects
+            ),
+            ServiceError::Layout(LayoutError::Api { .. }) => true,
+            _ => false,
+        }
+    }
 }
 
 /// The consumer settings a config describes.
@@ -171,7 +205,7 @@ async fn serve(
     client: &mut Option<async_nats::Client>,
 ) -> Result<(), ServiceError> {
     let handle = metrics::install().map_err(ServiceError::Metrics)?;
-    let readiness = Readiness::default();
+    let readiness = Readiness::new(DependencyState::default());
     tasks.spawn(ops_server::upkeep(
         handle.clone(),
         tokens.background.clone(),
@@ -188,12 +222,45 @@ async fn serve(
             tokens.background.clone(),
         ));
     }
-    let store = connect_store(config).await?;
-    let nats = connect(&config.nats, "gitaly-replicator").await?;
-    *client = Some(nats.clone());
     let layout = Layout::from_config(config);
-    let js = async_nats::jetstream::new(nats.clone());
-    log_changes(&layout.ensure_streams(&js).await?);
+    // Both are waited for at once, so the log names everything missing.
+    let deadline = (!config.startup_timeout.is_zero())
+        .then(|| tokio::time::Instant::now() + config.startup_timeout);
+    let dependencies = readiness.dependencies().clone();
+    let connected = async {
+        tokio::try_join!(
+            wait_until_up(
+                Dependency::Postgres,
+                config,
+                &dependencies,
+                deadline,
+                &tokens.stop,
+                || { connect_store(config) }
+            ),
+            wait_until_up(
+                Dependency::Nats,
+                config,
+                &dependencies,
+                deadline,
+                &tokens.stop,
+                || { connect_streams(config, &layout) }
+            ),
+        )
+    };
+    tokio::pin!(shutdown);
+    let (store, nats) = tokio::select! {
+        r = connected => r?,
+        () = &mut shutdown => return Ok(()),
+    };
+    *client = Some(nats.clone());
+    tasks.spawn(watch_dependencies(
+        dependencies,
+        nats.clone(),
+        store.pool().clone(),
+        DEPENDENCY_CHECK_INTERVAL,
+        config.database.connect_timeout,
+        tokens.background.clone(),
+    ));
     let nodes = NodeSet::from_config(config)?;
     let job_timeout =
         (!config.replication.job_timeout.is_zero()).then_some(config.replication.job_timeout);
@@ -222,13 +289,69 @@ async fn serve(
     tokio::pin!(consumer);
     let result = tokio::select! {
         r = &mut consumer => r,
-        () = shutdown => {
+        () = &mut shutdown => {
             tokens.stop.cancel();
             consumer.await
         }
     };
     readiness.set(false);
     Ok(result?)
+}
+
+/// How often NATS and Postgres are checked once running.
+const DEPENDENCY_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Connects to NATS and makes sure the streams exist.
+async fn connect_streams(
+    config: &Config,
+    layout: &Layout,
+) -> Result<async_nats::Client, ServiceError> {
+    let nats = connect(&config.nats, "gitaly-replicator").await?;
+    let js = async_nats::jetstream::new(nats.clone());
+    log_changes(&layout.ensure_streams(&js).await?);
+    Ok(nats)
+}
+
+/// [`wait_for`] `d` while its errors are transient; a permanent one (a
+/// refused password, an incompatible stream) ends `run` at once.
+async fn wait_until_up<T, F, Fut>(
+    d: Dependency,
+    config: &Config,
+    state: &DependencyState,
+    deadline: Option<tokio::time::Instant>,
+    stop: &tokio_util::sync::CancellationToken,
+    attempt: F,
+) -> Result<T, ServiceError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, ServiceError>>,
+{
+    match wait_for(
+        d,
+        state,
+        deadline,
+        stop,
+        ServiceError::is_transient,
+        attempt,
+    )
+    .await
+    {
+        Ok(v) => Ok(v),
+        Err(WaitEnded::Refused(e)) => Err(e),
+        Err(WaitEnded::Stopped) => Err(ServiceError::Stopped),
+        Err(WaitEnded::TimedOut(e)) => {
+            let missing: Vec<&str> = [Dependency::Nats, Dependency::Postgres]
+                .into_iter()
+                .filter(|&other| other == d || !state.is_up(other))
+                .map(Dependency::name)
+                .collect();
+            Err(ServiceError::Unavailable {
+                missing: missing.join(" and "),
+                waited: config.startup_timeout.into(),
+                cause: format!("{}: {}", d.name(), display_error_chain(&e)),
+            })
+        }
+    }
 }
 
 fn log_changes(changes: &[LayoutChange]) {

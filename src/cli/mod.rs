@@ -75,6 +75,9 @@ impl Command {
 
 /// Exit code for a bad configuration or bad usage (EX_USAGE).
 const EXIT_USAGE: u8 = 64;
+/// Exit code when NATS or Postgres did not answer within `startup_timeout`
+/// (EX_UNAVAILABLE).
+const EXIT_UNAVAILABLE: u8 = 69;
 
 /// Prints what clap has to say and picks the exit code: 0 for `--help` and
 /// `--version` (on stdout), 64 for a usage error (on stderr), instead of
@@ -131,9 +134,20 @@ fn report(result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!(error = format!("{e:#}"), "failed");
-            eprintln!("gitaly-replicator: {e:#}");
-            ExitCode::FAILURE
+            let text = gitaly_replicator::display_error_chain(e.as_ref());
+            tracing::error!(error = text, "failed");
+            eprintln!("gitaly-replicator: {text}");
+            let unavailable = e.chain().any(|cause| {
+                matches!(
+                    cause.downcast_ref(),
+                    Some(gitaly_replicator::ServiceError::Unavailable { .. })
+                )
+            });
+            if unavailable {
+                ExitCode::from(EXIT_UNAVAILABLE)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

@@ -88,7 +88,10 @@ pub async fn run(config: &Config, args: PublishArgs) -> ExitCode {
             ExitCode::FAILURE
         }
         Err(e) => {
-            eprintln!("gitaly-replicator: {e:#}");
+            eprintln!(
+                "gitaly-replicator: {}",
+                gitaly_replicator::display_error_chain(e.as_ref())
+            );
             ExitCode::FAILURE
         }
     }

@@ -148,6 +148,7 @@ mod tests {
         Config {
             prometheus_listen_addr: Some("[::1]:9700".parse().unwrap()),
             graceful_stop_timeout: Duration::from_millis(90_250),
+            startup_timeout: Duration::from_secs(45),
             logging: LoggingConfig {
                 format: LogFormat::Text,
                 format_set: true,

@@ -73,6 +73,11 @@ pub struct Config {
     /// Praefect's key: how long running jobs may take to finish on shutdown.
     #[serde(serialize_with = "mask::serialize_duration")]
     pub graceful_stop_timeout: Duration,
+    /// How long `run` waits at start for NATS and Postgres to answer before it
+    /// exits 69 naming what is missing; zero (the default) waits for ever, as a
+    /// service under a supervisor should.
+    #[serde(serialize_with = "mask::serialize_duration")]
+    pub startup_timeout: Duration,
     /// `[logging]`.
     pub logging: LoggingConfig,
     /// `[[virtual_storage]]`: the clusters whose replicas are kept in step.
@@ -96,6 +101,7 @@ impl Default for Config {
         Config {
             prometheus_listen_addr: Some(DEFAULT_PROMETHEUS_LISTEN_ADDR),
             graceful_stop_timeout: Duration::from_secs(60),
+            startup_timeout: Duration::ZERO,
             logging: LoggingConfig::default(),
             virtual_storages: Vec::new(),
             database: DatabaseConfig::default(),

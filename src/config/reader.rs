@@ -26,6 +26,7 @@ pub(super) fn read(table: Table, ctx: &mut Ctx) -> Result<Config, ConfigError> {
     };
     let graceful_stop_timeout =
         root.duration(ctx, "graceful_stop_timeout", defaults.graceful_stop_timeout)?;
+    let startup_timeout = root.duration(ctx, "startup_timeout", defaults.startup_timeout)?;
     let logging = read_logging(ctx, root.table("logging")?)?;
     let virtual_storages = root
         .tables("virtual_storage")?
@@ -39,6 +40,7 @@ pub(super) fn read(table: Table, ctx: &mut Ctx) -> Result<Config, ConfigError> {
     let mut config = Config {
         prometheus_listen_addr,
         graceful_stop_timeout,
+        startup_timeout,
         logging,
         virtual_storages,
         database,

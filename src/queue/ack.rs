@@ -151,6 +151,11 @@ fn finished(
         JobOutcome::Invalid(_) => AckAction::DeadLetter(DeadReason::Invalid),
         // Its lock was lost, not its attempt.
         JobOutcome::Interrupted => again(Some(retry.delay_after(1))),
+        // The database was down: the job runs again once it is back, however
+        // long that takes (pulling pauses meanwhile), and is never dead.
+        JobOutcome::Failed(e) if e.is_database_outage() => {
+            again(Some(retry.delay_after(deliveries.delivered)))
+        }
         JobOutcome::Failed(_) => match deliveries.attempts {
             Attempts::Limited(n) if deliveries.delivered >= n => {
                 AckAction::DeadLetter(DeadReason::Dead)
@@ -165,6 +170,7 @@ mod tests {
     use super::*;
     use crate::gitaly::{CallError, CallErrorKind};
     use crate::replicator::{ReplicationError, SkipReason};
+    use crate::store::StoreError;
     use AckAction::*;
 
     fn failed() -> JobOutcome {
@@ -215,6 +221,10 @@ mod tests {
         let invalid = JobOutcome::Invalid("bad".into());
         let failed = failed();
         let interrupted = JobOutcome::Interrupted;
+        let database_down = JobOutcome::Failed(ReplicationError::Store(StoreError::Query {
+            operation: "set_generation",
+            source: sqlx::Error::Io(std::io::ErrorKind::ConnectionRefused.into()),
+        }));
         let leader = Role::Leader;
         let follower = |leader_delivered| Role::Follower { leader_delivered };
         let rows: Vec<(&str, Stage, Role, Deliveries, AckAction)> = vec![
@@ -292,6 +302,21 @@ mod tests {
                 leader,
                 delivery(3),
                 DeadLetter(DeadReason::Dead),
+            ),
+            // The database was down: retried like a failure, never dead.
+            (
+                "database down, second",
+                Stage::Finished(&database_down),
+                leader,
+                delivery(2),
+                nak_after(2),
+            ),
+            (
+                "database down, last",
+                Stage::Finished(&database_down),
+                leader,
+                delivery(3),
+                Requeue,
             ),
             // More attempts than server deliveries: a fresh copy at the limit.
             (

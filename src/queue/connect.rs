@@ -60,7 +60,7 @@ pub async fn connect(config: &NatsConfig, name: &str) -> Result<async_nats::Clie
         .connect(servers)
         .await
         .map_err(|source| ConnectError::Connect {
-            url: config.url.clone(),
+            url: config.masked_url(),
             source,
         })
 }

@@ -8,6 +8,7 @@
 //! for redelivery). If a target cannot be set up, it returns the error and
 //! the service stops what was already started.
 
+use crate::dependencies::Dependency;
 use crate::event::Job;
 use crate::gitaly::NodeSet;
 use crate::gitaly::health::watch_health;
@@ -203,6 +204,7 @@ pub async fn run<R: Replicator>(deps: ConsumerDeps<R>) -> Result<(), ConsumerErr
             ),
             metrics,
         });
+        let database = readiness.dependencies().watch(Dependency::Postgres);
         let healthy = watch_health(
             node,
             shared.settings.health_check_interval,
@@ -224,6 +226,7 @@ pub async fn run<R: Replicator>(deps: ConsumerDeps<R>) -> Result<(), ConsumerErr
                 target.clone(),
                 puller,
                 healthy.clone(),
+                database.clone(),
             )));
         }
     }
@@ -263,6 +266,7 @@ async fn pull_loop<R: Replicator>(
     target: Arc<Target>,
     mut puller: Puller,
     mut healthy: watch::Receiver<bool>,
+    mut database: watch::Receiver<bool>,
 ) {
     let stop = shared.stop.clone();
     let retry = RetryPolicy::reconnect();
@@ -271,13 +275,18 @@ async fn pull_loop<R: Replicator>(
     // The intake reserved for the open request; each arriving job takes one.
     let mut reserved: Option<OwnedSemaphorePermit> = None;
     loop {
-        // Only ask for jobs that can start: a target that is down or a
-        // process that is full leaves them in the stream.
+        // Only ask for jobs that can start: a target that is down, a
+        // repository store that does not answer or a process that is full
+        // leaves them in the stream.
         if !puller.is_active() {
             // What the last request did not fill goes back.
             drop(reserved.take());
             tokio::select! {
                 r = healthy.wait_for(|h| *h) => if r.is_err() { break },
+                _ = stop.cancelled() => break,
+            }
+            tokio::select! {
+                r = database.wait_for(|up| *up) => if r.is_err() { break },
                 _ = stop.cancelled() => break,
             }
             let permit = tokio::select! {

@@ -19,6 +19,8 @@ pub enum StoreError {
         operation: &'static str,
         message: String,
         retryable: bool,
+        /// The database could not be reached (see [`StoreError::is_outage`]).
+        outage: bool,
     },
     #[error("repository store: migrate: {source}")]
     Migrate {
@@ -46,6 +48,7 @@ impl StoreError {
                 other => other.to_string(),
             },
             retryable: self.is_retryable(),
+            outage: self.is_outage(),
         }
     }
 
@@ -59,6 +62,22 @@ impl StoreError {
                 ..
             }
         )
+    }
+
+    /// Whether the database could not be reached at all: down, restarting,
+    /// failing over, or the connection broke. A job that failed so did
+    /// nothing wrong; it waits for the database and keeps its attempts.
+    pub fn is_outage(&self) -> bool {
+        match self {
+            Self::Query { source, .. } => is_unreachable(source),
+            Self::Batch { outage, .. } => *outage,
+            Self::Migrate { source } => match source {
+                MigrateError::Execute(e) | MigrateError::ExecuteMigration(e, _) => {
+                    is_unreachable(e)
+                }
+                _ => false,
+            },
+        }
     }
 
     /// Whether Postgres broke a deadlock by aborting this statement.
@@ -82,7 +101,22 @@ impl StoreError {
     }
 }
 
-fn is_transient(error: &sqlx::Error) -> bool {
+fn is_unreachable(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(e) => e.code().is_some_and(|code| {
+            code.starts_with("08") || matches!(code.as_ref(), "57P01" | "57P02" | "57P03" | "25006")
+        }),
+        _ => false,
+    }
+}
+
+/// Whether trying again later may succeed (see [`StoreError::is_retryable`]).
+pub(crate) fn is_transient(error: &sqlx::Error) -> bool {
     match error {
         sqlx::Error::Io(_)
         | sqlx::Error::Tls(_)

@@ -70,6 +70,7 @@ fn stopped(operation: &'static str) -> StoreError {
         operation,
         message: "the batching task stopped".into(),
         retryable: true,
+        outage: false,
     }
 }
 
@@ -105,6 +106,7 @@ fn missing_answer() -> StoreError {
         operation: "generation batch",
         message: "no answer for the row".into(),
         retryable: true,
+        outage: false,
     }
 }
 

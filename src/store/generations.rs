@@ -151,6 +151,7 @@ impl RepositoryStore {
                 operation: "replicated_generation",
                 message: "no row returned".into(),
                 retryable: true,
+                outage: false,
             })
     }
 

@@ -20,6 +20,7 @@ mod order;
 
 pub use completions::{CompletionKey, JobKey};
 pub use error::StoreError;
+pub(crate) use error::is_transient;
 use error::{encode_failed, failed};
 pub use generations::{GenerationQuery, GenerationRecord, ReplicatedGeneration};
 pub use lock_sessions::{

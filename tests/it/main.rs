@@ -8,6 +8,7 @@ mod broker_restart;
 mod cli;
 mod config;
 mod consumer;
+mod dependencies;
 mod deploy;
 mod e2e;
 mod event_contract;

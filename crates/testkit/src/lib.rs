@@ -5,6 +5,7 @@
 //!   records every call and answers as told;
 //! - [`db`]: a Postgres database per test;
 //! - [`nats_server`]: a private nats-server, for tests that stop the broker;
+//! - [`postgres_server`]: a private Postgres, for tests that stop the database;
 //! - [`storage_node`]: `storage-node` processes over real repositories;
 //! - [`git`]: bare repositories with commits, branches and tags;
 //! - [`http`]: GETs to an operations endpoint.
@@ -14,6 +15,7 @@ pub mod git;
 pub mod http;
 pub mod metrics;
 pub mod nats_server;
+pub mod postgres_server;
 pub mod recording_gitaly;
 pub mod storage_node;
 

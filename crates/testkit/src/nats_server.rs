@@ -22,18 +22,24 @@ fn binary() -> String {
 
 impl PrivateNats {
     pub async fn start() -> PrivateNats {
+        let mut n = Self::not_started();
+        n.spawn().await;
+        n
+    }
+
+    /// A port and a store, with no server yet: [`PrivateNats::start_again`]
+    /// starts it.
+    pub fn not_started() -> PrivateNats {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap()
             .port();
-        let mut n = PrivateNats {
+        PrivateNats {
             port,
             dir: tempfile::tempdir().unwrap(),
             child: None,
-        };
-        n.spawn().await;
-        n
+        }
     }
 
     pub fn url(&self) -> String {

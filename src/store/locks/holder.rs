@@ -249,6 +249,7 @@ async fn resync(s: &mut LockSession) -> Result<(), StoreError> {
             operation: "resync_advisory_locks",
             message: "a held repository lock is gone".into(),
             retryable: true,
+            outage: false,
         });
     }
     if !extra.is_empty() {

@@ -1,0 +1,187 @@
+//! A private Postgres, for tests that stop or restart the database; never
+//! the machine's shared one. `initdb` in a temporary directory, trust auth,
+//! listening on 127.0.0.1 at a free port. Postgres refuses to run as root, so
+//! under root its binaries run as the `postgres` user on a directory it owns.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+/// Where Debian keeps the server binaries; `PG_BIN_DIR` overrides it.
+fn bin_dir() -> PathBuf {
+    std::env::var_os("PG_BIN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/usr/lib/postgresql/15/bin"))
+}
+
+fn running_as_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+pub struct PrivatePostgres {
+    pub port: u16,
+    /// Holds the data directory and the socket; removed on drop.
+    dir: tempfile::TempDir,
+    as_postgres: bool,
+    running: bool,
+}
+
+impl PrivatePostgres {
+    /// A new cluster, initialised but not started.
+    pub fn init() -> PrivatePostgres {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let as_postgres = running_as_root();
+        // The postgres user must reach and own it.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777))
+            .expect("chmod the temporary directory");
+        let pg = PrivatePostgres {
+            port,
+            dir,
+            as_postgres,
+            running: false,
+        };
+        let data = pg.data_dir();
+        let out = pg.pg(
+            "initdb",
+            &[
+                "-D",
+                path_str(&data),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ],
+        );
+        assert!(out.status.success(), "initdb failed: {}", text(&out));
+        pg
+    }
+
+    /// A new cluster, started.
+    pub fn start() -> PrivatePostgres {
+        let mut pg = Self::init();
+        pg.start_again();
+        pg
+    }
+
+    fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// `postgres://postgres@127.0.0.1:PORT/postgres`
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    fn pg(&self, program: &str, args: &[&str]) -> Output {
+        let binary = bin_dir().join(program);
+        let mut cmd = if self.as_postgres {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(binary);
+            c
+        } else {
+            Command::new(binary)
+        };
+        cmd.args(args)
+            .current_dir(self.dir.path())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {program}: {e}"))
+    }
+
+    /// Starts the server and waits until it accepts connections.
+    pub fn start_again(&mut self) {
+        if self.running {
+            return;
+        }
+        let data = self.data_dir();
+        let options = format!(
+            "-p {} -c listen_addresses=127.0.0.1 -c unix_socket_directories={} -c fsync=off -c max_connections=200",
+            self.port,
+            path_str(self.dir.path())
+        );
+        let log = self.dir.path().join("postgres.log");
+        let out = self.pg(
+            "pg_ctl",
+            &[
+                "-D",
+                path_str(&data),
+                "-o",
+                &options,
+                "-l",
+                path_str(&log),
+                "-w",
+                "-t",
+                "60",
+                "start",
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "pg_ctl start failed: {}; log: {}",
+            text(&out),
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        self.running = true;
+    }
+
+    /// Stops the server at once (`-m immediate`: like a crash, no checkpoint).
+    pub fn stop(&mut self) {
+        if !self.running {
+            return;
+        }
+        let data = self.data_dir();
+        let out = self.pg(
+            "pg_ctl",
+            &["-D", path_str(&data), "-m", "immediate", "-w", "stop"],
+        );
+        assert!(out.status.success(), "pg_ctl stop failed: {}", text(&out));
+        self.running = false;
+    }
+
+    /// Waits until a connection to it succeeds (or `timeout`).
+    pub async fn wait_ready(&self, timeout: Duration) -> bool {
+        let url = self.url();
+        crate::eventually(timeout, || {
+            let url = url.clone();
+            async move {
+                use sqlx::Connection;
+                sqlx::PgConnection::connect(&url).await.is_ok()
+            }
+        })
+        .await
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        if self.running {
+            let data = self.data_dir();
+            let _ = self.pg(
+                "pg_ctl",
+                &["-D", path_str(&data), "-m", "immediate", "-w", "stop"],
+            );
+        }
+    }
+}
+
+fn path_str(p: &Path) -> &str {
+    p.to_str().expect("temporary paths are UTF-8")
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
