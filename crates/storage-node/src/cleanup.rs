@@ -1,11 +1,15 @@
-//! Cleanup: removes what crashed or killed git processes leave behind, as
-//! Gitaly's housekeeping does: stale lock files, temporary object files and
-//! empty directories under `refs/`. Only files old enough that no running git
-//! can still own them are touched.
+//! Cleanup: removes what crashed or killed git processes leave behind.
+//!
+//! - [`remove_abandoned_locks`]: every lock file of git, whatever its age,
+//!   for a caller that holds the repository's lock (every git of the node
+//!   that writes to a repository runs under it, so none can own them).
+//! - [`clean_stale_files`]: as Gitaly's housekeeping does, stale lock files,
+//!   temporary object files and empty directories under `refs/`, only when
+//!   old enough that no running git can still own them.
 
 use std::fs;
 use std::io;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 /// A ref lock this old belongs to a git that is gone.
@@ -16,6 +20,60 @@ pub const STALE_CONFIG_LOCK: Duration = Duration::from_secs(15 * 60);
 pub const STALE_TEMPORARY_OBJECT: Duration = Duration::from_secs(24 * 60 * 60);
 /// Directories under refs/ that git itself keeps.
 const KEPT_REF_DIRS: [&str; 3] = ["refs", "refs/heads", "refs/tags"];
+
+/// Where git keeps lock files below a repository's top level: ref, reflog
+/// and reftable locks, commit-graph and multi-pack-index locks.
+const LOCK_DIRS: [&str; 5] = ["refs", "logs", "reftable", "objects/info", "objects/pack"];
+/// Files at the top level that act as locks without the `.lock` suffix:
+/// `git gc`'s pid file, and the temporary file git writes `packed-refs`
+/// through, which it creates exclusively.
+const TOP_LEVEL_LOCKS: [&str; 2] = ["gc.pid", "packed-refs.new"];
+
+/// Removes every lock file of git in the bare repository at `repo`, whatever
+/// its age, and returns their paths relative to `repo`. Only for a caller
+/// that holds the repository's lock, so that no git of the node holds them.
+pub fn remove_abandoned_locks(repo: &Path) -> io::Result<Vec<PathBuf>> {
+    let is_lock = |name: &str| name.ends_with(".lock");
+    let mut removed = Vec::new();
+    remove_files(repo, Path::new(""), false, &mut removed, &|name| {
+        is_lock(name) || TOP_LEVEL_LOCKS.contains(&name)
+    })?;
+    for dir in LOCK_DIRS {
+        remove_files(repo, Path::new(dir), true, &mut removed, &is_lock)?;
+    }
+    Ok(removed)
+}
+
+/// Removes the regular files in `repo/rel` (and below it when `deep`) whose
+/// names `wanted` picks, adding their paths relative to `repo` to `removed`.
+fn remove_files(
+    repo: &Path,
+    rel: &Path,
+    deep: bool,
+    removed: &mut Vec<PathBuf>,
+    wanted: &dyn Fn(&str) -> bool,
+) -> io::Result<()> {
+    let entries = match fs::read_dir(repo.join(rel)) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    for entry in entries {
+        let entry = entry?;
+        let child = rel.join(entry.file_name());
+        let kind = entry.file_type()?;
+        if kind.is_dir() && deep {
+            remove_files(repo, &child, deep, removed, wanted)?;
+        } else if kind.is_file() && wanted(&entry.file_name().to_string_lossy()) {
+            match fs::remove_file(entry.path()) {
+                Ok(()) => removed.push(child),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(())
+}
 
 /// Removes stale files in the bare repository at `repo` and says how many.
 pub fn clean_stale_files(repo: &Path, now: SystemTime) -> io::Result<usize> {
@@ -144,5 +202,48 @@ mod tests {
         assert!(r.join("config.lock").exists());
         assert!(!r.join("refs/heads/old").exists());
         assert!(r.join("refs/heads").exists() && r.join("refs/tags").exists());
+    }
+
+    #[test]
+    fn every_lock_file_goes_whatever_its_age_and_nothing_else() {
+        let repo = tempfile::tempdir().unwrap();
+        let r = repo.path();
+        for d in [
+            "refs/heads/topic",
+            "objects/info/commit-graphs",
+            "objects/pack",
+        ] {
+            fs::create_dir_all(r.join(d)).unwrap();
+        }
+        let locks = [
+            "HEAD.lock",
+            "config.lock",
+            "gc.pid",
+            "packed-refs.lock",
+            "packed-refs.new",
+            "objects/info/commit-graphs/commit-graph-chain.lock",
+            "objects/pack/multi-pack-index.lock",
+            "refs/heads/topic/x.lock",
+        ];
+        let kept = [
+            "HEAD",
+            "config",
+            "packed-refs",
+            "refs/heads/main",
+            "objects/pack/pack-1.pack",
+            "objects/pack/tmp_pack_1",
+        ];
+        for f in locks.iter().chain(&kept) {
+            fs::write(r.join(f), "").unwrap();
+        }
+        let mut removed = remove_abandoned_locks(r).unwrap();
+        removed.sort();
+        let mut expected: Vec<PathBuf> = locks.iter().map(PathBuf::from).collect();
+        expected.sort();
+        assert_eq!(removed, expected);
+        for f in kept {
+            assert!(r.join(f).exists(), "{f}");
+        }
+        assert_eq!(remove_abandoned_locks(r).unwrap(), Vec::<PathBuf>::new());
     }
 }

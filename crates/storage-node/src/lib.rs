@@ -42,6 +42,25 @@
 //! unpacks before taking the target's lock, and a snapshot is written to a
 //! scratch file under the source's lock and streamed after releasing it.
 //!
+//! # Cancellation and lock files
+//! A call whose client goes away (a deadline, a dropped connection) must not
+//! stop git in the middle of a ref transaction: git would leave `HEAD.lock`,
+//! `packed-refs.lock` or `refs/….lock` behind, and every later write to the
+//! repository would fail. So every call that runs git to change a
+//! repository does it in a task that owns the repository's lock
+//! ([`StorageNode::change`]): dropping the call only stops the wait, the
+//! task runs its git commands to their end, then releases the lock, and the
+//! next call for the repository waits for it. A shutdown waits for these
+//! tasks too. On Linux, git gets SIGTERM, which lets it remove its lock
+//! files, if the node dies first, even by SIGKILL ([`git`]).
+//!
+//! Since every git of the node that writes to a repository runs under its
+//! lock, a lock file found with the lock held belongs to no live git of the
+//! node, whatever its age: each change first removes those it finds
+//! ([`cleanup::remove_abandoned_locks`]) and logs a warning naming the
+//! repository and the files. The age-based housekeeping of `Cleanup` stays
+//! for temporary objects and empty ref directories.
+//!
 //! # Left out
 //! Gitaly's transactions (voting), custom hooks, `git_object_directory` and
 //! quarantine directories, the `+gitaly` cache, and SHA-256 snapshots (a

@@ -13,8 +13,11 @@ impl RefService for StorageNode {
         &self,
         request: Request<pb::PackRefsRequest>,
     ) -> Result<Response<pb::PackRefsResponse>, Status> {
-        let (repo, _guard) = self.existing(request.get_ref().repository.as_ref()).await?;
-        maintenance::pack_refs(&repo).await?;
+        let (repo, guard) = self.existing(request.get_ref().repository.as_ref()).await?;
+        self.change(&repo, guard, move |repo| async move {
+            maintenance::pack_refs(&repo).await
+        })
+        .await?;
         Ok(Response::new(pb::PackRefsResponse {}))
     }
 }

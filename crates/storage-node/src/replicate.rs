@@ -184,18 +184,23 @@ pub async fn replicate(
 
     // Only now, with the data here, wait for the target: the lock is never
     // held while the source is slow.
-    let _guard = node.locks().lock(&target.path).await;
-    let outcome = sync(&target, &snapshot, scratch.path()).await?;
-    tracing::info!(
-        storage = %target.storage.name,
-        relative_path = %target.relative,
-        source_storage = %source.repository.storage_name,
-        ?outcome,
-        "replicated repository"
-    );
-    // Deleting the scratch copy is blocking work.
-    let _ = tokio::task::spawn_blocking(move || drop(scratch)).await;
-    Ok(())
+    let guard = node.locks().lock(&target.path).await;
+    let source_storage = source.repository.storage_name;
+    let work = |target: RepoPath| async move {
+        let outcome = sync(&target, &snapshot, scratch.path()).await;
+        // Deleting the scratch copy is blocking work.
+        let _ = tokio::task::spawn_blocking(move || drop(scratch)).await;
+        let outcome = outcome?;
+        tracing::info!(
+            storage = %target.storage.name,
+            relative_path = %target.relative,
+            %source_storage,
+            ?outcome,
+            "replicated repository"
+        );
+        Ok(())
+    };
+    node.change(&target, guard, work).await
 }
 
 /// What a replication did to the target.

@@ -1,10 +1,12 @@
 //! `gitaly.RepositoryService` on the node: each method resolves its
 //! repository, takes the repository's lock when it reads or changes the whole
-//! of it, and hands over to the module that does the work.
+//! of it, and hands over to the module that does the work; a change that
+//! runs git runs in a task of its own ([`StorageNode::change`]), so it ends
+//! whole even when the client goes away.
 
 use crate::node::StorageNode;
 use crate::snapshot_stream::{self, SnapshotStream};
-use crate::storage::io_status;
+use crate::storage::{RepoPath, io_status};
 use crate::{checksum, cleanup, lifecycle, maintenance, replicate};
 use gitaly_wire::proto::gitaly as pb;
 use gitaly_wire::proto::gitaly::repository_service_server::RepositoryService;
@@ -31,8 +33,11 @@ impl RepositoryService for StorageNode {
     ) -> Reply<pb::CreateRepositoryResponse> {
         let req = request.into_inner();
         let repo = self.repo(req.repository.as_ref())?;
-        let _guard = self.locks().lock(&repo.path).await;
-        lifecycle::create(&repo, &req.default_branch, req.object_format).await?;
+        let guard = self.locks().lock(&repo.path).await;
+        self.change(&repo, guard, move |repo| async move {
+            lifecycle::create(&repo, &req.default_branch, req.object_format).await
+        })
+        .await?;
         Ok(Response::new(pb::CreateRepositoryResponse {}))
     }
 
@@ -72,8 +77,11 @@ impl RepositoryService for StorageNode {
         request: Request<pb::GarbageCollectRequest>,
     ) -> Reply<pb::GarbageCollectResponse> {
         let req = request.into_inner();
-        let (repo, _guard) = self.existing(req.repository.as_ref()).await?;
-        maintenance::garbage_collect(&repo, req.create_bitmap, req.prune).await?;
+        let (repo, guard) = self.existing(req.repository.as_ref()).await?;
+        self.change(&repo, guard, move |repo| async move {
+            maintenance::garbage_collect(&repo, req.create_bitmap, req.prune).await
+        })
+        .await?;
         Ok(Response::new(pb::GarbageCollectResponse {}))
     }
 
@@ -82,8 +90,11 @@ impl RepositoryService for StorageNode {
         request: Request<pb::RepackFullRequest>,
     ) -> Reply<pb::RepackFullResponse> {
         let req = request.into_inner();
-        let (repo, _guard) = self.existing(req.repository.as_ref()).await?;
-        maintenance::repack_full(&repo, req.create_bitmap).await?;
+        let (repo, guard) = self.existing(req.repository.as_ref()).await?;
+        self.change(&repo, guard, move |repo| async move {
+            maintenance::repack_full(&repo, req.create_bitmap).await
+        })
+        .await?;
         Ok(Response::new(pb::RepackFullResponse {}))
     }
 
@@ -91,20 +102,26 @@ impl RepositoryService for StorageNode {
         &self,
         request: Request<pb::RepackIncrementalRequest>,
     ) -> Reply<pb::RepackIncrementalResponse> {
-        let (repo, _guard) = self.existing(request.get_ref().repository.as_ref()).await?;
-        maintenance::repack_incremental(&repo).await?;
+        let (repo, guard) = self.existing(request.get_ref().repository.as_ref()).await?;
+        self.change(&repo, guard, move |repo| async move {
+            maintenance::repack_incremental(&repo).await
+        })
+        .await?;
         Ok(Response::new(pb::RepackIncrementalResponse {}))
     }
 
     async fn cleanup(&self, request: Request<pb::CleanupRequest>) -> Reply<pb::CleanupResponse> {
         let (repo, guard) = self.existing(request.get_ref().repository.as_ref()).await?;
-        let removed = tokio::task::spawn_blocking(move || {
-            let _guard = guard;
-            cleanup::clean_stale_files(&repo.path, SystemTime::now())
-        })
-        .await
-        .map_err(|e| Status::internal(format!("cleanup task failed: {e}")))?
-        .map_err(|e| io_status("cleaning up", e))?;
+        // The change removes lock files of any age first.
+        let clean = |repo: RepoPath| async move {
+            tokio::task::spawn_blocking(move || {
+                cleanup::clean_stale_files(&repo.path, SystemTime::now())
+            })
+            .await
+            .map_err(|e| Status::internal(format!("cleanup task failed: {e}")))?
+            .map_err(|e| io_status("cleaning up", e))
+        };
+        let removed = self.change(&repo, guard, clean).await?;
         tracing::debug!(removed, "cleanup removed stale files");
         Ok(Response::new(pb::CleanupResponse {}))
     }
@@ -114,8 +131,11 @@ impl RepositoryService for StorageNode {
         request: Request<pb::WriteCommitGraphRequest>,
     ) -> Reply<pb::WriteCommitGraphResponse> {
         let req = request.into_inner();
-        let (repo, _guard) = self.existing(req.repository.as_ref()).await?;
-        maintenance::write_commit_graph(&repo, req.split_strategy).await?;
+        let (repo, guard) = self.existing(req.repository.as_ref()).await?;
+        self.change(&repo, guard, move |repo| async move {
+            maintenance::write_commit_graph(&repo, req.split_strategy).await
+        })
+        .await?;
         Ok(Response::new(pb::WriteCommitGraphResponse {}))
     }
 
@@ -123,8 +143,11 @@ impl RepositoryService for StorageNode {
         &self,
         request: Request<pb::MidxRepackRequest>,
     ) -> Reply<pb::MidxRepackResponse> {
-        let (repo, _guard) = self.existing(request.get_ref().repository.as_ref()).await?;
-        maintenance::midx_repack(&repo).await?;
+        let (repo, guard) = self.existing(request.get_ref().repository.as_ref()).await?;
+        self.change(&repo, guard, move |repo| async move {
+            maintenance::midx_repack(&repo).await
+        })
+        .await?;
         Ok(Response::new(pb::MidxRepackResponse {}))
     }
 
@@ -132,8 +155,11 @@ impl RepositoryService for StorageNode {
         &self,
         request: Request<pb::OptimizeRepositoryRequest>,
     ) -> Reply<pb::OptimizeRepositoryResponse> {
-        let (repo, _guard) = self.existing(request.get_ref().repository.as_ref()).await?;
-        maintenance::optimize(&repo).await?;
+        let (repo, guard) = self.existing(request.get_ref().repository.as_ref()).await?;
+        self.change(&repo, guard, move |repo| async move {
+            maintenance::optimize(&repo).await
+        })
+        .await?;
         Ok(Response::new(pb::OptimizeRepositoryResponse {}))
     }
 

@@ -46,27 +46,30 @@ impl OpenNode {
     }
 
     /// Serves on `listener` until `shutdown` completes, then lets the calls
-    /// in progress finish.
+    /// in progress finish, and the repository changes of calls whose
+    /// clients went away.
     pub async fn run(
         self,
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), ServeError> {
         let node = self.node;
-        tonic::transport::Server::builder()
+        let served = tonic::transport::Server::builder()
             .layer(GuardLayer::new(self.guard))
             .add_service(RepositoryServiceServer::new(node.clone()))
             .add_service(ObjectPoolServiceServer::new(node.clone()))
             .add_service(RefServiceServer::new(node.clone()))
-            .add_service(HealthServer::new(node))
+            .add_service(HealthServer::new(node.clone()))
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-            .await?;
+            .await;
+        node.changes_done().await;
+        served?;
         Ok(())
     }
 }
 
 /// Opens the storages and serves the node on `listener` until `shutdown`
-/// completes, then lets the calls in progress finish.
+/// completes, then lets the calls and repository changes in progress finish.
 pub async fn serve(
     config: NodeConfig,
     listener: TcpListener,

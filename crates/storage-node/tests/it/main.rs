@@ -22,6 +22,8 @@ use tokio::sync::oneshot;
 use tonic::Code;
 use tonic::metadata::MetadataValue;
 
+mod cancellation;
+
 const TOKEN: &str = "node-secret";
 
 // ---------------------------------------------------------------- fixtures
@@ -909,12 +911,23 @@ struct NodeProcess {
 
 impl NodeProcess {
     fn spawn(storage: &str, dir: &Path, extra: &[&str]) -> NodeProcess {
+        Self::spawn_with(storage, dir, extra, Stdio::inherit())
+    }
+
+    /// The binary with its warnings and errors written to the file at `log`.
+    fn spawn_logging_to(storage: &str, dir: &Path, log: &Path) -> NodeProcess {
+        let file = std::fs::File::create(log).unwrap();
+        Self::spawn_with(storage, dir, &[], Stdio::from(file))
+    }
+
+    fn spawn_with(storage: &str, dir: &Path, extra: &[&str], stderr: Stdio) -> NodeProcess {
         let mut child = Command::new(env!("CARGO_BIN_EXE_storage-node"))
             .args(["--listen", "127.0.0.1:0", "--token", TOKEN, "--log", "warn"])
             .arg("--storage")
             .arg(format!("{storage}={}", dir.display()))
             .args(extra)
             .stdout(Stdio::piped())
+            .stderr(stderr)
             .spawn()
             .unwrap();
         let mut line = String::new();
