@@ -54,6 +54,9 @@ mod subject;
 #[cfg(test)]
 mod test_database;
 
+#[cfg(test)]
+mod fuzz_targets;
+
 // The service and its configuration.
 pub use config::{
     Config, ConfigError, DatabaseConfig, LogFormat, LoggingConfig, NatsConfig, Node, NodeAddress,
@@ -78,7 +81,7 @@ pub use queue::publisher::{PublishError, Published, Publisher};
 /// list, replay, delete and purge.
 pub mod dead_letters {
     pub use crate::queue::dead_letter::{
-        DeadLetterError, DeadMessage, delete, headers, list, purge_all, replay,
+        DeadLetterError, DeadMessage, delete, headers, list, purge_all, replay, replay_subject,
     };
 }
 

@@ -90,10 +90,23 @@ pub async fn run(config: &Config, command: DeadCommand) -> anyhow::Result<()> {
         }
         DeadCommand::Replay(Selection { sequences, all }) => {
             let chosen = choose(&js, &layout, sequences, all).await?;
+            let mut refused = 0;
             for m in &chosen {
-                dead_letters::replay(&js, &layout, m).await?;
+                match dead_letters::replay(&js, &layout, m).await {
+                    Ok(()) => {}
+                    Err(e @ dead_letters::DeadLetterError::ForeignSubject { .. }) => {
+                        eprintln!("gitaly-replicator: {e}");
+                        refused += 1;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
             }
-            println!("replayed {} job(s)", chosen.len());
+            println!("replayed {} job(s)", chosen.len() - refused);
+            if refused > 0 {
+                anyhow::bail!(
+                    "{refused} dead job(s) refused: not on a work subject of this deployment"
+                );
+            }
         }
         DeadCommand::Purge(Selection { sequences, all }) => {
             if all {

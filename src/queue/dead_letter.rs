@@ -4,7 +4,7 @@
 //! replay and purge it.
 
 use crate::queue::layout::Layout;
-use crate::subject::dead_letter_prefix;
+use crate::subject::{dead_letter_prefix, parse_job_subject};
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, Context};
 use bytes::Bytes;
@@ -53,6 +53,16 @@ pub enum DeadLetterError {
     Publish(String),
     #[error("dead-letter stream {stream}: {message}")]
     Stream { stream: String, message: String },
+    /// Replay would publish outside this deployment's work subjects; the
+    /// dead job stays where it is.
+    #[error(
+        "dead job {sequence} not replayed: its subject {subject:?} is not a work subject of this deployment ({reason}); it stays in the dead-letter stream"
+    )]
+    ForeignSubject {
+        sequence: u64,
+        subject: String,
+        reason: String,
+    },
 }
 
 /// The dead subject for a work subject: the prefix gains `-dead`, the
@@ -182,7 +192,24 @@ pub async fn replay(
     layout: &Layout,
     message: &DeadMessage,
 ) -> Result<(), DeadLetterError> {
-    let work_subject = message
+    let work_subject = replay_subject(layout, message)?;
+    let mut h = HeaderMap::new();
+    h.insert("Nats-Msg-Id", uuid::Uuid::new_v4().to_string().as_str());
+    js.publish_with_headers(work_subject, h, message.payload.clone())
+        .await
+        .map_err(|e| DeadLetterError::Publish(e.to_string()))?
+        .await
+        .map_err(|e| DeadLetterError::Publish(e.to_string()))?;
+    delete(js, layout, message.sequence).await
+}
+
+/// Where a replay publishes: the work subject the dead job came from, only
+/// if it is one of this deployment's (its prefix, a configured virtual
+/// storage and target). Anyone who can write into the dead-letter subjects
+/// could otherwise make an operator's `replay --all` publish anywhere (a
+/// JetStream API subject, say).
+pub fn replay_subject(layout: &Layout, message: &DeadMessage) -> Result<String, DeadLetterError> {
+    let subject = message
         .header(headers::ORIGINAL_SUBJECT)
         .map(str::to_owned)
         .unwrap_or_else(|| {
@@ -192,14 +219,23 @@ pub async fn replay(
                 1,
             )
         });
-    let mut h = HeaderMap::new();
-    h.insert("Nats-Msg-Id", uuid::Uuid::new_v4().to_string().as_str());
-    js.publish_with_headers(work_subject, h, message.payload.clone())
-        .await
-        .map_err(|e| DeadLetterError::Publish(e.to_string()))?
-        .await
-        .map_err(|e| DeadLetterError::Publish(e.to_string()))?;
-    delete(js, layout, message.sequence).await
+    let refuse = |reason: String| DeadLetterError::ForeignSubject {
+        sequence: message.sequence,
+        subject: subject.clone(),
+        reason,
+    };
+    let (virtual_storage, target) =
+        parse_job_subject(&layout.subject_prefix, &subject).map_err(|e| refuse(e.to_string()))?;
+    if !layout
+        .consumers
+        .iter()
+        .any(|c| c.virtual_storage == virtual_storage && c.target_storage == target)
+    {
+        return Err(refuse(format!(
+            "no configured target {virtual_storage}/{target}"
+        )));
+    }
+    Ok(subject)
 }
 
 /// Deletes one dead message.

@@ -531,3 +531,64 @@ async fn dead_purge_or_replay_without_a_selection_is_a_usage_error_and_touches_n
     assert_eq!(c.dead_letters().await.len(), 1, "a dead letter was touched");
     assert_eq!(c.work_messages().await, 0, "a dead letter was replayed");
 }
+
+#[tokio::test]
+async fn dead_replay_publishes_only_to_this_deployments_work_subjects() {
+    let c = Cluster::start(2).await;
+    one_dead_letter(&c, "real.git").await;
+    // Forged dead letters: anyone who may publish into the dead-letter
+    // subjects can write one, naming any subject to replay to.
+    let dead_subject = c.dead_letters().await[0].subject.clone();
+    let victim = format!("{}_VICTIM", c.names.stream);
+    c.js.create_stream(async_nats::jetstream::stream::Config {
+        name: victim.clone(),
+        subjects: vec![format!("{victim}.x")],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let payload = json!({"change": "cleanup", "virtual_storage": c.vs(), "relative_path": "forged.git", "target_node_storage": "gitaly-2"}).to_string();
+    for forged in [
+        format!("$JS.API.STREAM.DELETE.{victim}"),
+        format!("{}.{}.gitaly-9", c.names.subject_prefix, c.vs()),
+        "elsewhere.subject".to_owned(),
+    ] {
+        let mut h = async_nats::HeaderMap::new();
+        h.insert(headers::ORIGINAL_SUBJECT, forged.as_str());
+        h.insert(headers::REASON, "dead");
+        c.js.publish_with_headers(dead_subject.clone(), h, payload.clone().into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    assert_eq!(c.dead_letters().await.len(), 4);
+    c.node(2).respond("Cleanup", Behaviour::ok());
+    let o = cli(&c.toml, &["dead", "replay", "--all"], None);
+    assert!(!o.status.success(), "{}", all(&o));
+    let err = stderr(&o);
+    assert_eq!(
+        err.matches("is not a work subject of this deployment")
+            .count(),
+        3,
+        "{err}"
+    );
+    assert!(
+        err.contains("STREAM.DELETE") && err.contains("gitaly-9"),
+        "{err}"
+    );
+    assert!(stdout(&o).contains("replayed 1 job(s)"), "{}", all(&o));
+    // The forged ones stay, the victim stream lives, the real one went back.
+    let left = c.dead_letters().await;
+    assert_eq!(left.len(), 3);
+    assert!(
+        left.iter()
+            .all(|m| m.payload.windows(6).any(|w| w == b"forged"))
+    );
+    assert!(
+        c.js.get_stream(&victim).await.is_ok(),
+        "the stream was deleted"
+    );
+    assert_eq!(c.work_messages().await, 1);
+    c.js.delete_stream(&victim).await.unwrap();
+}

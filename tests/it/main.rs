@@ -12,6 +12,7 @@ mod dependencies;
 mod deploy;
 mod e2e;
 mod event_contract;
+mod malformed;
 mod mixed_load;
 mod ops;
 mod ordering;
