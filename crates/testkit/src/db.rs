@@ -8,7 +8,7 @@ use std::str::FromStr;
 
 /// Overrides the server the test databases are created on; the URL names a
 /// database to connect to for CREATE and DROP.
-pub const SERVER_URL_ENV: &str = "GITALY_REPLICATOR_TEST_DATABASE_URL";
+pub const SERVER_URL_ENV: &str = "REPLICATOR_TEST_DATABASE_URL";
 const DEFAULT_SERVER_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
 
 pub struct TestDatabase {

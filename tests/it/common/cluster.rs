@@ -14,7 +14,9 @@ use testkit::recording_gitaly::{RecordingGitaly, RunningGitaly};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-pub const NATS_URL_ENV: &str = "GITALY_REPLICATOR_TEST_NATS_URL";
+/// Not `GITALY_REPLICATOR_…`: the processes the tests start inherit it, and
+/// would take it for a config override they do not know.
+pub const NATS_URL_ENV: &str = "REPLICATOR_TEST_NATS_URL";
 
 pub fn nats_url() -> String {
     std::env::var(NATS_URL_ENV).unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned())
