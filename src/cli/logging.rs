@@ -2,7 +2,7 @@
 //! the other commands are read by a person at a terminal and write readable
 //! warnings, so the NATS client's INFO lines do not bury their output.
 
-use gitaly_replicator::{LogFormat, LoggingConfig};
+use gitaly_replicator::{LogFormat, LoggingConfig, trim_directives};
 
 /// Who reads a command's log lines.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,8 +34,11 @@ pub fn directive(config: &LoggingConfig, audience: Audience) -> String {
 
 /// Installs the subscriber: lines on stderr, filtered by `RUST_LOG` when set.
 pub fn init(flag: Option<LogFormat>, config: &LoggingConfig, audience: Audience) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(directive(config, audience)));
+    let from_env = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|v| tracing_subscriber::EnvFilter::try_new(trim_directives(&v)).ok());
+    let filter =
+        from_env.unwrap_or_else(|| tracing_subscriber::EnvFilter::new(directive(config, audience)));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -9,6 +9,18 @@ pub(super) const LOG_LEVELS: &[&str] = &[
     "trace", "debug", "info", "warn", "warning", "error", "fatal", "panic",
 ];
 
+/// `directives` with the space around each comma-separated directive
+/// removed. tracing-subscriber 0.3 panics on a directive with leading space
+/// before a multi-byte character (it slices the untrimmed text at the
+/// trimmed text's offsets), so nothing reaches it untrimmed.
+pub fn trim_directives(directives: &str) -> String {
+    directives
+        .split(',')
+        .map(str::trim)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum LogFormat {

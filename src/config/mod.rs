@@ -49,7 +49,7 @@ pub use address::NodeAddress;
 pub use database::DatabaseConfig;
 pub use env::{ENV_PREFIX, node_token_env_var};
 pub use error::ConfigError;
-pub use logging::{LogFormat, LoggingConfig};
+pub use logging::{LogFormat, LoggingConfig, trim_directives};
 pub use nats::NatsConfig;
 
 pub use replication::ReplicationConfig;

@@ -65,7 +65,10 @@ fn read_logging(ctx: &mut Ctx, mut s: Section) -> Result<LoggingConfig, ConfigEr
             )
         })?),
     };
-    let level = s.optional(ctx, "level")?.unwrap_or(defaults.level);
+    let level = s
+        .optional(ctx, "level")?
+        .map(|l| super::logging::trim_directives(&l))
+        .unwrap_or(defaults.level);
     s.finish(ctx)?;
     Ok(LoggingConfig {
         format: format.unwrap_or(defaults.format),

@@ -971,3 +971,20 @@ fn an_error_about_a_value_of_the_wrong_type_does_not_print_the_value() {
     assert_eq!(err.key, "nats.password");
     assert!(!err.to_string().contains("123456789"), "{err}");
 }
+
+#[test]
+fn a_log_level_with_space_before_a_multibyte_character_is_an_answer_not_a_panic() {
+    // tracing-subscriber slices such a directive at the wrong offsets; found
+    // by the config loader's fuzz target.
+    for level in [" é=info", "info, ü=debug", "\u{3000}x=warn"] {
+        let toml = with_minimal("", &format!("[logging]\nlevel = {level:?}"));
+        let loaded = std::panic::catch_unwind(|| Config::from_toml_str(&toml));
+        assert!(loaded.is_ok(), "loading level {level:?} panicked");
+    }
+    let config = Config::from_toml_str(&with_minimal(
+        "",
+        "[logging]\nlevel = \" info , gitaly_replicator=debug \"",
+    ))
+    .unwrap();
+    assert_eq!(config.logging.level, "info,gitaly_replicator=debug");
+}

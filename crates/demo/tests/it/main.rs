@@ -5,8 +5,7 @@ use demo::{DemoOptions, ProgressStyle};
 use std::time::Duration;
 
 fn nats_url() -> String {
-    std::env::var("REPLICATOR_TEST_NATS_URL")
-        .unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned())
+    std::env::var("REPLICATOR_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned())
 }
 
 #[tokio::test]
