@@ -163,7 +163,12 @@ impl RepositoryStore {
     /// replica row now holds that generation (inserted, raised or
     /// rewritten); `Written(false)` when skipped: -1, no repository row, or
     /// the replica already newer. A replica named twice keeps the higher
-    /// generation.
+    /// generation. A repository renamed since its replica on that storage
+    /// was recorded (that storage's rename job has not run yet) has the
+    /// replica's row moved to the path written: the repository's replica
+    /// there is now at that path, and a storage holds one replica of a
+    /// repository (`UNIQUE (repository_id, storage)`); the rename job then
+    /// finds the new path settled and only removes the old one.
     pub(crate) async fn set_generations(
         &self,
         replicas: &[GenerationRecord<'_>],
@@ -215,12 +220,27 @@ impl RepositoryStore {
                 FROM (SELECT vs, rel, max(gen) AS gen FROM gens GROUP BY vs, rel) m
                 WHERE r.virtual_storage = m.vs AND r.relative_path = m.rel
                   AND (r.generation IS NULL OR r.generation < m.gen)
+            ), targets AS MATERIALIZED (
+                SELECT r.repository_id, r.virtual_storage, r.relative_path, gens.storage, gens.gen,
+                    NOT EXISTS (SELECT FROM storage_repositories s
+                                WHERE s.virtual_storage = gens.vs AND s.relative_path = gens.rel
+                                  AND s.storage = gens.storage)
+                    AND EXISTS (SELECT FROM storage_repositories s
+                                WHERE s.repository_id = r.repository_id AND s.storage = gens.storage
+                                  AND s.relative_path <> gens.rel) AS elsewhere
+                FROM gens
+                JOIN repositories r ON r.virtual_storage = gens.vs AND r.relative_path = gens.rel
+            ), moved AS (
+                UPDATE storage_repositories s
+                SET relative_path = t.relative_path, generation = GREATEST(s.generation, t.gen)
+                FROM targets t
+                WHERE t.elsewhere AND s.repository_id = t.repository_id AND s.storage = t.storage
+                RETURNING s.virtual_storage, s.relative_path, s.storage, s.generation
             ), written AS (
                 INSERT INTO storage_repositories
                     (repository_id, virtual_storage, relative_path, storage, generation)
-                SELECT r.repository_id, r.virtual_storage, r.relative_path, gens.storage, gens.gen
-                FROM gens
-                JOIN repositories r ON r.virtual_storage = gens.vs AND r.relative_path = gens.rel
+                SELECT repository_id, virtual_storage, relative_path, storage, gen
+                FROM targets WHERE NOT elsewhere
                 ON CONFLICT (virtual_storage, relative_path, storage) DO UPDATE
                     SET repository_id = EXCLUDED.repository_id, generation = EXCLUDED.generation
                     WHERE storage_repositories.generation <= EXCLUDED.generation
@@ -231,7 +251,7 @@ impl RepositoryStore {
             LEFT JOIN fenced f ON f.i = input.i
             LEFT JOIN current c ON c.i = input.i
             LEFT JOIN allowed a ON a.i = input.i
-            LEFT JOIN (SELECT DISTINCT * FROM written) w
+            LEFT JOIN (SELECT DISTINCT * FROM (SELECT * FROM written UNION ALL SELECT * FROM moved) m) w
                 ON w.virtual_storage = input.vs AND w.relative_path = input.rel
                AND w.storage = input.storage AND w.generation = input.gen
             ORDER BY input.i",

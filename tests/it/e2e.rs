@@ -631,3 +631,61 @@ async fn an_update_with_a_replica_path_replicates_the_directory_at_that_path() {
     replica.assert_fsck_clean();
     assert!(!Repo::at(&c, 2, relative_path).exists());
 }
+
+/// A rename whose target is slow to take it (its node refuses renames for
+/// a while): the source's rename is done, the repository is written to at
+/// its new path and the update for that target runs before the target's
+/// rename. The update records the replica at the new path (its row moved
+/// from the old one: one replica per repository and storage), and the
+/// late rename then only removes the old path.
+#[tokio::test]
+async fn an_update_at_the_new_path_before_the_targets_rename_leaves_the_replica_there() {
+    let refuse_renames = NodeSetup {
+        flags: vec![
+            "--fail-method".to_owned(),
+            "RenameRepository=unavailable".to_owned(),
+        ],
+        ..NodeSetup::default()
+    };
+    // Attempts enough for the rename to outlast the refusals.
+    let mut c = NodeCluster::start_with(vec![NodeSetup::default(), refuse_renames], |t| {
+        *t = t.replace("batch_size = 10", "batch_size = 10\nattempts = 30");
+    })
+    .await;
+    let (old, new) = ("moving/old.git", "moving/new.git");
+    let source = Repo::at(&c, 1, old);
+    source.populate();
+    c.record(old, 1).await;
+    let service = c.replicator();
+    c.publish_update(old, "gitaly-2").await;
+    c.wait_for_generation(old, "gitaly-2", 1).await;
+
+    for target in ["gitaly-1", "gitaly-2"] {
+        c.publish(&c.job(json!({"change": "rename", "relative_path": old, "target_node_storage": target, "params": {"new_relative_path": new}})))
+            .await;
+    }
+    c.wait_for_generation(new, "gitaly-1", 1).await;
+    let source = Repo::at(&c, 1, new);
+    source.commit("main", "after the rename");
+    c.record(new, 2).await;
+    c.publish_update(new, "gitaly-2").await;
+    c.wait_for_generation(new, "gitaly-2", 2).await;
+    assert_eq!(c.generation(old, "gitaly-2").await, None);
+
+    // Renames work again: the rename's retry finds the new path settled.
+    c.node_mut(2).restart_with(&[]).await;
+    c.wait_until_drained().await;
+    service.stop().await.unwrap();
+    assert!(
+        c.dead_letters().await.is_empty(),
+        "{:?}",
+        c.dead_letter_errors().await
+    );
+    assert!(!Repo::at(&c, 2, old).exists(), "the old path is left");
+    let replica = Repo::at(&c, 2, new);
+    assert_eq!(replica.refs(), source.refs());
+    replica.assert_fsck_clean();
+    assert_eq!(c.generation(new, "gitaly-2").await, Some(2));
+    assert_eq!(repository_rows(&c, old).await, 0);
+    assert_eq!(repository_rows(&c, new).await, 1);
+}

@@ -5,6 +5,7 @@
 mod common;
 
 mod broker_restart;
+mod chaos;
 mod cli;
 mod config;
 mod consumer;

@@ -5,6 +5,8 @@
 //!   records every call and answers as told;
 //! - [`db`]: a Postgres database per test;
 //! - [`nats_server`]: a private nats-server, for tests that stop the broker;
+//! - [`nats_cluster`]: a private 3-node nats-server cluster, for tests that
+//!   kill one node;
 //! - [`postgres_server`]: a private Postgres, for tests that stop the database;
 //! - [`storage_node`]: `storage-node` processes over real repositories;
 //! - [`git`]: bare repositories with commits, branches and tags;
@@ -14,6 +16,7 @@ pub mod db;
 pub mod git;
 pub mod http;
 pub mod metrics;
+pub mod nats_cluster;
 pub mod nats_server;
 pub mod postgres_server;
 pub mod recording_gitaly;

@@ -10,7 +10,8 @@ pub struct PrivateNats {
     child: Option<Child>,
 }
 
-fn binary() -> String {
+/// `$NATS_SERVER_BIN`, else Debian's, else the one on the `PATH`.
+pub(crate) fn binary() -> String {
     std::env::var("NATS_SERVER_BIN").unwrap_or_else(|_| {
         if std::path::Path::new("/usr/sbin/nats-server").exists() {
             "/usr/sbin/nats-server".into()

@@ -4,6 +4,7 @@
 //! real resources and cleans them up on drop.
 #![allow(dead_code)]
 
+pub mod chaos;
 pub mod cluster;
 pub mod db;
 pub mod process;
