@@ -412,7 +412,7 @@ impl Writer {
         let target = TARGETS.choose(&mut self.rng).copied().unwrap_or(TARGETS[0]);
         let n = self.model.poison.len();
         let subject = job_subject(&self.subject_prefix, &self.virtual_storage, target);
-        let poison = if n % 2 == 0 {
+        let poison = if n.is_multiple_of(2) {
             let payload = format!("{{\"change\": \"update\", \"poison\": {n}").into_bytes();
             self.publish(&subject, &payload).await;
             Poison {
