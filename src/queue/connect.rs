@@ -1,6 +1,6 @@
 //! Connecting to NATS from `[nats]`: servers, credentials, TLS.
 
-use crate::config::NatsConfig;
+use crate::config::{NatsConfig, UrlCredentials};
 use std::time::Duration;
 
 /// Why the NATS connection could not be made.
@@ -40,6 +40,17 @@ pub async fn connect(config: &NatsConfig, name: &str) -> Result<async_nats::Clie
                     source,
                 })?;
     }
+    let (servers, in_urls) = config.servers_and_credentials();
+    // Validation allows them only as the one way to authenticate.
+    match in_urls {
+        Some(UrlCredentials::UserPassword { user, password }) => {
+            options = options.user_and_password(user, password.expose().to_owned());
+        }
+        Some(UrlCredentials::Token(token)) => {
+            options = options.token(token.expose().to_owned());
+        }
+        None => {}
+    }
     if let Some(token) = &config.token {
         options = options.token(token.expose().to_owned());
     }
@@ -55,7 +66,6 @@ pub async fn connect(config: &NatsConfig, name: &str) -> Result<async_nats::Clie
     if config.tls_required {
         options = options.require_tls(true);
     }
-    let servers: Vec<&str> = config.url.split(',').map(str::trim).collect();
     options
         .connect(servers)
         .await

@@ -8,13 +8,13 @@ use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 use testkit::recording_gitaly::Behaviour;
 
-fn cli(toml: &str, args: &[&str], stdin: Option<&str>) -> Output {
+pub(crate) fn cli(toml: &str, args: &[&str], stdin: Option<&str>) -> Output {
     cli_with_env(toml, args, stdin, &[])
 }
 
 /// Runs the binary with `toml` as its config and `env` set; `RUST_LOG` only
 /// when `env` sets it, so the caller's shell does not change what is logged.
-fn cli_with_env(toml: &str, args: &[&str], stdin: Option<&str>, env: &[(&str, &str)]) -> Output {
+pub(crate) fn cli_with_env(toml: &str, args: &[&str], stdin: Option<&str>, env: &[(&str, &str)]) -> Output {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("config.toml");
     std::fs::write(&path, toml).unwrap();
@@ -37,15 +37,15 @@ fn cli_with_env(toml: &str, args: &[&str], stdin: Option<&str>, env: &[(&str, &s
     child.wait_with_output().unwrap()
 }
 
-fn stdout(o: &Output) -> String {
+pub(crate) fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
-fn stderr(o: &Output) -> String {
+pub(crate) fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
-fn all(o: &Output) -> String {
+pub(crate) fn all(o: &Output) -> String {
     format!("{}{}", stdout(o), stderr(o))
 }
 
