@@ -57,7 +57,7 @@ mod test_database;
 // The service and its configuration.
 pub use config::{
     Config, ConfigError, DatabaseConfig, LogFormat, LoggingConfig, NatsConfig, Node, NodeAddress,
-    ReplicationConfig, Secret, VirtualStorage, node_token_env_var,
+    ReplicationConfig, Secret, UrlCredentials, VirtualStorage, node_token_env_var,
 };
 pub use error_chain::display_error_chain;
 pub use service::{ServiceError, connect_store, provision, run};

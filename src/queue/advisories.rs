@@ -55,7 +55,7 @@ pub async fn run(js: Context, layout: Layout, mut puller: Puller, stop: Cancella
 async fn acknowledge(m: &jetstream::Message, kind: jetstream::AckKind, name: &'static str) {
     if let Err(e) = m.ack_with(kind).await {
         crate::metrics::ack_error(name);
-        tracing::warn!(ack = name, error = display_error_chain(&e), "acknowledging a max-deliveries advisory failed; it comes again");
+        tracing::warn!(ack = name, error = display_error_chain(&*e), "acknowledging a max-deliveries advisory failed; it comes again");
     }
 }
 
@@ -73,7 +73,7 @@ pub async fn handle(js: &Context, layout: &Layout, m: &jetstream::Message) {
     match move_stranded(js, layout, &advisory).await {
         Ok(()) => acknowledge(m, jetstream::AckKind::Ack, "ack").await,
         Err(e) => {
-            tracing::error!(error = display_error_chain(&e), stream_sequence = advisory.stream_seq, "could not move a stranded job; will retry");
+            tracing::error!(error = %e, stream_sequence = advisory.stream_seq, "could not move a stranded job; will retry");
             let retry = jetstream::AckKind::Nak(Some(Duration::from_secs(5)));
             acknowledge(m, retry, "nak").await;
         }

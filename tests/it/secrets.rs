@@ -25,6 +25,9 @@ struct Secrets {
     nats_url_password: String,
     nats_token: String,
     wrong_nats_password: String,
+    /// The contents of a credentials file (its path is no secret).
+    creds_jwt: String,
+    creds_seed: String,
 }
 
 impl Secrets {
@@ -41,6 +44,8 @@ impl Secrets {
             nats_url_password: marker("NatsUrl"),
             nats_token: marker("NatsToken"),
             wrong_nats_password: marker("NatsWrong"),
+            creds_jwt: marker("CredsJwt"),
+            creds_seed: format!("SU{}", marker("CredsSeed").to_uppercase()),
         }
     }
 
@@ -54,6 +59,8 @@ impl Secrets {
             &self.nats_url_password,
             &self.nats_token,
             &self.wrong_nats_password,
+            &self.creds_jwt,
+            &self.creds_seed,
         ]);
         all
     }
@@ -205,6 +212,27 @@ async fn no_secret_appears_in_any_output_and_error_chains_name_each_cause_once()
             s.nats_password
         ),
     );
+    let creds_dir = tempfile::tempdir().unwrap();
+    let creds_path = creds_dir.path().join("replicator.creds");
+    std::fs::write(
+        &creds_path,
+        format!(
+            "-----BEGIN NATS USER JWT-----\n{}\n------END NATS USER JWT------\n\n\
+             -----BEGIN USER NKEY SEED-----\n{}\n------END USER NKEY SEED------\n",
+            s.creds_jwt, s.creds_seed
+        ),
+    )
+    .unwrap();
+    let bad_creds = config(
+        &c,
+        &s,
+        &admin_url,
+        &db,
+        &format!(
+            "url = \"nats://127.0.0.1:{port}\"\ncredentials_file = \"{}\"",
+            creds_path.display()
+        ),
+    );
     let mut out = Outputs::default();
 
     // Paths that work, and the dead letter of a job whose target refuses
@@ -308,6 +336,7 @@ async fn no_secret_appears_in_any_output_and_error_chains_name_each_cause_once()
     for (name, toml, args) in [
         ("status (wrong password)", &wrong_password, &["status"][..]),
         ("setup (wrong password)", &wrong_password, &["setup"]),
+        ("setup (bad credentials file)", &bad_creds, &["setup"]),
         ("status (no NATS)", &nats_unreachable, &["status"]),
         ("setup (no NATS)", &nats_unreachable, &["setup"]),
         ("dead list (no NATS)", &nats_unreachable, &["dead", "list"]),
@@ -350,7 +379,10 @@ async fn no_secret_appears_in_any_output_and_error_chains_name_each_cause_once()
     }
     // The chain of an unreachable NATS ends in the operating system's
     // answer, once.
-    let (_, status) = &failed[2];
+    let (_, status) = failed
+        .iter()
+        .find(|(name, _)| *name == "status (no NATS)")
+        .unwrap();
     assert!(
         status.contains("cannot connect to NATS at nats://[masked]@127.0.0.1:1"),
         "{status}"
