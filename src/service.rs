@@ -357,7 +357,15 @@ where
             Err(ServiceError::Unavailable {
                 missing: missing.join(" and "),
                 waited: config.startup_timeout.into(),
-                cause: format!("{}: {}", d.name(), display_error_chain(&e)),
+                cause: {
+                    // Named once: most causes name their dependency already.
+                    let chain = display_error_chain(&e);
+                    if chain.contains(d.name()) {
+                        chain
+                    } else {
+                        format!("{}: {chain}", d.name())
+                    }
+                },
             })
         }
     }

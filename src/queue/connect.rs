@@ -11,11 +11,23 @@ pub enum ConnectError {
         path: String,
         source: std::io::Error,
     },
-    #[error("cannot connect to NATS at {url}: {source}")]
+    #[error("cannot connect to NATS at {url}: {}", nats_cause(source))]
     Connect {
         url: String,
         source: async_nats::ConnectError,
     },
+}
+
+/// async-nats's error as `kind: cause`, or the cause alone when it already
+/// says what the kind does ("authorization violation: nats: authorization
+/// violation" otherwise).
+fn nats_cause(e: &async_nats::ConnectError) -> String {
+    let kind = e.kind().to_string();
+    match std::error::Error::source(e).map(ToString::to_string) {
+        Some(cause) if cause.contains(&kind) => cause,
+        Some(cause) => format!("{kind}: {cause}"),
+        None => kind,
+    }
 }
 
 /// Connects with the configured auth and TLS; logs disconnects and reconnects.

@@ -213,11 +213,11 @@ async fn setup_reports_every_setting_that_differs_from_the_config_and_updates_it
 
 #[tokio::test]
 async fn setup_names_the_settings_jetstream_cannot_change_updates_the_rest_and_fails() {
-    use async_nats::jetstream::consumer::DeliverPolicy;
+    use async_nats::jetstream::consumer::ReplayPolicy;
     use async_nats::jetstream::stream::{RetentionPolicy, StorageType};
     let c = Cluster::start(2).await;
     // Someone made the dead-letter stream a work queue in memory by hand,
-    // with a shorter age, and one consumer deliver only new jobs.
+    // with a shorter age, and one consumer replay jobs at their original pace.
     c.js.delete_stream(&c.layout.dead_letter_stream)
         .await
         .unwrap();
@@ -230,7 +230,7 @@ async fn setup_names_the_settings_jetstream_cannot_change_updates_the_rest_and_f
     let work = c.js.get_stream(&c.layout.stream).await.unwrap();
     work.delete_consumer(&spec.durable_name).await.unwrap();
     let mut consumer = c.layout.consumer_config(spec);
-    consumer.deliver_policy = DeliverPolicy::New;
+    consumer.replay_policy = ReplayPolicy::Original;
     consumer.ack_wait = Duration::from_secs(3);
     work.create_consumer(consumer).await.unwrap();
 
@@ -248,7 +248,7 @@ async fn setup_names_the_settings_jetstream_cannot_change_updates_the_rest_and_f
     );
     let name = &spec.durable_name;
     assert!(
-        line_of(&out, &format!("cannot update consumer {name} ")).contains("deliver_policy New -> All"),
+        line_of(&out, &format!("cannot update consumer {name} ")).contains("replay_policy Original -> Instant"),
         "{out}"
     );
     assert!(
@@ -275,8 +275,8 @@ async fn setup_names_the_settings_jetstream_cannot_change_updates_the_rest_and_f
     );
     let config = work.consumer_info(name).await.unwrap().config;
     assert_eq!(
-        (config.deliver_policy, config.ack_wait),
-        (DeliverPolicy::New, Duration::from_secs(5))
+        (config.replay_policy, config.ack_wait),
+        (ReplayPolicy::Original, Duration::from_secs(5))
     );
 }
 
