@@ -68,7 +68,12 @@ async fn status_and_the_depth_gauge_count_what_consumers_have_left_after_a_broke
     }
     assert!(c.node(2).wait_for_calls(JOBS, Duration::from_secs(30)).await);
     let work = c.js.get_stream(&c.layout.stream).await.unwrap();
-    let durable = c.layout.consumer(c.vs(), "gitaly-2").unwrap().durable_name.clone();
+    let durable = c
+        .layout
+        .consumer(c.vs(), "gitaly-2")
+        .unwrap()
+        .durable_name
+        .clone();
     assert!(
         c.eventually(Duration::from_secs(10), || async {
             let info = work.consumer_info(&durable).await.unwrap();
@@ -77,24 +82,39 @@ async fn status_and_the_depth_gauge_count_what_consumers_have_left_after_a_broke
         .await,
         "the jobs were never acknowledged"
     );
-    // kill -9 right after the acks: the server may not have written that
-    // the acknowledged jobs left the stream.
+    // kill -9 right after the acks: what the server wrote of them by then
+    // is all it knows when it comes back.
     nats.kill();
     nats.start_again().await;
     consumer.stop().await.unwrap();
-    let mut left = None;
+    let mut raw = None;
     for _ in 0..100 {
         if let Ok(mut s) = c.js.get_stream(&c.layout.stream).await
             && let Ok(info) = s.info().await
         {
-            left = Some(info.state.messages);
+            raw = Some(info.state.messages);
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    println!("jobs still in the work stream after the restart: {left:?}");
+    // Either may be off for a while: acknowledged jobs still in the stream
+    // (nothing delivers them again), or acknowledgements the consumer forgot
+    // for jobs no longer in the stream (dropped at their next redelivery,
+    // within ack_wait).
+    println!(
+        "after the restart: {raw:?} messages in the work stream; status {:?}",
+        status_row(&c.toml)
+    );
+    let mut row = Vec::new();
+    for _ in 0..30 {
+        row = status_row(&c.toml);
+        if row[..2] == ["0", "0"] {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(row, ["0", "0", "0", "0"], "pending, in flight, redelivered, dead");
 
-    assert_eq!(status_row(&c.toml), ["0", "0", "0", "0"]);
     let port = free_port();
     let toml = c.toml.replace(
         "prometheus_listen_addr = \"\"",
@@ -118,7 +138,6 @@ async fn status_and_the_depth_gauge_count_what_consumers_have_left_after_a_broke
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(metrics.contains(&depth("ready")), "no queue depth gauge: {metrics}");
     for state in ["ready", "in_progress"] {
         assert!(
             metrics.contains(&format!("{} 0\n", depth(state))),
