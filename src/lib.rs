@@ -60,7 +60,7 @@ mod fuzz_targets;
 // The service and its configuration.
 pub use config::{
     Config, ConfigError, DatabaseConfig, LogFormat, LoggingConfig, NatsConfig, Node, NodeAddress,
-    ReplicationConfig, Secret, VirtualStorage, node_token_env_var, trim_directives,
+    ReplicationConfig, Secret, UrlCredentials, VirtualStorage, node_token_env_var, trim_directives,
 };
 pub use error_chain::display_error_chain;
 pub use service::{ServiceError, connect_store, provision, run};

@@ -2,6 +2,7 @@
 //! `/health/ready`, on `prometheus_listen_addr`.
 
 use crate::dependencies::DependencyState;
+use crate::error_chain::display_error_chain;
 use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper::server::conn::http1;
@@ -73,7 +74,7 @@ pub async fn serve(
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
-                    tracing::warn!(error = %e, "metrics listener accept failed");
+                    tracing::warn!(error = display_error_chain(&e), "metrics listener accept failed");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }

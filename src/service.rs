@@ -20,7 +20,7 @@ use crate::queue::layout::{Layout, LayoutChange, LayoutError};
 use crate::replicator::GitalyReplicator;
 use crate::retry_delay::RetryPolicy;
 use crate::store::locks::RepositoryLocks;
-use crate::store::{RepositoryStore, StoreError};
+use crate::store::{CompletionPruning, RepositoryStore, StoreError, prune_completions};
 use sqlx::postgres::PgPoolOptions;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -127,7 +127,9 @@ pub async fn connect_store(config: &Config) -> Result<RepositoryStore, ServiceEr
     Ok(store)
 }
 
-/// Creates or checks the JetStream layout; logs what changed.
+/// Creates or updates the JetStream layout; logs what changed. Settings
+/// that JetStream cannot change are in the report, not an error: see
+/// [`LayoutChange::all_applied`].
 pub async fn provision(
     client: &async_nats::Client,
     layout: &Layout,
@@ -261,6 +263,11 @@ async fn serve(
         config.database.connect_timeout,
         tokens.background.clone(),
     ));
+    tasks.spawn(prune_completions(
+        store.clone(),
+        CompletionPruning::for_retention(config.replication.completion_retention),
+        tokens.background.clone(),
+    ));
     let nodes = NodeSet::from_config(config)?;
     let job_timeout =
         (!config.replication.job_timeout.is_zero()).then_some(config.replication.job_timeout);
@@ -308,7 +315,9 @@ async fn connect_streams(
 ) -> Result<async_nats::Client, ServiceError> {
     let nats = connect(&config.nats, "gitaly-replicator").await?;
     let js = async_nats::jetstream::new(nats.clone());
-    log_changes(&layout.ensure_streams(&js).await?);
+    let changes = layout.ensure_streams(&js).await?;
+    log_changes(&changes);
+    LayoutChange::all_applied(&changes)?;
     Ok(nats)
 }
 
@@ -348,16 +357,25 @@ where
             Err(ServiceError::Unavailable {
                 missing: missing.join(" and "),
                 waited: config.startup_timeout.into(),
-                cause: format!("{}: {}", d.name(), display_error_chain(&e)),
+                cause: {
+                    // Named once: most causes name their dependency already.
+                    let chain = display_error_chain(&e);
+                    if chain.contains(d.name()) {
+                        chain
+                    } else {
+                        format!("{}: {chain}", d.name())
+                    }
+                },
             })
         }
     }
 }
 
-fn log_changes(changes: &[LayoutChange]) {
+pub(crate) fn log_changes(changes: &[LayoutChange]) {
     for c in changes {
         match c {
             LayoutChange::Unchanged(_) => tracing::debug!("{c}"),
+            LayoutChange::NotUpdatable { .. } => tracing::warn!("{c}"),
             _ => tracing::info!("{c}"),
         }
     }

@@ -154,9 +154,14 @@ max_ack_pending = -1
         Ok(jobs.len() as f64 / started.elapsed().as_secs_f64())
     }
 
-    pub async fn work_messages(&self) -> anyhow::Result<u64> {
-        let mut s = self.js.get_stream(&self.layout.stream).await?;
-        Ok(s.info().await?.state.messages)
+    /// Jobs not yet done, as the consumers see them (waiting plus
+    /// unacknowledged), not the stream's message count: a broker killed
+    /// right after acknowledgements can keep acknowledged jobs in it.
+    pub async fn jobs_left(&self) -> anyhow::Result<u64> {
+        let depths = gitaly_replicator::queue_depth(&self.js, &self.layout)
+            .await
+            .map_err(anyhow::Error::msg)?;
+        Ok(depths.iter().map(|d| d.pending + d.in_flight).sum())
     }
 
     /// Starts `gitaly-replicator run` on this environment's config.
@@ -200,7 +205,7 @@ max_ack_pending = -1
                 }
             }
             polls += 1;
-            if n >= calls && self.work_messages().await? == 0 {
+            if n >= calls && self.jobs_left().await? == 0 {
                 let (secs, cpu_secs) = first
                     .map(|(f, cpu)| (f.elapsed().as_secs_f64(), cpu_busy_secs() - cpu))
                     .unwrap_or((0.0, 0.0));

@@ -203,10 +203,11 @@ pub async fn dispatch(args: Args) -> ExitCode {
 async fn setup(config: &Config) -> anyhow::Result<()> {
     let client = gitaly_replicator::connect_nats(&config.nats, "gitaly-replicator setup").await?;
     let layout = gitaly_replicator::Layout::from_config(config);
-    for change in gitaly_replicator::provision(&client, &layout).await? {
+    let changes = gitaly_replicator::provision(&client, &layout).await?;
+    for change in &changes {
         println!("{change}");
     }
-    Ok(())
+    Ok(gitaly_replicator::LayoutChange::all_applied(&changes)?)
 }
 
 #[cfg(test)]

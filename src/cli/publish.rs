@@ -148,9 +148,10 @@ async fn publish(config: &Config, args: PublishArgs) -> anyhow::Result<usize> {
                 ),
                 Err(e) => {
                     println!(
-                        "{} {}: not published: {e}",
+                        "{} {}: not published: {}",
                         job.change_type(),
-                        job.relative_path
+                        job.relative_path,
+                        gitaly_replicator::display_error_chain(&e)
                     );
                     failed += 1;
                 }

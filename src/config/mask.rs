@@ -196,6 +196,7 @@ mod tests {
                 health_check_interval: Duration::from_millis(250),
                 retry_delay: Duration::from_secs(2),
                 max_retry_delay: Duration::from_secs(120),
+                completion_retention: Duration::from_secs(7200),
             },
             nats: NatsConfig {
                 url: "nats://a:4222,tls://b:4222".into(),

@@ -50,7 +50,7 @@ pub use database::DatabaseConfig;
 pub use env::{ENV_PREFIX, node_token_env_var};
 pub use error::ConfigError;
 pub use logging::{LogFormat, LoggingConfig, trim_directives};
-pub use nats::NatsConfig;
+pub use nats::{NatsConfig, UrlCredentials};
 
 pub use replication::ReplicationConfig;
 pub use secret::{MASK, Secret};

@@ -148,4 +148,99 @@ impl NatsConfig {
     pub fn masked_url(&self) -> String {
         mask::nats_url(&self.url)
     }
+
+    /// The server URLs without the credentials they carry, and those
+    /// credentials (percent-decoded); `None` when no URL carries any. The
+    /// client is given them as options: async-nats does not send a URL's
+    /// credentials, and logs server URLs at debug level.
+    pub fn servers_and_credentials(&self) -> (Vec<String>, Option<UrlCredentials>) {
+        let mut credentials = None;
+        let servers = self
+            .servers()
+            .map(|server| {
+                let (bare, found) = split_credentials(server);
+                if credentials.is_none() {
+                    credentials = found;
+                }
+                bare
+            })
+            .collect();
+        (servers, credentials)
+    }
+
+    /// The credentials of each server URL that carries some, in order.
+    pub(super) fn url_credentials(&self) -> Vec<UrlCredentials> {
+        self.servers()
+            .filter_map(|server| split_credentials(server).1)
+            .collect()
+    }
+}
+
+/// Credentials written into a server URL.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub enum UrlCredentials {
+    /// `nats://user:password@host`.
+    UserPassword { user: String, password: Secret },
+    /// `nats://token@host`.
+    Token(Secret),
+}
+
+/// `server` without its user info, and the credentials that were in it.
+fn split_credentials(server: &str) -> (String, Option<UrlCredentials>) {
+    let (scheme, rest) = match server.split_once("://") {
+        Some((scheme, rest)) => (format!("{scheme}://"), rest),
+        None => (String::new(), server),
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return (server.to_owned(), None);
+    };
+    let decode = |s: &str| {
+        percent_encoding::percent_decode_str(s)
+            .decode_utf8_lossy()
+            .into_owned()
+    };
+    let user_info = &rest[..at];
+    let credentials = match user_info.split_once(':') {
+        Some((user, password)) => UrlCredentials::UserPassword {
+            user: decode(user),
+            password: Secret::new(decode(password)),
+        },
+        None => UrlCredentials::Token(Secret::new(decode(user_info))),
+    };
+    (format!("{scheme}{}", &rest[at + 1..]), Some(credentials))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(url: &str) -> NatsConfig {
+        NatsConfig {
+            url: url.into(),
+            ..NatsConfig::default()
+        }
+    }
+
+    #[test]
+    fn credentials_are_taken_out_of_the_server_urls() {
+        let (servers, credentials) =
+            config("nats://u:p%40ss@a:4222, tls://u:p%40ss@b:4222/x@y").servers_and_credentials();
+        assert_eq!(servers, ["nats://a:4222", "tls://b:4222/x@y"]);
+        assert_eq!(
+            credentials,
+            Some(UrlCredentials::UserPassword {
+                user: "u".into(),
+                password: Secret::new("p@ss"),
+            })
+        );
+        let (servers, credentials) = config("tok@c:4222,d:4222").servers_and_credentials();
+        assert_eq!(servers, ["c:4222", "d:4222"]);
+        assert_eq!(credentials, Some(UrlCredentials::Token(Secret::new("tok"))));
+        let (servers, credentials) = config("nats://e:4222").servers_and_credentials();
+        assert_eq!(
+            (servers, credentials),
+            (vec!["nats://e:4222".to_owned()], None)
+        );
+    }
 }

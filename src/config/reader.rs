@@ -148,6 +148,7 @@ fn read_replication(ctx: &mut Ctx, mut s: Section) -> Result<ReplicationConfig, 
         health_check_interval: s.duration(ctx, "health_check_interval", d.health_check_interval)?,
         retry_delay: s.duration(ctx, "retry_delay", d.retry_delay)?,
         max_retry_delay: s.duration(ctx, "max_retry_delay", d.max_retry_delay)?,
+        completion_retention: s.duration(ctx, "completion_retention", d.completion_retention)?,
     };
     s.finish(ctx)?;
     Ok(config)

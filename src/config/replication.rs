@@ -32,6 +32,11 @@ pub struct ReplicationConfig {
     /// The longest delay between attempts (default 5m).
     #[serde(serialize_with = "mask::serialize_duration")]
     pub max_retry_delay: Duration,
+    /// How long a maintenance job's completion is remembered for dedup
+    /// (default 24h: the work stream keeps jobs without an age limit, so a
+    /// day stands in for the age of the oldest twin still queued).
+    #[serde(serialize_with = "mask::serialize_duration")]
+    pub completion_retention: Duration,
 }
 
 impl Default for ReplicationConfig {
@@ -45,6 +50,7 @@ impl Default for ReplicationConfig {
             health_check_interval: Duration::from_secs(5),
             retry_delay: Duration::from_secs(5),
             max_retry_delay: Duration::from_secs(300),
+            completion_retention: Duration::from_secs(24 * 3600),
         }
     }
 }

@@ -172,6 +172,11 @@ impl ReplicationConfig {
             self.max_retry_delay >= self.retry_delay,
             "replication.max_retry_delay",
             "must not be less than replication.retry_delay",
+        )?;
+        check(
+            self.completion_retention >= Duration::from_secs(1),
+            "replication.completion_retention",
+            "must be at least 1s",
         )
     }
 }
@@ -197,7 +202,17 @@ impl NatsConfig {
                 ));
             }
         }
+        let in_urls = self.url_credentials();
+        if let Some(first) = in_urls.first() {
+            check(
+                in_urls.iter().all(|c| c == first),
+                "nats.url",
+                "its servers carry different credentials: give each the same, or set them \
+                 with nats.user and nats.password or nats.token instead",
+            )?;
+        }
         let methods = [
+            ("credentials in nats.url", !in_urls.is_empty()),
             ("nats.credentials_file", self.credentials_file.is_some()),
             ("nats.token", self.token.is_some()),
             ("nats.user", self.user.is_some()),

@@ -1,6 +1,7 @@
 //! Watches a node's gRPC health so that jobs for an unhealthy target stay in
 //! the queue (attempts intact) instead of failing against it.
 
+use crate::error_chain::display_error_chain;
 use crate::gitaly::NodeClient;
 use crate::metrics::TargetMetrics;
 use std::sync::Arc;
@@ -39,7 +40,7 @@ pub fn watch_health(
                         tracing::info!(virtual_storage = %node.virtual_storage, storage = %node.storage, "target is healthy; fetching its jobs")
                     }
                     Err(e) => {
-                        tracing::warn!(virtual_storage = %node.virtual_storage, storage = %node.storage, error = %e, "target is unhealthy; its jobs wait in the queue")
+                        tracing::warn!(virtual_storage = %node.virtual_storage, storage = %node.storage, error = display_error_chain(e), "target is unhealthy; its jobs wait in the queue")
                     }
                 }
                 metrics.healthy(healthy);

@@ -5,6 +5,7 @@
 //! forever: to the dead letters, or back to work for `delete_replica`, whose
 //! attempts are unlimited.
 
+use crate::error_chain::display_error_chain;
 use crate::event::{ChangeType, Job};
 use crate::queue::dead_letter::{DeadJob, DeadReason, publish_dead};
 use crate::queue::layout::Layout;
@@ -54,7 +55,11 @@ pub async fn run(js: Context, layout: Layout, mut puller: Puller, stop: Cancella
 async fn acknowledge(m: &jetstream::Message, kind: jetstream::AckKind, name: &'static str) {
     if let Err(e) = m.ack_with(kind).await {
         crate::metrics::ack_error(name);
-        tracing::warn!(ack = name, error = %e, "acknowledging a max-deliveries advisory failed; it comes again");
+        tracing::warn!(
+            ack = name,
+            error = display_error_chain(&*e),
+            "acknowledging a max-deliveries advisory failed; it comes again"
+        );
     }
 }
 
@@ -64,7 +69,10 @@ pub async fn handle(js: &Context, layout: &Layout, m: &jetstream::Message) {
     let advisory: MaxDeliveriesAdvisory = match serde_json::from_slice(&m.message.payload) {
         Ok(a) => a,
         Err(e) => {
-            tracing::warn!(error = %e, "unreadable max-deliveries advisory dropped");
+            tracing::warn!(
+                error = display_error_chain(&e),
+                "unreadable max-deliveries advisory dropped"
+            );
             acknowledge(m, jetstream::AckKind::Term, "term").await;
             return;
         }

@@ -1,6 +1,6 @@
 //! Connecting to NATS from `[nats]`: servers, credentials, TLS.
 
-use crate::config::NatsConfig;
+use crate::config::{NatsConfig, UrlCredentials};
 use std::time::Duration;
 
 /// Why the NATS connection could not be made.
@@ -11,11 +11,23 @@ pub enum ConnectError {
         path: String,
         source: std::io::Error,
     },
-    #[error("cannot connect to NATS at {url}: {source}")]
+    #[error("cannot connect to NATS at {url}: {}", nats_cause(source))]
     Connect {
         url: String,
         source: async_nats::ConnectError,
     },
+}
+
+/// async-nats's error as `kind: cause`, or the cause alone when it already
+/// says what the kind does ("authorization violation: nats: authorization
+/// violation" otherwise).
+fn nats_cause(e: &async_nats::ConnectError) -> String {
+    let kind = e.kind().to_string();
+    match std::error::Error::source(e).map(ToString::to_string) {
+        Some(cause) if cause.contains(&kind) => cause,
+        Some(cause) => format!("{kind}: {cause}"),
+        None => kind,
+    }
 }
 
 /// Connects with the configured auth and TLS; logs disconnects and reconnects.
@@ -40,6 +52,17 @@ pub async fn connect(config: &NatsConfig, name: &str) -> Result<async_nats::Clie
                     source,
                 })?;
     }
+    let (servers, in_urls) = config.servers_and_credentials();
+    // Validation allows them only as the one way to authenticate.
+    match in_urls {
+        Some(UrlCredentials::UserPassword { user, password }) => {
+            options = options.user_and_password(user, password.expose().to_owned());
+        }
+        Some(UrlCredentials::Token(token)) => {
+            options = options.token(token.expose().to_owned());
+        }
+        None => {}
+    }
     if let Some(token) = &config.token {
         options = options.token(token.expose().to_owned());
     }
@@ -55,7 +78,6 @@ pub async fn connect(config: &NatsConfig, name: &str) -> Result<async_nats::Clie
     if config.tls_required {
         options = options.require_tls(true);
     }
-    let servers: Vec<&str> = config.url.split(',').map(str::trim).collect();
     options
         .connect(servers)
         .await

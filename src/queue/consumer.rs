@@ -9,6 +9,7 @@
 //! the service stops what was already started.
 
 use crate::dependencies::Dependency;
+use crate::error_chain::display_error_chain;
 use crate::event::Job;
 use crate::gitaly::NodeSet;
 use crate::gitaly::health::watch_health;
@@ -17,7 +18,7 @@ use crate::ops_server::Readiness;
 use crate::queue::ack::{Deliveries, Role, Stage, attempts_for};
 use crate::queue::acknowledger::{Acknowledger, Delivery, JobFields};
 use crate::queue::job;
-use crate::queue::layout::{ConsumerSpec, Layout, LayoutError};
+use crate::queue::layout::{ConsumerSpec, Layout, LayoutChange, LayoutError};
 use crate::queue::puller::{PullError, Pulled, Puller};
 use crate::queue::requeue::Placement;
 use crate::replicator::Replicator;
@@ -190,9 +191,9 @@ pub async fn run<R: Replicator>(deps: ConsumerDeps<R>) -> Result<(), ConsumerErr
                 storage: spec.target_storage.clone(),
             })?
             .clone();
-        for change in layout.ensure_target(&js, spec).await? {
-            tracing::debug!("{change}");
-        }
+        let changes = layout.ensure_target(&js, spec).await?;
+        crate::service::log_changes(&changes);
+        LayoutChange::all_applied(&changes)?;
         let metrics = TargetMetrics::new(&spec.virtual_storage, &spec.target_storage);
         let target = Arc::new(Target {
             spec: spec.clone(),
@@ -301,7 +302,7 @@ async fn pull_loop<R: Replicator>(
             if let Err(e) = puller.request(batch_size).await {
                 reserved = None;
                 failures += 1;
-                tracing::warn!(error = %e, consumer = %target.spec.durable_name, "pull request failed; retrying");
+                tracing::warn!(error = display_error_chain(&e), consumer = %target.spec.durable_name, "pull request failed; retrying");
                 tokio::select! {
                     _ = tokio::time::sleep(retry.delay_after(failures)) => {}
                     _ = stop.cancelled() => break,
@@ -337,7 +338,7 @@ async fn pull_loop<R: Replicator>(
                 target.metrics.pull_renewed();
             }
             Err(e) => {
-                tracing::error!(error = %e, consumer = %target.spec.durable_name, "pulling stopped");
+                tracing::error!(error = display_error_chain(&e), consumer = %target.spec.durable_name, "pulling stopped");
                 break;
             }
         }

@@ -9,6 +9,7 @@
 //! cancels waiting, never a dispatch: jobs that have not started are
 //! released at once, running ones get the grace period.
 
+use crate::error_chain::display_error_chain;
 use crate::event::Job;
 use crate::queue::ack::{Deliveries, Role, Stage};
 use crate::queue::acknowledger::{Delivery, JobFields, job_log};
@@ -242,7 +243,7 @@ async fn process<R: Replicator>(
     }
     log_outcome(&shared, &target, &fields, &outcome, latency);
     let error = match &outcome {
-        JobOutcome::Failed(e) => e.to_string(),
+        JobOutcome::Failed(e) => display_error_chain(e),
         JobOutcome::Invalid(e) => e.clone(),
         _ => String::new(),
     };
@@ -278,7 +279,13 @@ fn log_outcome<R>(
             job_log!(info, fields, new_state = "completed", skipped = %reason, "replication job processing finished")
         }
         JobOutcome::Failed(e) => {
-            job_log!(warn, fields, new_state = "failed", error = %e, "replication job processing finished")
+            job_log!(
+                warn,
+                fields,
+                new_state = "failed",
+                error = display_error_chain(e),
+                "replication job processing finished"
+            )
         }
         JobOutcome::Invalid(e) => {
             job_log!(warn, fields, new_state = "dead", error = %e, "replication job is invalid")

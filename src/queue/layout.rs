@@ -1,10 +1,12 @@
 //! The JetStream layout: the work stream, the dead-letter stream, the stream
 //! that keeps max-deliveries advisories, and one durable pull consumer per
 //! (virtual storage, target storage), named as [`crate::queue::names`] says.
-//! Created idempotently; an existing object is compared first, changed only
-//! where JetStream allows it (each change is reported), and refused with a
-//! clear error where it does not. A consumer found under another name with
-//! the same filter (an older naming scheme's) is moved to its name.
+//! Created idempotently; every setting of an existing object that the
+//! configuration gives is compared, those JetStream can change are updated
+//! and each is reported, and those it cannot are reported as such (the
+//! object keeps them, and `setup` and `run` fail naming them). A consumer
+//! found under another name with the same filter (an older naming scheme's)
+//! is moved to its name.
 
 use crate::config::Config;
 use crate::queue::names::{advisory_consumer_name, durable_name};
@@ -18,26 +20,11 @@ use std::time::Duration;
 /// Why the layout could not be ensured.
 #[derive(Debug, thiserror::Error)]
 pub enum LayoutError {
-    #[error(
-        "stream {stream} exists with {field} = {existing}, but the configuration needs {wanted}; \
-         JetStream cannot change this in place: migrate or delete the stream, or change the configuration"
-    )]
-    Incompatible {
-        stream: String,
-        field: &'static str,
-        existing: String,
-        wanted: String,
-    },
-    #[error(
-        "consumer {consumer} on stream {stream} exists with {field} = {existing}, but the configuration needs {wanted}; delete the consumer to recreate it"
-    )]
-    IncompatibleConsumer {
-        stream: String,
-        consumer: String,
-        field: &'static str,
-        existing: String,
-        wanted: String,
-    },
+    /// Objects that keep settings the configuration changes, because
+    /// JetStream cannot change them in place; each entry is a
+    /// [`LayoutChange::NotUpdatable`] as displayed.
+    #[error("{}", .0.join("; "))]
+    NotUpdatable(Vec<String>),
     #[error(
         "nats.max_bytes = {max_bytes} cannot be used with nats-server {version}: before 2.10.6 it \
          enforces a byte limit by silently deleting the oldest accepted jobs (nats-server#4771); \
@@ -83,7 +70,9 @@ pub struct Layout {
     pub consumers: Vec<ConsumerSpec>,
 }
 
-/// What `ensure` did to one object.
+/// What `ensure` did to one object. An object whose settings differ from
+/// the configuration in some that JetStream can change and some that it
+/// cannot gets two entries: `Updated` and `NotUpdatable`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LayoutChange {
     Created(String),
@@ -98,6 +87,14 @@ pub enum LayoutChange {
         object: String,
         changes: Vec<String>,
     },
+    /// Settings that differ from the configuration and that JetStream cannot
+    /// change in place: the object keeps them.
+    NotUpdatable {
+        object: String,
+        differences: Vec<String>,
+        /// What the operator can do instead.
+        remedy: &'static str,
+    },
     Unchanged(String),
 }
 
@@ -111,10 +108,92 @@ impl std::fmt::Display for LayoutChange {
             LayoutChange::Updated { object, changes } => {
                 write!(f, "updated {object}: {}", changes.join(", "))
             }
+            LayoutChange::NotUpdatable {
+                object,
+                differences,
+                remedy,
+            } => write!(
+                f,
+                "cannot update {object}: {} (JetStream cannot change this in place; {remedy})",
+                differences.join(", ")
+            ),
             LayoutChange::Unchanged(o) => write!(f, "unchanged {o}"),
         }
     }
 }
+
+impl LayoutChange {
+    /// An error naming every object of `report` that kept settings the
+    /// configuration changes; `Ok` when there is none.
+    pub fn all_applied(report: &[LayoutChange]) -> Result<(), LayoutError> {
+        let refused: Vec<String> = report
+            .iter()
+            .filter(|c| matches!(c, LayoutChange::NotUpdatable { .. }))
+            .map(ToString::to_string)
+            .collect();
+        if refused.is_empty() {
+            Ok(())
+        } else {
+            Err(LayoutError::NotUpdatable(refused))
+        }
+    }
+}
+
+/// The settings of one object that differ from the configuration, as
+/// `name existing -> wanted`, split by whether JetStream can change them.
+#[derive(Default)]
+struct Differences {
+    updatable: Vec<String>,
+    fixed: Vec<String>,
+}
+
+impl Differences {
+    /// Notes `field` if `have` differs from `wanted`; answers whether it does.
+    fn note<T: PartialEq + std::fmt::Debug>(
+        &mut self,
+        field: &str,
+        have: &T,
+        wanted: &T,
+        updatable: bool,
+    ) -> bool {
+        if have == wanted {
+            return false;
+        }
+        let line = format!("{field} {have:?} -> {wanted:?}");
+        if updatable {
+            self.updatable.push(line);
+        } else {
+            self.fixed.push(line);
+        }
+        true
+    }
+
+    /// The report's entries: `updated` when something was changed, then the
+    /// settings that were not; `Unchanged` when nothing differs.
+    fn into_report(self, object: String, remedy: &'static str) -> Vec<LayoutChange> {
+        let mut report = Vec::new();
+        if !self.updatable.is_empty() {
+            report.push(LayoutChange::Updated {
+                object: object.clone(),
+                changes: self.updatable,
+            });
+        }
+        if !self.fixed.is_empty() {
+            report.push(LayoutChange::NotUpdatable {
+                object: object.clone(),
+                differences: self.fixed,
+                remedy,
+            });
+        }
+        if report.is_empty() {
+            report.push(LayoutChange::Unchanged(object));
+        }
+        report
+    }
+}
+
+const STREAM_REMEDY: &str = "migrate or delete the stream, or change the configuration";
+const CONSUMER_REMEDY: &str = "delete the consumer and run setup to create it again; its unacknowledged jobs stay in the stream";
 
 impl Layout {
     pub fn from_config(config: &Config) -> Layout {
@@ -264,7 +343,7 @@ impl Layout {
             self.dead_letter_stream_config(),
             self.advisory_stream_config(),
         ] {
-            report.push(ensure_stream(js, config).await?);
+            report.extend(ensure_stream(js, config).await?);
         }
         let advisories = js
             .get_stream(&self.advisory_stream)
@@ -280,7 +359,7 @@ impl Layout {
             &mut report,
         )
         .await?;
-        report.push(ensure_consumer(&advisories, &self.advisory_stream, wanted).await?);
+        report.extend(ensure_consumer(js, &advisories, &self.advisory_stream, wanted).await?);
         Ok(report)
     }
 
@@ -298,7 +377,7 @@ impl Layout {
         let wanted = self.consumer_config(spec);
         let mut report = Vec::new();
         move_consumers(&work, &self.stream, &existing, &wanted, &mut report).await?;
-        report.push(ensure_consumer(&work, &self.stream, wanted).await?);
+        report.extend(ensure_consumer(js, &work, &self.stream, wanted).await?);
         Ok(report)
     }
 }
@@ -306,6 +385,12 @@ impl Layout {
 /// Whether the server enforces `max_bytes` with discard-new by refusing
 /// publishes (2.10.6 and later) rather than deleting old messages.
 pub fn byte_limit_is_safe(version: &str) -> bool {
+    version_at_least(version, (2, 10, 6))
+}
+
+/// Whether the nats-server `version` is `least` or later; an unreadable
+/// version is taken for an old one.
+fn version_at_least(version: &str, least: (u32, u32, u32)) -> bool {
     let mut parts = version
         .split(|c: char| !c.is_ascii_digit())
         .map(|p| p.parse::<u32>().unwrap_or(0));
@@ -314,10 +399,16 @@ pub fn byte_limit_is_safe(version: &str) -> bool {
         parts.next().unwrap_or(0),
         parts.next().unwrap_or(0),
     );
-    v >= (2, 10, 6)
+    v >= least
 }
 
-async fn ensure_stream(js: &Context, wanted: stream::Config) -> Result<LayoutChange, LayoutError> {
+/// Creates the stream, or compares every setting the configuration gives
+/// it, updates those JetStream can change and reports those it cannot
+/// (storage and retention), which the stream keeps.
+async fn ensure_stream(
+    js: &Context,
+    wanted: stream::Config,
+) -> Result<Vec<LayoutChange>, LayoutError> {
     let object = format!("stream {}", wanted.name);
     let mut existing = match js.get_stream(&wanted.name).await {
         Ok(s) => s,
@@ -331,7 +422,7 @@ async fn ensure_stream(js: &Context, wanted: stream::Config) -> Result<LayoutCha
             js.create_stream(wanted.clone())
                 .await
                 .map_err(|e| api(&object, e))?;
-            return Ok(LayoutChange::Created(object));
+            return Ok(vec![LayoutChange::Created(object)]);
         }
         Err(e) => return Err(api(&object, e)),
     };
@@ -341,79 +432,53 @@ async fn ensure_stream(js: &Context, wanted: stream::Config) -> Result<LayoutCha
         .map_err(|e| api(&object, e))?
         .config
         .clone();
-    let incompatible =
-        |field: &'static str, existing: String, wanted: String| LayoutError::Incompatible {
-            stream: have.name.clone(),
-            field,
-            existing,
-            wanted,
-        };
-    if have.retention != wanted.retention {
-        return Err(incompatible(
-            "retention",
-            format!("{:?}", have.retention),
-            format!("{:?}", wanted.retention),
-        ));
-    }
-    if have.storage != wanted.storage {
-        return Err(incompatible(
-            "storage",
-            format!("{:?}", have.storage),
-            format!("{:?}", wanted.storage),
-        ));
-    }
-    let mut changes = Vec::new();
+    let mut d = Differences::default();
     let mut updated = have.clone();
-    if have.subjects != wanted.subjects {
-        changes.push(format!(
-            "subjects {:?} -> {:?}",
-            have.subjects, wanted.subjects
-        ));
+    d.note("retention", &have.retention, &wanted.retention, false);
+    d.note("storage", &have.storage, &wanted.storage, false);
+    if d.note("description", &have.description, &wanted.description, true) {
+        updated.description = wanted.description.clone();
+    }
+    if d.note("subjects", &have.subjects, &wanted.subjects, true) {
         updated.subjects = wanted.subjects.clone();
     }
-    if have.num_replicas != wanted.num_replicas {
-        changes.push(format!(
-            "replicas {} -> {}",
-            have.num_replicas, wanted.num_replicas
-        ));
+    if d.note("replicas", &have.num_replicas, &wanted.num_replicas, true) {
         updated.num_replicas = wanted.num_replicas;
     }
-    if have.max_bytes != wanted.max_bytes {
-        changes.push(format!(
-            "max_bytes {} -> {}",
-            have.max_bytes, wanted.max_bytes
-        ));
+    if d.note(
+        "max_messages",
+        &have.max_messages,
+        &wanted.max_messages,
+        true,
+    ) {
+        updated.max_messages = wanted.max_messages;
+    }
+    if d.note("max_bytes", &have.max_bytes, &wanted.max_bytes, true) {
         updated.max_bytes = wanted.max_bytes;
     }
-    if have.discard != wanted.discard {
-        changes.push(format!(
-            "discard {:?} -> {:?}",
-            have.discard, wanted.discard
-        ));
+    if d.note("discard", &have.discard, &wanted.discard, true) {
         updated.discard = wanted.discard;
     }
-    if have.max_age != wanted.max_age {
-        changes.push(format!(
-            "max_age {:?} -> {:?}",
-            have.max_age, wanted.max_age
-        ));
+    if d.note("max_age", &have.max_age, &wanted.max_age, true) {
         updated.max_age = wanted.max_age;
     }
     // The server fills in a default duplicate window (2m) when none is asked for.
-    if !wanted.duplicate_window.is_zero() && have.duplicate_window != wanted.duplicate_window {
-        changes.push(format!(
-            "duplicate_window {:?} -> {:?}",
-            have.duplicate_window, wanted.duplicate_window
-        ));
+    if !wanted.duplicate_window.is_zero()
+        && d.note(
+            "duplicate_window",
+            &have.duplicate_window,
+            &wanted.duplicate_window,
+            true,
+        )
+    {
         updated.duplicate_window = wanted.duplicate_window;
     }
-    if changes.is_empty() {
-        return Ok(LayoutChange::Unchanged(object));
+    if !d.updatable.is_empty() {
+        js.update_stream(updated)
+            .await
+            .map_err(|e| api(&object, e))?;
     }
-    js.update_stream(updated)
-        .await
-        .map_err(|e| api(&object, e))?;
-    Ok(LayoutChange::Updated { object, changes })
+    Ok(d.into_report(object, STREAM_REMEDY))
 }
 
 /// (name, filter subject) of every durable consumer on `stream`.
@@ -463,11 +528,15 @@ async fn move_consumers(
     Ok(())
 }
 
+/// Creates the consumer, or compares every setting the configuration gives
+/// it, updates those JetStream can change and reports those it cannot, which
+/// the consumer keeps.
 async fn ensure_consumer(
+    js: &Context,
     stream: &stream::Stream,
     stream_name: &str,
     wanted: pull::Config,
-) -> Result<LayoutChange, LayoutError> {
+) -> Result<Vec<LayoutChange>, LayoutError> {
     let name = wanted.durable_name.clone().unwrap_or_default();
     let object = format!("consumer {name} on {stream_name}");
     let have = match stream.consumer_info(&name).await {
@@ -477,65 +546,62 @@ async fn ensure_consumer(
                 .create_consumer(wanted)
                 .await
                 .map_err(|e| api(&object, e))?;
-            return Ok(LayoutChange::Created(object));
+            return Ok(vec![LayoutChange::Created(object)]);
         }
     };
-    let incompatible =
-        |field: &'static str, existing: String, wanted: String| LayoutError::IncompatibleConsumer {
-            stream: stream_name.to_owned(),
-            consumer: name.clone(),
-            field,
-            existing,
-            wanted,
-        };
-    if have.ack_policy != wanted.ack_policy {
-        return Err(incompatible(
-            "ack_policy",
-            format!("{:?}", have.ack_policy),
-            format!("{:?}", wanted.ack_policy),
-        ));
+    // nats-server 2.10 and later change a consumer's filter in place.
+    let filter_updatable = version_at_least(&js.client().server_info().version, (2, 10, 0));
+    let mut d = Differences::default();
+    let push = d.note("deliver_subject", &have.deliver_subject, &None, false);
+    d.note("ack_policy", &have.ack_policy, &wanted.ack_policy, false);
+    d.note(
+        "deliver_policy",
+        &have.deliver_policy,
+        &wanted.deliver_policy,
+        false,
+    );
+    d.note(
+        "replay_policy",
+        &have.replay_policy,
+        &wanted.replay_policy,
+        false,
+    );
+    d.note(
+        "filter_subject",
+        &have.filter_subject,
+        &wanted.filter_subject,
+        filter_updatable,
+    );
+    d.note("description", &have.description, &wanted.description, true);
+    d.note("ack_wait", &have.ack_wait, &wanted.ack_wait, true);
+    d.note("max_deliver", &have.max_deliver, &wanted.max_deliver, true);
+    d.note(
+        "max_ack_pending",
+        &have.max_ack_pending,
+        &wanted.max_ack_pending,
+        true,
+    );
+    if push {
+        // A pull consumer's config cannot describe a push consumer, so
+        // nothing of it is changed.
+        d.fixed.append(&mut d.updatable);
     }
-    if have.deliver_subject.is_some() {
-        return Err(incompatible(
-            "deliver_subject",
-            format!("{:?}", have.deliver_subject),
-            "none (a pull consumer)".into(),
-        ));
+    if !d.updatable.is_empty() {
+        // What cannot change is sent as it is, or the server refuses it all.
+        let mut update = wanted;
+        update.ack_policy = have.ack_policy;
+        update.deliver_policy = have.deliver_policy;
+        update.replay_policy = have.replay_policy;
+        if !filter_updatable {
+            update.filter_subject = have.filter_subject.clone();
+        }
+        // Creating an existing durable updates it in place.
+        stream
+            .create_consumer(update)
+            .await
+            .map_err(|e| api(&object, e))?;
     }
-    let mut changes = Vec::new();
-    if have.filter_subject != wanted.filter_subject {
-        changes.push(format!(
-            "filter_subject {:?} -> {:?}",
-            have.filter_subject, wanted.filter_subject
-        ));
-    }
-    if have.ack_wait != wanted.ack_wait {
-        changes.push(format!(
-            "ack_wait {:?} -> {:?}",
-            have.ack_wait, wanted.ack_wait
-        ));
-    }
-    if have.max_deliver != wanted.max_deliver {
-        changes.push(format!(
-            "max_deliver {} -> {}",
-            have.max_deliver, wanted.max_deliver
-        ));
-    }
-    if have.max_ack_pending != wanted.max_ack_pending {
-        changes.push(format!(
-            "max_ack_pending {} -> {}",
-            have.max_ack_pending, wanted.max_ack_pending
-        ));
-    }
-    if changes.is_empty() {
-        return Ok(LayoutChange::Unchanged(object));
-    }
-    // On nats-server 2.9 creating an existing durable updates it in place.
-    stream
-        .create_consumer(wanted)
-        .await
-        .map_err(|e| api(&object, e))?;
-    Ok(LayoutChange::Updated { object, changes })
+    Ok(d.into_report(object, CONSUMER_REMEDY))
 }
 
 #[cfg(test)]
@@ -549,6 +615,29 @@ mod tests {
         assert!(byte_limit_is_safe("2.10.6"));
         assert!(byte_limit_is_safe("2.11.0-beta.1"));
         assert!(!byte_limit_is_safe("garbage"));
+    }
+
+    #[test]
+    fn settings_are_reported_by_whether_jetstream_can_change_them() {
+        let mut d = Differences::default();
+        assert!(!d.note("max_messages", &5_i64, &5, true));
+        assert!(d.note("max_messages", &5_i64, &7, true));
+        assert!(d.note("storage", &StorageType::Memory, &StorageType::File, false));
+        let report = d.into_report("stream S".into(), STREAM_REMEDY);
+        let lines: Vec<String> = report.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            lines,
+            [
+                "updated stream S: max_messages 5 -> 7",
+                "cannot update stream S: storage Memory -> File (JetStream cannot change this \
+                 in place; migrate or delete the stream, or change the configuration)",
+            ]
+        );
+        let err = LayoutChange::all_applied(&report).unwrap_err().to_string();
+        assert_eq!(err, lines[1]);
+        let unchanged = Differences::default().into_report("stream S".into(), STREAM_REMEDY);
+        assert_eq!(unchanged, [LayoutChange::Unchanged("stream S".into())]);
+        assert!(LayoutChange::all_applied(&unchanged).is_ok());
     }
 
     #[test]

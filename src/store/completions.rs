@@ -1,18 +1,21 @@
 //! Completion dedup, as Praefect does it for maintenance jobs: the latest
 //! start time of a completed job per (repository, target, change type,
-//! source), and whether a job created before it is superseded.
+//! source), and whether a job created before it is superseded. Records are
+//! pruned (see [`prune_completions`]): a record only matters while a twin
+//! job created before it may still be in the queue.
 
+use super::{RepositoryStore, StoreError, failed};
+use crate::error_chain::display_error_chain;
 use crate::event::Job;
 use sqlx::Arguments;
 use sqlx::postgres::PgArguments;
+use std::time::Duration;
 use time::OffsetDateTime;
+use tokio_util::sync::CancellationToken;
 // The standalone statements below exist for the tests of the SQL that the
 // lock session's statements embed (see `lock_statements`).
 #[cfg(test)]
-use {
-    super::{RepositoryStore, StoreError, encode_failed, failed},
-    std::sync::LazyLock,
-};
+use {super::encode_failed, std::sync::LazyLock};
 
 /// Identifies a job for completion dedup: twins share every field.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -223,5 +226,113 @@ impl RepositoryStore {
             .first()
             .copied()
             .unwrap_or(false))
+    }
+}
+
+/// How completion records are pruned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CompletionPruning {
+    /// Records older than this go.
+    pub retention: Duration,
+    /// Records of a repository the store no longer has (deleted, or renamed
+    /// away) go once older than this: a maintenance job that was running
+    /// when its repository was deleted records its completion afterwards.
+    pub orphan_grace: Duration,
+    /// Time between passes.
+    pub interval: Duration,
+    /// Records deleted per statement, so that no pass holds many row locks
+    /// or runs one long statement.
+    pub batch: i64,
+}
+
+impl CompletionPruning {
+    /// A pass every quarter of `retention`, at least every second and at
+    /// most ten minutes apart; orphans go after an hour (or the retention,
+    /// if shorter).
+    pub fn for_retention(retention: Duration) -> CompletionPruning {
+        CompletionPruning {
+            retention,
+            orphan_grace: retention.min(Duration::from_secs(3600)),
+            interval: (retention / 4).clamp(Duration::from_secs(1), Duration::from_secs(600)),
+            batch: 1000,
+        }
+    }
+}
+
+impl RepositoryStore {
+    /// Deletes up to `limit` completion records that started more than
+    /// `retention` ago, or more than `orphan_grace` ago for a repository
+    /// that has no `repositories` row any more; answers how many went.
+    /// Ages are on the database's clock.
+    pub(crate) async fn prune_completions(
+        &self,
+        retention: Duration,
+        orphan_grace: Duration,
+        limit: i64,
+    ) -> Result<u64, StoreError> {
+        // Rows are picked by ctid, so one that a completion refreshed since
+        // it was picked (a new row version) is not deleted.
+        let done = sqlx::query(
+            "DELETE FROM replication_completions
+            WHERE ctid = ANY(ARRAY(
+                SELECT c.ctid FROM replication_completions c
+                WHERE c.started_at < now() - make_interval(secs => $1)
+                   OR (c.started_at < now() - make_interval(secs => $2)
+                       AND NOT EXISTS (
+                           SELECT FROM repositories r
+                           WHERE r.virtual_storage = c.virtual_storage
+                             AND r.relative_path = c.relative_path))
+                LIMIT $3))",
+        )
+        .bind(retention.as_secs_f64())
+        .bind(orphan_grace.as_secs_f64())
+        .bind(limit)
+        .execute(&self.pool)
+        .await
+        .map_err(failed("prune_completions"))?;
+        Ok(done.rows_affected())
+    }
+}
+
+/// Prunes completion records every `pruning.interval` (the first pass at
+/// once), batch after batch until a batch comes back short, until `stop`.
+/// A failed pass is logged and the next one tries again.
+pub async fn prune_completions(
+    store: RepositoryStore,
+    pruning: CompletionPruning,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(pruning.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = stop.cancelled() => return,
+        }
+        let mut pruned = 0;
+        loop {
+            let batch = tokio::select! {
+                r = store.prune_completions(pruning.retention, pruning.orphan_grace, pruning.batch) => r,
+                () = stop.cancelled() => return,
+            };
+            match batch {
+                Ok(n) => {
+                    pruned += n;
+                    if n < pruning.batch.unsigned_abs() {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        error = display_error_chain(&e),
+                        "pruning completion records failed; trying again at the next pass"
+                    );
+                    break;
+                }
+            }
+        }
+        if pruned > 0 {
+            tracing::info!(pruned, "pruned completion records");
+        }
     }
 }

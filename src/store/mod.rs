@@ -18,7 +18,7 @@ mod lock_statements;
 pub mod locks;
 mod order;
 
-pub use completions::{CompletionKey, JobKey};
+pub use completions::{CompletionKey, CompletionPruning, JobKey, prune_completions};
 pub use error::StoreError;
 pub(crate) use error::is_transient;
 use error::{encode_failed, failed};

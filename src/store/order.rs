@@ -111,6 +111,16 @@ const GATE_SQL: &str = "
                  AS in_order
     )";
 
+/// A CTE (after a comma) that deletes the completion records of the first
+/// key's replica when the gate lets the write through: the replica is gone
+/// from that path. Only that replica's: its repository lock is held, so no
+/// completion of it is being recorded meanwhile, while other targets' rows
+/// may be (the periodic pruning takes those).
+const FORGET_REPLICA_COMPLETIONS: &str = "forgotten AS (
+    DELETE FROM replication_completions
+    WHERE virtual_storage = $1[1] AND relative_path = $2[1] AND target_storage = $3[1]
+      AND (SELECT held AND in_order FROM gate))";
+
 /// One replica key of a gated write.
 pub(crate) type ReplicaKey<'a> = (&'a str, &'a str, &'a str);
 
@@ -207,8 +217,9 @@ impl RepositoryStore {
             .collect())
     }
 
-    /// Deletes the replica row of `storage`, through the gate of that replica;
-    /// `Written(false)` when there was no row.
+    /// Deletes the replica row of `storage`, and the replica's completion
+    /// records, through the gate of that replica; `Written(false)` when there
+    /// was no row.
     pub(crate) async fn delete_replica_in_order(
         &self,
         virtual_storage: &str,
@@ -217,14 +228,15 @@ impl RepositoryStore {
         order: Option<&WriteOrder>,
     ) -> Result<Gated<bool>, StoreError> {
         static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-            with_gate(
+            with_gate(&format!(
                 ", deleted AS (
                     DELETE FROM storage_repositories
                     WHERE virtual_storage = $1[1] AND relative_path = $2[1] AND storage = $3[1]
                       AND (SELECT held AND in_order FROM gate)
-                    RETURNING 1)
-                SELECT held, current, in_order, EXISTS (SELECT FROM deleted) FROM gate",
-            )
+                    RETURNING 1
+                ), {FORGET_REPLICA_COMPLETIONS}
+                SELECT held, current, in_order, EXISTS (SELECT FROM deleted) FROM gate"
+            ))
         });
         let key = (virtual_storage, relative_path, storage);
         self.gated_write(&SQL, &[key], order, "delete_replica")
@@ -232,7 +244,8 @@ impl RepositoryStore {
     }
 
     /// [`Self::delete_repository`] (the repository row and the target's
-    /// replica row) through the gate of the target's replica.
+    /// replica row) and the replica's completion records, through the gate of
+    /// the target's replica.
     pub(crate) async fn delete_repository_in_order(
         &self,
         virtual_storage: &str,
@@ -241,7 +254,7 @@ impl RepositoryStore {
         order: Option<&WriteOrder>,
     ) -> Result<Gated<bool>, StoreError> {
         static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-            with_gate(
+            with_gate(&format!(
                 ", repository AS (
                     DELETE FROM repositories
                     WHERE virtual_storage = $1[1] AND relative_path = $2[1]
@@ -251,11 +264,12 @@ impl RepositoryStore {
                     DELETE FROM storage_repositories
                     WHERE virtual_storage = $1[1] AND relative_path = $2[1] AND storage = $3[1]
                       AND (SELECT held AND in_order FROM gate)
-                    RETURNING 1)
+                    RETURNING 1
+                ), {FORGET_REPLICA_COMPLETIONS}
                 SELECT held, current, in_order,
                        EXISTS (SELECT FROM repository) OR EXISTS (SELECT FROM replicas)
-                FROM gate",
-            )
+                FROM gate"
+            ))
         });
         let key = (virtual_storage, relative_path, storage);
         self.gated_write(&SQL, &[key], order, "delete_repository")
@@ -265,7 +279,8 @@ impl RepositoryStore {
     /// Moves the repository row (relative and replica path) and the replica
     /// row of `storage` to `new_relative_path`, through the gates of that
     /// replica at both paths: a rename takes effect at the old path and at the
-    /// new one. `Written(false)` when neither was at the old path.
+    /// new one. The replica's completion records at the old path go.
+    /// `Written(false)` when neither was at the old path.
     pub(crate) async fn rename_repository_in_order(
         &self,
         virtual_storage: &str,
@@ -275,7 +290,7 @@ impl RepositoryStore {
         order: Option<&WriteOrder>,
     ) -> Result<Gated<bool>, StoreError> {
         static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-            with_gate(
+            with_gate(&format!(
                 ", repository AS (
                     UPDATE repositories SET relative_path = $2[2], replica_path = $2[2]
                     WHERE virtual_storage = $1[1] AND relative_path = $2[1]
@@ -285,11 +300,12 @@ impl RepositoryStore {
                     UPDATE storage_repositories SET relative_path = $2[2]
                     WHERE virtual_storage = $1[1] AND relative_path = $2[1] AND storage = $3[1]
                       AND (SELECT held AND in_order FROM gate)
-                    RETURNING 1)
+                    RETURNING 1
+                ), {FORGET_REPLICA_COMPLETIONS}
                 SELECT held, current, in_order,
                        EXISTS (SELECT FROM repository) OR EXISTS (SELECT FROM replica)
-                FROM gate",
-            )
+                FROM gate"
+            ))
         });
         let keys = [
             (virtual_storage, relative_path, storage),

@@ -1,7 +1,10 @@
-//! The consumer against a private nats-server that is restarted under it.
+//! The consumer against a private nats-server that is restarted (or killed)
+//! under it.
 
 use crate::common::cluster::Cluster;
+use crate::common::http::{free_port, get};
 use crate::common::nats_server::PrivateNats;
+use crate::common::process::ReplicatorProcess;
 use serde_json::json;
 use std::time::Duration;
 
@@ -37,4 +40,121 @@ async fn a_pull_request_lost_in_a_broker_restart_is_detected_and_renewed() {
         .await
     );
     consumer.stop().await.unwrap();
+}
+
+/// The gitaly-2 row of `status`: pending, in flight, redelivered, dead.
+fn status_row(toml: &str) -> Vec<String> {
+    let o = crate::cli::cli(toml, &["status"], None);
+    let out = crate::cli::all(&o);
+    assert!(o.status.success(), "{out}");
+    out.lines()
+        .find(|l| l.split_whitespace().nth(1) == Some("gitaly-2"))
+        .unwrap_or_else(|| panic!("no row for gitaly-2 in\n{out}"))
+        .split_whitespace()
+        .skip(2)
+        .map(str::to_owned)
+        .collect()
+}
+
+#[tokio::test]
+async fn status_and_the_depth_gauge_count_what_consumers_have_left_after_a_broker_killed_after_acks()
+ {
+    const JOBS: usize = 200;
+    let mut nats = PrivateNats::start().await;
+    let c = Cluster::start_on(2, nats.url(), |_| {}).await;
+    let consumer = c.consumer().await;
+    for i in 0..JOBS {
+        c.publish(&c.job(json!({"change": "cleanup", "relative_path": format!("p{i}.git"), "target_node_storage": "gitaly-2"}))).await;
+    }
+    assert!(
+        c.node(2)
+            .wait_for_calls(JOBS, Duration::from_secs(30))
+            .await
+    );
+    let work = c.js.get_stream(&c.layout.stream).await.unwrap();
+    let durable = c
+        .layout
+        .consumer(c.vs(), "gitaly-2")
+        .unwrap()
+        .durable_name
+        .clone();
+    assert!(
+        c.eventually(Duration::from_secs(10), || async {
+            let info = work.consumer_info(&durable).await.unwrap();
+            info.num_pending == 0 && info.num_ack_pending == 0
+        })
+        .await,
+        "the jobs were never acknowledged"
+    );
+    // kill -9 right after the acks: what the server wrote of them by then
+    // is all it knows when it comes back.
+    nats.kill();
+    nats.start_again().await;
+    consumer.stop().await.unwrap();
+    let mut raw = None;
+    for _ in 0..100 {
+        if let Ok(mut s) = c.js.get_stream(&c.layout.stream).await
+            && let Ok(info) = s.info().await
+        {
+            raw = Some(info.state.messages);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Either may be off for a while: acknowledged jobs still in the stream
+    // (nothing delivers them again), or acknowledgements the consumer forgot
+    // for jobs no longer in the stream (dropped at their next redelivery,
+    // within ack_wait).
+    println!(
+        "after the restart: {raw:?} messages in the work stream; status {:?}",
+        status_row(&c.toml)
+    );
+    let mut row = Vec::new();
+    for _ in 0..30 {
+        row = status_row(&c.toml);
+        if row[..2] == ["0", "0"] {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(
+        row,
+        ["0", "0", "0", "0"],
+        "pending, in flight, redelivered, dead"
+    );
+
+    let port = free_port();
+    let toml = c.toml.replace(
+        "prometheus_listen_addr = \"\"",
+        &format!("prometheus_listen_addr = \"127.0.0.1:{port}\""),
+    );
+    // A fresh process: its first reading of the depth is after the restart.
+    let service = ReplicatorProcess::run(&toml);
+    let vs = c.vs().to_owned();
+    let depth = |state: &str| {
+        format!(
+            "gitaly_praefect_replication_queue_depth{{virtual_storage=\"{vs}\",target_node=\"gitaly-2\",state=\"{state}\"}}"
+        )
+    };
+    let mut metrics = String::new();
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            metrics = get(port, "/metrics").await.1;
+            if metrics.contains(&depth("ready")) {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for state in ["ready", "in_progress"] {
+        assert!(
+            metrics.contains(&format!("{} 0\n", depth(state))),
+            "{state}: {metrics}"
+        );
+    }
+    service.signal("TERM");
+    assert_eq!(service.wait().await.0, Some(0));
 }

@@ -8,13 +8,18 @@ use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 use testkit::recording_gitaly::Behaviour;
 
-fn cli(toml: &str, args: &[&str], stdin: Option<&str>) -> Output {
+pub(crate) fn cli(toml: &str, args: &[&str], stdin: Option<&str>) -> Output {
     cli_with_env(toml, args, stdin, &[])
 }
 
 /// Runs the binary with `toml` as its config and `env` set; `RUST_LOG` only
 /// when `env` sets it, so the caller's shell does not change what is logged.
-fn cli_with_env(toml: &str, args: &[&str], stdin: Option<&str>, env: &[(&str, &str)]) -> Output {
+pub(crate) fn cli_with_env(
+    toml: &str,
+    args: &[&str],
+    stdin: Option<&str>,
+    env: &[(&str, &str)],
+) -> Output {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("config.toml");
     std::fs::write(&path, toml).unwrap();
@@ -37,15 +42,15 @@ fn cli_with_env(toml: &str, args: &[&str], stdin: Option<&str>, env: &[(&str, &s
     child.wait_with_output().unwrap()
 }
 
-fn stdout(o: &Output) -> String {
+pub(crate) fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
-fn stderr(o: &Output) -> String {
+pub(crate) fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
-fn all(o: &Output) -> String {
+pub(crate) fn all(o: &Output) -> String {
     format!("{}{}", stdout(o), stderr(o))
 }
 
@@ -142,33 +147,148 @@ async fn setup_moves_consumers_from_their_old_names_and_keeps_their_jobs() {
     );
 }
 
+/// The line of `setup`'s output that starts with `prefix`.
+fn line_of<'a>(out: &'a str, prefix: &str) -> &'a str {
+    out.lines()
+        .find(|l| l.starts_with(prefix))
+        .unwrap_or_else(|| panic!("no line starting {prefix:?} in\n{out}"))
+}
+
 #[tokio::test]
-async fn setup_refuses_a_stream_with_incompatible_settings() {
+async fn setup_reports_every_setting_that_differs_from_the_config_and_updates_it() {
     let c = Cluster::start(2).await;
-    // Someone made the dead-letter stream a work queue by hand.
+    let changed = c
+        .toml
+        .replace(
+            "[nats]\n",
+            "[nats]\nmax_messages = 1234\nmax_ack_pending = 77\ndead_letter_max_age = \"48h\"\n",
+        )
+        .replace("duplicate_window = \"1m\"", "duplicate_window = \"90s\"")
+        .replace("ack_wait = \"5s\"", "ack_wait = \"7s\"")
+        .replace("[replication]\n", "[replication]\nattempts = 5\n");
+    let o = cli(&changed, &["setup"], None);
+    assert!(o.status.success(), "{}", all(&o));
+    let out = stdout(&o);
+    let work = line_of(&out, &format!("updated stream {}:", c.layout.stream));
+    for change in [
+        "max_messages 10000000 -> 1234",
+        "duplicate_window 60s -> 90s",
+    ] {
+        assert!(work.contains(change), "{change}: {out}");
+    }
+    let dead = line_of(
+        &out,
+        &format!("updated stream {}:", c.layout.dead_letter_stream),
+    );
+    for change in ["max_age 2592000s -> 172800s", "duplicate_window 60s -> 90s"] {
+        assert!(dead.contains(change), "{change}: {out}");
+    }
+    for spec in &c.layout.consumers {
+        let consumer = line_of(&out, &format!("updated consumer {} ", spec.durable_name));
+        for change in [
+            "ack_wait 5s -> 7s",
+            "max_deliver 3 -> 5",
+            "max_ack_pending 1000 -> 77",
+        ] {
+            assert!(consumer.contains(change), "{change}: {out}");
+        }
+    }
+    assert!(!out.contains("cannot update"), "{out}");
+
+    let mut work = c.js.get_stream(&c.layout.stream).await.unwrap();
+    let config = work.info().await.unwrap().config.clone();
+    assert_eq!(config.max_messages, 1234);
+    assert_eq!(config.duplicate_window, Duration::from_secs(90));
+    let mut dead = c.js.get_stream(&c.layout.dead_letter_stream).await.unwrap();
+    let config = dead.info().await.unwrap().config.clone();
+    assert_eq!(config.max_age, Duration::from_secs(48 * 3600));
+    for spec in &c.layout.consumers {
+        let config = work.consumer_info(&spec.durable_name).await.unwrap().config;
+        assert_eq!(
+            (config.ack_wait, config.max_deliver, config.max_ack_pending),
+            (Duration::from_secs(7), 5, 77),
+            "{}",
+            spec.durable_name
+        );
+    }
+    let o = cli(&changed, &["setup"], None);
+    assert!(
+        stdout(&o).lines().all(|l| l.starts_with("unchanged")),
+        "{}",
+        all(&o)
+    );
+}
+
+#[tokio::test]
+async fn setup_names_the_settings_jetstream_cannot_change_updates_the_rest_and_fails() {
+    use async_nats::jetstream::consumer::ReplayPolicy;
+    use async_nats::jetstream::stream::{RetentionPolicy, StorageType};
+    let c = Cluster::start(2).await;
+    // Someone made the dead-letter stream a work queue in memory by hand,
+    // with a shorter age, and one consumer replay jobs at their original pace.
     c.js.delete_stream(&c.layout.dead_letter_stream)
         .await
         .unwrap();
     let mut wrong = c.layout.dead_letter_stream_config();
-    wrong.retention = async_nats::jetstream::stream::RetentionPolicy::WorkQueue;
+    wrong.retention = RetentionPolicy::WorkQueue;
+    wrong.storage = StorageType::Memory;
+    wrong.max_age = Duration::from_secs(3600);
     c.js.create_stream(wrong).await.unwrap();
+    let spec = &c.layout.consumers[1];
+    let work = c.js.get_stream(&c.layout.stream).await.unwrap();
+    work.delete_consumer(&spec.durable_name).await.unwrap();
+    let mut consumer = c.layout.consumer_config(spec);
+    consumer.replay_policy = ReplayPolicy::Original;
+    consumer.ack_wait = Duration::from_secs(3);
+    work.create_consumer(consumer).await.unwrap();
+
     let o = cli(&c.toml, &["setup"], None);
-    assert!(!o.status.success());
-    let err = all(&o);
+    assert_eq!(o.status.code(), Some(1), "{}", all(&o));
+    let out = stdout(&o);
+    let dead = &c.layout.dead_letter_stream;
+    let refused = line_of(&out, &format!("cannot update stream {dead}:"));
+    for difference in ["retention WorkQueue -> Limits", "storage Memory -> File"] {
+        assert!(refused.contains(difference), "{difference}: {out}");
+    }
     assert!(
-        err.contains(&c.layout.dead_letter_stream) && err.contains("retention"),
+        line_of(&out, &format!("updated stream {dead}:")).contains("max_age 3600s -> 2592000s"),
+        "{out}"
+    );
+    let name = &spec.durable_name;
+    assert!(
+        line_of(&out, &format!("cannot update consumer {name} "))
+            .contains("replay_policy Original -> Instant"),
+        "{out}"
+    );
+    assert!(
+        line_of(&out, &format!("updated consumer {name} ")).contains("ack_wait 3s -> 5s"),
+        "{out}"
+    );
+    let err = stderr(&o);
+    assert!(
+        err.contains(&format!("cannot update stream {dead}")) && err.contains("retention"),
         "{err}"
     );
-    let info =
-        c.js.get_stream(&c.layout.dead_letter_stream)
-            .await
-            .unwrap()
-            .cached_info()
-            .clone();
+    assert!(
+        err.contains(&format!("cannot update consumer {name}")),
+        "{err}"
+    );
+
+    let mut stream = c.js.get_stream(dead).await.unwrap();
+    let config = stream.info().await.unwrap().config.clone();
     assert_eq!(
-        info.config.retention,
-        async_nats::jetstream::stream::RetentionPolicy::WorkQueue,
-        "changed silently"
+        (config.retention, config.storage, config.max_age),
+        (
+            RetentionPolicy::WorkQueue,
+            StorageType::Memory,
+            Duration::from_secs(30 * 24 * 3600)
+        ),
+        "kept what cannot change, updated the rest"
+    );
+    let config = work.consumer_info(name).await.unwrap().config;
+    assert_eq!(
+        (config.replay_policy, config.ack_wait),
+        (ReplayPolicy::Original, Duration::from_secs(5))
     );
 }
 

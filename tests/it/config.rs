@@ -270,6 +270,7 @@ fn numbers_out_of_range_are_errors_naming_the_key() {
         ("replication", "attempts", "0"),
         ("replication", "retry_delay", "\"0s\""),
         ("replication", "max_retry_delay", "\"1s\""),
+        ("replication", "completion_retention", "\"500ms\""),
         ("nats", "replicas", "0"),
         ("nats", "replicas", "6"),
         ("nats", "ack_wait", "\"500ms\""),
@@ -689,6 +690,7 @@ fn the_defaults_are_those_of_the_design() {
     assert_eq!((r.max_concurrent_jobs, r.attempts), (64, 3));
     assert_eq!(r.retry_delay, Duration::from_secs(5));
     assert_eq!(r.max_retry_delay, Duration::from_secs(300));
+    assert_eq!(r.completion_retention, Duration::from_secs(24 * 3600));
     assert_eq!(
         (r.job_timeout, r.health_check_interval),
         (Duration::ZERO, Duration::from_secs(5))
@@ -765,6 +767,8 @@ fn nats_names_and_authentication_are_checked() {
         ("url = \"http://nats:4222\"", "nats.url"),
         ("token = \"t\"\nuser = \"u\"\npassword = \"p\"", "nats.user"),
         ("user = \"u\"", "nats.password"),
+        ("url = \"nats://u:p@a:4222\"\ntoken = \"t\"", "nats.token"),
+        ("url = \"nats://u:p@a:4222,nats://u:q@b:4222\"", "nats.url"),
         ("tls_cert_file = \"/c.pem\"", "nats.tls_key_file"),
     ] {
         let err = error(&with_minimal("", &format!("[nats]\n{nats}")));

@@ -19,3 +19,5 @@ mod ops;
 mod ordering;
 mod process;
 mod promises;
+mod retention;
+mod secrets;

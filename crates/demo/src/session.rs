@@ -226,6 +226,16 @@ async fn stream_messages(js: &jetstream::Context, stream: &str) -> Result<u64, D
     Ok(info.state.messages)
 }
 
+/// Jobs not yet done, as the consumers see them: waiting plus delivered and
+/// not acknowledged. Not the work stream's message count, which a broker
+/// killed right after acknowledgements can leave above it.
+async fn jobs_left(js: &jetstream::Context, layout: &Layout) -> Result<u64, DemoError> {
+    let depths = gitaly_replicator::queue_depth(js, layout)
+        .await
+        .map_err(DemoError::nats("queue depth"))?;
+    Ok(depths.iter().map(|d| d.pending + d.in_flight).sum())
+}
+
 /// What [`watch`] looks at.
 struct Watched<'a> {
     js: &'a jetstream::Context,
@@ -250,7 +260,7 @@ async fn watch(
     let mut published = w.plan.replication.len() as u64;
     let mut second_wave = false;
     loop {
-        let pending = stream_messages(w.js, &w.layout.stream).await?;
+        let pending = jobs_left(w.js, w.layout).await?;
         let m = Measurements::between(w.baseline, &Samples::parse(&w.recorder.render()));
         let snapshot = Snapshot {
             done: published.saturating_sub(pending),

@@ -7,6 +7,9 @@ use std::time::Duration;
 pub struct PrivateNats {
     pub port: u16,
     dir: tempfile::TempDir,
+    /// A configuration file given with `-c`, for settings the command line
+    /// has no flags for (several users, say).
+    config: Option<std::path::PathBuf>,
     child: Option<Child>,
 }
 
@@ -28,6 +31,19 @@ impl PrivateNats {
         n
     }
 
+    /// A server that also reads `config` (nats-server's configuration
+    /// format), e.g. `authorization { users = [...] }`. The fixture itself
+    /// connects without credentials to see it start, so `url` may be refused
+    /// once it is up: the wait for it accepts an authorization error.
+    pub async fn start_with_config(config: &str) -> PrivateNats {
+        let mut n = Self::not_started();
+        let path = n.dir.path().join("nats.conf");
+        std::fs::write(&path, config).unwrap();
+        n.config = Some(path);
+        n.spawn().await;
+        n
+    }
+
     /// A port and a store, with no server yet: [`PrivateNats::start_again`]
     /// starts it.
     pub fn not_started() -> PrivateNats {
@@ -39,6 +55,7 @@ impl PrivateNats {
         PrivateNats {
             port,
             dir: tempfile::tempdir().unwrap(),
+            config: None,
             child: None,
         }
     }
@@ -48,7 +65,11 @@ impl PrivateNats {
     }
 
     async fn spawn(&mut self) {
-        let child = Command::new(binary())
+        let mut command = Command::new(binary());
+        if let Some(config) = &self.config {
+            command.arg("-c").arg(config);
+        }
+        let child = command
             .args([
                 "-js",
                 "-a",
@@ -64,8 +85,10 @@ impl PrivateNats {
             .expect("nats-server is installed");
         self.child = Some(child);
         for _ in 0..100 {
-            if async_nats::connect(self.url()).await.is_ok() {
-                return;
+            match async_nats::connect(self.url()).await {
+                Ok(_) => return,
+                Err(e) if self.config.is_some() && is_auth_error(&e) => return,
+                Err(_) => {}
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -92,6 +115,15 @@ impl PrivateNats {
             self.spawn().await;
         }
     }
+}
+
+/// The server answered, and refused the credentials (or their absence).
+fn is_auth_error(e: &async_nats::ConnectError) -> bool {
+    matches!(
+        e.kind(),
+        async_nats::ConnectErrorKind::AuthorizationViolation
+            | async_nats::ConnectErrorKind::Authentication
+    )
 }
 
 impl Drop for PrivateNats {

@@ -4,6 +4,7 @@
 //! lost sessions (see `store::lock_sessions`).
 
 use super::{Answer, Completion, KEEPALIVE, KEEPALIVE_TIMEOUT, REFUSED, RETRY, Request, Session};
+use crate::error_chain::display_error_chain;
 use crate::store::{
     self, JobKey, LockSessionAnswers, LockSessionBatch, LockSessionId, ORPHAN_GRACE_SECONDS,
     StoreError,
@@ -86,7 +87,10 @@ async fn tidy_registry(s: &mut LockSession, departed: &mut Vec<Departed>, barred
             continue;
         }
         if let Err(e) = store::unregister_lock_session(&mut s.conn, d.pid, d.backend_start).await {
-            tracing::warn!(error = %e, "cannot clear a lost lock session; retrying");
+            tracing::warn!(
+                error = display_error_chain(&e),
+                "cannot clear a lost lock session; retrying"
+            );
             left.push(d);
         }
     }
@@ -94,7 +98,10 @@ async fn tidy_registry(s: &mut LockSession, departed: &mut Vec<Departed>, barred
     if std::mem::take(barred)
         && let Err(e) = store::expire_lock_sessions(&mut s.conn).await
     {
-        tracing::warn!(error = %e, "cannot expire lost lock sessions");
+        tracing::warn!(
+            error = display_error_chain(&e),
+            "cannot expire lost lock sessions"
+        );
     }
 }
 
@@ -136,7 +143,7 @@ pub(super) async fn lock_holder(
                             session = Some(s);
                         }
                         Ok(Err(e)) => {
-                            tracing::warn!(error = %e, "repository lock connection lost");
+                            tracing::warn!(error = display_error_chain(&e), "repository lock connection lost");
                             departed.push(s.lose("the repository lock session was lost").await);
                         }
                         Err(_) => {
@@ -173,12 +180,18 @@ pub(super) async fn lock_holder(
             Err(e) if e.connection_usable() => match resync(&mut s).await {
                 Ok(()) => session = Some(s),
                 Err(e) => {
-                    tracing::warn!(error = %e, "repository lock connection failed");
+                    tracing::warn!(
+                        error = display_error_chain(&e),
+                        "repository lock connection failed"
+                    );
                     departed.push(s.lose("the repository lock session failed").await);
                 }
             },
             Err(e) => {
-                tracing::warn!(error = %e, "repository lock connection failed");
+                tracing::warn!(
+                    error = display_error_chain(&e),
+                    "repository lock connection failed"
+                );
                 departed.push(s.lose("the repository lock session was lost").await);
             }
         }
@@ -191,7 +204,10 @@ pub(super) async fn lock_holder(
             && let Err(e) =
                 store::unregister_lock_session(&mut s.conn, s.pid, s.backend_start).await
         {
-            tracing::warn!(error = %e, "cannot clear the lock session at shutdown");
+            tracing::warn!(
+                error = display_error_chain(&e),
+                "cannot clear the lock session at shutdown"
+            );
         }
         let _ = s.conn.close().await;
     }
@@ -203,7 +219,10 @@ async fn connect(options: &PgConnectOptions) -> Option<LockSession> {
     let mut conn = match PgConnection::connect_with(options).await {
         Ok(c) => c,
         Err(e) => {
-            tracing::warn!(error = %e, "cannot connect for repository locks; retrying");
+            tracing::warn!(
+                error = display_error_chain(&e),
+                "cannot connect for repository locks; retrying"
+            );
             return None;
         }
     };
@@ -227,7 +246,10 @@ async fn connect(options: &PgConnectOptions) -> Option<LockSession> {
             guards: Arc::new(()),
         }),
         Err(e) => {
-            tracing::warn!(error = %e, "cannot set up the repository lock connection; retrying");
+            tracing::warn!(
+                error = display_error_chain(&e),
+                "cannot set up the repository lock connection; retrying"
+            );
             None
         }
     }
@@ -338,7 +360,11 @@ async fn serve_batch(s: &mut LockSession, batch: Vec<Request>) -> Result<bool, S
                 let _ = reply.send(REFUSED);
             }
             if !records.is_empty() {
-                tracing::warn!(error = %e, jobs = records.len(), "recording completions for dedup failed");
+                tracing::warn!(
+                    error = display_error_chain(&e),
+                    jobs = records.len(),
+                    "recording completions for dedup failed"
+                );
             }
             for d in written {
                 let _ = d.send(());

@@ -281,3 +281,117 @@ async fn gated_writes_go_through_only_while_the_lock_session_that_granted_them_l
         ["gitaly-1", "gitaly-2"]
     );
 }
+
+// --- pruning ---
+
+/// The (relative path, target, change type) of every completion record,
+/// sorted bytewise.
+pub(super) async fn completion_records(db: &TestDatabase) -> Vec<(String, String, String)> {
+    sqlx::query_as(
+        "SELECT relative_path, target_storage, change_type FROM replication_completions
+        ORDER BY relative_path COLLATE \"C\", target_storage, change_type",
+    )
+    .fetch_all(db.store.pool())
+    .await
+    .unwrap()
+}
+
+fn ago(seconds: i64) -> time::OffsetDateTime {
+    time::OffsetDateTime::now_utc() - time::Duration::seconds(seconds)
+}
+
+const DAY: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+const HOUR: std::time::Duration = std::time::Duration::from_secs(3600);
+
+#[tokio::test]
+async fn records_older_than_the_retention_are_pruned_in_bounded_batches() {
+    let db = TestDatabase::new().await;
+    // The repository exists: only age counts.
+    db.store
+        .create_repository(VS, REPO, "gitaly-1", 1, &["gitaly-1"])
+        .await
+        .unwrap();
+    for change in ["gc", "cleanup", "pack_refs", "repack_full", "midx_repack"] {
+        db.store
+            .record_completion(&completion_key(change, ""), ago(2 * 86400))
+            .await
+            .unwrap();
+    }
+    for change in ["repack_incremental", "write_commit_graph"] {
+        db.store
+            .record_completion(&completion_key(change, ""), ago(60))
+            .await
+            .unwrap();
+    }
+
+    let mut batches = Vec::new();
+    loop {
+        let n = db.store.prune_completions(DAY, HOUR, 2).await.unwrap();
+        batches.push(n);
+        if n < 2 {
+            break;
+        }
+    }
+
+    assert_eq!(batches, [2, 2, 1]);
+    let left: Vec<String> = completion_records(&db)
+        .await
+        .into_iter()
+        .map(|(_, _, change)| change)
+        .collect();
+    assert_eq!(left, ["repack_incremental", "write_commit_graph"]);
+}
+
+#[tokio::test]
+async fn records_of_a_repository_the_store_no_longer_has_are_pruned_after_the_grace() {
+    let db = TestDatabase::new().await;
+    db.store
+        .create_repository(VS, REPO, "gitaly-1", 1, &["gitaly-1"])
+        .await
+        .unwrap();
+    let gone = |change| CompletionKey {
+        relative_path: "gone.git",
+        ..completion_key(change, "")
+    };
+    db.store
+        .record_completion(&completion_key("gc", ""), ago(2 * 3600))
+        .await
+        .unwrap();
+    db.store
+        .record_completion(&gone("gc"), ago(2 * 3600))
+        .await
+        .unwrap();
+    // Recorded after its repository went, by a job that was still running.
+    db.store
+        .record_completion(&gone("cleanup"), ago(60))
+        .await
+        .unwrap();
+
+    assert_eq!(db.store.prune_completions(DAY, HOUR, 100).await.unwrap(), 1);
+
+    assert_eq!(
+        completion_records(&db).await,
+        [
+            (REPO.into(), "gitaly-2".into(), "gc".into()),
+            ("gone.git".into(), "gitaly-2".into(), "cleanup".into()),
+        ]
+    );
+}
+
+#[test]
+fn pruning_runs_a_few_times_per_retention_within_bounds() {
+    use crate::store::CompletionPruning;
+    use std::time::Duration;
+    let day = CompletionPruning::for_retention(DAY);
+    assert_eq!(
+        (day.interval, day.orphan_grace),
+        (Duration::from_secs(600), HOUR)
+    );
+    let short = CompletionPruning::for_retention(Duration::from_secs(2));
+    assert_eq!(
+        (short.interval, short.orphan_grace),
+        (Duration::from_secs(1), Duration::from_secs(2))
+    );
+    let minutes = CompletionPruning::for_retention(Duration::from_secs(120));
+    assert_eq!(minutes.interval, Duration::from_secs(30));
+}

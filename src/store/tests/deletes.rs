@@ -225,3 +225,74 @@ async fn delete_invalid_repository_reports_a_missing_replica() {
             .unwrap()
     );
 }
+
+// --- completion records of deleted and renamed replicas ---
+
+#[tokio::test]
+async fn a_delete_or_rename_takes_the_completion_records_of_its_replica_with_it() {
+    use super::completions::{completion_key, completion_records};
+    use crate::store::CompletionKey;
+    let db = TestDatabase::new().await;
+    for path in [REPO, "renamed.git", "deleted.git"] {
+        db.store
+            .create_repository(
+                VS,
+                path,
+                "gitaly-1",
+                1,
+                &["gitaly-1", "gitaly-2", "gitaly-3"],
+            )
+            .await
+            .unwrap();
+        for target in ["gitaly-2", "gitaly-3"] {
+            let key = CompletionKey {
+                relative_path: path,
+                target_storage: target,
+                ..completion_key("gc", "")
+            };
+            db.store
+                .record_completion(&key, super::at(1))
+                .await
+                .unwrap();
+        }
+    }
+    let written = crate::store::Gated::Written(true);
+
+    assert_eq!(
+        db.store
+            .delete_replica_in_order(VS, REPO, "gitaly-2", None)
+            .await
+            .unwrap(),
+        written
+    );
+    assert_eq!(
+        db.store
+            .rename_repository_in_order(VS, "renamed.git", "gitaly-3", "new.git", None)
+            .await
+            .unwrap(),
+        written
+    );
+    assert_eq!(
+        db.store
+            .delete_repository_in_order(VS, "deleted.git", "gitaly-2", None)
+            .await
+            .unwrap(),
+        written
+    );
+
+    let left: Vec<(String, String)> = completion_records(&db)
+        .await
+        .into_iter()
+        .map(|(path, target, _)| (path, target))
+        .collect();
+    let pair = |p: &str, t: &str| (p.to_owned(), t.to_owned());
+    assert_eq!(
+        left,
+        [
+            pair(REPO, "gitaly-3"),
+            // The other replicas' go with their own jobs, or the pruning.
+            pair("deleted.git", "gitaly-3"),
+            pair("renamed.git", "gitaly-2"),
+        ]
+    );
+}

@@ -161,7 +161,10 @@ impl Cluster {
         let mut toml = config_toml(&names, &specs, &db.url, &nats_url);
         edit(&mut toml);
         let config = Config::from_toml_str(&toml).unwrap();
-        let client = async_nats::connect(&nats_url).await.unwrap();
+        // As the service connects, so that credentials in the URL are used.
+        let client = gitaly_replicator::connect_nats(&config.nats, "test fixture")
+            .await
+            .unwrap();
         let js = async_nats::jetstream::new(client.clone());
         let layout = Layout::from_config(&config);
         layout.ensure(&js).await.unwrap();

@@ -25,6 +25,12 @@ impl ReplicatorProcess {
     }
 
     pub fn spawn(toml: &str, args: &[&str]) -> ReplicatorProcess {
+        Self::spawn_with_env(toml, args, &[])
+    }
+
+    /// Like `spawn`, with `env` set too (after `RUST_LOG=info`, so it may
+    /// change the level).
+    pub fn spawn_with_env(toml: &str, args: &[&str], env: &[(&str, &str)]) -> ReplicatorProcess {
         let dir = tempfile::tempdir().unwrap();
         let config_path = dir.path().join("config.toml");
         std::fs::write(&config_path, toml).unwrap();
@@ -33,6 +39,7 @@ impl ReplicatorProcess {
             .arg(&config_path)
             .args(args)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .kill_on_drop(true)
