@@ -217,7 +217,7 @@ impl InvalidEvent {
     }
 }
 
-const TOP_LEVEL_FIELDS: [&str; 10] = [
+pub(crate) const TOP_LEVEL_FIELDS: [&str; 10] = [
     "change",
     "virtual_storage",
     "relative_path",

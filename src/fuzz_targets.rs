@@ -12,7 +12,7 @@
 //! random bytes never do.
 
 use crate::config::Config;
-use crate::event::{ChangeType, Job};
+use crate::event::{ChangeType, Job, TOP_LEVEL_FIELDS};
 use crate::subject::{escape_token, job_subject, parse_job_subject, unescape_token};
 use proptest::prelude::*;
 use proptest::test_runner::Config as RunnerConfig;
@@ -118,24 +118,12 @@ fn field_value(key: &'static str) -> BoxedStrategy<Value> {
     prop_oneof![4 => plausible, 1 => any_json()].boxed()
 }
 
-const JOB_FIELDS: [&str; 11] = [
-    "change",
-    "virtual_storage",
-    "relative_path",
-    "target_node_storage",
-    "source_node_storage",
-    "params",
-    "correlation_id",
-    "created_at",
-    "repository_id",
-    "replica_path",
-    "unknown_field",
-];
-
 /// An object with a random subset of the job's fields.
 fn job_like() -> impl Strategy<Value = Value> {
-    let fields: Vec<BoxedStrategy<Option<(&'static str, Value)>>> = JOB_FIELDS
+    // The job's fields, and one it does not have.
+    let fields: Vec<BoxedStrategy<Option<(&'static str, Value)>>> = TOP_LEVEL_FIELDS
         .iter()
+        .chain(&["unknown_field"])
         .map(|&k| {
             let present = if k == "unknown_field" { 0.05 } else { 0.85 };
             prop::option::weighted(present, field_value(k).prop_map(move |v| (k, v))).boxed()

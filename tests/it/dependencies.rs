@@ -56,6 +56,11 @@ async fn dependency_up(port: u16, dependency: &str) -> f64 {
     )
 }
 
+/// Whether gitaly-2's replica of `path` is at `generation` in Postgres.
+async fn replicated(store: &RepositoryStore, vs: &str, path: &str, generation: i64) -> bool {
+    store.generation(vs, path, "gitaly-2").await.ok().flatten() == Some(generation)
+}
+
 fn update(vs: &str, path: &str) -> Job {
     Job::from_value(&json!({
         "change": "update",
@@ -121,24 +126,15 @@ async fn run_waits_for_nats_and_postgres_and_loses_nothing_when_postgres_stops()
             .await
             .unwrap();
     }
-    let replicated = |path: &str, generation: i64| {
-        let store = store.clone();
-        let (vs, path) = (vs.clone(), path.to_owned());
-        async move {
-            store
-                .generation(&vs, &path, "gitaly-2")
-                .await
-                .ok()
-                .flatten()
-                == Some(generation)
-        }
-    };
     for path in &paths[..10] {
         publisher.publish(&update(&vs, path), None).await.unwrap();
     }
     for (i, path) in paths[..10].iter().enumerate() {
         assert!(
-            eventually(Duration::from_secs(20), || replicated(path, i as i64 + 1)).await,
+            eventually(Duration::from_secs(20), || {
+                replicated(&store, &vs, path, i as i64 + 1)
+            })
+            .await,
             "{path} was not replicated after start-up"
         );
     }
@@ -179,18 +175,9 @@ async fn run_waits_for_nats_and_postgres_and_loses_nothing_when_postgres_stops()
     for (i, path) in paths.iter().enumerate() {
         let generation = i as i64 + 1;
         assert!(
-            eventually(Duration::from_secs(60), || {
-                let store = store.clone();
-                let (vs, path) = (vs.clone(), path.clone());
-                async move {
-                    store
-                        .generation(&vs, &path, "gitaly-2")
-                        .await
-                        .ok()
-                        .flatten()
-                        == Some(generation)
-                }
-            })
+            eventually(Duration::from_secs(60), || replicated(
+                &store, &vs, path, generation
+            ))
             .await,
             "{path} not replicated after Postgres came back: {}",
             process.stderr.lock().unwrap()
