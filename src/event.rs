@@ -230,6 +230,29 @@ pub(crate) const TOP_LEVEL_FIELDS: [&str; 10] = [
     "replica_path",
 ];
 
+/// The fields of Praefect's `ReplicationEvent` as Go's `encoding/json` writes
+/// it (the struct has no JSON tags, so the keys are the Go field names).
+pub(crate) const ENVELOPE_FIELDS: [&str; 8] = [
+    "ID",
+    "State",
+    "Attempt",
+    "LockID",
+    "CreatedAt",
+    "UpdatedAt",
+    "Job",
+    "Meta",
+];
+
+/// Each param of ours with Praefect's Go name for it (`ReplicationJob.Params`
+/// is a free map read by these keys).
+const PARAM_ALIASES: [(&str, &str); 5] = [
+    ("create_bitmap", "CreateBitmap"),
+    ("prune", "Prune"),
+    ("all_refs", "AllRefs"),
+    ("new_relative_path", "RelativePath"),
+    ("split_strategy", "SplitStrategy"),
+];
+
 /// Longest accepted storage name, relative path or correlation id, in bytes.
 pub const MAX_TEXT_LEN: usize = 4096;
 
@@ -245,11 +268,66 @@ impl Job {
         Job::from_value(&value)
     }
 
-    /// Validates an already parsed JSON value.
+    /// Validates an already parsed JSON value: a job in our shape, a bare
+    /// Praefect `ReplicationJob`, or Praefect's `ReplicationEvent` around one.
     pub fn from_value(value: &Value) -> Result<Job, InvalidEvent> {
         let obj = value
             .as_object()
             .ok_or_else(|| InvalidEvent::new("$", "expected a JSON object"))?;
+        if obj.contains_key("Job") {
+            return Job::from_envelope(obj);
+        }
+        Job::from_object(obj)
+    }
+
+    /// Praefect's `ReplicationEvent`: `Job` is the job, `Meta.correlation_id`
+    /// its correlation id and `CreatedAt` its created time. The queue's own
+    /// bookkeeping (`ID`, `State`, `Attempt`, `LockID`, `UpdatedAt`) is
+    /// ignored: here the stream's redelivery count rules.
+    fn from_envelope(obj: &Map<String, Value>) -> Result<Job, InvalidEvent> {
+        if let Some(unknown) = obj.keys().find(|k| !ENVELOPE_FIELDS.contains(&k.as_str())) {
+            return Err(InvalidEvent::new(
+                unknown.clone(),
+                "unknown field of Praefect's ReplicationEvent",
+            ));
+        }
+        let inner = match obj.get("Job") {
+            Some(Value::Object(m)) => m,
+            _ => return Err(InvalidEvent::new("Job", "expected an object")),
+        };
+        let mut job = Job::from_object(inner).map_err(|e| InvalidEvent {
+            field: format!("Job.{}", e.field),
+            reason: e.reason,
+        })?;
+        let correlation_id = match obj.get("Meta") {
+            None | Some(Value::Null) => None,
+            // Praefect's `Meta` is a free map; only the correlation id means
+            // anything to a replica.
+            Some(Value::Object(meta)) => match optional_str(meta, "correlation_id")
+                .map_err(|e| InvalidEvent::new("Meta.correlation_id", e.reason))?
+            {
+                None | Some("") => None,
+                Some(s) => Some(check_name("Meta.correlation_id", s)?.to_owned()),
+            },
+            Some(_) => return Err(InvalidEvent::new("Meta", "expected an object or null")),
+        };
+        let created_at = match optional_str(obj, "CreatedAt")? {
+            None => None,
+            Some(s) => Some(parse_rfc3339("CreatedAt", s)?),
+        };
+        job.correlation_id = agree(
+            "Job.correlation_id",
+            job.correlation_id,
+            "Meta.correlation_id",
+            correlation_id,
+        )?;
+        job.created_at = agree("Job.created_at", job.created_at, "CreatedAt", created_at)?;
+        Ok(job)
+    }
+
+    /// A job object: ours, or Praefect's `ReplicationJob` (the same keys,
+    /// with Go's zero values for what it does not know).
+    fn from_object(obj: &Map<String, Value>) -> Result<Job, InvalidEvent> {
         if let Some(unknown) = obj.keys().find(|k| !TOP_LEVEL_FIELDS.contains(&k.as_str())) {
             return Err(InvalidEvent::new(unknown.clone(), "unknown field"));
         }
@@ -298,10 +376,13 @@ impl Job {
         };
         let repository_id = match obj.get("repository_id") {
             None | Some(Value::Null) => None,
-            Some(v) => Some(
-                v.as_i64()
-                    .ok_or_else(|| InvalidEvent::new("repository_id", "expected an integer"))?,
-            ),
+            Some(v) => match v.as_i64() {
+                // Praefect writes 0 for a job that relates to no known
+                // repository (an orphaned replica's delete).
+                Some(0) => None,
+                Some(id) => Some(id),
+                None => return Err(InvalidEvent::new("repository_id", "expected an integer")),
+            },
         };
         let replica_path = match obj.get("replica_path") {
             None | Some(Value::Null) => None,
@@ -452,7 +533,64 @@ pub fn check_relative_path(key: &str, s: &str) -> Result<(), InvalidEvent> {
     Ok(())
 }
 
-/// Reads `params` for a change type. Types without params accept none, `null` or `{}`.
+/// The one value a field has when two places may give it: the same value
+/// twice is fine, two different ones are a contradiction.
+fn agree<T: PartialEq + fmt::Debug>(
+    key: &str,
+    value: Option<T>,
+    other_key: &str,
+    other: Option<T>,
+) -> Result<Option<T>, InvalidEvent> {
+    match (value, other) {
+        (Some(a), Some(b)) if a != b => Err(InvalidEvent::new(
+            key,
+            format!("{key} ({a:?}) and {other_key} ({b:?}) disagree; give one"),
+        )),
+        (a, b) => Ok(a.or(b)),
+    }
+}
+
+/// Praefect's Go name for one of our params.
+fn praefects_name(ours: &str) -> &'static str {
+    PARAM_ALIASES
+        .iter()
+        .find(|(o, _)| *o == ours)
+        .map_or("", |(_, go)| go)
+}
+
+/// One param, decoded from each spelling present; both must mean the same.
+fn param<T: PartialEq + fmt::Debug>(
+    p: &Map<String, Value>,
+    key: &str,
+    decode: impl Fn(&str, &Value) -> Result<T, InvalidEvent>,
+) -> Result<Option<T>, InvalidEvent> {
+    let read = |k: &str| match p.get(k) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => decode(&format!("params.{k}"), v).map(Some),
+    };
+    let go = praefects_name(key);
+    agree(
+        &format!("params.{key}"),
+        read(key)?,
+        &format!("params.{go}"),
+        read(go)?,
+    )
+}
+
+fn required<T>(change_type: ChangeType, key: &str, v: Option<T>) -> Result<T, InvalidEvent> {
+    v.ok_or_else(|| {
+        InvalidEvent::new(
+            format!("params.{key}"),
+            format!(
+                "required for change {change_type} (Praefect's name: {})",
+                praefects_name(key)
+            ),
+        )
+    })
+}
+
+/// Reads `params` for a change type, in our spelling or Praefect's (see
+/// [`PARAM_ALIASES`]). Types without params accept none, `null` or `{}`.
 fn decode_params(change_type: ChangeType, params: Option<&Value>) -> Result<Change, InvalidEvent> {
     let empty = Map::new();
     let p = match params {
@@ -460,7 +598,7 @@ fn decode_params(change_type: ChangeType, params: Option<&Value>) -> Result<Chan
         Some(Value::Object(m)) => m,
         Some(_) => return Err(InvalidEvent::new("params", "expected an object or null")),
     };
-    let allowed: &[&str] = match change_type {
+    let ours: &[&str] = match change_type {
         ChangeType::Rename => &["new_relative_path"],
         ChangeType::GarbageCollect => &["create_bitmap", "prune"],
         ChangeType::RepackFull => &["create_bitmap"],
@@ -468,77 +606,91 @@ fn decode_params(change_type: ChangeType, params: Option<&Value>) -> Result<Chan
         ChangeType::WriteCommitGraph => &["split_strategy"],
         _ => &[],
     };
-    if let Some(k) = p.keys().find(|k| !allowed.contains(&k.as_str())) {
+    let allowed = |k: &str| ours.iter().any(|o| *o == k || praefects_name(o) == k);
+    if let Some(k) = p.keys().find(|k| !allowed(k)) {
         return Err(InvalidEvent::new(
             format!("params.{k}"),
             format!("not a param of change {change_type}"),
         ));
     }
-    let bool_param = |k: &str, required: bool| -> Result<bool, InvalidEvent> {
-        match p.get(k) {
-            Some(Value::Bool(b)) => Ok(*b),
-            None | Some(Value::Null) if !required => Ok(false),
-            None | Some(Value::Null) => Err(InvalidEvent::new(
-                format!("params.{k}"),
-                format!("required for change {change_type}"),
-            )),
-            Some(_) => Err(InvalidEvent::new(
-                format!("params.{k}"),
-                "expected a boolean",
-            )),
-        }
-    };
+    let needed_bool = |key: &str| required(change_type, key, param(p, key, decode_bool)?);
     Ok(match change_type {
         ChangeType::Update => Change::Update,
         ChangeType::Create => Change::Create,
         ChangeType::Delete => Change::Delete,
         ChangeType::DeleteReplica => Change::DeleteReplica,
-        ChangeType::Rename => {
-            let key = "params.new_relative_path";
-            let new = match p.get("new_relative_path") {
-                Some(Value::String(s)) if !s.is_empty() => s,
-                Some(Value::String(_)) => return Err(InvalidEvent::new(key, "must not be empty")),
-                None | Some(Value::Null) => {
-                    return Err(InvalidEvent::new(key, "required for change rename"));
-                }
-                Some(_) => return Err(InvalidEvent::new(key, "expected a string")),
-            };
-            check_name(key, new)?;
-            check_relative_path(key, new)?;
-            Change::Rename {
-                new_relative_path: new.clone(),
-            }
-        }
+        ChangeType::Rename => Change::Rename {
+            new_relative_path: required(
+                change_type,
+                "new_relative_path",
+                param(p, "new_relative_path", decode_path)?,
+            )?,
+        },
         ChangeType::GarbageCollect => Change::GarbageCollect {
-            create_bitmap: bool_param("create_bitmap", true)?,
-            prune: bool_param("prune", true)?,
+            create_bitmap: needed_bool("create_bitmap")?,
+            prune: needed_bool("prune")?,
         },
         ChangeType::RepackFull => Change::RepackFull {
-            create_bitmap: bool_param("create_bitmap", true)?,
+            create_bitmap: needed_bool("create_bitmap")?,
         },
         ChangeType::RepackIncremental => Change::RepackIncremental,
         ChangeType::Cleanup => Change::Cleanup,
         ChangeType::PackRefs => Change::PackRefs {
-            all_refs: bool_param("all_refs", false)?,
+            all_refs: param(p, "all_refs", decode_bool)?.unwrap_or(false),
         },
-        ChangeType::WriteCommitGraph => {
-            let split_strategy = match p.get("split_strategy") {
-                None | Some(Value::Null) => SplitStrategy::SizeMultiple,
-                Some(Value::String(s)) if s == "size_multiple" => SplitStrategy::SizeMultiple,
-                // Praefect serialised the enum as its number.
-                Some(Value::Number(n)) if n.as_i64() == Some(0) => SplitStrategy::SizeMultiple,
-                Some(_) => {
-                    return Err(InvalidEvent::new(
-                        "params.split_strategy",
-                        "expected \"size_multiple\" or 0",
-                    ));
-                }
-            };
-            Change::WriteCommitGraph { split_strategy }
-        }
+        ChangeType::WriteCommitGraph => Change::WriteCommitGraph {
+            split_strategy: param(p, "split_strategy", decode_split_strategy)?.unwrap_or_default(),
+        },
         ChangeType::MidxRepack => Change::MidxRepack,
         ChangeType::OptimizeRepository => Change::OptimizeRepository,
     })
+}
+
+fn decode_bool(key: &str, v: &Value) -> Result<bool, InvalidEvent> {
+    v.as_bool()
+        .ok_or_else(|| InvalidEvent::new(key, "expected a boolean"))
+}
+
+fn decode_path(key: &str, v: &Value) -> Result<String, InvalidEvent> {
+    let s = match v {
+        Value::String(s) if s.is_empty() => {
+            return Err(InvalidEvent::new(key, "must not be empty"));
+        }
+        Value::String(s) => s,
+        _ => return Err(InvalidEvent::new(key, "expected a string")),
+    };
+    check_name(key, s)?;
+    check_relative_path(key, s)?;
+    Ok(s.clone())
+}
+
+/// Ours: `"size_multiple"` or the enum number 0. Praefect's `SplitStrategy`
+/// is the enum number, which its Postgres queue hands back as a JSON float,
+/// so `0.0` means 0 there. Gitaly knows no other strategy, so a job asking
+/// for one could never succeed.
+fn decode_split_strategy(key: &str, v: &Value) -> Result<SplitStrategy, InvalidEvent> {
+    let praefects = key == "params.SplitStrategy";
+    let number = match v {
+        Value::String(s) if s == "size_multiple" && !praefects => {
+            return Ok(SplitStrategy::SizeMultiple);
+        }
+        Value::Number(n) => n.as_i64().or_else(|| {
+            n.as_f64()
+                .filter(|f| praefects && f.fract() == 0.0 && f.abs() < 1e15)
+                // Integral and far inside i64: the cast is exact.
+                .map(|f| f as i64)
+        }),
+        _ => None,
+    };
+    match number {
+        Some(0) => Ok(SplitStrategy::SizeMultiple),
+        Some(n) => Err(InvalidEvent::new(
+            key,
+            format!("unknown split strategy {n}: Gitaly has only 0 (SizeMultiple)"),
+        )),
+        None if praefects => Err(InvalidEvent::new(key, "expected the integer 0")),
+        None => Err(InvalidEvent::new(key, "expected \"size_multiple\" or 0")),
+    }
 }
 
 #[cfg(test)]
@@ -610,5 +762,144 @@ mod tests {
                 split_strategy: SplitStrategy::SizeMultiple
             }
         );
+    }
+
+    #[test]
+    fn praefects_param_names_mean_ours() {
+        let cases = [
+            (
+                "gc",
+                json!({"CreateBitmap": true, "Prune": false}),
+                Change::GarbageCollect {
+                    create_bitmap: true,
+                    prune: false,
+                },
+            ),
+            (
+                "gc",
+                json!({"CreateBitmap": true, "prune": true}),
+                Change::GarbageCollect {
+                    create_bitmap: true,
+                    prune: true,
+                },
+            ),
+            (
+                "repack_full",
+                json!({"CreateBitmap": true}),
+                Change::RepackFull {
+                    create_bitmap: true,
+                },
+            ),
+            (
+                "pack_refs",
+                json!({"AllRefs": true}),
+                Change::PackRefs { all_refs: true },
+            ),
+            (
+                "rename",
+                json!({"RelativePath": "@hashed/new.git"}),
+                Change::Rename {
+                    new_relative_path: "@hashed/new.git".into(),
+                },
+            ),
+            (
+                "write_commit_graph",
+                json!({"SplitStrategy": 0}),
+                Change::WriteCommitGraph {
+                    split_strategy: SplitStrategy::SizeMultiple,
+                },
+            ),
+            (
+                "write_commit_graph",
+                json!({"SplitStrategy": 0.0}),
+                Change::WriteCommitGraph {
+                    split_strategy: SplitStrategy::SizeMultiple,
+                },
+            ),
+            // Both spellings with one meaning.
+            (
+                "gc",
+                json!({"CreateBitmap": true, "create_bitmap": true, "Prune": false}),
+                Change::GarbageCollect {
+                    create_bitmap: true,
+                    prune: false,
+                },
+            ),
+            (
+                "write_commit_graph",
+                json!({"SplitStrategy": 0.0, "split_strategy": "size_multiple"}),
+                Change::WriteCommitGraph {
+                    split_strategy: SplitStrategy::SizeMultiple,
+                },
+            ),
+        ];
+        for (change, params, want) in cases {
+            let mut v = base(change);
+            v["params"] = params.clone();
+            assert_eq!(
+                Job::from_value(&v).unwrap().change,
+                want,
+                "{change} {params}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_param_given_twice_with_two_values_names_both_keys() {
+        let mut v = base("gc");
+        v["params"] = json!({"create_bitmap": true, "CreateBitmap": false, "prune": false});
+        let e = Job::from_value(&v).unwrap_err();
+        assert_eq!(e.field, "params.create_bitmap");
+        assert!(
+            e.reason.contains("params.create_bitmap") && e.reason.contains("params.CreateBitmap"),
+            "{e}"
+        );
+        let mut v = base("gc");
+        v["params"] = json!({"CreateBitmap": true});
+        let e = Job::from_value(&v).unwrap_err();
+        assert_eq!(e.field, "params.prune");
+        assert!(e.reason.contains("Prune"), "{e}");
+        let mut v = base("write_commit_graph");
+        v["params"] = json!({"SplitStrategy": 2.0});
+        let e = Job::from_value(&v).unwrap_err();
+        assert_eq!(e.field, "params.SplitStrategy");
+        assert!(e.reason.contains("unknown split strategy 2"), "{e}");
+        let mut v = base("write_commit_graph");
+        v["params"] = json!({"SplitStrategy": 0.5});
+        assert_eq!(
+            Job::from_value(&v).unwrap_err().field,
+            "params.SplitStrategy"
+        );
+    }
+
+    #[test]
+    fn praefects_replication_event_carries_the_job_its_correlation_id_and_created_time() {
+        let mut inner = base("update");
+        inner["repository_id"] = json!(0);
+        inner["params"] = Value::Null;
+        let envelope = json!({
+            "ID": 9, "State": "failed", "Attempt": 1, "LockID": "default|gitaly-2|x",
+            "CreatedAt": "2026-11-30T10:15:02.123456789Z", "UpdatedAt": null,
+            "Job": inner, "Meta": {"correlation_id": "c-9", "other": 1},
+        });
+        let job = Job::from_value(&envelope).unwrap();
+        assert_eq!(job.change, Change::Update);
+        assert_eq!(job.correlation_id.as_deref(), Some("c-9"));
+        assert_eq!(
+            job.created_at.unwrap().unix_timestamp_nanos(),
+            1_796_033_702_123_456_789
+        );
+        // Praefect's 0: no known repository.
+        assert_eq!(job.repository_id, None);
+        // Encoded in our shape, it decodes to the same job.
+        assert_eq!(Job::from_json(&job.to_json()).unwrap(), job);
+
+        let mut bad = envelope.clone();
+        bad["Job"]["change"] = json!("frobnicate");
+        assert_eq!(Job::from_value(&bad).unwrap_err().field, "Job.change");
+        let mut bad = envelope.clone();
+        bad["Job"]["correlation_id"] = json!("c-other");
+        let e = Job::from_value(&bad).unwrap_err();
+        assert!(e.reason.contains("Meta.correlation_id"), "{e}");
     }
 }

@@ -109,6 +109,14 @@ pub fn install() -> Result<PrometheusHandle, String> {
         .clone()
 }
 
+/// The gauge of a storage node's health (1 healthy, 0 not), for every node
+/// of the config: targets and the sources updates read from.
+pub fn node_healthy(virtual_storage: &str, storage: &str) -> Gauge {
+    gauge!(TARGET_HEALTHY,
+        "virtual_storage" => virtual_storage.to_owned(),
+        "gitaly_storage" => storage.to_owned())
+}
+
 /// Records whether `dependency` (`nats`, `postgres`) answers.
 pub fn dependency_up(dependency: &'static str, up: bool) {
     gauge!(DEPENDENCY_UP, "dependency" => dependency).set(if up { 1.0 } else { 0.0 });
@@ -120,13 +128,17 @@ pub fn ack_error(kind: &'static str) {
 }
 
 /// Outcome labels of [`JOBS_TOTAL`].
-pub const OUTCOMES: [&str; 6] = [
+pub const OUTCOMES: [&str; 8] = [
     "completed",
     "skipped",
     "failed",
     "invalid",
     "unsupported",
     "abandoned",
+    "interrupted",
+    // An update whose source was down, with no other healthy up-to-date
+    // replica, went back to wait for it (once per check).
+    "deferred",
 ];
 
 /// Handles of one change type's series, resolved once.
@@ -142,7 +154,6 @@ struct Handles {
     /// Outcomes of messages whose change type could not be read.
     unknown: Vec<Counter>,
     dead_letters: Vec<Counter>,
-    healthy: Gauge,
     pull_renewals: Counter,
     depth: Vec<Gauge>,
 }
@@ -203,9 +214,6 @@ impl TargetMetrics {
                         "reason" => *r)
                 })
                 .collect(),
-            healthy: gauge!(TARGET_HEALTHY,
-                "virtual_storage" => vs.clone(),
-                "gitaly_storage" => st.clone()),
             pull_renewals: counter!(PULL_RENEWALS_TOTAL,
                 "virtual_storage" => vs.clone(),
                 "gitaly_storage" => st.clone()),
@@ -260,10 +268,6 @@ impl TargetMetrics {
 
     pub fn dead_letter(&self, reason: &'static str) {
         self.handles.dead_letters[position(&DEAD_REASONS, reason)].increment(1);
-    }
-
-    pub fn healthy(&self, healthy: bool) {
-        self.handles.healthy.set(if healthy { 1.0 } else { 0.0 });
     }
 
     pub fn pull_renewed(&self) {

@@ -3,6 +3,7 @@
 //! queue: the consumer maps outcomes to acknowledgements.
 
 use crate::event::{Change, Job};
+use crate::gitaly::health::Health;
 use crate::gitaly::metadata::{GITALY_SERVERS, encode_gitaly_servers};
 use crate::gitaly::{CallContext, CallError, CallErrorKind, NodeClient, NodeSet};
 use crate::proto::gitaly as pb;
@@ -112,6 +113,12 @@ pub enum JobOutcome {
     /// The job's repository lock was lost before its write: it wrote
     /// nothing and must run again, without losing an attempt.
     Interrupted,
+    /// An update whose source storage is unhealthy, with no other healthy
+    /// replica holding the repository's generation: it did nothing and
+    /// waits for one, without losing an attempt.
+    SourceUnavailable {
+        storage: String,
+    },
 }
 
 impl JobOutcome {
@@ -124,6 +131,7 @@ impl JobOutcome {
             JobOutcome::Invalid(_) => "invalid",
             JobOutcome::Unsupported { .. } => "unsupported",
             JobOutcome::Interrupted => "interrupted",
+            JobOutcome::SourceUnavailable { .. } => "deferred",
         }
     }
 }
@@ -468,8 +476,25 @@ impl GitalyReplicator {
         Ok(after_write(gated, JobOutcome::Skipped(skipped)))
     }
 
+    /// A healthy node other than the job's target and its named source whose
+    /// replica holds the repository's latest generation (the primary
+    /// preferred), as the repository store says.
+    async fn healthy_replica(&self, job: &Job, named: &str) -> Step<Option<&Arc<NodeClient>>> {
+        let storages = self
+            .store
+            .up_to_date_storages(&job.virtual_storage, &job.relative_path)
+            .await
+            .map_err(store_failed)?;
+        Ok(storages
+            .iter()
+            .filter(|s| *s != named && **s != job.target_node_storage)
+            .filter_map(|s| self.nodes.get(&job.virtual_storage, s))
+            .find(|n| n.health() == Health::Healthy))
+    }
+
     /// Praefect's update: check generations, replicate with the source named in
-    /// `gitaly-servers`, link the source's object pool, then record the
+    /// `gitaly-servers` (another up-to-date replica when the job's source is
+    /// unhealthy), link the source's object pool, then record the
     /// generation. The record is written last so a crash before it only means
     /// a redelivery that repeats idempotent calls.
     async fn update(
@@ -480,32 +505,55 @@ impl GitalyReplicator {
         order: Option<&WriteOrder>,
     ) -> Step<JobOutcome> {
         // Validation guarantees a source for update/create.
-        let source_storage = job.source_node_storage.as_deref().unwrap_or_default();
-        let source = self
-            .nodes
-            .get(&job.virtual_storage, source_storage)
-            .ok_or_else(|| {
-                JobOutcome::Failed(ReplicationError::UnknownSource {
-                    virtual_storage: job.virtual_storage.clone(),
-                    storage: source_storage.to_owned(),
-                })
-            })?;
+        let named = job.source_node_storage.as_deref().unwrap_or_default();
+        let named_node = self.nodes.get(&job.virtual_storage, named).ok_or_else(|| {
+            JobOutcome::Failed(ReplicationError::UnknownSource {
+                virtual_storage: job.virtual_storage.clone(),
+                storage: named.to_owned(),
+            })
+        })?;
         let (vs, rel, target_storage) = job.repository_key();
-
-        let query = GenerationQuery {
+        let query = |source| GenerationQuery {
             virtual_storage: vs,
             relative_path: rel,
-            source: source_storage,
+            source,
             target: target_storage,
             order: order.map(|o| (o.stream.as_str(), o.sequence)),
             repository_id: order.and_then(|o| o.repository_id),
         };
-        let generation = match self
+        let mut decided = self
             .generations
-            .replicated_generation(query)
+            .replicated_generation(query(named))
             .await
-            .map_err(store_failed)?
+            .map_err(store_failed)?;
+        let (mut source_storage, mut source) = (named, named_node);
+        // The store alone can tell that nothing needs copying; only a copy
+        // needs a source that answers.
+        if matches!(decided, ReplicatedGeneration::Replicate { .. })
+            && named_node.health() == Health::Unhealthy
         {
+            let Some(node) = self.healthy_replica(job, named).await? else {
+                return Err(JobOutcome::SourceUnavailable {
+                    storage: named.to_owned(),
+                });
+            };
+            tracing::info!(
+                virtual_storage = vs,
+                relative_path = rel,
+                target = target_storage,
+                source = named,
+                source_used = %node.storage,
+                correlation_id = job.correlation_id.as_deref().unwrap_or(""),
+                "source storage is unhealthy; replicating from another replica that holds the repository's generation"
+            );
+            decided = self
+                .generations
+                .replicated_generation(query(&node.storage))
+                .await
+                .map_err(store_failed)?;
+            (source_storage, source) = (node.storage.as_str(), node);
+        }
+        let generation = match decided {
             ReplicatedGeneration::Replicate { generation } => generation,
             ReplicatedGeneration::UpToDate { generation } => {
                 return self

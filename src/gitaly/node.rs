@@ -5,6 +5,7 @@
 use crate::config::{Config, Node, NodeAddress, Secret};
 use crate::gitaly::auth;
 use crate::gitaly::error::CallError;
+use crate::gitaly::health::Health;
 use crate::gitaly::metadata::CORRELATION_ID;
 use crate::proto::gitaly::object_pool_service_client::ObjectPoolServiceClient;
 use crate::proto::gitaly::ref_service_client::RefServiceClient;
@@ -18,6 +19,7 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tonic::metadata::MetadataValue;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
@@ -63,6 +65,8 @@ pub struct NodeClient {
     /// The authorization value for the current second: a v2 token carries
     /// only whole seconds, so one HMAC per second serves every call.
     bearer: std::sync::Mutex<(u64, Option<MetadataValue<tonic::metadata::Ascii>>)>,
+    /// The latest health check's verdict (see `health::watch_health`).
+    health: watch::Sender<Health>,
 }
 
 impl std::fmt::Debug for NodeClient {
@@ -137,7 +141,23 @@ impl NodeClient {
             token: node.token.clone(),
             channel,
             bearer: std::sync::Mutex::new((0, None)),
+            health: watch::Sender::new(Health::Unknown),
         })
+    }
+
+    /// The latest health verdict; `Unknown` until a watcher has checked.
+    pub fn health(&self) -> Health {
+        *self.health.borrow()
+    }
+
+    /// Follows the health verdicts.
+    pub fn subscribe_health(&self) -> watch::Receiver<Health> {
+        self.health.subscribe()
+    }
+
+    /// Records a verdict; whether it changed.
+    pub fn set_health(&self, health: Health) -> bool {
+        self.health.send_replace(health) != health
     }
 
     /// The node's auth token, for the `gitaly-servers` metadata of a

@@ -149,8 +149,12 @@ fn finished(
             AckAction::Ack
         }
         JobOutcome::Invalid(_) => AckAction::DeadLetter(DeadReason::Invalid),
-        // Its lock was lost, not its attempt.
-        JobOutcome::Interrupted => again(Some(retry.delay_after(1))),
+        // Its lock was lost, not its attempt; or its source is down (the
+        // consumer waits for it in process, so this answers only a job
+        // handed back meanwhile).
+        JobOutcome::Interrupted | JobOutcome::SourceUnavailable { .. } => {
+            again(Some(retry.delay_after(1)))
+        }
         // The database was down: the job runs again once it is back, however
         // long that takes (pulling pauses meanwhile), and is never dead.
         JobOutcome::Failed(e) if e.is_database_outage() => {

@@ -12,8 +12,8 @@ use crate::dependencies::Dependency;
 use crate::error_chain::display_error_chain;
 use crate::event::Job;
 use crate::gitaly::NodeSet;
-use crate::gitaly::health::watch_health;
-use crate::metrics::TargetMetrics;
+use crate::gitaly::health::{Health, watch_health};
+use crate::metrics::{self, TargetMetrics};
 use crate::ops_server::Readiness;
 use crate::queue::ack::{Deliveries, Role, Stage, attempts_for};
 use crate::queue::acknowledger::{Acknowledger, Delivery, JobFields};
@@ -183,6 +183,17 @@ pub async fn run<R: Replicator>(deps: ConsumerDeps<R>) -> Result<(), ConsumerErr
         shared.settings.queue_depth_interval,
         background.clone(),
     ));
+    // One health watcher per node: targets gate their pulls on it, and
+    // updates read their source's from it.
+    for node in nodes.iter() {
+        watch_health(
+            node.clone(),
+            shared.settings.health_check_interval,
+            metrics::node_healthy(&node.virtual_storage, &node.storage),
+            &tasks,
+            background.clone(),
+        );
+    }
     for spec in &layout.consumers {
         let node = nodes
             .get(&spec.virtual_storage, &spec.target_storage)
@@ -206,13 +217,7 @@ pub async fn run<R: Replicator>(deps: ConsumerDeps<R>) -> Result<(), ConsumerErr
             metrics,
         });
         let database = readiness.dependencies().watch(Dependency::Postgres);
-        let healthy = watch_health(
-            node,
-            shared.settings.health_check_interval,
-            target.metrics.clone(),
-            &tasks,
-            background.clone(),
-        );
+        let healthy = node.subscribe_health();
         for _ in 0..shared.settings.pull_loops_per_target.max(1) {
             let puller = Puller::new(
                 client.clone(),
@@ -266,7 +271,7 @@ async fn pull_loop<R: Replicator>(
     shared: Arc<Shared<R>>,
     target: Arc<Target>,
     mut puller: Puller,
-    mut healthy: watch::Receiver<bool>,
+    mut healthy: watch::Receiver<Health>,
     mut database: watch::Receiver<bool>,
 ) {
     let stop = shared.stop.clone();
@@ -283,7 +288,7 @@ async fn pull_loop<R: Replicator>(
             // What the last request did not fill goes back.
             drop(reserved.take());
             tokio::select! {
-                r = healthy.wait_for(|h| *h) => if r.is_err() { break },
+                r = healthy.wait_for(|h| *h == Health::Healthy) => if r.is_err() { break },
                 _ = stop.cancelled() => break,
             }
             tokio::select! {

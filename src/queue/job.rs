@@ -190,29 +190,57 @@ enum Ran {
 async fn process<R: Replicator>(
     shared: Arc<Shared<R>>,
     target: Arc<Target>,
-    d: Delivered,
-    followers: Vec<Delivered>,
+    mut d: Delivered,
+    mut followers: Vec<Delivered>,
 ) {
     let change_type = d.job.change_type();
     let acks = &target.acknowledger;
-    let fields = d.fields();
-    let work = run_job(&shared, &target, &d, &fields);
-    tokio::pin!(work);
-    let every = (shared.settings.ack_wait / 3).max(Duration::from_millis(100));
-    let mut tick = tokio::time::interval_at(Instant::now() + every, every);
     let leader_delivered = d.deliveries.delivered;
     let follower = Role::Follower { leader_delivered };
+    let mut waits = 0u64;
     let ran = loop {
-        tokio::select! {
-            r = &mut work => break r,
-            _ = tick.tick() => {
-                acks.settle(&d.delivery(), Stage::InFlight, Role::Leader, "").await;
-                for f in &followers {
-                    acks.settle(&f.delivery(), Stage::InFlight, follower, "").await;
-                }
+        let ran = {
+            let fields = d.fields();
+            let work = run_job(&shared, &target, &d, &fields);
+            keeping_ours(&shared, &target, &d, &followers, work).await
+        };
+        let Ran::Finished(JobOutcome::SourceUnavailable { storage }, _, _) = &ran else {
+            break ran;
+        };
+        // Nothing ran and nothing was written. The job waits here, not in
+        // the stream, so it keeps its attempts; it gives back its intake so
+        // other jobs keep coming.
+        target.metrics.job_finished(change_type, "deferred", None);
+        waits += 1;
+        if waits == 1 {
+            job_log!(
+                warn,
+                d.fields(),
+                source_state = "unhealthy",
+                "source storage {storage} is unhealthy and no other healthy replica holds the repository's generation; the job waits for one without using an attempt"
+            );
+        }
+        drop(d.held.take());
+        for f in &mut followers {
+            drop(f.held.take());
+        }
+        let wait = shared
+            .settings
+            .health_check_interval
+            .max(Duration::from_millis(100));
+        let stop = shared.stop.clone();
+        let waited = keeping_ours(&shared, &target, &d, &followers, async move {
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => true,
+                _ = stop.cancelled() => false,
             }
+        })
+        .await;
+        if !waited {
+            break Ran::Released;
         }
     };
+    let fields = d.fields();
     let (outcome, latency, dispatched) = match ran {
         Ran::Finished(o, l, dispatched) => (o, l, dispatched),
         Ran::Released => {
@@ -263,6 +291,35 @@ async fn process<R: Replicator>(
     }
 }
 
+/// Runs `work` while keeping the job and its followers ours with
+/// in-progress acks.
+async fn keeping_ours<R, T>(
+    shared: &Shared<R>,
+    target: &Target,
+    d: &Delivered,
+    followers: &[Delivered],
+    work: impl std::future::Future<Output = T>,
+) -> T {
+    let acks = &target.acknowledger;
+    let follower = Role::Follower {
+        leader_delivered: d.deliveries.delivered,
+    };
+    let every = (shared.settings.ack_wait / 3).max(Duration::from_millis(100));
+    let mut tick = tokio::time::interval_at(Instant::now() + every, every);
+    tokio::pin!(work);
+    loop {
+        tokio::select! {
+            r = &mut work => return r,
+            _ = tick.tick() => {
+                acks.settle(&d.delivery(), Stage::InFlight, Role::Leader, "").await;
+                for f in followers {
+                    acks.settle(&f.delivery(), Stage::InFlight, follower, "").await;
+                }
+            }
+        }
+    }
+}
+
 /// The log line of a finished job, as Praefect writes it.
 fn log_outcome<R>(
     shared: &Shared<R>,
@@ -289,6 +346,15 @@ fn log_outcome<R>(
         }
         JobOutcome::Invalid(e) => {
             job_log!(warn, fields, new_state = "dead", error = %e, "replication job is invalid")
+        }
+        JobOutcome::SourceUnavailable { storage } => {
+            job_log!(
+                warn,
+                fields,
+                new_state = "ready",
+                source_state = "unhealthy",
+                "source storage {storage} is unhealthy: the job goes back to the queue"
+            )
         }
         JobOutcome::Interrupted => {
             job_log!(
@@ -380,7 +446,13 @@ async fn run_job<R: Replicator>(
         Ran::Finished(JobOutcome::Skipped(SkipReason::Superseded), None, false)
     } else {
         let started_wall = OffsetDateTime::now_utc();
-        let delay = (started_wall - job.created_at.unwrap_or(d.placement.published))
+        // A created time before the stream had the job (Go's zero time, a
+        // clock far behind) says nothing about the delay.
+        let created = job
+            .created_at
+            .filter(|t| *t >= d.placement.published - time::Duration::DAY)
+            .unwrap_or(d.placement.published);
+        let delay = (started_wall - created)
             .try_into()
             .unwrap_or(Duration::ZERO);
         target.metrics.job_started(change, delay);

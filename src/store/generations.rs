@@ -155,6 +155,31 @@ impl RepositoryStore {
             })
     }
 
+    /// The storages whose replica holds the repository's latest generation,
+    /// the repository's primary first, then by name: where an update can
+    /// read from when its source is down.
+    pub async fn up_to_date_storages(
+        &self,
+        virtual_storage: &str,
+        relative_path: &str,
+    ) -> Result<Vec<String>, StoreError> {
+        sqlx::query_scalar(
+            "SELECT s.storage
+            FROM storage_repositories s
+            LEFT JOIN repositories r
+                ON r.virtual_storage = s.virtual_storage AND r.relative_path = s.relative_path
+            WHERE s.virtual_storage = $1 AND s.relative_path = $2
+              AND s.generation = (SELECT max(generation) FROM storage_repositories
+                                  WHERE virtual_storage = $1 AND relative_path = $2)
+            ORDER BY (s.storage = r.\"primary\") IS TRUE DESC, s.storage",
+        )
+        .bind(virtual_storage)
+        .bind(relative_path)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(failed("up_to_date_storages"))
+    }
+
     /// Records replica generations, many in one statement: upserts each
     /// replica row, never lowering it, and raises each repository's
     /// generation when lower (or NULL). Each row passes its own gate first

@@ -23,6 +23,14 @@ const SCHEMA_PATH: &str = concat!(
 const VALID_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/events/valid");
 const INVALID_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/events/invalid");
 const EXPECTED_FIELDS: &str = "expected-fields.json";
+/// Jobs as Praefect v14.x and 15.x write them (Go's encoding/json of its
+/// `ReplicationJob` and `ReplicationEvent`), each with its twin in our shape
+/// under `ours/`.
+const PRAEFECT_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/events/praefect");
+const TWINS_DIR: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/data/events/praefect/ours"
+);
 
 /// Invalid examples that break a rule JSON Schema cannot express (the rules are
 /// listed in the schema's top-level `description`). The decoder must reject them
@@ -48,6 +56,10 @@ const SCHEMA_INEXPRESSIBLE: &[(&str, &str)] = &[
     (
         "write-commit-graph-split-strategy-float-zero.json",
         "JSON Schema's enum equates 0.0 with 0; the decoder wants the integer 0",
+    ),
+    (
+        "gc-both-spellings-disagree.json",
+        "a param in both spellings must agree; the schema lists each spelling separately",
     ),
     (
         "created-at-leap-second-mid-month.json",
@@ -172,8 +184,11 @@ fn schema_is_a_draft_2020_12_schema_with_id_title_and_examples() {
 #[test]
 fn schema_documents_every_property_and_params() {
     let mut missing = Vec::new();
-    let properties = SCHEMA["properties"].as_object().expect("properties");
-    for (name, prop) in properties {
+    let properties = job_schema()["properties"].as_object().expect("properties");
+    let envelope = SCHEMA["$defs"]["praefectEvent"]["properties"]
+        .as_object()
+        .expect("$defs/praefectEvent/properties");
+    for (name, prop) in properties.iter().chain(envelope) {
         if !has_description(prop) {
             missing.push(name.clone());
         }
@@ -193,7 +208,7 @@ fn schema_documents_every_property_and_params() {
 
 #[test]
 fn schema_change_enum_is_change_type_all() {
-    let in_schema: Vec<&str> = SCHEMA["properties"]["change"]["enum"]
+    let in_schema: Vec<&str> = job_schema()["properties"]["change"]["enum"]
         .as_array()
         .expect("properties.change.enum")
         .iter()
@@ -427,11 +442,72 @@ fn corpus_covers_every_change_type() {
 }
 
 #[test]
-fn every_field_the_schema_documents_appears_in_a_valid_example() {
-    let valid: Vec<Value> = corpus(VALID_DIR)
+fn praefect_shaped_files_pass_the_schema_and_decode_as_their_twins_in_our_shape() {
+    let files = corpus(PRAEFECT_DIR);
+    let mut failures = Vec::new();
+    let mut changes = BTreeSet::new();
+    let mut envelopes = 0;
+    for Example { name, bytes } in &files {
+        // Go's json.Marshal writes one compact line and no newline.
+        if bytes.contains(&b'\n') || bytes.contains(&b' ') {
+            failures.push(format!("{name}: not compact as Go writes it"));
+        }
+        let twin_bytes = fs::read(Path::new(TWINS_DIR).join(name))
+            .unwrap_or_else(|e| panic!("{name}: its twin under ours/: {e}"));
+        for (what, b) in [("it", bytes), ("its twin", &twin_bytes)] {
+            let errors = schema_errors(b);
+            if !errors.is_empty() {
+                failures.push(format!("{name}: the schema rejects {what}: {errors:?}"));
+            }
+        }
+        let twin_value: Value = serde_json::from_slice(&twin_bytes).expect("twins are JSON");
+        if twin_value.get("Job").is_some()
+            || twin_value["params"].as_object().is_some_and(|p| {
+                p.keys()
+                    .any(|k| k.starts_with(|c: char| c.is_ascii_uppercase()))
+            })
+        {
+            failures.push(format!("{name}: its twin is not in our shape"));
+        }
+        let value: Value = serde_json::from_slice(bytes).expect("Praefect files are JSON");
+        if value.get("Job").is_some() {
+            envelopes += 1;
+        }
+        match (Job::from_json(bytes), Job::from_json(&twin_bytes)) {
+            (Ok(job), Ok(twin)) if job == twin => {
+                changes.insert(job.change_type());
+            }
+            (Ok(job), Ok(twin)) => {
+                failures.push(format!("{name}: decodes as {job:?}, its twin as {twin:?}"))
+            }
+            (job, twin) => failures.push(format!("{name}: {job:?} / twin {twin:?}")),
+        }
+    }
+    let missing: Vec<_> = ChangeType::ALL
         .iter()
-        .map(|e| serde_json::from_slice(&e.bytes).expect("valid examples are JSON"))
+        .filter(|c| !changes.contains(c))
         .collect();
+    assert!(missing.is_empty(), "no Praefect-shaped job for {missing:?}");
+    assert!(envelopes >= 1, "no ReplicationEvent envelope");
+    report(failures);
+}
+
+/// The valid examples and the Praefect-shaped jobs (an envelope's `Job`).
+fn every_valid_job_value() -> Vec<Value> {
+    corpus(VALID_DIR)
+        .iter()
+        .chain(&corpus(PRAEFECT_DIR))
+        .map(|e| serde_json::from_slice::<Value>(&e.bytes).expect("valid examples are JSON"))
+        .map(|v| match v.get("Job") {
+            Some(job) => job.clone(),
+            None => v,
+        })
+        .collect()
+}
+
+#[test]
+fn every_field_the_schema_documents_appears_in_a_valid_example() {
+    let valid = every_valid_job_value();
     let top: BTreeSet<&str> = valid
         .iter()
         .flat_map(|v| v.as_object().into_iter().flatten().map(|(k, _)| k.as_str()))
@@ -447,7 +523,11 @@ fn every_field_the_schema_documents_appears_in_a_valid_example() {
         })
         .collect();
     let mut missing = Vec::new();
-    for name in SCHEMA["properties"].as_object().expect("properties").keys() {
+    for name in job_schema()["properties"]
+        .as_object()
+        .expect("properties")
+        .keys()
+    {
         if !top.contains(name.as_str()) {
             missing.push(name.clone());
         }
@@ -477,6 +557,11 @@ fn has_description(schema: &Value) -> bool {
 }
 
 /// The `$defs` that describe a change type's params (`gcParams`, …).
+/// Our job's shape (Praefect's `ReplicationJob` shares it).
+fn job_schema() -> &'static Value {
+    &SCHEMA["$defs"]["job"]
+}
+
 fn params_defs() -> Vec<(&'static String, &'static Value)> {
     let defs = SCHEMA["$defs"].as_object().expect("$defs");
     let out: Vec<_> = defs.iter().filter(|(k, _)| k.ends_with("Params")).collect();

@@ -17,6 +17,7 @@ mod malformed;
 mod mixed_load;
 mod ops;
 mod ordering;
+mod praefect_jobs;
 mod process;
 mod promises;
 mod retention;

@@ -13,6 +13,9 @@ pub const SOURCE: &str = "gitaly-1";
 pub const SOURCE_TOKEN: &str = "token-1";
 pub const TARGET: &str = "gitaly-2";
 pub const TARGET_TOKEN: &str = "token-2";
+/// A third storage, holding another replica, when a test asks for it.
+pub const SPARE: &str = "gitaly-3";
+pub const SPARE_TOKEN: &str = "token-3";
 
 /// One `[[virtual_storage.node]]` of the config.
 pub struct NodeSpec<'a> {
@@ -66,6 +69,8 @@ pub struct Setup {
     pub source_address: Option<String>,
     /// Whether the source node appears in the config at all.
     pub source_in_config: bool,
+    /// Whether a third node, `SPARE`, runs and is configured.
+    pub spare: bool,
 }
 
 impl Default for Setup {
@@ -76,6 +81,7 @@ impl Default for Setup {
             target_address: None,
             source_address: None,
             source_in_config: true,
+            spare: false,
         }
     }
 }
@@ -86,6 +92,8 @@ pub struct TwoNodes {
     pub db: TestDatabase,
     pub source: RunningGitaly,
     pub target: RunningGitaly,
+    /// Present with `Setup::spare`.
+    pub spare: Option<RunningGitaly>,
     pub replicator: GitalyReplicator,
 }
 
@@ -119,6 +127,24 @@ impl TwoNodes {
             address: &target_address,
             token: TARGET_TOKEN,
         });
+        let spare = if setup.spare {
+            Some(
+                RecordingGitaly::new(Some(SPARE_TOKEN))
+                    .serve()
+                    .await
+                    .unwrap(),
+            )
+        } else {
+            None
+        };
+        let spare_address = spare.as_ref().map(|s| s.address());
+        if let Some(address) = &spare_address {
+            nodes.push(NodeSpec {
+                storage: SPARE,
+                address,
+                token: SPARE_TOKEN,
+            });
+        }
         let toml = config_toml(VIRTUAL_STORAGE, &nodes, &db.url, &setup.job_timeout);
         let config = Config::from_toml_str(&toml).unwrap();
         let nodes = NodeSet::from_config(&config).unwrap();
@@ -134,6 +160,7 @@ impl TwoNodes {
             db,
             source,
             target,
+            spare,
             replicator,
         }
     }

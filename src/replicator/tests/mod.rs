@@ -8,6 +8,7 @@ mod failures;
 mod fixture;
 mod maintenance;
 mod replica_paths;
+mod sources;
 mod update;
 
 use crate::event::{Change, Job, SplitStrategy};
