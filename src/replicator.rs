@@ -80,6 +80,13 @@ pub enum ReplicationError {
     Call(#[from] CallError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// Retried: the source's replica is held by another job (a rename or
+    /// delete between its Gitaly call and its record), so "not found" may be
+    /// that job's doing, not an invalid replica.
+    #[error(
+        "source storage {storage:?} has no such repository while another job holds its replica; retried once that job is done"
+    )]
+    SourceReplicaBusy { storage: String },
     /// Retried: during a rolling config change another process may know it.
     #[error("source storage {storage:?} is not configured in virtual storage {virtual_storage:?}")]
     UnknownSource {
@@ -607,6 +614,19 @@ impl GitalyReplicator {
         {
             Ok(_) => {}
             Err(e) if e.kind == CallErrorKind::InvalidSource => {
+                // Never drop the record of a source replica that another job
+                // is moving: its rename may have run on disk but not yet in
+                // Postgres, and the record would be lost with the path.
+                if self
+                    .store
+                    .replica_locked(vs, rel, source_storage)
+                    .await
+                    .map_err(store_failed)?
+                {
+                    return Err(JobOutcome::Failed(ReplicationError::SourceReplicaBusy {
+                        storage: source_storage.to_owned(),
+                    }));
+                }
                 self.store
                     .delete_invalid_repository(vs, rel, source_storage)
                     .await

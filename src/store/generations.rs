@@ -416,6 +416,30 @@ impl RepositoryStore {
         Ok(gated == Gated::Written(true))
     }
 
+    /// Whether a job holds the repository lock of the replica on `storage`
+    /// (any process: the locks are Postgres advisory locks). A source that
+    /// answers "no such repository" while one does may be in the middle of
+    /// that job's rename or delete, between its Gitaly call and its record.
+    pub(crate) async fn replica_locked(
+        &self,
+        virtual_storage: &str,
+        relative_path: &str,
+        storage: &str,
+    ) -> Result<bool, StoreError> {
+        let key = super::repository_lock_key(virtual_storage, relative_path, storage);
+        // A bigint advisory key shows in pg_locks as its high and low halves.
+        sqlx::query_scalar(
+            "SELECT EXISTS (SELECT FROM pg_locks
+                WHERE locktype = 'advisory' AND objsubid = 1 AND granted
+                  AND classid = (($1::bigint >> 32) & 4294967295)::oid
+                  AND objid = ($1::bigint & 4294967295)::oid)",
+        )
+        .bind(key)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(failed("replica_locked"))
+    }
+
     /// Deletes the replica row of `storage`, and the repository row when no
     /// other replica remains, in one transaction. The repository row is locked
     /// first, so two of these for different storages cannot both see the

@@ -387,3 +387,46 @@ async fn a_job_for_a_storage_or_virtual_storage_not_configured_is_invalid_and_ca
     assert_eq!(n.source.gitaly.calls().len(), 0);
     assert_eq!(rows(&n.db.store).await, seeded_rows(&s));
 }
+
+#[tokio::test]
+async fn an_invalid_source_whose_replica_another_job_holds_keeps_its_record_and_fails_for_a_retry()
+{
+    let n = TwoNodes::start().await;
+    let s = seed(&n.db.store).await;
+    n.target.gitaly.respond(
+        "ReplicateRepository",
+        Behaviour::fail(Code::NotFound, "invalid source repository"),
+    );
+    // Another job (a rename of the source's replica, say) holds its lock,
+    // as the lock session of any process would.
+    let mut holder = n.db.store.pool().acquire().await.unwrap();
+    let key = crate::store::repository_lock_key(VS, REPO, SOURCE);
+    sqlx::query("SELECT pg_advisory_lock($1)")
+        .bind(key)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+
+    let outcome = n.replicator.replicate(&job(Change::Update)).await;
+
+    assert!(
+        matches!(
+            &outcome,
+            JobOutcome::Failed(ReplicationError::SourceReplicaBusy { storage }) if storage == SOURCE
+        ),
+        "{outcome:?}"
+    );
+    assert_eq!(rows(&n.db.store).await, seeded_rows(&s));
+
+    // Once the other job is done, the same answer is an invalid source.
+    sqlx::query("SELECT pg_advisory_unlock($1)")
+        .bind(key)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let outcome = n.replicator.replicate(&job(Change::Update)).await;
+    assert_eq!(skipped(outcome), SkipReason::InvalidSource);
+    let mut expected = seeded_rows(&s);
+    expected.replicas.remove(0);
+    assert_eq!(rows(&n.db.store).await, expected);
+}
