@@ -4,7 +4,7 @@
 
 use crate::common::eventually;
 use crate::common::git;
-use crate::common::storage_nodes::NodeCluster;
+use crate::common::storage_nodes::{NodeCluster, NodeSetup};
 use gitaly_replicator::job_subject;
 use std::path::Path;
 use std::time::Duration;
@@ -145,6 +145,47 @@ async fn with_no_other_up_to_date_replica_updates_wait_for_the_source_and_use_no
     c.wait_until_drained().await;
     assert!(c.dead_letters().await.is_empty());
     assert_eq!(jobs_with_outcome(c.vs(), "failed"), 0.0);
+    service.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_healthy_source_answering_unavailable_is_retried_from_the_same_source_as_before() {
+    let failing_source = NodeSetup {
+        flags: vec![
+            "--fail-method".to_owned(),
+            "GetObjectPool=unavailable".to_owned(),
+        ],
+        ..NodeSetup::default()
+    };
+    // The source passes its health checks, so the failure is an ordinary
+    // one. (That another up-to-date replica is not used then is shown on
+    // recording nodes, in the replicator's own tests.)
+    let mut c = NodeCluster::start_with(vec![failing_source, NodeSetup::default()], |toml| {
+        *toml = toml.replacen("\n[replication]\n", "\n[replication]\nattempts = 20\n", 1)
+    })
+    .await;
+    let path = "retried/r.git";
+    git::populate(&c.node(1).repo(path));
+    c.record(path, 1).await;
+    let service = c.replicator();
+    wait_for_health(&c, "gitaly-1", true).await;
+    publish_raw(&c, "gitaly-2", update_json(&c, path, "gitaly-2")).await;
+    let failed = eventually(Duration::from_secs(20), || async {
+        jobs_with_outcome(c.vs(), "failed") >= 1.0
+    })
+    .await;
+    assert!(failed, "the source's UNAVAILABLE did not fail the job");
+    assert_eq!(c.generation(path, "gitaly-2").await, None);
+
+    // The source answers again: the retry reads from it.
+    c.node_mut(1).restart_with(&[]).await;
+    c.wait_for_generation(path, "gitaly-2", 1).await;
+    assert_eq!(
+        git::refs(&c.node(2).repo(path)),
+        git::refs(&c.node(1).repo(path))
+    );
+    c.wait_until_drained().await;
+    assert!(c.dead_letters().await.is_empty());
     service.stop().await.unwrap();
 }
 
