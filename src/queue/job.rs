@@ -347,15 +347,9 @@ fn log_outcome<R>(
         JobOutcome::Invalid(e) => {
             job_log!(warn, fields, new_state = "dead", error = %e, "replication job is invalid")
         }
-        JobOutcome::SourceUnavailable { storage } => {
-            job_log!(
-                warn,
-                fields,
-                new_state = "ready",
-                source_state = "unhealthy",
-                "source storage {storage} is unhealthy: the job goes back to the queue"
-            )
-        }
+        // `process` keeps such a job waiting and logs it there; it never
+        // ends as this outcome.
+        JobOutcome::SourceUnavailable { .. } => {}
         JobOutcome::Interrupted => {
             job_log!(
                 warn,

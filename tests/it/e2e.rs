@@ -5,11 +5,11 @@
 
 use crate::common::eventually;
 use crate::common::git;
+use crate::common::service_metrics::{jobs_with_outcome, metric};
 use crate::common::storage_nodes::{NodeCluster, NodeSetup, call_context};
 use gitaly_replicator::proto::gitaly as pb;
 use serde_json::json;
 use std::time::Duration;
-use testkit::metrics::Samples;
 
 // ------------------------------------------------------------- git helpers
 
@@ -336,27 +336,6 @@ async fn replicated(c: &NodeCluster, paths: &[String]) -> usize {
         }
     }
     n
-}
-
-/// The process's metrics (the recorder the service installed).
-fn samples() -> Samples {
-    Samples::parse(&gitaly_replicator::install_metrics().unwrap().render())
-}
-
-/// Jobs of this virtual storage that ended `outcome`.
-fn jobs_with_outcome(vs: &str, outcome: &str) -> f64 {
-    samples().sum(
-        "gitaly_replicator_jobs_total",
-        &[("virtual_storage", vs), ("outcome", outcome)],
-    )
-}
-
-/// A per-target metric of this virtual storage.
-fn metric(vs: &str, name: &str, storage: &str) -> f64 {
-    samples().sum(
-        name,
-        &[("virtual_storage", vs), ("gitaly_storage", storage)],
-    )
 }
 
 #[tokio::test]

@@ -4,11 +4,11 @@
 
 use crate::common::eventually;
 use crate::common::git;
+use crate::common::service_metrics::{jobs_with_outcome, metric};
 use crate::common::storage_nodes::{NodeCluster, NodeSetup};
 use gitaly_replicator::job_subject;
 use std::path::Path;
 use std::time::Duration;
-use testkit::metrics::Samples;
 
 const PRAEFECT_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/events/praefect");
 
@@ -19,26 +19,12 @@ const FILE_REPLICA_PATH: &str = "@cluster/repositories/4b/22/2";
 const FILE_NEW_PATH: &str =
     "@hashed/ef/2d/ef2d127de37b942baad06145e54b0c619a1f22327b2ebbcfbec78f5564afe39d.git";
 
-fn samples() -> Samples {
-    Samples::parse(&gitaly_replicator::install_metrics().unwrap().render())
-}
-
-fn jobs_with_outcome(vs: &str, outcome: &str) -> f64 {
-    samples().sum(
-        "gitaly_replicator_jobs_total",
-        &[("virtual_storage", vs), ("outcome", outcome)],
-    )
-}
-
 /// Waits until the service has seen `storage` as `healthy` (the gauge reads
 /// 0 before the first check too: wait for healthy first).
 async fn wait_for_health(c: &NodeCluster, storage: &str, healthy: bool) {
     let want = if healthy { 1.0 } else { 0.0 };
     let seen = eventually(Duration::from_secs(20), || async {
-        samples().sum(
-            "gitaly_replicator_target_healthy",
-            &[("virtual_storage", c.vs()), ("gitaly_storage", storage)],
-        ) == want
+        metric(c.vs(), "gitaly_replicator_target_healthy", storage) == want
     })
     .await;
     assert!(seen, "{storage} never reported healthy = {healthy}");
@@ -71,8 +57,7 @@ async fn with_the_source_node_stopped_twenty_updates_replicate_from_another_up_t
     let mut c = NodeCluster::start(3).await;
     let paths: Vec<String> = (0..20).map(|i| format!("fallback/r{i}.git")).collect();
     for p in &paths {
-        git::populate(&c.node(1).repo(p));
-        c.record(p, 1).await;
+        c.create_on_source(p).await;
     }
     let service = c.replicator();
     // gitaly-2 becomes an up-to-date replica of each.
@@ -113,8 +98,7 @@ async fn with_no_other_up_to_date_replica_updates_wait_for_the_source_and_use_no
     let mut c = NodeCluster::start(2).await;
     let paths: Vec<String> = (0..5).map(|i| format!("waiting/r{i}.git")).collect();
     for p in &paths {
-        git::populate(&c.node(1).repo(p));
-        c.record(p, 1).await;
+        c.create_on_source(p).await;
     }
     let service = c.replicator();
     wait_for_health(&c, "gitaly-1", true).await;
@@ -165,8 +149,7 @@ async fn a_healthy_source_answering_unavailable_is_retried_from_the_same_source_
     })
     .await;
     let path = "retried/r.git";
-    git::populate(&c.node(1).repo(path));
-    c.record(path, 1).await;
+    c.create_on_source(path).await;
     let service = c.replicator();
     wait_for_health(&c, "gitaly-1", true).await;
     publish_raw(&c, "gitaly-2", update_json(&c, path, "gitaly-2")).await;

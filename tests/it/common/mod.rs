@@ -9,6 +9,7 @@ pub mod cluster;
 pub mod db;
 pub mod process;
 pub mod service;
+pub mod service_metrics;
 pub mod storage_nodes;
 
 pub use testkit::{eventually, git, http, nats_server};

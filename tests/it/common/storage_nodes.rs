@@ -143,6 +143,12 @@ impl NodeCluster {
             .unwrap();
     }
 
+    /// A repository with a few commits on gitaly-1, recorded at generation 1.
+    pub async fn create_on_source(&self, relative_path: &str) {
+        super::git::populate(&self.node(1).repo(relative_path));
+        self.record(relative_path, 1).await;
+    }
+
     pub async fn generation(&self, relative_path: &str, storage: &str) -> Option<i64> {
         self.db
             .store
