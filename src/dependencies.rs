@@ -189,7 +189,9 @@ pub async fn watch_dependencies(
         }
         let nats_up = client.connection_state() == async_nats::connection::State::Connected;
         state.set(Dependency::Nats, nats_up);
-        let probe = sqlx::query("SELECT 1").execute(&pool);
+        // The simple protocol: one message, so a transaction-mode pooler
+        // cannot split it across server connections.
+        let probe = sqlx::raw_sql("SELECT 1").execute(&pool);
         let postgres_up = matches!(tokio::time::timeout(query_timeout, probe).await, Ok(Ok(_)));
         state.set(Dependency::Postgres, postgres_up);
     }

@@ -59,8 +59,9 @@ mod fuzz_targets;
 
 // The service and its configuration.
 pub use config::{
-    Config, ConfigError, DatabaseConfig, LogFormat, LoggingConfig, NatsConfig, Node, NodeAddress,
-    ReplicationConfig, Secret, UrlCredentials, VirtualStorage, node_token_env_var, trim_directives,
+    Config, ConfigError, ConfigWarning, DEFAULT_LATENCY_BUCKETS, DatabaseConfig, LogFormat,
+    LoggingConfig, NatsConfig, Node, NodeAddress, PoolMode, PrometheusConfig, ReplicationConfig,
+    Secret, SessionPooled, UrlCredentials, VirtualStorage, node_token_env_var, trim_directives,
 };
 pub use error_chain::display_error_chain;
 pub use service::{ServiceError, connect_store, provision, run};
@@ -105,7 +106,10 @@ pub mod manifests {
 }
 
 // Praefect's repository store.
-pub use store::{ReplicatedGeneration, RepositoryStore, StoreError};
+pub use store::{
+    EmptyDatabase, REQUIRED_PRAEFECT_MIGRATION, REQUIRED_PRAEFECT_VERSION, ReplicatedGeneration,
+    RepositoryStore, StatementPool, StoreError,
+};
 
 // Gitaly: the protocol and clients of its nodes.
 pub use gitaly::{CallContext, CallError, CallErrorKind, ChannelError, NodeClient, NodeSet};

@@ -9,11 +9,13 @@ use std::time::Duration;
 
 /// Jobs in flight (gauge): virtual_storage, gitaly_storage, change_type.
 pub const REPLICATION_JOBS: &str = "gitaly_praefect_replication_jobs";
-/// Seconds from dispatch start to completion, successful jobs only (histogram): type.
+/// Seconds from dispatch start to the end of a job that did not fail, as
+/// Praefect observes it: completed, and skipped after the target was asked
+/// (up to date, downgrade prevented, invalid source) (histogram): type.
 pub const REPLICATION_LATENCY: &str = "gitaly_praefect_replication_latency";
 /// Seconds from job creation to dispatch start (histogram): type.
 pub const REPLICATION_DELAY: &str = "gitaly_praefect_replication_delay";
-/// Jobs per consumer by state ready / in_progress / redelivered / dead (gauge):
+/// Jobs per consumer by state ready / in_progress / failed / dead (gauge):
 /// virtual_storage, target_node, state.
 pub const QUEUE_DEPTH: &str = "gitaly_praefect_replication_queue_depth";
 /// Finished jobs (counter): virtual_storage, gitaly_storage, change_type, outcome.
@@ -51,22 +53,19 @@ pub const ALL: [&str; 10] = [
     DEPENDENCY_UP,
 ];
 
-/// Praefect's histogram buckets, in seconds.
-pub const BUCKETS: [f64; 11] = [
-    0.001, 0.005, 0.025, 0.1, 0.5, 1.0, 10.0, 30.0, 60.0, 300.0, 1500.0,
-];
-
 static HANDLE: OnceLock<Result<PrometheusHandle, String>> = OnceLock::new();
 
 /// Installs the process-wide Prometheus recorder once and returns its handle;
-/// later calls return the same handle.
-pub fn install() -> Result<PrometheusHandle, String> {
+/// later calls return the same handle (and keep the first call's buckets).
+/// `buckets` are `[prometheus] grpc_latency_buckets`: Praefect uses them
+/// for its replication latency and delay histograms, and so does this.
+pub fn install(buckets: &[f64]) -> Result<PrometheusHandle, String> {
     HANDLE
         .get_or_init(|| {
             let builder = PrometheusBuilder::new()
-                .set_buckets_for_metric(Matcher::Full(REPLICATION_LATENCY.into()), &BUCKETS)
+                .set_buckets_for_metric(Matcher::Full(REPLICATION_LATENCY.into()), buckets)
                 .and_then(|b| {
-                    b.set_buckets_for_metric(Matcher::Full(REPLICATION_DELAY.into()), &BUCKETS)
+                    b.set_buckets_for_metric(Matcher::Full(REPLICATION_DELAY.into()), buckets)
                 })
                 .map_err(|e| e.to_string())?;
             let handle = builder.install_recorder().map_err(|e| e.to_string())?;
@@ -161,7 +160,9 @@ struct Handles {
 /// Dead-letter reasons of [`DEAD_LETTERS_TOTAL`].
 const DEAD_REASONS: [&str; 3] = ["dead", "invalid", "stranded"];
 /// States of [`QUEUE_DEPTH`].
-const DEPTH_STATES: [&str; 4] = ["ready", "in_progress", "redelivered", "dead"];
+/// Praefect's states; `failed` counts jobs delivered more than once and not yet
+/// acknowledged: a failed attempt waiting for its retry, or running it.
+const DEPTH_STATES: [&str; 4] = ["ready", "in_progress", "failed", "dead"];
 
 fn position(list: &[&str], item: &str) -> usize {
     list.iter().position(|x| *x == item).unwrap_or(0)

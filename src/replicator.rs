@@ -87,6 +87,16 @@ pub enum ReplicationError {
         "source storage {storage:?} has no such repository while another job holds its replica; retried once that job is done"
     )]
     SourceReplicaBusy { storage: String },
+    /// Retried: the repository to rename is at neither path on the target
+    /// (its creation may not have reached it yet).
+    #[error(
+        "rename on {storage:?}: no repository at {from:?} (RenameRepository answered NOT_FOUND) nor at {to:?}"
+    )]
+    RenameNotFound {
+        storage: String,
+        from: String,
+        to: String,
+    },
     /// Retried: during a rolling config change another process may know it.
     #[error("source storage {storage:?} is not configured in virtual storage {virtual_storage:?}")]
     UnknownSource {
@@ -140,6 +150,14 @@ impl JobOutcome {
             JobOutcome::Interrupted => "interrupted",
             JobOutcome::SourceUnavailable { .. } => "deferred",
         }
+    }
+
+    /// Whether the latency histogram observes this outcome of a dispatched
+    /// job: as Praefect's, every job that ended without an error, so also one
+    /// that found nothing to do (up to date, downgrade prevented, invalid
+    /// source, superseded by a newer job).
+    pub fn observes_latency(&self) -> bool {
+        matches!(self, JobOutcome::Completed | JobOutcome::Skipped(_))
     }
 }
 
@@ -311,8 +329,20 @@ impl GitalyReplicator {
                     .call("RenameRepository", &ctx, client.rename_repository(req))
                     .await
                 {
-                    // The old path is gone: a redelivery after the rename took effect.
-                    Err(e) if e.kind == CallErrorKind::NotFound => {}
+                    // The old path is gone. Done only if the repository is at
+                    // the new one (a redelivery after the rename took
+                    // effect); else nothing moved, and the record must not
+                    // say it did.
+                    Err(e) if e.kind == CallErrorKind::NotFound => {
+                        let moved = repo(storage, new_relative_path);
+                        if !self.exists(target, &ctx, moved).await? {
+                            return Err(JobOutcome::Failed(ReplicationError::RenameNotFound {
+                                storage: storage.to_owned(),
+                                from: rel.to_owned(),
+                                to: new_relative_path.clone(),
+                            }));
+                        }
+                    }
                     r => {
                         r.map_err(call_failed)?;
                     }
@@ -439,6 +469,22 @@ impl GitalyReplicator {
                 Standing::Stale => Some(SkipReason::Recreated),
             })
             .collect())
+    }
+
+    /// RepositoryExists on the target.
+    async fn exists(
+        &self,
+        target: &NodeClient,
+        ctx: &CallContext,
+        repository: Option<pb::Repository>,
+    ) -> Step<bool> {
+        let mut client = target.repository_service();
+        let req = target.request(pb::RepositoryExistsRequest { repository }, ctx);
+        target
+            .call("RepositoryExists", ctx, client.repository_exists(req))
+            .await
+            .map(|r| r.exists)
+            .map_err(call_failed)
     }
 
     /// RemoveRepository on the target; a repository already gone counts as

@@ -20,8 +20,12 @@ use crate::queue::layout::{Layout, LayoutChange, LayoutError};
 use crate::replicator::GitalyReplicator;
 use crate::retry_delay::RetryPolicy;
 use crate::store::locks::RepositoryLocks;
-use crate::store::{CompletionPruning, RepositoryStore, StoreError, prune_completions};
-use sqlx::postgres::PgPoolOptions;
+use crate::store::{
+    self, CompletionPruning, EmptyDatabase, RepositoryStore, StatementPool, StoreError,
+    prune_completions,
+};
+use sqlx::Connection;
+use sqlx::postgres::{PgConnection, PgPoolOptions};
 use std::future::Future;
 use std::net::SocketAddr;
 use tokio_util::sync::CancellationToken;
@@ -39,8 +43,18 @@ pub enum ServiceError {
     },
     #[error("metrics recorder: {0}")]
     Metrics(String),
-    #[error("cannot connect to Postgres ({url}): {source}")]
-    Database { url: String, source: sqlx::Error },
+    /// `connection` is `[database]` or `[database.session_pooled]`; `url` the
+    /// masked url, empty without one.
+    #[error(
+        "cannot connect to Postgres, {connection}{}: {}",
+        url_part(url),
+        database_reason(source)
+    )]
+    Database {
+        connection: &'static str,
+        url: String,
+        source: sqlx::Error,
+    },
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -65,12 +79,49 @@ pub enum ServiceError {
     Stopped,
 }
 
+fn url_part(url: &str) -> String {
+    if url.is_empty() {
+        String::new()
+    } else {
+        format!(" ({url})")
+    }
+}
+
+/// The driver's reason, with the keys to look at when TLS is why.
+fn database_reason(source: &sqlx::Error) -> String {
+    let text = source.to_string();
+    if is_tls_failure(source) {
+        format!(
+            "{text}; check sslrootcert (the CA that signed the server's certificate), host \
+             (the name the certificate is for, with verify-full), sslcert and sslkey (the \
+             client certificate), or sslmode"
+        )
+    } else {
+        text
+    }
+}
+
+/// Whether the TLS handshake (not the network) failed: a certificate or key
+/// the server or this side refused. Configuration, so not worth waiting for.
+fn is_tls_failure(source: &sqlx::Error) -> bool {
+    match source {
+        sqlx::Error::Tls(_) => true,
+        sqlx::Error::Io(e) => e
+            .get_ref()
+            .is_some_and(|inner| inner.to_string().contains("certificate")),
+        sqlx::Error::Configuration(e) => e.to_string().contains("pem"),
+        _ => false,
+    }
+}
+
 impl ServiceError {
     /// Whether waiting may help: the dependency is down or starting, not
     /// refusing the configuration.
     fn is_transient(&self) -> bool {
         match self {
-            ServiceError::Database { source, .. } => crate::store::is_transient(source),
+            ServiceError::Database { source, .. } => {
+                !is_tls_failure(source) && crate::store::is_transient(source)
+            }
             ServiceError::Store(e) => e.is_retryable(),
             ServiceError::Nats(ConnectError::Connect { source, .. }) => matches!(
                 source.kind(),
@@ -105,25 +156,53 @@ pub fn consumer_settings(config: &Config) -> ConsumerSettings {
     }
 }
 
-/// Connects to Postgres with the configured pool and applies migrations.
-pub async fn connect_store(config: &Config) -> Result<RepositoryStore, ServiceError> {
-    let options = config.database.connect_options()?;
+/// Connects to Postgres with the configured pool and applies migrations, on
+/// the session connection (they take a session lock), once the database's
+/// schema is one the store can use (see [`EmptyDatabase`]).
+pub async fn connect_store(
+    config: &Config,
+    empty: EmptyDatabase,
+) -> Result<RepositoryStore, ServiceError> {
+    let db = &config.database;
+    let unreachable = |connection: &'static str| {
+        move |source| ServiceError::Database {
+            connection,
+            url: db.masked_url().unwrap_or_default(),
+            source,
+        }
+    };
     let pool = PgPoolOptions::new()
-        .max_connections(config.database.max_connections)
+        .max_connections(db.max_connections)
         // Opened at start, so the first jobs do not wait for connections.
-        .min_connections(config.database.max_connections.min(4))
+        .min_connections(db.max_connections.min(4))
         // A ping before every query would double the round trips; a broken
         // connection shows up as a retryable error on use instead.
         .test_before_acquire(false)
-        .acquire_timeout(config.database.connect_timeout)
-        .connect_with(options)
+        .acquire_timeout(db.connect_timeout)
+        .connect_with(db.connect_options()?)
         .await
-        .map_err(|source| ServiceError::Database {
-            url: config.database.masked_url().unwrap_or_default(),
-            source,
-        })?;
-    let store = RepositoryStore::new(pool);
-    store.migrate().await?;
+        .map_err(unreachable("[database]"))?;
+    let pool = if db.transaction_pooled() {
+        StatementPool::transaction_pooled(pool, db.per_transaction_statement_timeout_ms())
+    } else {
+        StatementPool::direct(pool)
+    };
+    let store = RepositoryStore::with_statement_pool(pool);
+    let session = if db.has_session_connection() {
+        "[database.session_pooled]"
+    } else {
+        "[database]"
+    };
+    let mut conn = tokio::time::timeout(
+        db.connect_timeout,
+        PgConnection::connect_with(&db.session_connect_options()?),
+    )
+    .await
+    .unwrap_or(Err(sqlx::Error::PoolTimedOut))
+    .map_err(unreachable(session))?;
+    let migrated = store::migrate_on(&mut conn, empty).await;
+    let _ = conn.close().await;
+    migrated?;
     Ok(store)
 }
 
@@ -206,7 +285,8 @@ async fn serve(
     jobs: &TaskTracker,
     client: &mut Option<async_nats::Client>,
 ) -> Result<(), ServiceError> {
-    let handle = metrics::install().map_err(ServiceError::Metrics)?;
+    let handle =
+        metrics::install(&config.prometheus.grpc_latency_buckets).map_err(ServiceError::Metrics)?;
     let readiness = Readiness::new(DependencyState::default());
     tasks.spawn(ops_server::upkeep(
         handle.clone(),
@@ -237,7 +317,7 @@ async fn serve(
                 &dependencies,
                 deadline,
                 &tokens.stop,
-                || { connect_store(config) }
+                || { connect_store(config, EmptyDatabase::Refuse) }
             ),
             wait_until_up(
                 Dependency::Nats,
@@ -273,7 +353,7 @@ async fn serve(
         (!config.replication.job_timeout.is_zero()).then_some(config.replication.job_timeout);
     let replicator = GitalyReplicator::new(nodes.clone(), store.clone(), job_timeout, tasks);
     let locks = RepositoryLocks::start(
-        config.database.connect_options()?,
+        config.database.session_connect_options()?,
         tasks,
         tokens.background.clone(),
     );

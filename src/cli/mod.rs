@@ -44,8 +44,14 @@ enum Command {
     Run,
     /// Create or update the streams and consumers, then exit.
     Setup,
-    /// Apply the database migrations, then exit.
-    Migrate,
+    /// Check the database holds Praefect's schema (14.5 or later), add
+    /// gitaly-replicator's tables, then exit.
+    Migrate {
+        /// On an empty database, create the repository store's tables for a
+        /// cluster without Praefect (Praefect cannot take such a database over).
+        #[arg(long)]
+        standalone: bool,
+    },
     /// Publish jobs: one from flags, or JSON lines from stdin with --stdin.
     Publish(publish::PublishArgs),
     /// Show queue depth per (virtual storage, target).
@@ -175,6 +181,11 @@ pub async fn dispatch(args: Args) -> ExitCode {
         }
     };
     logging::init(log_format, &config.logging, command.audience());
+    if matches!(command, Command::Run) {
+        for warning in config.warnings() {
+            tracing::warn!(key = warning.key, "{}", warning.message);
+        }
+    }
     match command {
         Command::Run => report(
             gitaly_replicator::run(config, shutdown_signal())
@@ -182,17 +193,27 @@ pub async fn dispatch(args: Args) -> ExitCode {
                 .context("run"),
         ),
         Command::Setup => report(setup(&config).await),
-        Command::Migrate => report(
-            gitaly_replicator::connect_store(&config)
-                .await
-                .map(|_| println!("migrations applied"))
-                .context("migrate"),
+        Command::Migrate { standalone } => report(
+            gitaly_replicator::connect_store(
+                &config,
+                if standalone {
+                    gitaly_replicator::EmptyDatabase::CreateStandalone
+                } else {
+                    gitaly_replicator::EmptyDatabase::Refuse
+                },
+            )
+            .await
+            .map(|_| println!("migrations applied"))
+            .context("migrate"),
         ),
         Command::Publish(p) => publish::run(&config, p).await,
         Command::Status => report(status::run(&config).await),
         Command::Dead(d) => report(dead::run(&config, d).await),
         Command::CheckConfig { .. } => {
             print!("{}", config.to_masked_toml());
+            for warning in config.warnings() {
+                eprintln!("gitaly-replicator: warning: {warning}");
+            }
             eprintln!("gitaly-replicator: {} is valid", path.display());
             ExitCode::SUCCESS
         }

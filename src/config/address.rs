@@ -14,10 +14,11 @@ pub(super) const ADDRESS_FORMS: &str = "expected tcp://HOST:PORT, tls://HOST:POR
 /// A Gitaly node's gRPC address, in the forms Praefect accepts.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum NodeAddress {
-    /// `tcp://HOST:PORT`, plaintext.
-    Tcp { host: String, port: u16 },
-    /// `tls://HOST:PORT`.
-    Tls { host: String, port: u16 },
+    /// `tcp://HOST:PORT`, plaintext. `port` is `None` for Praefect's
+    /// `tcp://HOST`, which loads (with a warning) but cannot be dialed.
+    Tcp { host: String, port: Option<u16> },
+    /// `tls://HOST:PORT`; `port` as for `Tcp`.
+    Tls { host: String, port: Option<u16> },
     /// `unix:/PATH` (also written `unix:///PATH`).
     Unix { path: PathBuf },
 }
@@ -32,6 +33,16 @@ impl NodeAddress {
     /// Whether the connection uses TLS.
     pub fn is_tls(&self) -> bool {
         matches!(self, NodeAddress::Tls { .. })
+    }
+
+    /// Whether this is a TCP address without a port: Praefect's configs and
+    /// examples have them, and Praefect's own dial of one fails ("missing
+    /// port in address"); so does ours, rather than guessing a port.
+    pub fn lacks_port(&self) -> bool {
+        matches!(
+            self,
+            NodeAddress::Tcp { port: None, .. } | NodeAddress::Tls { port: None, .. }
+        )
     }
 }
 
@@ -67,27 +78,38 @@ impl FromStr for NodeAddress {
     }
 }
 
-fn host_port(s: &str) -> Result<(String, u16), String> {
+/// `HOST:PORT`, `[IPV6]:PORT`, or either without the port.
+fn host_port(s: &str) -> Result<(String, Option<u16>), String> {
     if s.contains(['/', '?', '#', '@']) || s.contains(char::is_whitespace) {
         return Err("only HOST:PORT may follow the scheme".into());
     }
     let (host, port) = if let Some(rest) = s.strip_prefix('[') {
         let (host, after) = rest.split_once(']').ok_or("unclosed '['")?;
-        (host, after.strip_prefix(':').ok_or("the port is missing")?)
-    } else {
-        let (host, port) = s.rsplit_once(':').ok_or("the port is missing")?;
-        if host.contains(':') {
-            return Err("write IPv6 addresses in brackets, as [::1]:8075".into());
+        match after {
+            "" => (host, None),
+            _ => (
+                host,
+                Some(after.strip_prefix(':').ok_or("only :PORT may follow ']'")?),
+            ),
         }
-        (host, port)
+    } else {
+        match s.rsplit_once(':') {
+            None => (s, None),
+            Some((host, _)) if host.contains(':') => {
+                return Err("write IPv6 addresses in brackets, as [::1]:8075".into());
+            }
+            Some((host, port)) => (host, Some(port)),
+        }
     };
     if host.is_empty() {
         return Err("the host is empty".into());
     }
-    match port.parse::<u16>() {
-        Ok(port) if port != 0 => Ok((host.to_string(), port)),
-        _ => Err(format!("{port:?} is not a port number")),
-    }
+    let port = match port.map(|p| (p, p.parse::<u16>())) {
+        None => None,
+        Some((_, Ok(port))) if port != 0 => Some(port),
+        Some((p, _)) => return Err(format!("{p:?} is not a port number")),
+    };
+    Ok((host.to_string(), port))
 }
 
 impl fmt::Display for NodeAddress {
@@ -97,10 +119,11 @@ impl fmt::Display for NodeAddress {
             NodeAddress::Tcp { host, port } => ("tcp", host, port),
             NodeAddress::Tls { host, port } => ("tls", host, port),
         };
-        if host.contains(':') {
-            write!(f, "{scheme}://[{host}]:{port}")
-        } else {
-            write!(f, "{scheme}://{host}:{port}")
+        match (host.contains(':'), port) {
+            (true, Some(port)) => write!(f, "{scheme}://[{host}]:{port}"),
+            (true, None) => write!(f, "{scheme}://[{host}]"),
+            (false, Some(port)) => write!(f, "{scheme}://{host}:{port}"),
+            (false, None) => write!(f, "{scheme}://{host}"),
         }
     }
 }

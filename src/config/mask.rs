@@ -131,8 +131,8 @@ mod tests {
 
     use super::*;
     use crate::config::{
-        DatabaseConfig, LogFormat, LoggingConfig, NatsConfig, Node, NodeAddress, ReplicationConfig,
-        VirtualStorage,
+        DatabaseConfig, LogFormat, LoggingConfig, NatsConfig, Node, NodeAddress, PoolMode,
+        PrometheusConfig, ReplicationConfig, SessionPooled, VirtualStorage,
     };
 
     /// Every key away from its default. Struct literals without `..`, so a new
@@ -161,7 +161,7 @@ mod tests {
                         "gitaly-1",
                         NodeAddress::Tls {
                             host: "fd00::1".into(),
-                            port: 8075,
+                            port: Some(8075),
                         },
                     ),
                     node(
@@ -186,6 +186,20 @@ mod tests {
                 max_connections: 7,
                 connect_timeout: Duration::from_secs(3),
                 statement_timeout: Duration::ZERO,
+                session_pooled: SessionPooled {
+                    host: Some("db-direct.internal".into()),
+                    port: Some(5434),
+                    user: Some("replicator_sp".into()),
+                    password: masked(),
+                    dbname: Some("store_sp".into()),
+                    sslmode: Some("verify-ca".into()),
+                    sslcert: path("/etc/pg/sp-client.pem"),
+                    sslkey: path("/etc/pg/sp-client-key.pem"),
+                    sslrootcert: path("/etc/pg/sp-ca.pem"),
+                },
+                host_no_proxy: Some("db-old-direct.internal".into()),
+                port_no_proxy: Some(5435),
+                pool_mode: Some(PoolMode::Transaction),
             },
             replication: ReplicationConfig {
                 batch_size: 11,
@@ -220,6 +234,9 @@ mod tests {
                 duplicate_window: Duration::from_secs(300),
                 dead_letter_max_age: Duration::from_secs(7 * 86400),
                 fetch_expires: Duration::from_secs(9),
+            },
+            prometheus: PrometheusConfig {
+                grpc_latency_buckets: vec![0.01, 0.5, 2.0],
             },
             ignored_keys: Vec::new(),
         }

@@ -30,6 +30,7 @@ mod logging;
 mod mask;
 mod nats;
 mod praefect;
+mod prometheus;
 mod reader;
 mod replication;
 mod secret;
@@ -37,6 +38,7 @@ mod section;
 mod suggestion;
 mod validate;
 mod virtual_storage;
+mod warning;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
@@ -46,15 +48,17 @@ use serde::Serialize;
 use toml::Table;
 
 pub use address::NodeAddress;
-pub use database::DatabaseConfig;
+pub use database::{DatabaseConfig, PoolMode, SessionPooled};
 pub use env::{ENV_PREFIX, node_token_env_var};
 pub use error::ConfigError;
 pub use logging::{LogFormat, LoggingConfig, trim_directives};
 pub use nats::{NatsConfig, UrlCredentials};
 
+pub use prometheus::{DEFAULT_LATENCY_BUCKETS, PrometheusConfig};
 pub use replication::ReplicationConfig;
 pub use secret::{MASK, Secret};
 pub use virtual_storage::{Node, VirtualStorage};
+pub use warning::ConfigWarning;
 
 use section::Ctx;
 
@@ -89,6 +93,8 @@ pub struct Config {
     pub replication: ReplicationConfig,
     /// `[nats]`: the job queue.
     pub nats: NatsConfig,
+    /// `[prometheus]`: Praefect's histogram buckets.
+    pub prometheus: PrometheusConfig,
     /// Praefect keys present in the file that gitaly-replicator accepts but does
     /// not use, as full paths, sorted.
     #[serde(skip)]
@@ -107,6 +113,7 @@ impl Default for Config {
             database: DatabaseConfig::default(),
             replication: ReplicationConfig::default(),
             nats: NatsConfig::default(),
+            prometheus: PrometheusConfig::default(),
             ignored_keys: Vec::new(),
         }
     }

@@ -8,8 +8,8 @@ use toml::Table;
 use super::address::{ADDRESS_FORMS, parse_listen_addr};
 use super::section::{Ctx, Section};
 use super::{
-    Config, ConfigError, DatabaseConfig, LogFormat, LoggingConfig, NatsConfig, Node,
-    ReplicationConfig, Secret, VirtualStorage,
+    Config, ConfigError, DatabaseConfig, LogFormat, LoggingConfig, NatsConfig, Node, PoolMode,
+    PrometheusConfig, ReplicationConfig, Secret, SessionPooled, VirtualStorage,
 };
 
 /// The configuration in `table`, with the overrides in `ctx` applied; not yet validated.
@@ -36,6 +36,7 @@ pub(super) fn read(table: Table, ctx: &mut Ctx) -> Result<Config, ConfigError> {
     let database = read_database(ctx, root.table("database")?)?;
     let replication = read_replication(ctx, root.table("replication")?)?;
     let nats = read_nats(ctx, root.table("nats")?)?;
+    let prometheus = read_prometheus(ctx, root.table("prometheus")?)?;
     root.finish(ctx)?;
     let mut config = Config {
         prometheus_listen_addr,
@@ -46,6 +47,7 @@ pub(super) fn read(table: Table, ctx: &mut Ctx) -> Result<Config, ConfigError> {
         database,
         replication,
         nats,
+        prometheus,
         ignored_keys: Vec::new(),
     };
     ctx.env.apply_node_tokens(&mut config)?;
@@ -128,6 +130,34 @@ fn read_database(ctx: &mut Ctx, mut s: Section) -> Result<DatabaseConfig, Config
         max_connections: s.number(ctx, "max_connections", d.max_connections)?,
         connect_timeout: s.duration(ctx, "connect_timeout", d.connect_timeout)?,
         statement_timeout: s.duration(ctx, "statement_timeout", d.statement_timeout)?,
+        session_pooled: read_session_pooled(ctx, s.table("session_pooled")?)?,
+        host_no_proxy: s.optional(ctx, "host_no_proxy")?,
+        port_no_proxy: Some(s.number(ctx, "port_no_proxy", 0u16)?).filter(|p| *p != 0),
+        pool_mode: match s.optional(ctx, "pool_mode")? {
+            None => None,
+            Some(m) => Some(PoolMode::parse(&m).ok_or_else(|| {
+                ConfigError::new(
+                    "database.pool_mode",
+                    format!("unknown mode {m:?}; expected \"session\" or \"transaction\""),
+                )
+            })?),
+        },
+    };
+    s.finish(ctx)?;
+    Ok(config)
+}
+
+fn read_session_pooled(ctx: &mut Ctx, mut s: Section) -> Result<SessionPooled, ConfigError> {
+    let config = SessionPooled {
+        host: s.optional(ctx, "host")?,
+        port: Some(s.number(ctx, "port", 0u16)?).filter(|p| *p != 0),
+        user: s.optional(ctx, "user")?,
+        password: s.secret(ctx, "password")?,
+        dbname: s.optional(ctx, "dbname")?,
+        sslmode: s.optional(ctx, "sslmode")?,
+        sslcert: s.path(ctx, "sslcert")?,
+        sslkey: s.path(ctx, "sslkey")?,
+        sslrootcert: s.path(ctx, "sslrootcert")?,
     };
     s.finish(ctx)?;
     Ok(config)
@@ -152,6 +182,17 @@ fn read_replication(ctx: &mut Ctx, mut s: Section) -> Result<ReplicationConfig, 
     };
     s.finish(ctx)?;
     Ok(config)
+}
+
+fn read_prometheus(ctx: &mut Ctx, mut s: Section) -> Result<PrometheusConfig, ConfigError> {
+    let buckets = s
+        .floats(ctx, "grpc_latency_buckets")?
+        .filter(|b| !b.is_empty())
+        .unwrap_or_else(|| PrometheusConfig::default().grpc_latency_buckets);
+    s.finish(ctx)?;
+    Ok(PrometheusConfig {
+        grpc_latency_buckets: buckets,
+    })
 }
 
 fn read_nats(ctx: &mut Ctx, mut s: Section) -> Result<NatsConfig, ConfigError> {

@@ -177,6 +177,42 @@ impl Section {
         }
     }
 
+    /// An array of numbers (integers allowed); from the environment, a
+    /// comma-separated list.
+    pub(super) fn floats(
+        &mut self,
+        ctx: &mut Ctx,
+        key: &'static str,
+    ) -> Result<Option<Vec<f64>>, ConfigError> {
+        let not_numbers = |this: &Self| {
+            ConfigError::new(
+                this.key(key),
+                "expected an array of numbers, e.g. [0.1, 1, 10]",
+            )
+        };
+        match self.raw(ctx, key) {
+            None => Ok(None),
+            Some(Raw::File(Value::Array(items))) => items
+                .iter()
+                .map(|v| match v {
+                    Value::Float(f) => Some(*f),
+                    Value::Integer(i) => Some(*i as f64),
+                    _ => None,
+                })
+                .collect::<Option<Vec<f64>>>()
+                .map(Some)
+                .ok_or_else(|| not_numbers(self)),
+            Some(Raw::Env(s)) => s
+                .split(',')
+                .filter(|p| !p.trim().is_empty())
+                .map(|p| p.trim().parse::<f64>().ok())
+                .collect::<Option<Vec<f64>>>()
+                .map(Some)
+                .ok_or_else(|| not_numbers(self)),
+            Some(Raw::File(other)) => Err(self.wrong_type(key, "an array of numbers", &other)),
+        }
+    }
+
     /// A humantime string (`"30s"`, `"1m 30s"`), or `default`.
     pub(super) fn duration(
         &mut self,

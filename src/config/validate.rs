@@ -8,11 +8,9 @@ use std::time::Duration;
 
 use crate::queue::names::{MAX_NAME_LEN, is_valid_name};
 
-use super::database::parse_sslmode;
+use super::database::{PoolMode, parse_sslmode};
 use super::logging::LOG_LEVELS;
-use super::{
-    Config, ConfigError, DatabaseConfig, NatsConfig, ReplicationConfig, node_token_env_var,
-};
+use super::{Config, ConfigError, DatabaseConfig, NatsConfig, ReplicationConfig};
 
 /// Longest subject prefix and storage name, in bytes. A job's subject is the
 /// prefix and both storage names, each byte of which may escape to three, and
@@ -77,16 +75,14 @@ impl Config {
                         ),
                     ));
                 }
-                check(
-                    !node.token.is_empty(),
-                    &format!("{key}.token"),
-                    format!(
-                        "must not be empty; set it in the file or in {}",
-                        node_token_env_var(&vs.name, &node.storage)
-                    ),
-                )?;
             }
         }
+        let buckets = &self.prometheus.grpc_latency_buckets;
+        check(
+            buckets.iter().all(|b| b.is_finite()) && buckets.windows(2).all(|w| w[0] < w[1]),
+            "prometheus.grpc_latency_buckets",
+            "must be finite numbers in ascending order",
+        )?;
         self.database.validate()?;
         self.replication.validate()?;
         self.nats.validate()
@@ -118,7 +114,15 @@ impl DatabaseConfig {
             }
         }
         if let Some(mode) = &self.sslmode {
-            parse_sslmode(mode)?;
+            parse_sslmode("database.sslmode", mode)?;
+        }
+        if self.pool_mode == Some(PoolMode::Transaction) && !self.has_session_connection() {
+            return Err(ConfigError::new(
+                "database.pool_mode",
+                "\"transaction\" needs [database.session_pooled]: the repository locks and \
+                 migrations need a session of their own, which a pooler in transaction mode \
+                 does not keep; point session_pooled at Postgres (or at a session-mode pooler)",
+            ));
         }
         if self.max_connections == 0 {
             return Err(ConfigError::new(
@@ -132,7 +136,8 @@ impl DatabaseConfig {
                 "must be more than 0s",
             ));
         }
-        self.connect_options().map(drop)
+        self.connect_options()?;
+        self.session_connect_options().map(drop)
     }
 }
 

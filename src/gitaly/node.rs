@@ -89,6 +89,9 @@ fn endpoint_for(address: &NodeAddress) -> Result<Endpoint, String> {
             } else {
                 "http"
             };
+            // Without a port the dial fails in the connector below; the URI
+            // only needs to parse.
+            let port = port.unwrap_or(0);
             if host.contains(':') && !host.starts_with('[') {
                 format!("{scheme}://[{host}]:{port}")
             } else {
@@ -129,6 +132,21 @@ impl NodeClient {
                     async move {
                         let stream = tokio::net::UnixStream::connect(path).await?;
                         Ok::<_, std::io::Error>(TokioIo::new(stream))
+                    }
+                }))
+            }
+            address if address.lacks_port() => {
+                let why = format!(
+                    "{address} has no port: nothing is dialed (Praefect's dial fails too); \
+                     write {address}:PORT"
+                );
+                endpoint.connect_with_connector_lazy(tower::service_fn(move |_| {
+                    let why = why.clone();
+                    async move {
+                        Err::<TokioIo<tokio::net::TcpStream>, _>(std::io::Error::new(
+                            std::io::ErrorKind::InvalidInput,
+                            why,
+                        ))
                     }
                 }))
             }
@@ -197,7 +215,11 @@ impl NodeClient {
         request
     }
 
+    /// `None` without a token: Praefect runs such a node unauthenticated.
     fn authorization(&self) -> Option<MetadataValue<tonic::metadata::Ascii>> {
+        if self.token.is_empty() {
+            return None;
+        }
         let now = std::time::SystemTime::now();
         let second = now
             .duration_since(std::time::UNIX_EPOCH)

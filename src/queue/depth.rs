@@ -82,7 +82,7 @@ pub async fn poll(js: Context, layout: Layout, interval: Duration, stop: Cancell
                     let m = TargetMetrics::new(&d.virtual_storage, &d.target_storage);
                     m.queue_depth("ready", d.pending);
                     m.queue_depth("in_progress", d.in_flight);
-                    m.queue_depth("redelivered", d.redelivered);
+                    m.queue_depth("failed", d.redelivered);
                     m.queue_depth("dead", d.dead);
                 }
             }

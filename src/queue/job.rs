@@ -178,7 +178,8 @@ fn decode(layout: &Layout, m: &jetstream::Message) -> Result<Job, String> {
 
 /// How far a job got before it was stopped.
 enum Ran {
-    /// The outcome; the latency when it completed; whether it was dispatched
+    /// The outcome; its latency when observed (see
+    /// [`JobOutcome::observes_latency`]); whether it was dispatched
     /// (a superseded job never is).
     Finished(JobOutcome, Option<Duration>, bool),
     /// Shutdown came before it started.
@@ -489,7 +490,7 @@ async fn run_job<R: Replicator>(
             }
             Some(outcome) => {
                 let completed = matches!(outcome, JobOutcome::Completed);
-                let latency = completed.then(|| timer.elapsed());
+                let latency = outcome.observes_latency().then(|| timer.elapsed());
                 if completed {
                     record = completion.map(|c| (c, started));
                 }

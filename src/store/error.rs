@@ -27,6 +27,9 @@ pub enum StoreError {
         #[source]
         source: MigrateError,
     },
+    /// The database's schema is not one the store can use or create.
+    #[error("repository store: {problem}: {fix}")]
+    Schema { problem: String, fix: String },
 }
 
 impl StoreError {
@@ -34,7 +37,7 @@ impl StoreError {
     pub fn operation(&self) -> &'static str {
         match self {
             Self::Query { operation, .. } | Self::Batch { operation, .. } => operation,
-            Self::Migrate { .. } => "migrate",
+            Self::Migrate { .. } | Self::Schema { .. } => "migrate",
         }
     }
 
@@ -71,6 +74,7 @@ impl StoreError {
         match self {
             Self::Query { source, .. } => is_unreachable(source),
             Self::Batch { outage, .. } => *outage,
+            Self::Schema { .. } => false,
             Self::Migrate { source } => match source {
                 MigrateError::Execute(e) | MigrateError::ExecuteMigration(e, _) => {
                     is_unreachable(e)
@@ -93,6 +97,7 @@ impl StoreError {
         match self {
             Self::Query { source, .. } => is_transient(source),
             Self::Batch { retryable, .. } => *retryable,
+            Self::Schema { .. } => false,
             Self::Migrate { source } => match source {
                 MigrateError::Execute(e) | MigrateError::ExecuteMigration(e, _) => is_transient(e),
                 _ => false,

@@ -461,6 +461,7 @@ impl RepositoryStore {
         )
         .bind(virtual_storage)
         .bind(relative_path)
+        .persistent(self.pool.persistent())
         .execute(&mut *tx)
         .await
         .map_err(failed(OPERATION))?;
@@ -471,6 +472,7 @@ impl RepositoryStore {
         .bind(virtual_storage)
         .bind(relative_path)
         .bind(storage)
+        .persistent(self.pool.persistent())
         .execute(&mut *tx)
         .await
         .map_err(failed(OPERATION))?;
@@ -482,6 +484,7 @@ impl RepositoryStore {
         )
         .bind(virtual_storage)
         .bind(relative_path)
+        .persistent(self.pool.persistent())
         .execute(&mut *tx)
         .await
         .map_err(failed(OPERATION))?;

@@ -17,6 +17,8 @@ mod lock_sessions;
 mod lock_statements;
 pub mod locks;
 mod order;
+mod schema;
+mod statement_pool;
 
 pub use completions::{CompletionKey, CompletionPruning, JobKey, prune_completions};
 pub use error::StoreError;
@@ -32,15 +34,17 @@ pub use lock_statements::{
 };
 pub use order::{Gated, LockSessionId, Standing, WriteOrder};
 
+pub use schema::{EmptyDatabase, REQUIRED_PRAEFECT_MIGRATION, REQUIRED_PRAEFECT_VERSION};
 use sqlx::PgPool;
 use sqlx::migrate::Migrator;
+pub use statement_pool::StatementPool;
 
 static MIGRATOR: Migrator = sqlx::migrate!();
 
 /// Handle on the repository store; cheap to clone (the pool is shared).
 #[derive(Debug, Clone)]
 pub struct RepositoryStore {
-    pool: PgPool,
+    pool: StatementPool,
 }
 
 /// The advisory lock key of a replica: the stable hash of the three names
@@ -51,22 +55,47 @@ pub fn repository_lock_key(virtual_storage: &str, relative_path: &str, target: &
 }
 
 impl RepositoryStore {
+    /// A store whose statements go straight through `pool`.
     pub fn new(pool: PgPool) -> Self {
+        Self {
+            pool: StatementPool::direct(pool),
+        }
+    }
+
+    /// A store on `pool` as given (see [`StatementPool`]).
+    pub fn with_statement_pool(pool: StatementPool) -> Self {
         Self { pool }
     }
 
     pub fn pool(&self) -> &PgPool {
-        &self.pool
+        self.pool.pool()
     }
 
     /// Applies the embedded migrations; safe to run again and on a database
     /// whose Praefect tables already exist.
     pub async fn migrate(&self) -> Result<(), StoreError> {
         MIGRATOR
-            .run(&self.pool)
+            .run(self.pool.pool())
             .await
             .map_err(|source| StoreError::Migrate { source })
     }
+}
+
+/// Checks the database's schema (see [`schema`]), then applies the embedded
+/// migrations, on `conn`: a session of its own, since the migrator holds a
+/// session advisory lock while it runs.
+pub async fn migrate_on(
+    conn: &mut sqlx::PgConnection,
+    empty: EmptyDatabase,
+) -> Result<(), StoreError> {
+    let found = schema::inspect(conn).await?;
+    schema::check(&found, empty)?;
+    // `run_direct`: `run`'s future, generic over `Acquire<'c>`, is not `Send`
+    // for every lifetime, which keeps the service's future from being spawned.
+    MIGRATOR
+        .run_direct(conn)
+        .await
+        .map_err(|source| StoreError::Migrate { source })
 }
 
 #[cfg(test)]

@@ -75,7 +75,7 @@ fn a_praefect_config_loads_as_is_and_lists_its_ignored_keys() {
         b.node("gitaly-b2").unwrap().address,
         NodeAddress::Tcp {
             host: "fd00::12".into(),
-            port: 8075
+            port: Some(8075)
         }
     );
     assert_eq!(
@@ -90,7 +90,7 @@ fn a_praefect_config_loads_as_is_and_lists_its_ignored_keys() {
         gitaly_3.address,
         NodeAddress::Tls {
             host: "gitaly-3.internal".into(),
-            port: 9999
+            port: Some(9999)
         }
     );
     assert_eq!(gitaly_3.token.expose(), "gitaly-token-default-3");

@@ -106,7 +106,11 @@ async fn body(
         ws.config_file().display()
     )))?;
     let config = parse(&toml)?;
-    let store = gitaly_replicator::connect_store(&config).await?;
+    let store = gitaly_replicator::connect_store(
+        &config,
+        gitaly_replicator::EmptyDatabase::CreateStandalone,
+    )
+    .await?;
 
     let specs = repositories::plan(options.repositories);
     repositories::create_all(&specs, &nodes.source().dir, ws.git_home(), &store).await?;
@@ -146,7 +150,7 @@ async fn body(
         plan.follow_up.len()
     ));
 
-    let recorder = gitaly_replicator::install_metrics()
+    let recorder = gitaly_replicator::install_metrics(&gitaly_replicator::DEFAULT_LATENCY_BUCKETS)
         .map_err(|e| DemoError::ServiceTask(format!("metrics recorder: {e}")))?;
     let baseline = Samples::parse(&recorder.render());
     let setup_time = started.elapsed();

@@ -8,9 +8,11 @@
 //! - [`nats_cluster`]: a private 3-node nats-server cluster, for tests that
 //!   kill one node;
 //! - [`postgres_server`]: a private Postgres, for tests that stop the database;
+//! - [`pgbouncer`]: a private PgBouncer in front of a Postgres;
 //! - [`storage_node`]: `storage-node` processes over real repositories;
 //! - [`git`]: bare repositories with commits, branches and tags;
-//! - [`http`]: GETs to an operations endpoint.
+//! - [`http`]: GETs to an operations endpoint;
+//! - [`tls`]: certificate authorities and certificates made for a test.
 
 pub mod db;
 pub mod git;
@@ -18,9 +20,11 @@ pub mod http;
 pub mod metrics;
 pub mod nats_cluster;
 pub mod nats_server;
+pub mod pgbouncer;
 pub mod postgres_server;
 pub mod recording_gitaly;
 pub mod storage_node;
+pub mod tls;
 
 /// Polls `check` every 50 ms until it holds or `timeout` passes.
 pub async fn eventually<F, Fut>(timeout: std::time::Duration, mut check: F) -> bool

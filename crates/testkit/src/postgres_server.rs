@@ -78,6 +78,40 @@ impl PrivatePostgres {
         self.dir.path().join("data")
     }
 
+    /// Writes `contents` to `name` in the data directory, readable by the
+    /// server only (as it demands of a key file), for TLS keys and
+    /// certificates; call before starting.
+    pub fn install_file(&self, name: &str, contents: &[u8]) {
+        use std::os::unix::fs::PermissionsExt;
+        let path = self.data_dir().join(name);
+        std::fs::write(&path, contents).expect("write into the data directory");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+            .expect("chmod the file");
+        if self.as_postgres {
+            let out = Command::new("chown")
+                .arg("postgres")
+                .arg(&path)
+                .output()
+                .expect("run chown");
+            assert!(out.status.success(), "chown failed: {}", text(&out));
+        }
+    }
+
+    /// Appends settings to `postgresql.conf`; call before starting.
+    pub fn append_config(&self, settings: &str) {
+        use std::io::Write;
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(self.data_dir().join("postgresql.conf"))
+            .expect("open postgresql.conf");
+        writeln!(file, "{settings}").expect("append to postgresql.conf");
+    }
+
+    /// Replaces `pg_hba.conf`; call before starting.
+    pub fn set_hba(&self, rules: &str) {
+        std::fs::write(self.data_dir().join("pg_hba.conf"), rules).expect("write pg_hba.conf");
+    }
+
     /// `postgres://postgres@127.0.0.1:PORT/postgres`
     pub fn url(&self) -> String {
         format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)

@@ -104,6 +104,8 @@ struct State {
     calls: Vec<RecordedCall>,
     behaviours: HashMap<String, Behaviour>,
     pools: HashMap<String, pb::ObjectPool>,
+    /// Relative paths `RepositoryExists` answers false for.
+    absent: std::collections::HashSet<String>,
     in_flight: HashMap<(String, String), usize>,
 }
 
@@ -226,6 +228,14 @@ impl RecordingGitaly {
         lock(&self.inner.state)
             .behaviours
             .insert(method.to_owned(), behaviour);
+    }
+
+    /// Makes `RepositoryExists` answer false for `relative_path` (true for
+    /// every other path).
+    pub fn set_absent(&self, relative_path: &str) {
+        lock(&self.inner.state)
+            .absent
+            .insert(relative_path.to_owned());
     }
 
     /// Makes `GetObjectPool` report `pool` for the repository at `relative_path`.
@@ -513,7 +523,12 @@ impl RepositoryService for RecordingGitaly {
             request,
             |r| r.repository.as_ref(),
             RecordedRequest::RepositoryExists,
-            |_, _| pb::RepositoryExistsResponse { exists: true },
+            |st, r| pb::RepositoryExistsResponse {
+                exists: r
+                    .repository
+                    .as_ref()
+                    .is_none_or(|repo| !st.absent.contains(&repo.relative_path)),
+            },
         )
         .await
     }

@@ -161,7 +161,7 @@ async fn rename_renames_on_the_target_and_moves_the_repository_and_target_replic
 }
 
 #[tokio::test]
-async fn rename_the_target_answers_not_found_completes_and_still_moves_the_records() {
+async fn rename_the_target_answers_not_found_completes_when_the_new_path_exists() {
     let n = TwoNodes::start().await;
     let s = seed(&n.db.store).await;
     n.target.gitaly.respond(
@@ -169,10 +169,35 @@ async fn rename_the_target_answers_not_found_completes_and_still_moves_the_recor
         Behaviour::fail(Code::NotFound, "repository does not exist"),
     );
 
+    // A redelivery after the rename took effect: the repository is at the new path.
     assert_completed(n.replicator.replicate(&job(rename())).await);
 
-    assert_eq!(requests(&n.target.gitaly.calls()), [rename_request()]);
+    let calls = n.target.gitaly.calls();
+    assert_eq!(methods(&calls), ["RenameRepository", "RepositoryExists"]);
+    assert_eq!(calls[1].relative_path, NEW_PATH);
     assert_eq!(rows(&n.db.store).await, renamed_rows(&s));
+}
+
+#[tokio::test]
+async fn rename_the_target_answers_not_found_fails_when_nothing_is_at_the_new_path() {
+    let n = TwoNodes::start().await;
+    let s = seed(&n.db.store).await;
+    n.target.gitaly.respond(
+        "RenameRepository",
+        Behaviour::fail(Code::NotFound, "repository does not exist"),
+    );
+    n.target.gitaly.set_absent(NEW_PATH);
+
+    // Nothing moved on disk: retried, and the records stay where they were.
+    match n.replicator.replicate(&job(rename())).await {
+        JobOutcome::Failed(e) => {
+            let e = e.to_string();
+            assert!(e.contains("NOT_FOUND"), "{e}");
+            assert!(e.contains(NEW_PATH), "{e}");
+        }
+        other => panic!("expected Failed, got {other:?}"),
+    }
+    assert_eq!(rows(&n.db.store).await, seeded_rows(&s));
 }
 
 #[tokio::test]

@@ -10,6 +10,7 @@ use gitaly_replicator::Layout;
 use gitaly_replicator::Publisher;
 use gitaly_replicator::dead_letters::{self, DeadMessage};
 use std::time::Duration;
+use testkit::pgbouncer::PgBouncer;
 use testkit::recording_gitaly::{RecordingGitaly, RunningGitaly};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -81,6 +82,14 @@ pub fn config_toml(
     s
 }
 
+/// The port of a Postgres url.
+pub fn db_port(db_url: &str) -> u16 {
+    url::Url::parse(db_url)
+        .ok()
+        .and_then(|u| u.port())
+        .unwrap_or(5432)
+}
+
 /// Deletes the test's streams (and with them the consumers).
 pub fn delete_streams(nats_url: String, names: TestNames) {
     let _ = std::thread::spawn(move || {
@@ -117,6 +126,31 @@ pub struct Cluster {
     /// The config as TOML, for tests that run the binary.
     pub toml: String,
     nats_url: String,
+    /// In front of the database when the cluster runs through PgBouncer.
+    pub pgbouncer: Option<PgBouncer>,
+}
+
+/// Set (to anything) to run every cluster's `[database]` through a private
+/// PgBouncer in transaction mode, with the session connection direct, as
+/// Praefect deployments do.
+pub const VIA_PGBOUNCER_ENV: &str = "REPLICATOR_TEST_VIA_PGBOUNCER";
+
+/// Routes `toml`'s `[database]` (whose url is `db_url`) through `bouncer`,
+/// with `[database.session_pooled]` straight to Postgres.
+pub fn via_pgbouncer(toml: &mut String, db_url: &str, bouncer: &PgBouncer) {
+    let mut url = url::Url::parse(db_url).unwrap();
+    let direct_port = url.port().unwrap_or(5432);
+    url.set_port(Some(bouncer.port)).unwrap();
+    *toml = toml.replace(
+        &format!("\n[database]\nurl = \"{db_url}\"\n"),
+        &format!(
+            "\n[database]\nurl = \"{url}\"\n\n[database.session_pooled]\nhost = \"127.0.0.1\"\nport = {direct_port}\n"
+        ),
+    );
+    assert!(
+        toml.contains("session_pooled"),
+        "no [database] url to route"
+    );
 }
 
 impl Cluster {
@@ -144,6 +178,24 @@ impl Cluster {
         nats_url: String,
         edit: impl FnOnce(&mut String),
     ) -> Cluster {
+        // Small pools, so clients share server connections as in production.
+        let bouncer = std::env::var_os(VIA_PGBOUNCER_ENV).map(|_| 4);
+        Self::start_inner(storages, nats_url, edit, bouncer).await
+    }
+
+    /// `n` nodes, with `[database]` through a private PgBouncer in
+    /// transaction mode with `pool_size` server connections.
+    pub async fn start_through_pgbouncer(n: usize, pool_size: u32) -> Cluster {
+        let storages: Vec<String> = (1..=n).map(|i| format!("gitaly-{i}")).collect();
+        Self::start_inner(&storages, nats_url(), |_| {}, Some(pool_size)).await
+    }
+
+    async fn start_inner(
+        storages: &[String],
+        nats_url: String,
+        edit: impl FnOnce(&mut String),
+        pgbouncer_pool_size: Option<u32>,
+    ) -> Cluster {
         let names = TestNames::new();
         let db = TestDatabase::new().await;
         let mut nodes = Vec::new();
@@ -159,6 +211,11 @@ impl Cluster {
             nodes.push(node);
         }
         let mut toml = config_toml(&names, &specs, &db.url, &nats_url);
+        let pgbouncer =
+            pgbouncer_pool_size.map(|size| PgBouncer::start(db_port(&db.url), "transaction", size));
+        if let Some(bouncer) = &pgbouncer {
+            via_pgbouncer(&mut toml, &db.url, bouncer);
+        }
         edit(&mut toml);
         let config = Config::from_toml_str(&toml).unwrap();
         // As the service connects, so that credentials in the URL are used.
@@ -178,6 +235,7 @@ impl Cluster {
             layout,
             toml,
             nats_url,
+            pgbouncer,
         }
     }
 

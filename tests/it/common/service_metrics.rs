@@ -5,7 +5,11 @@ use testkit::metrics::Samples;
 
 /// The process's metrics (the recorder the service installed).
 pub fn samples() -> Samples {
-    Samples::parse(&gitaly_replicator::install_metrics().unwrap().render())
+    Samples::parse(
+        &gitaly_replicator::install_metrics(&gitaly_replicator::DEFAULT_LATENCY_BUCKETS)
+            .unwrap()
+            .render(),
+    )
 }
 
 /// Jobs of this virtual storage that ended `outcome`.
