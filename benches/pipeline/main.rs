@@ -68,7 +68,7 @@ async fn main() -> anyhow::Result<()> {
             backlogs: vec![1_000, 5_000],
             scale_out_jobs: 2_000,
             praefect_backlogs: vec![2_000],
-            praefect_window: std::time::Duration::from_secs(10),
+            praefect_window: std::time::Duration::from_secs(3),
             idle_probes: 10,
         }
     } else {
@@ -145,7 +145,7 @@ async fn main() -> anyhow::Result<()> {
 fn print_table(rows: &[Row], sizes: &Sizes, secs: f64) {
     println!();
     println!(
-        "{:<12} {:<44} {:>14} {:<8} target",
+        "{:<12} {:<52} {:>10} {:<7} target",
         "scenario", "metric", "value", "unit"
     );
     println!("{}", "-".repeat(100));
@@ -162,7 +162,7 @@ fn print_table(rows: &[Row], sizes: &Sizes, secs: f64) {
             format!("{:.1}", r.value)
         };
         println!(
-            "{:<12} {:<44} {:>14} {:<8} {}",
+            "{:<12} {:<52} {:>10} {:<7} {}",
             r.scenario, r.metric, value, r.unit, target
         );
     }

@@ -494,8 +494,13 @@ impl Queue {
     }
 
     /// Repositories 1..=n at generation 1 on the source, as Praefect's
-    /// `CreateRepository` leaves them.
+    /// `CreateRepository` leaves them. The notification triggers are off
+    /// meanwhile, as in Praefect's own bulk migrations: one notification
+    /// for 10,000 rows exceeds NOTIFY's 8,000-byte payload.
     pub async fn seed_repositories(&self, vs: &str, n: usize) -> anyhow::Result<()> {
+        sqlx::raw_sql("ALTER TABLE storage_repositories DISABLE TRIGGER USER")
+            .execute(&self.pool)
+            .await?;
         for start in (0..n).step_by(10_000) {
             let end = (start + 10_000).min(n);
             let ids: Vec<i64> = (start..end).map(|i| i as i64 + 1).collect();
@@ -523,6 +528,9 @@ impl Queue {
             .execute(&self.pool)
             .await?;
         }
+        sqlx::raw_sql("ALTER TABLE storage_repositories ENABLE TRIGGER USER")
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 

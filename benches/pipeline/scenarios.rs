@@ -255,52 +255,38 @@ pub async fn update(s: &Sizes, maintenance: Option<f64>) -> anyhow::Result<Vec<R
     Ok(rows)
 }
 
-/// CPU per job by process; `prefix` names the run where a scenario has several.
+/// CPU per job by process; `prefix` names the run where a scenario has
+/// several (Praefect's emulation, which runs in the bench process).
 fn cpu_split_rows(scenario: &'static str, prefix: &str, split: &CpuSplit, jobs: usize) -> Vec<Row> {
     let per_job = |secs: f64| secs * 1e6 / jobs.max(1) as f64;
-    let mut parts = Vec::new();
-    if split.consumer > 0.0 {
-        parts.push(("consumer", split.consumer));
-    }
-    parts.extend([
-        ("bench process (target)", split.bench),
-        ("NATS", split.nats),
-        ("Postgres (this database)", split.postgres),
-        ("other", split.other),
-    ]);
-    if prefix.is_empty() {
-        parts
-            .into_iter()
-            .map(|(what, secs)| {
-                row(
-                    scenario,
-                    format!("CPU per job: {what}"),
-                    per_job(secs),
-                    "us",
-                    None,
-                )
-            })
-            .collect()
+    let parts: Vec<(&str, f64)> = if prefix.is_empty() {
+        vec![
+            ("consumer", split.consumer),
+            ("bench (target)", split.bench),
+            ("NATS", split.nats),
+            ("Postgres", split.postgres),
+            ("other", split.other),
+        ]
     } else {
-        parts
-            .into_iter()
-            .filter(|(what, _)| *what != "NATS")
-            .map(|(what, secs)| {
-                let what = if what.starts_with("bench") {
-                    "bench process (emulation, target)"
-                } else {
-                    what
-                };
-                row(
-                    scenario,
-                    format!("{prefix}: CPU per job: {what}"),
-                    per_job(secs),
-                    "us",
-                    None,
-                )
-            })
-            .collect()
-    }
+        vec![
+            ("emulation+target", split.bench),
+            ("Postgres", split.postgres),
+            ("other", split.other),
+        ]
+    };
+    let sep = if prefix.is_empty() { "" } else { ", " };
+    parts
+        .into_iter()
+        .map(|(what, secs)| {
+            row(
+                scenario,
+                format!("{prefix}{sep}CPU/job: {what}"),
+                per_job(secs),
+                "us",
+                None,
+            )
+        })
+        .collect()
 }
 
 /// "2k", "10k", "100k".
@@ -326,7 +312,7 @@ pub async fn praefect(s: &Sizes) -> anyhow::Result<Vec<Row>> {
 
 async fn praefect_in(env: &BenchEnv, s: &Sizes, rows: &mut Vec<Row>) -> anyhow::Result<()> {
     let parallel = opts(Duration::ZERO).max_concurrent_jobs;
-    let enqueue_jobs = 2_000;
+    let enqueue_jobs = if s.quick { 1_000 } else { 2_000 };
     rows.push(row(
         "praefect",
         format!("Enqueue, {enqueue_jobs} jobs, 16 connections"),
