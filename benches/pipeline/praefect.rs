@@ -587,6 +587,9 @@ pub struct Manager {
     source_address: String,
     /// Jobs acknowledged as completed.
     pub completed: AtomicUsize,
+    /// Statements that failed and jobs that did, which Praefect logs and
+    /// goes on from.
+    pub errors: AtomicUsize,
     /// (correlation id, when its dispatch started), where `record` is set.
     pub dispatched: Mutex<Vec<(String, Instant)>>,
     record: bool,
@@ -608,6 +611,7 @@ impl Manager {
             source: node(SOURCE)?,
             source_address: env.source.address(),
             completed: AtomicUsize::new(0),
+            errors: AtomicUsize::new(0),
             dispatched: Mutex::new(Vec::new()),
             record,
         })
@@ -625,7 +629,13 @@ impl Manager {
             .build();
         while !stop.is_cancelled() {
             // A failed dequeue counts as none processed, as in Praefect.
-            let processed = self.handle_node(&vs).await.unwrap_or(0);
+            let processed = match self.handle_node(&vs).await {
+                Ok(n) => n,
+                Err(_) => {
+                    self.errors.fetch_add(1, Ordering::Relaxed);
+                    0
+                }
+            };
             if processed == 0 {
                 let wait = backoff.next_backoff().unwrap_or(BACKOFF_MAX);
                 tokio::select! {
@@ -649,8 +659,10 @@ impl Manager {
         for event in &events {
             let state = match self.process(event).await {
                 Ok(()) => "completed",
-                Err(_) if event.attempt <= 0 => "dead",
-                Err(_) => "failed",
+                Err(_) => {
+                    self.errors.fetch_add(1, Ordering::Relaxed);
+                    if event.attempt <= 0 { "dead" } else { "failed" }
+                }
             };
             match by_state.iter_mut().find(|(s, _)| *s == state) {
                 Some((_, ids)) => ids.push(event.id),
@@ -659,10 +671,14 @@ impl Manager {
         }
         for (state, ids) in &by_state {
             // Praefect logs a failed acknowledgement and goes on.
-            if let Ok(acked) = self.queue.acknowledge(state, ids).await
-                && *state == "completed"
-            {
-                self.completed.fetch_add(acked.len(), Ordering::Relaxed);
+            match self.queue.acknowledge(state, ids).await {
+                Ok(acked) if *state == "completed" => {
+                    self.completed.fetch_add(acked.len(), Ordering::Relaxed);
+                }
+                Ok(_) => {}
+                Err(_) => {
+                    self.errors.fetch_add(1, Ordering::Relaxed);
+                }
             }
         }
         Ok(events.len())
@@ -830,6 +846,11 @@ async fn run_drain(
         h.await?;
     }
     anyhow::ensure!(jobs > 0, "Praefect's workers completed no job");
+    let errors = manager.errors.load(Ordering::Relaxed);
+    anyhow::ensure!(
+        errors == 0,
+        "{errors} failed statements or jobs in Praefect's emulation"
+    );
     if kind == Kind::Update {
         let replicas = manager.queue.target_replicas().await?;
         anyhow::ensure!(

@@ -8,6 +8,8 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime};
 
 const BATCH: usize = 100;
+/// Praefect's workers beside one: the consumer's `max_connections`.
+const PRAEFECT_WORKERS: usize = 16;
 
 fn opts(latency: Duration) -> EnvOptions {
     EnvOptions {
@@ -300,7 +302,7 @@ fn jobs_label(n: usize) -> String {
 
 /// Praefect's replication queue, emulated, beside ours on the same backlogs:
 /// one worker per target as Praefect runs, and as many workers as the
-/// consumer has jobs in flight.
+/// consumer has Postgres connections.
 pub async fn praefect(s: &Sizes) -> anyhow::Result<Vec<Row>> {
     let env = BenchEnv::new(&opts(Duration::ZERO)).await?;
     let mut rows = Vec::new();
@@ -311,7 +313,11 @@ pub async fn praefect(s: &Sizes) -> anyhow::Result<Vec<Row>> {
 }
 
 async fn praefect_in(env: &BenchEnv, s: &Sizes, rows: &mut Vec<Row>) -> anyhow::Result<()> {
-    let parallel = opts(Duration::ZERO).max_concurrent_jobs;
+    // As many workers as the consumer has Postgres connections, one
+    // connection each. As many as it has jobs in flight (256) would share
+    // those 16 connections, and their Dequeues starve the jobs' own
+    // statements; 256 connections exceed what the bench's Postgres allows.
+    let parallel = PRAEFECT_WORKERS;
     let enqueue_jobs = if s.quick { 1_000 } else { 2_000 };
     rows.push(row(
         "praefect",
