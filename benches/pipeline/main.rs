@@ -68,7 +68,7 @@ async fn main() -> anyhow::Result<()> {
             backlogs: vec![1_000, 5_000],
             scale_out_jobs: 2_000,
             praefect_backlogs: vec![2_000],
-            praefect_window: std::time::Duration::from_secs(2),
+            praefect_window: std::time::Duration::from_secs(1),
             idle_probes: 10,
         }
     } else {
