@@ -8,6 +8,7 @@ use gitaly_replicator::Publisher;
 use gitaly_replicator::RepositoryStore;
 use serde_json::json;
 use sqlx::{Connection, PgConnection};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -20,8 +21,8 @@ pub struct BenchEnv {
     pub vs: String,
     pub db_name: String,
     pub store: RepositoryStore,
-    /// Kept alive: the source node of update jobs.
-    _source: RunningGitaly,
+    /// The source node of update jobs.
+    pub source: RunningGitaly,
     pub target: RunningGitaly,
     pub client: async_nats::Client,
     pub js: async_nats::jetstream::Context,
@@ -111,7 +112,7 @@ max_ack_pending = -1
             vs,
             db_name,
             store,
-            _source: source,
+            source,
             target,
             client,
             js,
@@ -119,6 +120,10 @@ max_ack_pending = -1
             toml,
             dir: tempfile::tempdir()?,
         })
+    }
+
+    pub fn db_url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:5432/{}", self.db_name)
     }
 
     pub fn maintenance_job(&self, i: usize) -> Job {
@@ -178,8 +183,9 @@ max_ack_pending = -1
     }
 
     /// Waits until the target has seen `calls` calls and the work stream is
-    /// empty; returns (seconds from the first call to the end, peak RSS in
-    /// KiB of `watch` sampled every 50 ms). The call count is read every
+    /// empty; returns seconds from the first call to the end, the peak RSS in
+    /// KiB of `watch` (the consumers) sampled every 50 ms, and the CPU time
+    /// spent meanwhile, split by process. The call count is read every
     /// 5 ms, so the start and end are found to within that (a few seconds'
     /// drain at 50 ms would be off by a few percent).
     pub async fn drain(
@@ -191,13 +197,17 @@ max_ack_pending = -1
         let deadline = Instant::now() + timeout;
         let counter = &self.target.gitaly;
         let start_count = counter.call_count();
-        let mut first: Option<(Instant, f64)> = None;
+        let mut first: Option<(Instant, f64, CpuSample)> = None;
         let mut peak = 0;
         let mut polls: u64 = 0;
         loop {
             let n = counter.call_count() - start_count;
             if n > 0 && first.is_none() {
-                first = Some((Instant::now(), cpu_busy_secs()));
+                first = Some((
+                    Instant::now(),
+                    cpu_busy_secs(),
+                    CpuSample::take(watch, &self.db_name),
+                ));
             }
             if polls.is_multiple_of(10) {
                 for pid in watch {
@@ -206,13 +216,20 @@ max_ack_pending = -1
             }
             polls += 1;
             if n >= calls && self.jobs_left().await? == 0 {
-                let (secs, cpu_secs) = first
-                    .map(|(f, cpu)| (f.elapsed().as_secs_f64(), cpu_busy_secs() - cpu))
-                    .unwrap_or((0.0, 0.0));
+                let (secs, cpu_secs, split) = first
+                    .map(|(f, cpu, sample)| {
+                        (
+                            f.elapsed().as_secs_f64(),
+                            cpu_busy_secs() - cpu,
+                            CpuSample::take(watch, &self.db_name).since(&sample),
+                        )
+                    })
+                    .unwrap_or_default();
                 return Ok(Drained {
                     secs,
                     peak_kib: peak,
                     cpu_secs,
+                    split,
                 });
             }
             if Instant::now() > deadline {
@@ -242,7 +259,6 @@ max_ack_pending = -1
     }
 }
 
-/// Peak resident set (VmHWM) of a process, in KiB.
 /// What a drain measured.
 pub struct Drained {
     /// From the first call to the last job acknowledged.
@@ -253,6 +269,107 @@ pub struct Drained {
     /// consumer, NATS, Postgres, the bench's own target), which stolen time
     /// on a shared host does not inflate the way it does wall time.
     pub cpu_secs: f64,
+    /// The same time by process.
+    pub split: CpuSplit,
+}
+
+/// CPU seconds by process over an interval.
+#[derive(Default, Clone, Copy)]
+pub struct CpuSplit {
+    /// The `gitaly-replicator run` processes watched.
+    pub consumer: f64,
+    /// The bench process: the recording Gitaly target and source, the
+    /// drain's polling, and the Praefect emulation where it runs.
+    pub bench: f64,
+    pub nats: f64,
+    /// Postgres backends connected to this scenario's database.
+    pub postgres: f64,
+    /// The machine's busy time from /proc/stat less the above: Postgres'
+    /// and NATS' other processes, other work on the machine.
+    pub other: f64,
+}
+
+/// Cumulative CPU time of the processes a split counts.
+pub struct CpuSample {
+    busy: f64,
+    consumer: f64,
+    bench: f64,
+    nats: f64,
+    /// Per backend, so one that exits between samples is not subtracted.
+    postgres: HashMap<u32, f64>,
+}
+
+impl CpuSample {
+    /// Reads /proc: the watched pids, this process, every `nats-server`, and
+    /// the Postgres backends whose process title names `db_name`.
+    pub fn take(consumers: &[u32], db_name: &str) -> CpuSample {
+        let mut nats = 0.0;
+        let mut postgres = HashMap::new();
+        if let Ok(dir) = std::fs::read_dir("/proc") {
+            for entry in dir.flatten() {
+                let Some(pid) = entry
+                    .file_name()
+                    .to_str()
+                    .and_then(|s| s.parse::<u32>().ok())
+                else {
+                    continue;
+                };
+                let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+                match comm.trim_end() {
+                    "nats-server" => nats += process_cpu_secs(pid),
+                    "postgres" => {
+                        let title =
+                            std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                        if String::from_utf8_lossy(&title).contains(db_name) {
+                            postgres.insert(pid, process_cpu_secs(pid));
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        CpuSample {
+            busy: cpu_busy_secs(),
+            consumer: consumers.iter().map(|&p| process_cpu_secs(p)).sum(),
+            bench: process_cpu_secs(std::process::id()),
+            nats,
+            postgres,
+        }
+    }
+
+    pub fn since(&self, earlier: &CpuSample) -> CpuSplit {
+        let postgres = self
+            .postgres
+            .iter()
+            .map(|(pid, t)| t - earlier.postgres.get(pid).copied().unwrap_or(0.0))
+            .sum();
+        let mut split = CpuSplit {
+            consumer: self.consumer - earlier.consumer,
+            bench: self.bench - earlier.bench,
+            nats: self.nats - earlier.nats,
+            postgres,
+            other: 0.0,
+        };
+        let counted = split.consumer + split.bench + split.nats + split.postgres;
+        split.other = (self.busy - earlier.busy - counted).max(0.0);
+        split
+    }
+}
+
+/// User plus system time of a process and all its threads (utime and stime
+/// of /proc/<pid>/stat, in USER_HZ = 100 ticks); 0 where unreadable.
+fn process_cpu_secs(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            // The command name may hold spaces; the fields follow its ')'.
+            let rest = &s[s.rfind(')')? + 1..];
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            let utime: u64 = fields.get(11)?.parse().ok()?;
+            let stime: u64 = fields.get(12)?.parse().ok()?;
+            Some((utime + stime) as f64 / 100.0)
+        })
+        .unwrap_or(0.0)
 }
 
 /// Busy CPU time of the machine so far (user, nice, system, irq, softirq
@@ -277,6 +394,7 @@ pub fn cpu_busy_secs() -> f64 {
         .unwrap_or(0.0)
 }
 
+/// Peak resident set (VmHWM) of a process, in KiB.
 pub fn peak_rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()

@@ -5,9 +5,12 @@
 //! real consumer (beside the ceiling of one gRPC call per job with nothing
 //! else running), publish→dispatch latency at a steady rate, drain rate over
 //! growing backlogs with the consumer's peak memory, and scale-out to two
-//! processes. Prints one table and writes it as JSON under `target/bench/`.
+//! processes; and Praefect's own replication queue, emulated on the same
+//! Postgres and target, on the same backlogs. Prints one table and writes it
+//! as JSON under `target/bench/`.
 
 mod env;
+mod praefect;
 mod scenarios;
 
 use serde_json::json;
@@ -29,6 +32,15 @@ pub struct Sizes {
     pub latency_secs: u64,
     pub backlogs: Vec<usize>,
     pub scale_out_jobs: usize,
+    /// Backlogs of the praefect scenario, drained by Praefect's emulation
+    /// and by the consumer.
+    pub praefect_backlogs: Vec<usize>,
+    /// How long one drain of Praefect's queue may run: it slows as the
+    /// backlog grows, and its rate is read over this window where the
+    /// backlog outlasts it.
+    pub praefect_window: std::time::Duration,
+    /// Jobs published into Praefect's idle queue in the latency scenario.
+    pub idle_probes: usize,
 }
 
 #[tokio::main]
@@ -55,6 +67,9 @@ async fn main() -> anyhow::Result<()> {
             latency_secs: 2,
             backlogs: vec![1_000, 5_000],
             scale_out_jobs: 2_000,
+            praefect_backlogs: vec![2_000],
+            praefect_window: std::time::Duration::from_secs(1),
+            idle_probes: 10,
         }
     } else {
         Sizes {
@@ -63,6 +78,9 @@ async fn main() -> anyhow::Result<()> {
             latency_secs: 10,
             backlogs: vec![10_000, 100_000, 1_000_000],
             scale_out_jobs: 20_000,
+            praefect_backlogs: vec![2_000, 10_000, 100_000],
+            praefect_window: std::time::Duration::from_secs(15),
+            idle_probes: 20,
         }
     };
     let sizes = Sizes {
@@ -72,19 +90,43 @@ async fn main() -> anyhow::Result<()> {
     let started = Instant::now();
     let mut rows: Vec<Row> = Vec::new();
     let mut raw_rate = None;
-    if wanted("raw") || wanted("maintenance") {
+    let mut grpc_rate = None;
+    let mut maintenance_rate = None;
+    let needs_bound = wanted("bound") || wanted("maintenance");
+    if wanted("raw") || needs_bound {
         let r = scenarios::raw(&sizes).await?;
         raw_rate = Some(r.value);
         rows.push(r);
     }
-    if wanted("grpc") || wanted("maintenance") {
-        rows.push(scenarios::grpc_ceiling(&sizes).await?);
+    if wanted("grpc") || needs_bound {
+        let r = scenarios::grpc_ceiling(&sizes).await?;
+        grpc_rate = Some(r.value);
+        rows.push(r);
+    }
+    // No queue can beat raw delivery plus one gRPC call per job, each
+    // costing what it costs alone.
+    let bound = raw_rate
+        .zip(grpc_rate)
+        .map(|(raw, grpc)| 1.0 / (1.0 / raw + 1.0 / grpc));
+    if let Some(b) = bound {
+        rows.push(Row {
+            scenario: "bound",
+            metric: "1 / (1/raw + 1/grpc)".into(),
+            value: b,
+            unit: "jobs/s",
+            target: None,
+        });
     }
     if wanted("maintenance") {
-        rows.extend(scenarios::maintenance(&sizes, raw_rate).await?);
+        let (r, rate) = scenarios::maintenance(&sizes, raw_rate, bound).await?;
+        maintenance_rate = Some(rate);
+        rows.extend(r);
     }
     if wanted("update") {
-        rows.extend(scenarios::update(&sizes).await?);
+        rows.extend(scenarios::update(&sizes, maintenance_rate).await?);
+    }
+    if wanted("praefect") {
+        rows.extend(scenarios::praefect(&sizes).await?);
     }
     if wanted("latency") {
         rows.extend(scenarios::latency(&sizes).await?);
@@ -103,7 +145,7 @@ async fn main() -> anyhow::Result<()> {
 fn print_table(rows: &[Row], sizes: &Sizes, secs: f64) {
     println!();
     println!(
-        "{:<12} {:<44} {:>14} {:<8} target",
+        "{:<12} {:<52} {:>10} {:<7} target",
         "scenario", "metric", "value", "unit"
     );
     println!("{}", "-".repeat(100));
@@ -120,7 +162,7 @@ fn print_table(rows: &[Row], sizes: &Sizes, secs: f64) {
             format!("{:.1}", r.value)
         };
         println!(
-            "{:<12} {:<44} {:>14} {:<8} {}",
+            "{:<12} {:<52} {:>10} {:<7} {}",
             r.scenario, r.metric, value, r.unit, target
         );
     }
