@@ -48,7 +48,7 @@ pub enum ServiceError {
     #[error(
         "cannot connect to Postgres, {connection}{}: {}",
         url_part(url),
-        database_reason(source)
+        database_reason(source, &key_prefix(connection))
     )]
     Database {
         connection: &'static str,
@@ -79,6 +79,11 @@ pub enum ServiceError {
     Stopped,
 }
 
+/// `[database.session_pooled]` → `database.session_pooled.`
+fn key_prefix(connection: &str) -> String {
+    format!("{}.", connection.trim_matches(['[', ']']))
+}
+
 fn url_part(url: &str) -> String {
     if url.is_empty() {
         String::new()
@@ -87,17 +92,26 @@ fn url_part(url: &str) -> String {
     }
 }
 
-/// The driver's reason, with the keys to look at when TLS is why.
-fn database_reason(source: &sqlx::Error) -> String {
+/// The driver's reason, with the keys to look at when TLS is why; `keys` is
+/// the prefix of the connection's keys (`database.`).
+fn database_reason(source: &sqlx::Error, keys: &str) -> String {
     let text = source.to_string();
-    if is_tls_failure(source) {
+    if !is_tls_failure(source) {
+        return text;
+    }
+    if text.contains("not valid for name") {
+        // The driver checks the name with verify-ca too, stricter than libpq.
         format!(
-            "{text}; check sslrootcert (the CA that signed the server's certificate), host \
-             (the name the certificate is for, with verify-full), sslcert and sslkey (the \
-             client certificate), or sslmode"
+            "{text}; set {keys}host to a name the server's certificate holds (with verify-ca \
+             and verify-full alike), or {keys}sslmode to require"
+        )
+    } else if text.contains("certificate") && !text.contains("client") {
+        format!(
+            "{text}; check {keys}sslrootcert: the CA that signed the server's certificate \
+             (the platform's roots are trusted as well)"
         )
     } else {
-        text
+        format!("{text}; check {keys}sslcert and {keys}sslkey (PEM), and {keys}sslmode")
     }
 }
 

@@ -111,13 +111,11 @@ fn a_praefect_config_loads_as_is_and_lists_its_ignored_keys() {
         "auth.token",
         "auth.transitioning",
         "background_verification.delete_invalid_records",
-        "database.session_pooled.host",
-        "database.session_pooled.password",
         "failover.election_strategy",
         "failover.enabled",
         "listen_addr",
         "logging.dir",
-        "prometheus.grpc_latency_buckets",
+        "prometheus.scrape_timeout",
         "prometheus_exclude_database_from_default_metrics",
         "reconciliation.scheduling_interval",
         "socket_path",
@@ -156,8 +154,14 @@ fn praefect_database_keys_become_connect_options() {
     assert_eq!(options.get_database(), Some("praefect_production"));
     assert!(matches!(options.get_ssl_mode(), PgSslMode::Require));
     assert_eq!(options.get_application_name(), Some("gitaly-replicator"));
+    // With [database.session_pooled], [database] is taken for PgBouncer in
+    // transaction mode: the statement timeout is set per transaction, and
+    // only the session connection sends it at startup.
+    assert!(config.database.transaction_pooled());
+    assert_eq!(options.get_options(), None);
+    let session = config.database.session_connect_options().unwrap();
     assert!(
-        options
+        session
             .get_options()
             .unwrap()
             .contains("statement_timeout=30000")
@@ -397,7 +401,6 @@ fn a_bad_address_is_an_error_naming_the_key_and_the_accepted_forms() {
     for bad in [
         "127.0.0.1:8075",
         "http://gitaly:8075",
-        "tcp://gitaly",
         "tcp://gitaly:http",
         "tcp://gitaly:0",
         "tcp://:8075",
@@ -446,17 +449,28 @@ fn addresses_parse_and_print_in_canonical_form() {
 }
 
 #[test]
-fn an_empty_or_missing_token_is_an_error_naming_the_key() {
-    let err = error(&MINIMAL.replace("\"secret-token-1\"", "\"\""));
-    assert_eq!(err.key, "virtual_storage[0].node[0].token");
+fn an_empty_or_missing_token_loads_with_a_warning_naming_the_key() {
+    for toml in [
+        MINIMAL.replace("\"secret-token-1\"", "\"\""),
+        MINIMAL.replace("token = \"secret-token-1\"", ""),
+    ] {
+        let warnings = Config::from_toml_str(&toml).unwrap().warnings();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert_eq!(warnings[0].key, "virtual_storage[0].node[0].token");
+        assert!(
+            warnings[0]
+                .message
+                .contains("GITALY_REPLICATOR_VIRTUAL_STORAGE__DEFAULT__NODE__GITALY_1__TOKEN"),
+            "{}",
+            warnings[0]
+        );
+    }
     assert!(
-        err.message
-            .contains("GITALY_REPLICATOR_VIRTUAL_STORAGE__DEFAULT__NODE__GITALY_1__TOKEN"),
-        "{err}"
+        Config::from_toml_str(MINIMAL)
+            .unwrap()
+            .warnings()
+            .is_empty()
     );
-
-    let err = error(&MINIMAL.replace("token = \"secret-token-1\"", ""));
-    assert_eq!(err.key, "virtual_storage[0].node[0].token");
 }
 
 #[test]
@@ -895,6 +909,7 @@ fn the_masked_toml_reads_back_as_the_same_configuration_but_for_secrets() {
         let mut db = original.database.clone();
         db.url = db.masked_url().map(Secret::new);
         db.password = mask(&db.password);
+        db.session_pooled.password = mask(&db.session_pooled.password);
         assert_eq!(
             back.database.masked_url(),
             original.database.masked_url(),

@@ -4,6 +4,7 @@
 //! shared, and the repository locks still exclude. The whole consumer module
 //! also runs this way with `REPLICATOR_TEST_VIA_PGBOUNCER` set (CI does).
 
+use std::str::FromStr;
 use std::time::Duration;
 
 use serde_json::json;
@@ -25,9 +26,13 @@ async fn sqlx_statements_break_on_a_shared_server_connection_without_transaction
     let bouncer = PgBouncer::start(db_port(&db.url), "transaction", 1);
     let mut url = url::Url::parse(&db.url).unwrap();
     url.set_port(Some(bouncer.port)).unwrap();
+    // PgBouncer refuses the startup parameter sqlx sends by default.
+    let options = sqlx::postgres::PgConnectOptions::from_str(url.as_str())
+        .unwrap()
+        .extra_float_digits(None);
     let pool = PgPoolOptions::new()
         .max_connections(4)
-        .connect(url.as_str())
+        .connect_with(options)
         .await
         .unwrap();
     let queries = (0..40).map(|i| {

@@ -3,12 +3,18 @@
 //! Praefect 14.5, naming what to run; `migrate --standalone` sets up a
 //! cluster without Praefect.
 
-use crate::common::cluster::{TestNames, config_toml};
+use crate::common::cluster::{NodeSpec, TestNames, config_toml};
 use crate::common::db::TestDatabase;
 use crate::common::process::ReplicatorProcess;
 
 fn toml(db: &TestDatabase) -> String {
-    config_toml(&TestNames::new(), &[], &db.url, "nats://127.0.0.1:4222")
+    let node = NodeSpec {
+        storage: "gitaly-1".into(),
+        address: "tcp://127.0.0.1:1".into(),
+        token: "t".into(),
+    };
+    // No broker: nothing is provisioned there; the database decides first.
+    config_toml(&TestNames::new(), &[node], &db.url, "nats://127.0.0.1:1")
 }
 
 #[tokio::test]
@@ -36,7 +42,7 @@ async fn run_refuses_at_start_a_praefect_schema_that_is_too_old() {
         "CREATE TABLE schema_migrations (id TEXT PRIMARY KEY, applied_at TIMESTAMPTZ);
          INSERT INTO schema_migrations VALUES ('20210727085659_repository_ids', now());",
     )
-    .execute(&db.pool)
+    .execute(db.store.pool())
     .await
     .unwrap();
 

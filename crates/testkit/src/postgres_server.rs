@@ -97,6 +97,11 @@ impl PrivatePostgres {
         }
     }
 
+    /// What the server logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("postgres.log")).unwrap_or_default()
+    }
+
     /// Appends settings to `postgresql.conf`; call before starting.
     pub fn append_config(&self, settings: &str) {
         use std::io::Write;

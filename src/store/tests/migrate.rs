@@ -91,7 +91,10 @@ async fn session(db: &TestDatabase) -> sqlx::PgConnection {
 fn schema_problem(result: Result<(), StoreError>) -> String {
     match result {
         Err(e @ StoreError::Schema { .. }) => {
-            assert!(!e.is_retryable(), "a schema problem is not worth waiting for");
+            assert!(
+                !e.is_retryable(),
+                "a schema problem is not worth waiting for"
+            );
             e.to_string()
         }
         other => panic!("expected a schema error, got {other:?}"),
@@ -147,7 +150,10 @@ async fn a_praefect_schema_older_than_required_is_refused_naming_the_release() {
     let db = TestDatabase::empty().await;
     praefect_migrations(
         &db,
-        &["20200109161404_hello_world", "20210727085659_repository_ids"],
+        &[
+            "20200109161404_hello_world",
+            "20210727085659_repository_ids",
+        ],
     )
     .await;
     let mut conn = session(&db).await;
@@ -164,7 +170,11 @@ async fn a_praefect_schema_older_than_required_is_refused_naming_the_release() {
 #[tokio::test]
 async fn a_praefect_schema_new_enough_gets_our_tables_only() {
     let db = TestDatabase::empty().await;
-    praefect_migrations(&db, &["20200109161404_hello_world", REQUIRED_PRAEFECT_MIGRATION]).await;
+    praefect_migrations(
+        &db,
+        &["20200109161404_hello_world", REQUIRED_PRAEFECT_MIGRATION],
+    )
+    .await;
     let mut conn = session(&db).await;
 
     migrate_on(&mut conn, EmptyDatabase::Refuse).await.unwrap();
