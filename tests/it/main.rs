@@ -20,5 +20,6 @@ mod ordering;
 mod praefect_jobs;
 mod process;
 mod promises;
+mod replica_ids;
 mod retention;
 mod secrets;
