@@ -425,6 +425,22 @@ impl GitalyReplicator {
         }
     }
 
+    /// Where the job's repository lives on the storages: Praefect's store is
+    /// the authority, so the replica path it records for the job's
+    /// `repository_id` wins over the job's own (it may predate a change);
+    /// else the job's replica path, else its relative path.
+    async fn replica_path(&self, job: &Job) -> Step<String> {
+        let Some(id) = job.repository_id else {
+            return Ok(job.replica_path().to_owned());
+        };
+        let stored = self
+            .store
+            .replica_path(&job.virtual_storage, id)
+            .await
+            .map_err(store_failed)?;
+        Ok(stored.unwrap_or_else(|| job.replica_path().to_owned()))
+    }
+
     /// For each of `keys`, why the job must not run there: a later
     /// state-changing job already took effect, or the repository was
     /// re-created (all `None` without an order).
@@ -450,22 +466,6 @@ impl GitalyReplicator {
                 Standing::Stale => Some(SkipReason::Recreated),
             })
             .collect())
-    }
-
-    /// Where the job's repository lives on the storages: Praefect's store is
-    /// the authority, so the replica path it records for the job's
-    /// `repository_id` wins over the job's own (it may predate a change);
-    /// else the job's replica path, else its relative path.
-    async fn replica_path(&self, job: &Job) -> Step<String> {
-        let Some(id) = job.repository_id else {
-            return Ok(job.replica_path().to_owned());
-        };
-        let stored = self
-            .store
-            .replica_path(&job.virtual_storage, id)
-            .await
-            .map_err(store_failed)?;
-        Ok(stored.unwrap_or_else(|| job.replica_path().to_owned()))
     }
 
     /// RemoveRepository on the target; a repository already gone counts as
