@@ -287,8 +287,8 @@ impl GitalyReplicator {
                 ))
             }
             Change::Rename { new_relative_path } => {
-                // A rename moves the relative path, as Praefect's does; a
-                // replica path does not follow renames.
+                // A rename moves the relative path, as Praefect's does; only
+                // a replica path that was the relative path follows it.
                 let keys = [
                     (vs, rel, storage),
                     (vs, new_relative_path.as_str(), storage),
