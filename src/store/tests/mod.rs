@@ -6,6 +6,7 @@ mod completions;
 mod deletes;
 mod generations;
 mod migrate;
+mod repository_ids;
 
 use crate::store::RepositoryStore;
 use time::OffsetDateTime;
