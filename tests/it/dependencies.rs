@@ -76,6 +76,12 @@ fn update(vs: &str, path: &str) -> Job {
 async fn run_waits_for_nats_and_postgres_and_loses_nothing_when_postgres_stops() {
     let mut nats = PrivateNats::not_started();
     let mut pg = PrivatePostgres::init();
+    // The store's tables first: `run` does not create them.
+    pg.start_again();
+    let store = RepositoryStore::new(sqlx::PgPool::connect(&pg.url()).await.unwrap());
+    store.migrate().await.unwrap();
+    store.pool().close().await;
+    pg.stop();
     let p = parts(&nats, &pg, "").await;
     let process = ReplicatorProcess::run(&p.toml);
 

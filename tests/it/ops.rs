@@ -64,3 +64,72 @@ async fn metrics_use_praefects_names_and_health_endpoints_answer() {
     );
     service.stop().await;
 }
+
+/// Praefect's metrics as Praefect exports them: the histogram buckets of
+/// `[prometheus] grpc_latency_buckets`, latency observed for a job that
+/// found nothing to do (Praefect observes every job that did not fail), and
+/// the queue-depth states `ready`, `in_progress`, `failed`, `dead`. A process
+/// of its own: the recorder, and so its buckets, is one per process.
+#[tokio::test]
+async fn praefect_metrics_take_the_configured_buckets_states_and_outcomes() {
+    use crate::common::cluster::Cluster;
+    use crate::common::http::free_port;
+    use crate::common::process::ReplicatorProcess;
+    use serde_json::json;
+
+    let c = Cluster::start(2).await;
+    // Both replicas at the repository's generation: the update is skipped.
+    c.db.store
+        .create_repository(c.vs(), "m.git", "gitaly-1", 4, &["gitaly-1", "gitaly-2"])
+        .await
+        .unwrap();
+    let port = free_port();
+    let toml = c.toml.replace(
+        "prometheus_listen_addr = \"\"",
+        &format!("prometheus_listen_addr = \"127.0.0.1:{port}\"\n[prometheus]\ngrpc_latency_buckets = [0.05, 0.5, 7]"),
+    );
+    let service = ReplicatorProcess::run(&toml);
+    c.publish(&c.job(json!({"change": "update", "relative_path": "m.git",
+        "target_node_storage": "gitaly-2", "source_node_storage": "gitaly-1"})))
+        .await;
+    let vs = c.vs().to_owned();
+    let skipped = format!(
+        "gitaly_replicator_jobs_total{{virtual_storage=\"{vs}\",gitaly_storage=\"gitaly-2\",change_type=\"update\",outcome=\"skipped\"}} 1"
+    );
+    let depth = |state: &str| {
+        format!(
+            "gitaly_praefect_replication_queue_depth{{virtual_storage=\"{vs}\",target_node=\"gitaly-2\",state=\"{state}\"}}"
+        )
+    };
+    let mut m = String::new();
+    for _ in 0..300 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            m = get(port, "/metrics").await.1;
+            if m.contains(&skipped) && m.contains(&depth("failed")) {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(m.contains(&skipped), "{m}");
+    assert_eq!(c.node(2).calls_to("ReplicateRepository").len(), 0);
+    assert!(
+        m.contains("gitaly_praefect_replication_latency_count{type=\"update\"} 1"),
+        "a skipped update is observed: {m}"
+    );
+    assert!(m.contains("gitaly_praefect_replication_latency_bucket{type=\"update\",le=\"7\"}"));
+    assert!(m.contains("gitaly_praefect_replication_delay_bucket{type=\"update\",le=\"0.05\"}"));
+    assert!(
+        !m.contains("le=\"1500\""),
+        "Praefect's default buckets despite the config"
+    );
+    for state in ["ready", "in_progress", "failed", "dead"] {
+        assert!(m.contains(&depth(state)), "{state}: {m}");
+    }
+    assert!(!m.contains(&depth("redelivered")));
+    service.signal("TERM");
+    assert_eq!(service.wait().await.0, Some(0));
+}

@@ -139,7 +139,7 @@ fn config(c: &Cluster, s: &Secrets, admin_url: &str, database_url: &str, nats: &
             &format!("url = \"{}\"", c.db.url),
             &format!(
                 "url = \"{with_password}\"\npassword = \"{}\"\n\n[database.session_pooled]\n\
-                 host = \"pgbouncer.internal\"\npassword = \"{}\"",
+                 host = \"127.0.0.1\"\npassword = \"{}\"",
                 s.database_password, s.session_pooled_password
             ),
         )
