@@ -19,6 +19,7 @@ use crate::store::{LaggingRepository, RepositoryStore, StoreError};
 use async_nats::jetstream::Context;
 use serde::Serialize;
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 
 /// What to report.
 #[derive(Debug, Clone)]
@@ -149,9 +150,10 @@ pub async fn report(
     for repo in &lagging {
         for replica in &repo.replicas {
             let key = (repo.virtual_storage.clone(), replica.storage.clone());
-            if !scans.contains_key(&key) {
-                let found = scan_target(js, layout, &key.0, &key.1, options.scan_limit).await?;
-                scans.insert(key, found);
+            if let Entry::Vacant(slot) = scans.entry(key) {
+                let (vs, storage) = slot.key();
+                let found = scan_target(js, layout, vs, storage, options.scan_limit).await?;
+                slot.insert(found);
             }
         }
     }

@@ -118,8 +118,8 @@ pub mod manifests {
 
 // Praefect's repository store.
 pub use store::{
-    EmptyDatabase, REQUIRED_PRAEFECT_MIGRATION, REQUIRED_PRAEFECT_VERSION, ReplicatedGeneration,
-    RepositoryStore, StatementPool, StoreError,
+    EmptyDatabase, LaggingRepository, REQUIRED_PRAEFECT_MIGRATION, REQUIRED_PRAEFECT_VERSION,
+    ReplicaState, ReplicatedGeneration, RepositoryStore, StatementPool, StoreError,
 };
 
 // Gitaly: the protocol and clients of its nodes.

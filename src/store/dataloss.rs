@@ -67,7 +67,7 @@ fn query(assigned: &str) -> String {
         replicas AS (
             SELECT repository_id, storage, sr.generation, assigned.storage IS NOT NULL AS assigned
             FROM (
-                SELECT repository_id, storage, generation
+                SELECT repository_id, storage, storage_repositories.generation
                 FROM storage_repositories
                 JOIN repos USING (repository_id)
             ) AS sr
