@@ -307,3 +307,26 @@ async fn dataloss_follows_praefects_repository_assignments() {
     assert_eq!(r["missing"], json!(["gitaly-3"]));
     assert_eq!(storage(r, "gitaly-3")["assigned"], true);
 }
+
+#[tokio::test]
+async fn a_replica_with_a_pending_delete_replica_cannot_serve_its_repository() {
+    let c = Cluster::start(2).await;
+    let vs = c.vs().to_owned();
+    repository(&c, "e.git", 2, &[("gitaly-1", 2), ("gitaly-2", 1)]).await;
+    // Available while gitaly-1 may serve it: listed only when asked for more.
+    assert_eq!(listed(&dataloss_json(&c, &[]), &vs), Vec::<Value>::new());
+    // As in Praefect's valid_primaries, a replica about to be deleted does not count.
+    c.publish(&c.job(json!({"change": "delete_replica", "relative_path": "e.git", "target_node_storage": "gitaly-1"})))
+        .await;
+    let report = dataloss_json(&c, &[]);
+    let repos = listed(&report, &vs);
+    assert_eq!(repos.len(), 1, "{report:#}");
+    let e = by_path(&repos, "e.git");
+    assert_eq!(e["unavailable"], true);
+    assert_eq!(e["latest_generation_on"], json!(["gitaly-1"]));
+    assert_eq!(
+        storage(e, "gitaly-1")["pending_changes"],
+        json!(["delete_replica"])
+    );
+    assert_eq!(storage(e, "gitaly-2")["pending_job"], false);
+}
