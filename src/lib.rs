@@ -12,7 +12,8 @@
 //!   `publisher`, `puller` (the pull protocol), `consumer` (the loop that
 //!   carries a job from fetch to acknowledgement), `ack` (the one decision:
 //!   outcome → ack, nak with delay, term, dead letter), `requeue`,
-//!   `dead_letter`, `advisories` (stranded jobs), `depth`.
+//!   `dead_letter`, `advisories` (stranded jobs), `depth`, `pending` (the
+//!   jobs waiting for a target, read without consuming them).
 //! - `replicator`: one job → Gitaly calls → an outcome; it never touches the
 //!   queue.
 //! - `gitaly/`: clients with the v2 token, `gitaly-servers` metadata, health,
@@ -24,18 +25,20 @@
 //! - `service`: `run`, which wires the above together and owns shutdown;
 //!   `dependencies`: waiting for NATS and Postgres, and watching them;
 //!   `metrics`, `ops_server`: Prometheus metrics and health endpoints.
-//! - `deploy`: manifests generated from the config.
+//! - `deploy`: manifests generated from the config; `dataloss`: lagging
+//!   replicas from the store and the jobs waiting for them.
 //!
 //! A job's path, fetch to ack, is traced file by file in `ARCHITECTURE.md`.
 //!
 //! # Public API
 //! The service ([`run`], [`Config`]), the job contract ([`Job`] and its
 //! parts), publishing ([`Publisher`] over a [`Layout`]), the operator's
-//! tools (setup, status, dead letters, manifests), Praefect's repository
+//! tools (setup, status, dead letters, dataloss, manifests), Praefect's repository
 //! store ([`RepositoryStore`]) and Gitaly clients ([`NodeClient`]). Every
 //! module is private; what is not named here is an internal.
 
 mod config;
+mod dataloss;
 mod dependencies;
 mod deploy;
 mod error_chain;
@@ -78,6 +81,14 @@ pub use queue::depth::{TargetDepth, snapshot as queue_depth};
 pub use queue::layout::{ConsumerSpec, Layout, LayoutChange, LayoutError, byte_limit_is_safe};
 pub use queue::publisher::{PublishError, Published, Publisher};
 
+// `dataloss`: the repositories whose replicas lag, and the jobs waiting
+// for them.
+pub use dataloss::{
+    DatalossError, DatalossOptions, DatalossReport, ReplicaStatus, RepositoryReport, ScannedTarget,
+    StorageReport, VirtualStorageReport, report as dataloss_report,
+};
+pub use queue::pending::{PendingJobs, PendingScanError, scan_target as scan_pending_jobs};
+
 /// The dead-letter stream: what a dead job carries, and the operator's
 /// list, replay, delete and purge.
 pub mod dead_letters {
@@ -107,8 +118,8 @@ pub mod manifests {
 
 // Praefect's repository store.
 pub use store::{
-    EmptyDatabase, REQUIRED_PRAEFECT_MIGRATION, REQUIRED_PRAEFECT_VERSION, ReplicatedGeneration,
-    RepositoryStore, StatementPool, StoreError,
+    EmptyDatabase, LaggingRepository, REQUIRED_PRAEFECT_MIGRATION, REQUIRED_PRAEFECT_VERSION,
+    ReplicaState, ReplicatedGeneration, RepositoryStore, StatementPool, StoreError,
 };
 
 // Gitaly: the protocol and clients of its nodes.

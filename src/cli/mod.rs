@@ -1,5 +1,6 @@
 //! Commands of the `gitaly-replicator` binary.
 
+mod dataloss;
 mod dead;
 mod deploy_manifests;
 mod logging;
@@ -56,6 +57,10 @@ enum Command {
     Publish(publish::PublishArgs),
     /// Show queue depth per (virtual storage, target).
     Status,
+    /// List the repositories whose replicas lag, per virtual storage, with
+    /// the storages holding the latest generation and any jobs waiting for
+    /// the others (reads Postgres and JetStream only).
+    Dataloss(dataloss::DatalossArgs),
     /// Inspect and handle the dead-letter stream.
     #[command(subcommand)]
     Dead(dead::DeadCommand),
@@ -209,6 +214,7 @@ pub async fn dispatch(args: Args) -> ExitCode {
         Command::Publish(p) => publish::run(&config, p).await,
         Command::Status => report(status::run(&config).await),
         Command::Dead(d) => report(dead::run(&config, d).await),
+        Command::Dataloss(d) => report(dataloss::run(&config, d).await),
         Command::CheckConfig { .. } => {
             print!("{}", config.to_masked_toml());
             for warning in config.warnings() {

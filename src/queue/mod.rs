@@ -11,6 +11,7 @@ pub mod depth;
 mod job;
 pub mod layout;
 pub mod names;
+pub mod pending;
 pub mod publisher;
 pub mod puller;
 pub mod requeue;

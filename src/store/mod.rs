@@ -10,6 +10,7 @@
 
 pub mod coalescer;
 mod completions;
+mod dataloss;
 mod error;
 pub mod generation_batcher;
 mod generations;
@@ -21,6 +22,7 @@ mod schema;
 mod statement_pool;
 
 pub use completions::{CompletionKey, CompletionPruning, JobKey, prune_completions};
+pub use dataloss::{LaggingRepository, ReplicaState};
 pub use error::StoreError;
 pub(crate) use error::is_transient;
 use error::{encode_failed, failed};

@@ -9,6 +9,7 @@ mod chaos;
 mod cli;
 mod config;
 mod consumer;
+mod dataloss;
 mod dependencies;
 mod deploy;
 mod e2e;

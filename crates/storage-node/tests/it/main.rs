@@ -17,7 +17,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 use storage_node::{Faults, NodeConfig, parse_fail_method, serve};
 use tempfile::TempDir;
-use testkit::git::{assert_fsck_clean, commit, git, init_bare, populate, refs};
+use testkit::git::{assert_fsck_clean, commit, git, git_with_input, init_bare, populate, refs};
 use tokio::sync::oneshot;
 use tonic::Code;
 use tonic::metadata::MetadataValue;
@@ -700,11 +700,122 @@ async fn create_exists_and_checksum_agree_across_replicas() {
     populate(&a.path("c.git"));
     replicate_between(&b, &a, "c.git").await.unwrap();
     let sum = checksum(&a, "c.git").await.unwrap();
-    assert_eq!(sum.len(), 40);
+    // Gitaly drops leading zero bytes, so a checksum may be shorter.
+    assert!(!sum.is_empty() && sum.len() <= 40);
     assert_ne!(sum, "0".repeat(40));
     assert_eq!(checksum(&b, "c.git").await.unwrap(), sum);
     commit(&a.path("c.git"), "main", "diverge");
     assert_ne!(checksum(&a, "c.git").await.unwrap(), sum);
+}
+
+/// Gitaly's checksum computed here, apart from the node: the SHA-1 of each
+/// `git show-ref --head` line naming one of `counted`, XORed, as the hex of
+/// a big integer (no leading zero bytes).
+fn expected_checksum(repo: &Path, counted: &[&str]) -> String {
+    use sha1::{Digest, Sha1};
+    let listing = git(repo, &["show-ref", "--head"]);
+    let mut sum = [0u8; 20];
+    let mut seen = Vec::new();
+    for line in listing.lines() {
+        let (_, name) = line.split_once(' ').unwrap();
+        if counted.contains(&name) {
+            seen.push(name);
+            for (s, d) in sum.iter_mut().zip(Sha1::digest(line.as_bytes())) {
+                *s ^= d;
+            }
+        }
+    }
+    seen.sort_unstable();
+    let mut wanted = counted.to_vec();
+    wanted.sort_unstable();
+    assert_eq!(seen, wanted, "show-ref lists every counted ref");
+    let first = sum.iter().position(|&b| b != 0).unwrap();
+    hex::encode(&sum[first..])
+}
+
+#[tokio::test]
+async fn checksum_counts_head_and_gitalys_namespaces_only_and_flags_broken_repositories() {
+    let a = TestNode::start("gitaly-1").await;
+    let ctx = ctx();
+    let checksum = |rel: &str| {
+        let c = a.client();
+        let req = c.request(
+            pb::CalculateChecksumRequest {
+                repository: a.repo(rel),
+            },
+            &ctx,
+        );
+        async move {
+            c.repository_service()
+                .calculate_checksum(req)
+                .await
+                .map(|r| r.into_inner().checksum)
+        }
+    };
+
+    let repo = a.path("sum.git");
+    init_bare(&repo);
+    let main = commit(&repo, "main", "one");
+    let other = commit(&repo, "side", "two");
+    let counted = [
+        "HEAD",
+        "refs/heads/main",
+        "refs/heads/side",
+        "refs/tags/v1",
+        "refs/keep-around/k1",
+        "refs/merge-requests/1/head",
+        "refs/environments/production",
+        "refs/notes/commits",
+        // The pattern is unanchored: HEAD anywhere in the line counts.
+        "refs/remotes/origin/HEAD",
+    ];
+    for name in &counted[3..] {
+        git(&repo, &["update-ref", name, &other]);
+    }
+    let outside = [
+        "refs/pipelines/7",
+        "refs/remotes/origin/main",
+        "refs/custom/x",
+    ];
+    for name in outside {
+        git(&repo, &["update-ref", name, &main]);
+    }
+    let want = expected_checksum(&repo, &counted);
+    assert_eq!(checksum("sum.git").await.unwrap(), want);
+    // Refs outside the namespaces change nothing; counted ones do.
+    git(&repo, &["update-ref", "refs/pipelines/7", &other]);
+    assert_eq!(checksum("sum.git").await.unwrap(), want);
+    git(&repo, &["update-ref", "refs/keep-around/k1", &main]);
+    assert_ne!(checksum("sum.git").await.unwrap(), want);
+    assert_eq!(
+        checksum("sum.git").await.unwrap(),
+        expected_checksum(&repo, &counted)
+    );
+
+    // HEAD unborn and only uncounted refs: a valid repository, all zeros.
+    let bare = a.path("uncounted.git");
+    init_bare(&bare);
+    let blob = git_with_input(&bare, &["hash-object", "-w", "--stdin"], "x");
+    let tree = git_with_input(&bare, &["mktree"], &format!("100644 blob {blob}\tf\n"));
+    let lone = git(&bare, &["commit-tree", &tree, "-m", "lone"]);
+    git(&bare, &["update-ref", "refs/pipelines/1", &lone]);
+    assert_eq!(checksum("uncounted.git").await.unwrap(), "0".repeat(40));
+
+    // Laid out like a repository but not one git recognises: DATA_LOSS.
+    let broken = a.path("broken.git");
+    init_bare(&broken);
+    std::fs::write(broken.join("HEAD"), "not a ref\n").unwrap();
+    assert_code(
+        checksum("broken.git").await,
+        Code::DataLoss,
+        "not a git repository",
+    );
+    // No repository at all is NOT_FOUND, as Gitaly's locator answers.
+    assert_code(
+        checksum("absent.git").await,
+        Code::NotFound,
+        "does not exist",
+    );
 }
 
 #[tokio::test]
