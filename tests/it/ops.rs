@@ -86,8 +86,8 @@ async fn praefect_metrics_take_the_configured_buckets_states_and_outcomes() {
     let port = free_port();
     let toml = c.toml.replace(
         "prometheus_listen_addr = \"\"",
-        &format!("prometheus_listen_addr = \"127.0.0.1:{port}\"\n[prometheus]\ngrpc_latency_buckets = [0.05, 0.5, 7]"),
-    );
+        &format!("prometheus_listen_addr = \"127.0.0.1:{port}\""),
+    ) + "\n[prometheus]\ngrpc_latency_buckets = [0.05, 0.5, 7]\n";
     let service = ReplicatorProcess::run(&toml);
     c.publish(&c.job(json!({"change": "update", "relative_path": "m.git",
         "target_node_storage": "gitaly-2", "source_node_storage": "gitaly-1"})))
