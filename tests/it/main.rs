@@ -22,3 +22,4 @@ mod process;
 mod promises;
 mod retention;
 mod secrets;
+mod secure;

@@ -10,7 +10,8 @@
 //! - [`postgres_server`]: a private Postgres, for tests that stop the database;
 //! - [`storage_node`]: `storage-node` processes over real repositories;
 //! - [`git`]: bare repositories with commits, branches and tags;
-//! - [`http`]: GETs to an operations endpoint.
+//! - [`http`]: GETs to an operations endpoint;
+//! - [`tls`]: certificate authorities and certificates made for a test.
 
 pub mod db;
 pub mod git;
@@ -21,6 +22,7 @@ pub mod nats_server;
 pub mod postgres_server;
 pub mod recording_gitaly;
 pub mod storage_node;
+pub mod tls;
 
 /// Polls `check` every 50 ms until it holds or `timeout` passes.
 pub async fn eventually<F, Fut>(timeout: std::time::Duration, mut check: F) -> bool
