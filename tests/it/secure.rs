@@ -3,9 +3,12 @@
 //! system's CAs plus `SSL_CERT_FILE` and `SSL_CERT_DIR`, host name checked;
 //! and NATS over TLS, mutual TLS and with each way to log in, each against a
 //! private nats-server configured for it, refusals naming the key and never
-//! the secret.
+//! the secret; and the publisher, consumer and operator roles of
+//! `deploy-manifests --nats` on a server that grants only those.
 
+use crate::cli::{all, cli};
 use crate::common::cluster::{NodeSpec, TestNames, config_toml};
+use crate::common::db::TestDatabase;
 use crate::common::nats_server::PrivateNats;
 use crate::common::process::ReplicatorProcess;
 use crate::common::storage_nodes::{NodeCluster, NodeProcess, NodeSetup, call_context};
@@ -13,7 +16,9 @@ use gitaly_replicator::proto::gitaly as pb;
 use gitaly_replicator::{Config, Job, Layout, Publisher};
 use gitaly_replicator::{Node, NodeClient, Secret, TrustRoots};
 use std::time::Duration;
+use testkit::recording_gitaly::{Behaviour, RecordingGitaly};
 use testkit::tls::{Leaf, TestCa};
+use tonic::Code;
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -555,4 +560,260 @@ async fn nats_with_a_creds_file_in_operator_mode() {
         &[&seed, &jwt_line],
     )
     .await;
+}
+
+// ------------------------------------------------------- least privilege
+
+/// The `Violation` lines of a nats-server log: what a user was refused.
+fn violations(log: &str) -> Vec<&str> {
+    log.lines().filter(|l| l.contains("Violation")).collect()
+}
+
+#[tokio::test]
+async fn each_nats_role_can_do_its_job_and_nothing_more() {
+    let names = TestNames::new();
+    let db = TestDatabase::new().await;
+    let mut nodes = Vec::new();
+    let mut specs = Vec::new();
+    for i in 1..=2 {
+        let token = format!("token-{i}");
+        let node = RecordingGitaly::new(Some(&token)).serve().await.unwrap();
+        specs.push(NodeSpec {
+            storage: format!("gitaly-{i}"),
+            address: node.address(),
+            token,
+        });
+        nodes.push(node);
+    }
+    // The permissions follow the layout, which does not depend on the URL.
+    let base = config_toml(&names, &specs, &db.url, "NATS_URL")
+        .replace("ack_wait = \"5s\"", "ack_wait = \"1s\"");
+    let layout = Layout::from_config(&Config::from_toml_str(&base).unwrap());
+    let permissions = gitaly_replicator::manifests::nats_permissions_conf(&layout);
+    let mut users = String::new();
+    for (role, variable) in [
+        ("publisher", "GITALY_REPLICATOR_PUBLISHER"),
+        ("consumer", "GITALY_REPLICATOR_CONSUMER"),
+        ("operator", "GITALY_REPLICATOR_OPERATOR"),
+    ] {
+        users += &format!(
+            "    {{user: \"{role}\", password: \"{role}-pw\", permissions: ${variable}}}\n"
+        );
+    }
+    let nats = PrivateNats::start_with_files(
+        &format!("include \"permissions.conf\"\nauthorization {{\n  users = [\n{users}  ]\n}}\n"),
+        &[("permissions.conf", &permissions)],
+    )
+    .await;
+    let as_role = |role: &str| {
+        format!("{}user = \"{role}\"\npassword = \"{role}-pw\"\n", base)
+            .replace("NATS_URL", &nats.url())
+    };
+    let (publisher, consumer, operator) = (
+        as_role("publisher"),
+        as_role("consumer"),
+        as_role("operator"),
+    );
+    let connect = |toml: &str| {
+        let config = Config::from_toml_str(toml).unwrap();
+        async move {
+            let client = gitaly_replicator::connect_nats(&config.nats, "role test")
+                .await
+                .unwrap();
+            let mut js = async_nats::jetstream::new(client.clone());
+            js.set_timeout(Duration::from_secs(1));
+            (client, js)
+        }
+    };
+    let (_, js) = connect(&operator).await;
+    let dead_letters = || async {
+        gitaly_replicator::dead_letters::list(&js, &layout, 1, 100)
+            .await
+            .unwrap()
+    };
+    let work_messages = || crate::common::cluster::work_messages(&js, &layout);
+
+    // The operator sets up.
+    let o = cli(&operator, &["setup"], None);
+    assert!(o.status.success(), "{}", all(&o));
+
+    // The publisher publishes: jobs that complete, one that fails once, two
+    // that fail for good (dead letters), and one for gitaly-1 that a
+    // process takes three times and never acks (stranded).
+    nodes[1]
+        .gitaly
+        .respond("Cleanup", Behaviour::fail(Code::InvalidArgument, "refused"));
+    nodes[1].gitaly.respond(
+        "GarbageCollect",
+        Behaviour::fail(Code::Unavailable, "once").times(1),
+    );
+    let vs = &names.virtual_storage;
+    let job = |change: &str, path: &str, target: &str, params: serde_json::Value| {
+        serde_json::json!({"change": change, "relative_path": path, "virtual_storage": vs,
+            "target_node_storage": target, "params": params})
+        .to_string()
+    };
+    let no_params = serde_json::Value::Null;
+    let lines = [
+        job(
+            "repack_incremental",
+            "ok.git",
+            "gitaly-2",
+            no_params.clone(),
+        ),
+        job(
+            "gc",
+            "retried.git",
+            "gitaly-2",
+            serde_json::json!({"create_bitmap": false, "prune": false}),
+        ),
+        job("cleanup", "dead-1.git", "gitaly-2", no_params.clone()),
+        job("cleanup", "dead-2.git", "gitaly-2", no_params.clone()),
+        job("midx_repack", "stranded.git", "gitaly-1", no_params),
+    ]
+    .join("\n");
+    let o = cli(&publisher, &["publish", "--stdin"], Some(&lines));
+    assert!(o.status.success(), "{}", all(&o));
+    {
+        use futures::StreamExt;
+        let (_, consumer_js) = connect(&consumer).await;
+        let durable = &layout.consumer(vs, "gitaly-1").unwrap().durable_name;
+        let raw: async_nats::jetstream::consumer::PullConsumer = consumer_js
+            .get_stream(&layout.stream)
+            .await
+            .unwrap()
+            .get_consumer(durable)
+            .await
+            .unwrap();
+        let mut deliveries = 0;
+        while deliveries < 3 {
+            let mut batch = raw
+                .fetch()
+                .max_messages(1)
+                .expires(Duration::from_secs(3))
+                .messages()
+                .await
+                .unwrap();
+            if let Some(Ok(_unacked)) = batch.next().await {
+                deliveries += 1;
+            }
+        }
+        // The server gives up one ack wait after the third delivery.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+    }
+
+    // The service as consumer: completes, retries, dead-letters at once,
+    // and moves the stranded job from its advisory to the dead letters.
+    let service = ReplicatorProcess::run(&consumer);
+    let done = crate::common::eventually(WAIT, || async {
+        dead_letters().await.len() == 3 && work_messages().await == 0
+    })
+    .await;
+    assert!(
+        done,
+        "dead letters {}, work {}:\n{}\n{}",
+        dead_letters().await.len(),
+        work_messages().await,
+        service.stderr.lock().unwrap(),
+        nats.log()
+    );
+    assert_eq!(nodes[1].gitaly.calls_to("GarbageCollect").len(), 2);
+    assert_eq!(nodes[1].gitaly.calls_to("RepackIncremental").len(), 1);
+    assert!(nodes[0].gitaly.calls().is_empty());
+    let log = nats.log();
+    assert!(
+        violations(&log).is_empty(),
+        "{}",
+        violations(&log).join("\n")
+    );
+
+    // The publisher may not write dead letters, purge or delete streams.
+    let (pub_client, pub_js) = connect(&publisher).await;
+    let dead_subject = format!("{}-dead.x.y", names.subject_prefix);
+    let published = match pub_js.publish(dead_subject, "forged".into()).await {
+        Ok(ack) => ack.await.is_ok(),
+        Err(_) => false,
+    };
+    assert!(!published, "the publisher wrote a dead letter");
+    let purge = pub_client
+        .request(
+            format!("$JS.API.STREAM.PURGE.{}", names.dead_letter_stream),
+            "".into(),
+        )
+        .await;
+    assert!(
+        purge.is_err()
+            || String::from_utf8_lossy(&purge.as_ref().unwrap().payload).contains("error"),
+        "the publisher purged the dead letters"
+    );
+    assert!(pub_js.delete_stream(&layout.stream).await.is_err());
+    assert!(
+        pub_js
+            .delete_stream(&layout.dead_letter_stream)
+            .await
+            .is_err()
+    );
+    assert_eq!(dead_letters().await.len(), 3, "the dead letters changed");
+    assert!(js.get_stream(&layout.stream).await.is_ok());
+    let refused = nats.log();
+    let refused = violations(&refused);
+    for subject in [
+        format!("{}-dead.x.y", names.subject_prefix),
+        format!("$JS.API.STREAM.PURGE.{}", names.dead_letter_stream),
+        format!("$JS.API.STREAM.DELETE.{}", names.stream),
+    ] {
+        assert!(
+            refused.iter().any(|l| l.contains(&subject)),
+            "no violation for {subject}: {refused:?}"
+        );
+    }
+    let refused_count = refused.len();
+
+    // The operator: status, dead list, replay one (it now completes) and
+    // purge the other.
+    let o = cli(&operator, &["status"], None);
+    assert!(o.status.success(), "{}", all(&o));
+    let o = cli(&operator, &["dead", "list", "--json"], None);
+    assert!(o.status.success(), "{}", all(&o));
+    let dead = dead_letters().await;
+    let sequence = |path: &str| {
+        dead.iter()
+            .find(|d| String::from_utf8_lossy(&d.payload).contains(path))
+            .map(|d| d.sequence.to_string())
+            .unwrap()
+    };
+    nodes[1].gitaly.respond("Cleanup", Behaviour::ok());
+    let o = cli(
+        &operator,
+        &["dead", "replay", &sequence("dead-1.git")],
+        None,
+    );
+    assert!(o.status.success(), "{}", all(&o));
+    let o = cli(&operator, &["dead", "purge", &sequence("dead-2.git")], None);
+    assert!(o.status.success(), "{}", all(&o));
+    let o = cli(&operator, &["dead", "purge", "--all"], None);
+    assert!(o.status.success(), "{}", all(&o));
+    let replayed = crate::common::eventually(WAIT, || async {
+        work_messages().await == 0
+            && nodes[1]
+                .gitaly
+                .calls_to("Cleanup")
+                .iter()
+                .filter(|c| c.relative_path == "dead-1.git")
+                .count()
+                == 2
+    })
+    .await;
+    assert!(replayed, "the replayed job did not complete");
+    assert!(dead_letters().await.is_empty());
+    service.signal("TERM");
+    let (code, stderr) = service.wait().await;
+    assert_eq!(code, Some(0), "{stderr}");
+    let log = nats.log();
+    assert_eq!(
+        violations(&log).len(),
+        refused_count,
+        "{}",
+        violations(&log)[refused_count..].join("\n")
+    );
 }

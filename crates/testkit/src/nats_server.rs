@@ -36,7 +36,16 @@ impl PrivateNats {
     /// operator. The fixture waits for the server's greeting, not for a
     /// login, so it needs neither credentials nor certificates.
     pub async fn start_with_config(config: &str) -> PrivateNats {
+        Self::start_with_files(config, &[]).await
+    }
+
+    /// Like [`PrivateNats::start_with_config`], with `files` (name,
+    /// contents) beside the configuration, for its `include`s.
+    pub async fn start_with_files(config: &str, files: &[(&str, &str)]) -> PrivateNats {
         let mut n = Self::not_started();
+        for (name, contents) in files {
+            std::fs::write(n.dir.path().join(name), contents).unwrap();
+        }
         let path = n.dir.path().join("nats.conf");
         std::fs::write(&path, config).unwrap();
         n.config = Some(path);
