@@ -87,29 +87,44 @@ fn credential_keys(config: &NatsConfig) -> &'static str {
     }
 }
 
+/// The TLS error under a connection error: async-nats passes the TLS
+/// stream's `io::Error`, which carries rustls's.
+fn tls_error(e: &async_nats::ConnectError) -> Option<&rustls::Error> {
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        if let Some(tls) = cause.downcast_ref::<rustls::Error>() {
+            return Some(tls);
+        }
+        if let Some(io) = cause.downcast_ref::<std::io::Error>()
+            && let Some(tls) = io.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>())
+        {
+            return Some(tls);
+        }
+        source = cause.source();
+    }
+    None
+}
+
 /// What the server refused, when it refused something the configuration
 /// chose: the credentials, its own certificate (not signed by a trusted
 /// CA, or not for the host name), or the client certificate.
 fn refusal(config: &NatsConfig, e: &async_nats::ConnectError) -> Option<String> {
     use async_nats::ConnectErrorKind as Kind;
-    let cause = std::error::Error::source(e)
-        .map(ToString::to_string)
-        .unwrap_or_default();
     let path = |p: &Option<std::path::PathBuf>| {
         p.as_ref()
             .map(|p| p.display().to_string())
             .unwrap_or_default()
     };
-    match e.kind() {
-        Kind::AuthorizationViolation | Kind::Authentication => {
+    match (e.kind(), tls_error(e)) {
+        (Kind::AuthorizationViolation | Kind::Authentication, _) => {
             Some(match credential_keys(config) {
-                "" => "the server wants credentials: set nats.user and nats.password, nats.token, \
-                   nats.nkey_seed_file or nats.credentials_file"
+                "" => "the server wants credentials: set nats.user and nats.password, \
+                       nats.token, nats.nkey_seed_file or nats.credentials_file"
                     .to_owned(),
                 keys => format!("the server refused {keys}"),
             })
         }
-        _ if cause.contains("invalid peer certificate") => Some(match &config.tls_ca_file {
+        (_, Some(rustls::Error::InvalidCertificate(_))) => Some(match &config.tls_ca_file {
             Some(_) => format!(
                 "the server's certificate is not for this host or not signed by a CA of \
                  nats.tls_ca_file {}",
@@ -119,24 +134,33 @@ fn refusal(config: &NatsConfig, e: &async_nats::ConnectError) -> Option<String> 
                      system trusts: set nats.tls_ca_file"
                 .to_owned(),
         }),
-        // The client's own TLS settings could not be loaded.
-        Kind::Tls => {
-            Some("check nats.tls_ca_file, nats.tls_cert_file and nats.tls_key_file".to_owned())
-        }
-        // A TLS alert from the server during or right after the handshake:
-        // it refused the client's certificate, or wanted one.
-        _ if cause.contains("received fatal alert") => match &config.tls_cert_file {
+        // The server's alert during or right after the handshake: it
+        // refused the client's certificate, or wanted one.
+        (_, Some(rustls::Error::AlertReceived(alert))) => match &config.tls_cert_file {
             Some(_) => Some(format!(
                 "the server refused the client certificate of nats.tls_cert_file {}",
                 path(&config.tls_cert_file)
             )),
-            None if cause.contains("Certificate") => Some(
-                "the server wants a client certificate: set nats.tls_cert_file and \
-                 nats.tls_key_file"
-                    .to_owned(),
-            ),
+            // A server without the client's certificate says "certificate
+            // required", or "bad certificate" as nats-server does.
+            None if matches!(
+                alert,
+                rustls::AlertDescription::CertificateRequired
+                    | rustls::AlertDescription::BadCertificate
+            ) =>
+            {
+                Some(
+                    "the server wants a client certificate: set nats.tls_cert_file and \
+                     nats.tls_key_file"
+                        .to_owned(),
+                )
+            }
             None => None,
         },
+        // The client's own TLS settings could not be loaded.
+        (Kind::Tls, _) => {
+            Some("check nats.tls_ca_file, nats.tls_cert_file and nats.tls_key_file".to_owned())
+        }
         _ => None,
     }
 }
