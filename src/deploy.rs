@@ -1,6 +1,7 @@
 //! Deployment manifests derived from the configuration, so that they cannot
 //! drift from it: the JetStream streams and consumers that `setup` creates, as
-//! JSON for the `nats` CLI, and the KEDA `ScaledObject` with one
+//! JSON for the `nats` CLI, the nats-server permissions of the publisher,
+//! consumer and operator roles, and the KEDA `ScaledObject` with one
 //! `nats-jetstream` trigger per (virtual storage, target) consumer.
 //!
 //! YAML is written by hand: every string scalar is a JSON string, which is a
@@ -8,6 +9,7 @@
 
 use crate::config::{Config, ConfigError, ENV_PREFIX, node_token_env_var};
 use crate::queue::layout::Layout;
+use crate::subject::dead_letter_prefix;
 use std::fmt::Write as _;
 use std::path::Path;
 
@@ -105,7 +107,176 @@ pub fn jetstream_files(layout: &Layout) -> Result<Vec<ManifestFile>, serde_json:
         name: NATS_SCRIPT.into(),
         contents: script,
     });
+    files.push(ManifestFile {
+        name: PERMISSIONS_FILE.into(),
+        contents: nats_permissions_conf(layout),
+    });
     Ok(files)
+}
+
+/// Name of the nats-server configuration file with the roles' permissions.
+pub const PERMISSIONS_FILE: &str = "permissions.conf";
+
+/// A role's subjects: what it may publish to (the JetStream API is a set
+/// of subjects too) and subscribe to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RolePermissions {
+    /// `publisher`, `consumer` or `operator`.
+    pub role: &'static str,
+    /// The nats-server configuration variable that holds them.
+    pub variable: &'static str,
+    pub publish: Vec<String>,
+    pub subscribe: Vec<String>,
+}
+
+/// Replies (publish acks, API answers, pulled jobs) come to the client's
+/// inbox; async-nats's inboxes are `_INBOX.<id>`.
+const INBOX: &str = "_INBOX.>";
+
+/// What each role needs for this layout, and nothing more:
+/// - the publisher publishes jobs and reads their publish acks;
+/// - the consumer (`run`) reads the streams and its consumers (which
+///   `setup` made), pulls and acks on them, publishes dead letters and
+///   requeued jobs, and reads and removes the stranded jobs advisories name;
+/// - the operator (`setup`, `status`, `dead list | replay | purge`) creates
+///   and updates the streams and consumers, reads them, and reads, replays,
+///   deletes and purges dead letters.
+///
+/// Nobody may delete a stream; only the operator may purge, and only the
+/// dead-letter stream.
+pub fn nats_permissions(layout: &Layout) -> Vec<RolePermissions> {
+    let work = layout.subject_prefix.clone() + ".>";
+    let dead = dead_letter_prefix(&layout.subject_prefix) + ".>";
+    let streams = [
+        &layout.stream,
+        &layout.dead_letter_stream,
+        &layout.advisory_stream,
+    ];
+    // (stream, durable) of every consumer the service pulls from.
+    let consumers: Vec<(&str, &str)> = layout
+        .consumers
+        .iter()
+        .map(|c| (layout.stream.as_str(), c.durable_name.as_str()))
+        .chain(std::iter::once((
+            layout.advisory_stream.as_str(),
+            layout.advisory_consumer.as_str(),
+        )))
+        .collect();
+    // Ack subjects: `$JS.ACK.<stream>.<consumer>.…`, and the form with a
+    // domain and an account hash in front that newer servers may send.
+    let acks = |stream: &str, consumer: &str| {
+        [
+            format!("$JS.ACK.{stream}.{consumer}.>"),
+            format!("$JS.ACK.*.*.{stream}.{consumer}.>"),
+        ]
+    };
+    // Stranded jobs are read and deleted by sequence; a stream that allows
+    // direct gets answers on DIRECT.GET.
+    let read_message = |stream: &str| {
+        [
+            format!("$JS.API.STREAM.MSG.GET.{stream}"),
+            format!("$JS.API.DIRECT.GET.{stream}"),
+        ]
+    };
+
+    let publisher = RolePermissions {
+        role: "publisher",
+        variable: "GITALY_REPLICATOR_PUBLISHER",
+        publish: vec![work.clone()],
+        subscribe: vec![INBOX.into()],
+    };
+
+    let mut consumer = vec!["$JS.API.INFO".to_owned()];
+    consumer.extend(streams.iter().map(|s| format!("$JS.API.STREAM.INFO.{s}")));
+    for s in [&layout.stream, &layout.advisory_stream] {
+        consumer.push(format!("$JS.API.CONSUMER.LIST.{s}"));
+        consumer.push(format!("$JS.API.CONSUMER.NAMES.{s}"));
+    }
+    for (s, c) in &consumers {
+        consumer.push(format!("$JS.API.CONSUMER.INFO.{s}.{c}"));
+        consumer.push(format!("$JS.API.CONSUMER.MSG.NEXT.{s}.{c}"));
+        consumer.extend(acks(s, c));
+    }
+    consumer.extend(read_message(&layout.stream));
+    consumer.push(format!("$JS.API.STREAM.MSG.DELETE.{}", layout.stream));
+    consumer.push(dead.clone());
+    consumer.push(work.clone());
+    let consumer = RolePermissions {
+        role: "consumer",
+        variable: "GITALY_REPLICATOR_CONSUMER",
+        publish: consumer,
+        subscribe: vec![INBOX.into()],
+    };
+
+    let mut operator = vec![
+        "$JS.API.INFO".to_owned(),
+        "$JS.API.STREAM.NAMES".to_owned(),
+        "$JS.API.STREAM.LIST".to_owned(),
+    ];
+    for s in streams {
+        for op in ["CREATE", "UPDATE", "INFO"] {
+            operator.push(format!("$JS.API.STREAM.{op}.{s}"));
+        }
+    }
+    for s in [&layout.stream, &layout.advisory_stream] {
+        operator.push(format!("$JS.API.CONSUMER.LIST.{s}"));
+        operator.push(format!("$JS.API.CONSUMER.NAMES.{s}"));
+        // Created and updated with a name (and a filter, on 2.10 and later),
+        // durable, or by older servers' form; deleted when an older name
+        // moves to a new one.
+        operator.push(format!("$JS.API.CONSUMER.CREATE.{s}"));
+        operator.push(format!("$JS.API.CONSUMER.CREATE.{s}.>"));
+        operator.push(format!("$JS.API.CONSUMER.DURABLE.CREATE.{s}.>"));
+        operator.push(format!("$JS.API.CONSUMER.INFO.{s}.>"));
+        operator.push(format!("$JS.API.CONSUMER.DELETE.{s}.>"));
+    }
+    let dead_stream = &layout.dead_letter_stream;
+    operator.extend(read_message(dead_stream));
+    operator.push(format!("$JS.API.STREAM.MSG.DELETE.{dead_stream}"));
+    operator.push(format!("$JS.API.STREAM.PURGE.{dead_stream}"));
+    // Replayed jobs go back to their work subjects.
+    operator.push(work);
+    let operator = RolePermissions {
+        role: "operator",
+        variable: "GITALY_REPLICATOR_OPERATOR",
+        publish: operator,
+        subscribe: vec![INBOX.into()],
+    };
+    vec![publisher, consumer, operator]
+}
+
+/// The roles' permissions as nats-server configuration: one variable per
+/// role, for `permissions: $GITALY_REPLICATOR_CONSUMER` in a user entry.
+pub fn nats_permissions_conf(layout: &Layout) -> String {
+    let mut c = String::from(
+        "# Generated by `gitaly-replicator deploy-manifests --nats`; do not edit.\n\
+         # The least each role of gitaly-replicator needs on NATS, for the streams,\n\
+         # subjects and consumers of the configuration (docs/security.md):\n\
+         #   publisher  publishes jobs (Praefect, `gitaly-replicator publish`)\n\
+         #   consumer   `gitaly-replicator run`, once `setup` has run\n\
+         #   operator   `setup`, `status`, `dead list | replay | purge`\n\
+         # Include this file in nats-server.conf and give each user a role:\n\
+         #   include \"permissions.conf\"\n\
+         #   authorization { users = [\n\
+         #     {user: \"replicator\", password: $REPLICATOR_PASSWORD, permissions: $GITALY_REPLICATOR_CONSUMER}\n\
+         #   ] }\n\
+         # (in an account: `accounts { A { jetstream: enabled, users = [ ... ] } }`).\n",
+    );
+    let list = |subjects: &[String]| {
+        let quoted: Vec<String> = subjects.iter().map(|s| quoted(s)).collect();
+        format!("[\n    {}\n  ]", quoted.join("\n    "))
+    };
+    for role in nats_permissions(layout) {
+        let _ = write!(
+            c,
+            "\n# {}\n{} = {{\n  publish = {{ allow = {} }}\n  subscribe = {{ allow = {} }}\n}}\n",
+            role.role,
+            role.variable,
+            list(&role.publish),
+            list(&role.subscribe)
+        );
+    }
+    c
 }
 
 /// Settings of the KEDA `ScaledObject` that the configuration does not hold.

@@ -110,8 +110,9 @@ pub use metrics::install as install_metrics;
 /// CLI's JSON, and the KEDA ScaledObject.
 pub mod manifests {
     pub use crate::deploy::{
-        ManifestFile, NATS_MONITORING_PORT, NATS_SCRIPT, SCALED_OBJECT_FILE, ScalingOptions,
-        consumer_file_name, jetstream_files, load_config_without_secrets, scaled_object,
+        ManifestFile, NATS_MONITORING_PORT, NATS_SCRIPT, PERMISSIONS_FILE, RolePermissions,
+        SCALED_OBJECT_FILE, ScalingOptions, consumer_file_name, jetstream_files,
+        load_config_without_secrets, nats_permissions, nats_permissions_conf, scaled_object,
         stream_file_name,
     };
 }
@@ -123,5 +124,8 @@ pub use store::{
 };
 
 // Gitaly: the protocol and clients of its nodes.
-pub use gitaly::{CallContext, CallError, CallErrorKind, ChannelError, NodeClient, NodeSet};
+pub use gitaly::{
+    CallContext, CallError, CallErrorKind, ChannelError, NodeClient, NodeSet, SSL_CERT_DIR,
+    SSL_CERT_FILE, TrustRoots, TrustRootsError,
+};
 pub use gitaly_wire::{auth, metadata, proto};

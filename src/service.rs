@@ -137,13 +137,7 @@ impl ServiceError {
                 !is_tls_failure(source) && crate::store::is_transient(source)
             }
             ServiceError::Store(e) => e.is_retryable(),
-            ServiceError::Nats(ConnectError::Connect { source, .. }) => matches!(
-                source.kind(),
-                async_nats::ConnectErrorKind::Io
-                    | async_nats::ConnectErrorKind::TimedOut
-                    | async_nats::ConnectErrorKind::Dns
-                    | async_nats::ConnectErrorKind::MaxReconnects
-            ),
+            ServiceError::Nats(e) => e.is_transient(),
             ServiceError::Layout(LayoutError::Api { .. }) => true,
             _ => false,
         }

@@ -215,6 +215,7 @@ mod tests {
             nats: NatsConfig {
                 url: "nats://a:4222,tls://b:4222".into(),
                 credentials_file: None,
+                nkey_seed_file: None,
                 token: None,
                 user: Some("replicator".into()),
                 password: masked(),

@@ -17,6 +17,8 @@ pub struct NatsConfig {
     pub url: String,
     /// A `.creds` file (JWT and NKey seed).
     pub credentials_file: Option<PathBuf>,
+    /// A file holding a user's NKey seed (`SU…`), for NKey authentication.
+    pub nkey_seed_file: Option<PathBuf>,
     pub token: Option<Secret>,
     pub user: Option<String>,
     pub password: Option<Secret>,
@@ -62,6 +64,7 @@ impl Default for NatsConfig {
         NatsConfig {
             url: "nats://127.0.0.1:4222".into(),
             credentials_file: None,
+            nkey_seed_file: None,
             token: None,
             user: None,
             password: None,
@@ -92,6 +95,7 @@ impl fmt::Debug for NatsConfig {
         let NatsConfig {
             url: _,
             credentials_file,
+            nkey_seed_file,
             token,
             user,
             password,
@@ -115,6 +119,7 @@ impl fmt::Debug for NatsConfig {
         f.debug_struct("NatsConfig")
             .field("url", &self.masked_url())
             .field("credentials_file", credentials_file)
+            .field("nkey_seed_file", nkey_seed_file)
             .field("token", token)
             .field("user", user)
             .field("password", password)

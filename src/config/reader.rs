@@ -200,6 +200,7 @@ fn read_nats(ctx: &mut Ctx, mut s: Section) -> Result<NatsConfig, ConfigError> {
     let config = NatsConfig {
         url: s.optional(ctx, "url")?.unwrap_or(d.url),
         credentials_file: s.path(ctx, "credentials_file")?,
+        nkey_seed_file: s.path(ctx, "nkey_seed_file")?,
         token: s.secret(ctx, "token")?,
         user: s.optional(ctx, "user")?,
         password: s.secret(ctx, "password")?,

@@ -219,6 +219,7 @@ impl NatsConfig {
         let methods = [
             ("credentials in nats.url", !in_urls.is_empty()),
             ("nats.credentials_file", self.credentials_file.is_some()),
+            ("nats.nkey_seed_file", self.nkey_seed_file.is_some()),
             ("nats.token", self.token.is_some()),
             ("nats.user", self.user.is_some()),
         ];

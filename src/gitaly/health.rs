@@ -48,10 +48,10 @@ pub fn watch_health(
             if node.set_health(health) {
                 match &result {
                     Ok(()) => {
-                        tracing::info!(virtual_storage = %node.virtual_storage, storage = %node.storage, "storage node is healthy; fetching its jobs")
+                        tracing::info!(virtual_storage = %node.virtual_storage, storage = %node.storage, address = %node.address, "storage node is healthy; fetching its jobs")
                     }
                     Err(e) => {
-                        tracing::warn!(virtual_storage = %node.virtual_storage, storage = %node.storage, error = display_error_chain(e), "storage node is unhealthy; jobs that target it wait in the queue, updates that read from it use another up-to-date replica or wait")
+                        tracing::warn!(virtual_storage = %node.virtual_storage, storage = %node.storage, address = %node.address, error = display_error_chain(e), "storage node is unhealthy; jobs that target it wait in the queue, updates that read from it use another up-to-date replica or wait")
                     }
                 }
                 healthy_gauge.set(if result.is_ok() { 1.0 } else { 0.0 });

@@ -6,8 +6,10 @@
 pub mod error;
 pub mod health;
 pub mod node;
+pub mod tls;
 
 pub use gitaly_wire::{auth, metadata};
 
 pub use error::{CallError, CallErrorKind};
 pub use node::{CallContext, ChannelError, NodeClient, NodeSet};
+pub use tls::{SSL_CERT_DIR, SSL_CERT_FILE, TrustRoots, TrustRootsError};

@@ -7,6 +7,7 @@ use crate::gitaly::auth;
 use crate::gitaly::error::CallError;
 use crate::gitaly::health::Health;
 use crate::gitaly::metadata::CORRELATION_ID;
+use crate::gitaly::tls::TrustRoots;
 use crate::proto::gitaly::object_pool_service_client::ObjectPoolServiceClient;
 use crate::proto::gitaly::ref_service_client::RefServiceClient;
 use crate::proto::gitaly::repository_service_client::RepositoryServiceClient;
@@ -81,7 +82,12 @@ impl std::fmt::Debug for NodeClient {
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-fn endpoint_for(address: &NodeAddress) -> Result<Endpoint, String> {
+/// The endpoint of `address`; `roots` gives the certificate authorities of
+/// a `tls://` address, and is called only for one.
+fn endpoint_for(
+    address: &NodeAddress,
+    roots: impl FnOnce() -> Result<TrustRoots, String>,
+) -> Result<Endpoint, String> {
     let uri = match address {
         NodeAddress::Tcp { host, port } | NodeAddress::Tls { host, port } => {
             let scheme = if matches!(address, NodeAddress::Tls { .. }) {
@@ -108,22 +114,47 @@ fn endpoint_for(address: &NodeAddress) -> Result<Endpoint, String> {
         .http2_keep_alive_interval(Duration::from_secs(30))
         .keep_alive_while_idle(true);
     if matches!(address, NodeAddress::Tls { .. }) {
-        endpoint = endpoint
-            .tls_config(ClientTlsConfig::new().with_native_roots())
-            .map_err(|e| e.to_string())?;
+        // The host name of the URI is the one checked against the
+        // certificate (an IP address against its IP address names).
+        let tls = ClientTlsConfig::new()
+            .trust_anchors(roots()?.anchors())
+            .timeout(CONNECT_TIMEOUT);
+        endpoint = endpoint.tls_config(tls).map_err(|e| e.to_string())?;
     }
     Ok(endpoint)
 }
 
 impl NodeClient {
     /// Builds the node's channel without connecting; the first call dials.
+    /// A `tls://` node's certificate is verified against the system's
+    /// certificate authorities and those of this process's `SSL_CERT_FILE`
+    /// and `SSL_CERT_DIR` ([`TrustRoots::from_env`]).
     pub fn new(virtual_storage: &str, node: &Node) -> Result<NodeClient, ChannelError> {
+        Self::build(virtual_storage, node, || {
+            TrustRoots::from_env().map_err(|e| e.to_string())
+        })
+    }
+
+    /// Like [`NodeClient::new`], trusting `roots` for a `tls://` node.
+    pub fn with_trust_roots(
+        virtual_storage: &str,
+        node: &Node,
+        roots: &TrustRoots,
+    ) -> Result<NodeClient, ChannelError> {
+        Self::build(virtual_storage, node, || Ok(roots.clone()))
+    }
+
+    fn build(
+        virtual_storage: &str,
+        node: &Node,
+        roots: impl FnOnce() -> Result<TrustRoots, String>,
+    ) -> Result<NodeClient, ChannelError> {
         let err = |reason: String| ChannelError {
             storage: node.storage.clone(),
             address: node.address.to_string(),
             reason,
         };
-        let endpoint = endpoint_for(&node.address).map_err(err)?;
+        let endpoint = endpoint_for(&node.address, roots).map_err(err)?;
         let channel = match &node.address {
             NodeAddress::Unix { path } => {
                 let path: PathBuf = path.clone();

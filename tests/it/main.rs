@@ -28,3 +28,4 @@ mod promises;
 mod replica_ids;
 mod retention;
 mod secrets;
+mod secure;

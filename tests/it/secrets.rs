@@ -28,6 +28,10 @@ struct Secrets {
     /// The contents of a credentials file (its path is no secret).
     creds_jwt: String,
     creds_seed: String,
+    wrong_nats_token: String,
+    /// The contents of an NKey seed file and of a client key file.
+    nkey_seed: String,
+    tls_key: String,
 }
 
 impl Secrets {
@@ -46,6 +50,9 @@ impl Secrets {
             wrong_nats_password: marker("NatsWrong"),
             creds_jwt: marker("CredsJwt"),
             creds_seed: format!("SU{}", marker("CredsSeed").to_uppercase()),
+            wrong_nats_token: marker("NatsWrongToken"),
+            nkey_seed: format!("SU{}", marker("NkeySeed").to_uppercase()),
+            tls_key: marker("TlsKey"),
         }
     }
 
@@ -61,6 +68,9 @@ impl Secrets {
             &self.wrong_nats_password,
             &self.creds_jwt,
             &self.creds_seed,
+            &self.wrong_nats_token,
+            &self.nkey_seed,
+            &self.tls_key,
         ]);
         all
     }
@@ -239,6 +249,34 @@ async fn no_secret_appears_in_any_output_and_error_chains_name_each_cause_once()
             creds_path.display()
         ),
     );
+    let seed_path = creds_dir.path().join("replicator.nk");
+    std::fs::write(&seed_path, format!("{}\n", s.nkey_seed)).unwrap();
+    let bad_nkey_seed = config(
+        &c,
+        &s,
+        &admin_url,
+        &db,
+        &format!(
+            "url = \"nats://127.0.0.1:{port}\"\nnkey_seed_file = \"{}\"",
+            seed_path.display()
+        ),
+    );
+    let ca = testkit::tls::TestCa::new("secrets-ca");
+    let leaf = ca.leaf("client", &["client"]);
+    std::fs::write(&leaf.key_file, format!("{}\n", s.tls_key)).unwrap();
+    let bad_tls_key = config(
+        &c,
+        &s,
+        &admin_url,
+        &db,
+        &format!(
+            "url = \"nats://127.0.0.1:{port}\"\nuser = \"replicator\"\npassword = \"{}\"\n\
+             tls_cert_file = \"{}\"\ntls_key_file = \"{}\"",
+            s.nats_password,
+            leaf.cert_file.display(),
+            leaf.key_file.display()
+        ),
+    );
     let mut out = Outputs::default();
 
     // Paths that work, and the dead letter of a job whose target refuses
@@ -356,10 +394,24 @@ async fn no_secret_appears_in_any_output_and_error_chains_name_each_cause_once()
         assert!(o.status.success(), "{}", all(&o));
     }
 
-    // Paths that fail: a refused password, NATS or Postgres unreachable.
+    // Paths that fail: a refused password or token, files that hold no
+    // seed or key, NATS or Postgres unreachable.
+    let wrong_token = config(
+        &c,
+        &s,
+        &admin_url,
+        &db,
+        &format!(
+            "url = \"nats://127.0.0.1:{token_port}\"\ntoken = \"{}\"",
+            s.wrong_nats_token
+        ),
+    );
     let mut failed = Vec::new();
     for (name, toml, args) in [
         ("status (wrong password)", &wrong_password, &["status"][..]),
+        ("setup (wrong token)", &wrong_token, &["setup"]),
+        ("setup (bad nkey seed file)", &bad_nkey_seed, &["setup"]),
+        ("setup (bad client key file)", &bad_tls_key, &["setup"]),
         ("setup (wrong password)", &wrong_password, &["setup"]),
         ("setup (bad credentials file)", &bad_creds, &["setup"]),
         ("status (no NATS)", &nats_unreachable, &["status"]),
@@ -401,6 +453,17 @@ async fn no_secret_appears_in_any_output_and_error_chains_name_each_cause_once()
     for (name, line) in &failed {
         assert_each_cause_once(line);
         println!("{name}: {line}");
+    }
+    // A refusal names the keys whose secret was refused.
+    for (name, key) in [
+        ("status (wrong password)", "the credentials in nats.url"),
+        ("setup (wrong token)", "nats.token"),
+        ("setup (bad nkey seed file)", "nats.nkey_seed_file"),
+        ("setup (bad client key file)", "nats.tls_key_file"),
+        ("setup (bad credentials file)", "nats.credentials_file"),
+    ] {
+        let (_, line) = failed.iter().find(|(n, _)| *n == name).unwrap();
+        assert!(line.contains(key), "{name}: {line}");
     }
     // The chain of an unreachable NATS ends in the operating system's
     // answer, once.

@@ -90,4 +90,4 @@ pub mod storage;
 pub use config::{NodeConfig, NodeConfigError, parse_storage};
 pub use faults::{FailMethod, Faults, parse_code, parse_fail_method, parse_failure_rate};
 pub use node::StorageNode;
-pub use server::{OpenNode, ServeError, serve};
+pub use server::{NodeTls, OpenNode, ServeError, serve};

@@ -10,8 +10,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 use storage_node::{
-    FailMethod, Faults, NodeConfig, OpenNode, ServeError, parse_fail_method, parse_failure_rate,
-    parse_storage,
+    FailMethod, Faults, NodeConfig, NodeTls, OpenNode, ServeError, parse_fail_method,
+    parse_failure_rate, parse_storage,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -52,6 +52,13 @@ struct Args {
     /// METHOD=CODE: every call to METHOD answers the gRPC CODE, e.g. GarbageCollect=unimplemented.
     #[arg(long = "fail-method", value_name = "METHOD=CODE", value_parser = parse_fail_method)]
     fail_methods: Vec<FailMethod>,
+    /// Serve TLS with this certificate (PEM, the chain from the leaf), as
+    /// Gitaly's tls_listen_addr; clients dial tls://HOST:PORT.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// Log filter (tracing's EnvFilter syntax); logs go to stderr.
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     log: String,
@@ -103,8 +110,21 @@ async fn main() -> ExitCode {
         },
     };
     let storages: Vec<_> = config.storages.iter().map(|(n, _)| n.clone()).collect();
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => match NodeTls::read(cert, key) {
+            Ok(tls) => Some(tls),
+            Err(e) => {
+                eprintln!("storage-node: {e}");
+                return ExitCode::from(EX_USAGE);
+            }
+        },
+        _ => None,
+    };
     let node = match OpenNode::open(config) {
-        Ok(node) => node,
+        Ok(node) => match tls {
+            Some(tls) => node.with_tls(tls),
+            None => node,
+        },
         Err(e) => {
             eprintln!("storage-node: {e}");
             let code = match e {

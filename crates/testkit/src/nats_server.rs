@@ -32,11 +32,20 @@ impl PrivateNats {
     }
 
     /// A server that also reads `config` (nats-server's configuration
-    /// format), e.g. `authorization { users = [...] }`. The fixture itself
-    /// connects without credentials to see it start, so `url` may be refused
-    /// once it is up: the wait for it accepts an authorization error.
+    /// format), e.g. `authorization { users = [...] }`, `tls { ... }` or an
+    /// operator. The fixture waits for the server's greeting, not for a
+    /// login, so it needs neither credentials nor certificates.
     pub async fn start_with_config(config: &str) -> PrivateNats {
+        Self::start_with_files(config, &[]).await
+    }
+
+    /// Like [`PrivateNats::start_with_config`], with `files` (name,
+    /// contents) beside the configuration, for its `include`s.
+    pub async fn start_with_files(config: &str, files: &[(&str, &str)]) -> PrivateNats {
         let mut n = Self::not_started();
+        for (name, contents) in files {
+            std::fs::write(n.dir.path().join(name), contents).unwrap();
+        }
         let path = n.dir.path().join("nats.conf");
         std::fs::write(&path, config).unwrap();
         n.config = Some(path);
@@ -80,19 +89,56 @@ impl PrivateNats {
             ])
             .arg(self.dir.path())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(self.log_file())
             .spawn()
             .expect("nats-server is installed");
         self.child = Some(child);
         for _ in 0..100 {
-            match async_nats::connect(self.url()).await {
-                Ok(_) => return,
-                Err(e) if self.config.is_some() && is_auth_error(&e) => return,
-                Err(_) => {}
+            // A configured server may want TLS or credentials the fixture
+            // does not have: its INFO line shows it is up.
+            let up = if self.config.is_some() {
+                self.sends_info().await
+            } else {
+                async_nats::connect(self.url()).await.is_ok()
+            };
+            if up {
+                return;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        panic!("private nats-server did not start");
+        panic!("private nats-server did not start:\n{}", self.log());
+    }
+
+    /// Where the server's log goes, appended to across restarts.
+    fn log_file(&self) -> Stdio {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("nats-server.log"));
+        file.map(Stdio::from).unwrap_or_else(|_| Stdio::null())
+    }
+
+    /// What the server logged so far (errors and warnings, and its
+    /// permission violations).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("nats-server.log")).unwrap_or_default()
+    }
+
+    /// Whether the server accepts a TCP connection and greets with `INFO`.
+    async fn sends_info(&self) -> bool {
+        use tokio::io::AsyncReadExt;
+        let Ok(mut stream) = tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await else {
+            return false;
+        };
+        let mut greeting = [0u8; 5];
+        let read = tokio::time::timeout(Duration::from_secs(1), stream.read_exact(&mut greeting));
+        matches!(read.await, Ok(Ok(_))) && &greeting == b"INFO "
+    }
+
+    /// The directory of the server's store and configuration, for files
+    /// the configuration names.
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
     }
 
     pub fn kill(&mut self) {
@@ -115,15 +161,6 @@ impl PrivateNats {
             self.spawn().await;
         }
     }
-}
-
-/// The server answered, and refused the credentials (or their absence).
-fn is_auth_error(e: &async_nats::ConnectError) -> bool {
-    matches!(
-        e.kind(),
-        async_nats::ConnectErrorKind::AuthorizationViolation
-            | async_nats::ConnectErrorKind::Authentication
-    )
 }
 
 impl Drop for PrivateNats {

@@ -43,6 +43,7 @@ pub struct NodeProcess {
     pub token: String,
     pub addr: SocketAddr,
     extra: Vec<String>,
+    env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
@@ -56,13 +57,27 @@ impl NodeProcess {
         listen: &str,
         extra: &[String],
     ) -> NodeProcess {
-        let (child, addr) = Self::start(storage, dir, token, listen, extra).await;
+        Self::spawn_with_env(storage, dir, token, listen, extra, &[]).await
+    }
+
+    /// Like [`NodeProcess::spawn`], with `env` set for the process (say
+    /// `SSL_CERT_FILE`, for the sources it dials over TLS).
+    pub async fn spawn_with_env(
+        storage: &str,
+        dir: &Path,
+        token: &str,
+        listen: &str,
+        extra: &[String],
+        env: &[(String, String)],
+    ) -> NodeProcess {
+        let (child, addr) = Self::start(storage, dir, token, listen, extra, env).await;
         NodeProcess {
             storage: storage.to_owned(),
             dir: dir.to_owned(),
             token: token.to_owned(),
             addr,
             extra: extra.to_vec(),
+            env: env.to_vec(),
             child: Some(child),
         }
     }
@@ -73,12 +88,14 @@ impl NodeProcess {
         token: &str,
         listen: &str,
         extra: &[String],
+        env: &[(String, String)],
     ) -> (Child, SocketAddr) {
         let mut child = Command::new(binary())
             .args(["--listen", listen, "--token", token, "--log", "error"])
             .arg("--storage")
             .arg(format!("{storage}={}", dir.display()))
             .args(extra)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .kill_on_drop(true)
@@ -101,9 +118,15 @@ impl NodeProcess {
         (child, addr)
     }
 
-    /// `tcp://ADDR`, as the config writes it.
+    /// `tcp://ADDR`, or `tls://ADDR` when the node serves TLS, as the
+    /// config writes it.
     pub fn address(&self) -> String {
-        format!("tcp://{}", self.addr)
+        let scheme = if self.extra.iter().any(|f| f == "--tls-cert") {
+            "tls"
+        } else {
+            "tcp"
+        };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// Where a repository of this storage lives.
@@ -136,8 +159,15 @@ impl NodeProcess {
         .await;
         assert!(free, "port of {} still taken", self.storage);
         let listen = self.addr.to_string();
-        let (child, addr) =
-            Self::start(&self.storage, &self.dir, &self.token, &listen, &self.extra).await;
+        let (child, addr) = Self::start(
+            &self.storage,
+            &self.dir,
+            &self.token,
+            &listen,
+            &self.extra,
+            &self.env,
+        )
+        .await;
         assert_eq!(addr, self.addr);
         self.child = Some(child);
     }

@@ -36,6 +36,8 @@ pub struct NodeSetup {
     /// The token the replicator is configured with when it differs from
     /// the node's own.
     pub config_token: Option<String>,
+    /// Environment of the node's process (`SSL_CERT_FILE`).
+    pub env: Vec<(String, String)>,
 }
 
 /// `gitaly-1` … `gitaly-n` as processes, a database and streams of the
@@ -47,6 +49,8 @@ pub struct NodeCluster {
     pub config: Config,
     pub js: Context,
     pub layout: Layout,
+    /// The config as TOML, for tests that run the binary.
+    pub toml: String,
     _storages: tempfile::TempDir,
     nats_url: String,
 }
@@ -69,12 +73,13 @@ impl NodeCluster {
         for (i, setup) in setups.iter().enumerate() {
             let storage = format!("gitaly-{}", i + 1);
             let token = format!("token-{}-{}", i + 1, names.id);
-            let node = NodeProcess::spawn(
+            let node = NodeProcess::spawn_with_env(
                 &storage,
                 &storages.path().join(&storage),
                 &token,
                 "127.0.0.1:0",
                 &setup.flags,
+                &setup.env,
             )
             .await;
             specs.push(NodeSpec {
@@ -104,6 +109,7 @@ impl NodeCluster {
             config,
             js,
             layout,
+            toml,
             _storages: storages,
             nats_url,
         }
