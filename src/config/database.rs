@@ -77,6 +77,43 @@ impl SessionPooled {
     fn is_empty(&self) -> bool {
         *self == SessionPooled::default()
     }
+
+    /// `options` with every key set here applied; `section` names the keys
+    /// in errors (`database.session_pooled`).
+    fn apply(
+        &self,
+        mut options: PgConnectOptions,
+        section: &str,
+    ) -> Result<PgConnectOptions, ConfigError> {
+        if let Some(host) = &self.host {
+            options = options.host(host);
+        }
+        if let Some(port) = self.port {
+            options = options.port(port);
+        }
+        if let Some(user) = &self.user {
+            options = options.username(user);
+        }
+        if let Some(password) = &self.password {
+            options = options.password(password.expose());
+        }
+        if let Some(dbname) = &self.dbname {
+            options = options.database(dbname);
+        }
+        if let Some(mode) = &self.sslmode {
+            options = options.ssl_mode(parse_sslmode(&format!("{section}.sslmode"), mode)?);
+        }
+        if let Some(path) = &self.sslrootcert {
+            options = options.ssl_root_cert(path);
+        }
+        if let Some(path) = &self.sslcert {
+            options = options.ssl_client_cert(path);
+        }
+        if let Some(path) = &self.sslkey {
+            options = options.ssl_client_key(path);
+        }
+        Ok(options)
+    }
 }
 
 /// See [`DatabaseConfig::pool_mode`].
@@ -204,34 +241,12 @@ impl DatabaseConfig {
     /// `[database]`, key by key, as Praefect reads them.
     pub fn session_connect_options(&self) -> Result<PgConnectOptions, ConfigError> {
         let sp = &self.session_pooled;
-        let mut options = self.base_options()?;
-        if let Some(host) = sp.host.as_ref().or(self.host_no_proxy.as_ref()) {
-            options = options.host(host);
-        }
-        if let Some(port) = sp.port.or(self.port_no_proxy) {
-            options = options.port(port);
-        }
-        if let Some(user) = &sp.user {
-            options = options.username(user);
-        }
-        if let Some(password) = &sp.password {
-            options = options.password(password.expose());
-        }
-        if let Some(dbname) = &sp.dbname {
-            options = options.database(dbname);
-        }
-        if let Some(mode) = &sp.sslmode {
-            options = options.ssl_mode(parse_sslmode("database.session_pooled.sslmode", mode)?);
-        }
-        if let Some(path) = &sp.sslrootcert {
-            options = options.ssl_root_cert(path);
-        }
-        if let Some(path) = &sp.sslcert {
-            options = options.ssl_client_cert(path);
-        }
-        if let Some(path) = &sp.sslkey {
-            options = options.ssl_client_key(path);
-        }
+        let keys = SessionPooled {
+            host: sp.host.clone().or_else(|| self.host_no_proxy.clone()),
+            port: sp.port.or(self.port_no_proxy),
+            ..sp.clone()
+        };
+        let options = keys.apply(self.base_options()?, "database.session_pooled")?;
         Ok(self.with_statement_timeout(options))
     }
 
@@ -261,33 +276,18 @@ impl DatabaseConfig {
             })?,
             None => PgConnectOptions::new(),
         };
-        if let Some(host) = &self.host {
-            options = options.host(host);
-        }
-        if let Some(port) = self.port {
-            options = options.port(port);
-        }
-        if let Some(user) = &self.user {
-            options = options.username(user);
-        }
-        if let Some(password) = &self.password {
-            options = options.password(password.expose());
-        }
-        if let Some(dbname) = &self.dbname {
-            options = options.database(dbname);
-        }
-        if let Some(mode) = &self.sslmode {
-            options = options.ssl_mode(parse_sslmode("database.sslmode", mode)?);
-        }
-        if let Some(path) = &self.sslrootcert {
-            options = options.ssl_root_cert(path);
-        }
-        if let Some(path) = &self.sslcert {
-            options = options.ssl_client_cert(path);
-        }
-        if let Some(path) = &self.sslkey {
-            options = options.ssl_client_key(path);
-        }
+        let own = SessionPooled {
+            host: self.host.clone(),
+            port: self.port,
+            user: self.user.clone(),
+            password: self.password.clone(),
+            dbname: self.dbname.clone(),
+            sslmode: self.sslmode.clone(),
+            sslcert: self.sslcert.clone(),
+            sslkey: self.sslkey.clone(),
+            sslrootcert: self.sslrootcert.clone(),
+        };
+        options = own.apply(options, "database")?;
         if options.get_application_name().is_none() {
             options = options.application_name("gitaly-replicator");
         }

@@ -15,7 +15,8 @@ fn bin_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/usr/lib/postgresql/15/bin"))
 }
 
-fn running_as_root() -> bool {
+/// Whether this process runs as root (the servers then run as `postgres`).
+pub(crate) fn running_as_root() -> bool {
     Command::new("id")
         .arg("-u")
         .output()
