@@ -750,6 +750,7 @@ fn the_example_config_loads_and_sets_every_key_to_its_default() {
     assert_eq!(example.database, defaults.database);
     assert_eq!(example.replication, defaults.replication);
     assert_eq!(example.nats, defaults.nats);
+    assert_eq!(example.prometheus, defaults.prometheus);
     assert!(example.ignored_keys.is_empty());
 }
 
