@@ -93,12 +93,6 @@ impl RepositoryStore {
     /// store has reads that repository's replicas, whatever path they are
     /// recorded at, and its order at the repository's current path and by
     /// id (see `order`). Answers in input order.
-    ///
-    /// A replica row found by id but recorded at another path than the
-    /// repository's counts only when the repository lives at a replica path
-    /// of its own (`@cluster/…`): otherwise its directory is still at that
-    /// other path, its rename on that storage not yet done, and taking it for
-    /// the replica at the new path would skip the copy the new path needs.
     pub(crate) async fn replicated_generations(
         &self,
         jobs: &[GenerationQuery<'_>],
@@ -107,15 +101,13 @@ impl RepositoryStore {
             "SELECT
                 COALESCE(CASE WHEN f.repository_id IS NOT NULL
                     THEN (SELECT s.generation FROM storage_repositories s
-                          WHERE s.repository_id = f.repository_id AND s.storage = q.src
-                            AND (s.relative_path = f.relative_path OR (f.replica_path IS NOT NULL AND f.replica_path <> f.relative_path)))
+                          WHERE s.repository_id = f.repository_id AND s.storage = q.src)
                     ELSE (SELECT s.generation FROM storage_repositories s
                           WHERE s.virtual_storage = q.vs AND s.relative_path = q.rel
                             AND s.storage = q.src) END, -1),
                 CASE WHEN f.repository_id IS NOT NULL
                     THEN (SELECT t.generation FROM storage_repositories t
-                          WHERE t.repository_id = f.repository_id AND t.storage = q.tgt
-                            AND (t.relative_path = f.relative_path OR (f.replica_path IS NOT NULL AND f.replica_path <> f.relative_path)))
+                          WHERE t.repository_id = f.repository_id AND t.storage = q.tgt)
                     ELSE (SELECT t.generation FROM storage_repositories t
                           WHERE t.virtual_storage = q.vs AND t.relative_path = q.rel
                             AND t.storage = q.tgt) END,
