@@ -9,8 +9,8 @@ use crate::gitaly::{CallContext, CallError, CallErrorKind, NodeClient, NodeSet};
 use crate::proto::gitaly as pb;
 use crate::store::generation_batcher::GenerationBatcher;
 use crate::store::{
-    Gated, GenerationQuery, GenerationRecord, Identity, ReplicatedGeneration, RepositoryStore,
-    Standing, StoreError, WriteOrder,
+    Gated, GenerationQuery, GenerationRecord, ReplicatedGeneration, RepositoryStore, Standing,
+    StoreError, WriteOrder,
 };
 use std::fmt;
 use std::future::Future;
@@ -270,33 +270,23 @@ impl GitalyReplicator {
     async fn run(&self, job: &Job, order: Option<&WriteOrder>) -> Step<JobOutcome> {
         let target = self.target(job)?;
         let ctx = CallContext::new(job.correlation_id.clone(), self.job_timeout);
+        let target_repo = repo(&job.target_node_storage, job.replica_path());
         let (vs, rel, storage) = job.repository_key();
-        let id = job.repository_id;
-        let target_repo = match &job.change {
-            // An update reads its path with its generations.
-            Change::Update | Change::Create => None,
-            // A rename is about its relative paths (see below).
-            Change::Rename { .. } => repo(storage, rel),
-            _ => repo(storage, &self.replica_path(job).await?),
-        };
         match &job.change {
             Change::Update | Change::Create => self.update(job, target, &ctx, order).await,
             Change::Delete | Change::DeleteReplica => {
-                let standing = self
-                    .standing(&[(vs, rel, storage)], Identity::by_id(id), order)
-                    .await?;
+                let standing = self.standing(&[(vs, rel, storage)], order).await?;
                 if let Some(skipped) = standing.into_iter().next().flatten() {
                     return Ok(JobOutcome::Skipped(skipped));
                 }
                 self.remove(target, &ctx, target_repo).await?;
-                let identity = Identity::by_id(id);
                 let gated = if matches!(job.change, Change::Delete) {
                     self.store
-                        .delete_repository_in_order(vs, rel, storage, identity, order)
+                        .delete_repository_in_order(vs, rel, storage, order)
                         .await
                 } else {
                     self.store
-                        .delete_replica_in_order(vs, rel, storage, identity, order)
+                        .delete_replica_in_order(vs, rel, storage, order)
                         .await
                 };
                 Ok(after_write(
@@ -305,24 +295,24 @@ impl GitalyReplicator {
                 ))
             }
             Change::Rename { new_relative_path } => {
-                // A rename moves the relative path, as Praefect's does; only
-                // a replica path that was the relative path follows it.
+                // A rename moves the relative path, as Praefect's does; a
+                // replica path does not follow renames.
+                let target_repo = repo(storage, rel);
                 let keys = [
                     (vs, rel, storage),
                     (vs, new_relative_path.as_str(), storage),
                 ];
-                let mut standing = self.standing(&keys, Identity::at_path(id), order).await?;
+                let mut standing = self.standing(&keys, order).await?;
                 if let Some(skipped) = standing[0].take() {
                     return Ok(JobOutcome::Skipped(skipped));
                 }
                 if standing[1].is_some() {
                     // A later job already settled the new path; what is
-                    // left of the rename is that the old path is gone (its
-                    // row, not the repository's row at the new one).
+                    // left of the rename is that the old path is gone.
                     self.remove(target, &ctx, target_repo).await?;
                     let gated = self
                         .store
-                        .delete_replica_in_order(vs, rel, storage, Identity::at_path(id), order)
+                        .delete_replica_in_order(vs, rel, storage, order)
                         .await
                         .map_err(store_failed)?;
                     return Ok(after_write(gated, JobOutcome::Completed));
@@ -359,7 +349,7 @@ impl GitalyReplicator {
                 }
                 let gated = self
                     .store
-                    .rename_repository_in_order(vs, rel, storage, new_relative_path, id, order)
+                    .rename_repository_in_order(vs, rel, storage, new_relative_path, order)
                     .await
                     .map_err(store_failed)?;
                 Ok(after_write(gated, JobOutcome::Completed))
@@ -455,29 +445,12 @@ impl GitalyReplicator {
         }
     }
 
-    /// Where the job's repository lives on the storages: Praefect's store is
-    /// the authority, so the replica path it records for the job's
-    /// `repository_id` wins over the job's own (it may predate a change);
-    /// else the job's replica path, else its relative path.
-    async fn replica_path(&self, job: &Job) -> Step<String> {
-        let Some(id) = job.repository_id else {
-            return Ok(job.replica_path().to_owned());
-        };
-        let stored = self
-            .store
-            .replica_path(&job.virtual_storage, id)
-            .await
-            .map_err(store_failed)?;
-        Ok(stored.unwrap_or_else(|| job.replica_path().to_owned()))
-    }
-
     /// For each of `keys`, why the job must not run there: a later
     /// state-changing job already took effect, or the repository was
     /// re-created (all `None` without an order).
     async fn standing(
         &self,
         keys: &[(&str, &str, &str)],
-        identity: Identity,
         order: Option<&WriteOrder>,
     ) -> Step<Vec<Option<SkipReason>>> {
         let Some(order) = order else {
@@ -485,7 +458,7 @@ impl GitalyReplicator {
         };
         let standing = self
             .store
-            .standing_in_order(keys, identity, order)
+            .standing_in_order(keys, order)
             .await
             .map_err(store_failed)?;
         Ok(standing
@@ -549,7 +522,6 @@ impl GitalyReplicator {
                 relative_path: rel,
                 storage: target,
                 generation: -1,
-                repository_id: job.repository_id,
                 order,
             })
             .await
@@ -563,7 +535,7 @@ impl GitalyReplicator {
     async fn healthy_replica(&self, job: &Job, named: &str) -> Step<Option<&Arc<NodeClient>>> {
         let storages = self
             .store
-            .up_to_date_storages(&job.virtual_storage, &job.relative_path, job.repository_id)
+            .up_to_date_storages(&job.virtual_storage, &job.relative_path)
             .await
             .map_err(store_failed)?;
         Ok(storages
@@ -600,9 +572,9 @@ impl GitalyReplicator {
             source,
             target: target_storage,
             order: order.map(|o| (o.stream.as_str(), o.sequence)),
-            repository_id: job.repository_id,
+            repository_id: order.and_then(|o| o.repository_id),
         };
-        let mut answer = self
+        let mut decided = self
             .generations
             .replicated_generation(query(named))
             .await
@@ -610,7 +582,7 @@ impl GitalyReplicator {
         let (mut source_storage, mut source) = (named, named_node);
         // The store alone can tell that nothing needs copying; only a copy
         // needs a source that answers.
-        if matches!(answer.decision, ReplicatedGeneration::Replicate { .. })
+        if matches!(decided, ReplicatedGeneration::Replicate { .. })
             && named_node.health() == Health::Unhealthy
         {
             let Some(node) = self.healthy_replica(job, named).await? else {
@@ -627,14 +599,14 @@ impl GitalyReplicator {
                 correlation_id = job.correlation_id.as_deref().unwrap_or(""),
                 "source storage is unhealthy; replicating from another replica that holds the repository's generation"
             );
-            answer = self
+            decided = self
                 .generations
                 .replicated_generation(query(&node.storage))
                 .await
                 .map_err(store_failed)?;
             (source_storage, source) = (node.storage.as_str(), node);
         }
-        let generation = match answer.decision {
+        let generation = match decided {
             ReplicatedGeneration::Replicate { generation } => generation,
             ReplicatedGeneration::UpToDate { generation } => {
                 return self
@@ -659,9 +631,8 @@ impl GitalyReplicator {
             }
         };
         // On disk the repository lives at its replica path (Praefect 14.5
-        // and later), on the source and the target alike; the store's, when
-        // it has one for the job's repository, wins (see `replica_path`).
-        let path = answer.replica_path.as_deref().unwrap_or(job.replica_path());
+        // and later), on the source and the target alike.
+        let path = job.replica_path();
 
         let mut client = target.repository_service();
         let mut req = target.request(
@@ -703,7 +674,7 @@ impl GitalyReplicator {
                     }));
                 }
                 self.store
-                    .delete_invalid_repository(vs, rel, source_storage, job.repository_id)
+                    .delete_invalid_repository(vs, rel, source_storage)
                     .await
                     .map_err(store_failed)?;
                 return self
@@ -753,7 +724,6 @@ impl GitalyReplicator {
                 relative_path: rel,
                 storage: target_storage,
                 generation,
-                repository_id: job.repository_id,
                 order,
             })
             .await

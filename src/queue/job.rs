@@ -462,6 +462,7 @@ async fn run_job<R: Replicator>(
             stream: shared.stream_incarnation.clone(),
             sequence: i64::try_from(d.placement.sequence).unwrap_or(i64::MAX),
             lock_session: guards.first().map(|g| g.session()),
+            repository_id: job.repository_id,
         });
         let lost = guards.first().map(|g| g.lost().clone()).unwrap_or_default();
         let timer = Instant::now();

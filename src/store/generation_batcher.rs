@@ -6,7 +6,7 @@
 
 use crate::store::coalescer::Coalescer;
 use crate::store::{
-    Gated, GenerationAnswer, GenerationQuery, GenerationRecord, RepositoryStore, StoreError,
+    Gated, GenerationQuery, GenerationRecord, ReplicatedGeneration, RepositoryStore, StoreError,
     WriteOrder,
 };
 use tokio::sync::oneshot;
@@ -19,7 +19,7 @@ struct Read {
     target: String,
     order: Option<(String, i64)>,
     repository_id: Option<i64>,
-    reply: oneshot::Sender<Result<GenerationAnswer, StoreError>>,
+    reply: oneshot::Sender<Result<ReplicatedGeneration, StoreError>>,
 }
 
 impl Read {
@@ -40,7 +40,6 @@ struct Write {
     relative_path: String,
     storage: String,
     generation: i64,
-    repository_id: Option<i64>,
     order: Option<WriteOrder>,
     reply: oneshot::Sender<Result<Gated<bool>, StoreError>>,
 }
@@ -52,7 +51,6 @@ impl Write {
             relative_path: &self.relative_path,
             storage: &self.storage,
             generation: self.generation,
-            repository_id: self.repository_id,
             order: self.order.as_ref(),
         }
     }
@@ -166,7 +164,7 @@ impl GenerationBatcher {
     pub async fn replicated_generation(
         &self,
         query: GenerationQuery<'_>,
-    ) -> Result<GenerationAnswer, StoreError> {
+    ) -> Result<ReplicatedGeneration, StoreError> {
         let (reply, answer) = oneshot::channel();
         let read = Read {
             virtual_storage: query.virtual_storage.to_owned(),
@@ -200,7 +198,6 @@ impl GenerationBatcher {
             relative_path: record.relative_path.to_owned(),
             storage: record.storage.to_owned(),
             generation: record.generation,
-            repository_id: record.repository_id,
             order: record.order.cloned(),
             reply,
         };

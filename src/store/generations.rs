@@ -52,24 +52,10 @@ pub struct GenerationQuery<'a> {
     pub target: &'a str,
     /// The job's stream and sequence, to check the target's order record.
     pub order: Option<(&'a str, i64)>,
-    /// The job's repository id: its replicas are found by it when the store
-    /// has it, and it must be the repository at the path otherwise (`None`:
-    /// found at the path, unchecked). See `order`.
+    /// The job's repository id, to check it is still the repository at the
+    /// path (`None`: unchecked).
     pub repository_id: Option<i64>,
 }
-
-/// One job's answer of [`RepositoryStore::replicated_generations`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct GenerationAnswer {
-    pub decision: ReplicatedGeneration,
-    /// Where the store says the job's repository (found by id) lives on
-    /// every storage; `None` when it has no replica path for it.
-    pub replica_path: Option<String>,
-}
-
-/// A row of [`RepositoryStore::replicated_generations`]: the source's and
-/// the target's generations, superseded, stale, the stored replica path.
-type GenerationRow = (i64, Option<i64>, bool, bool, Option<String>);
 
 /// One replica's row for [`RepositoryStore::set_generations`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,9 +65,6 @@ pub struct GenerationRecord<'a> {
     pub storage: &'a str,
     /// -1: record only the order (nothing was replicated).
     pub generation: i64,
-    /// The job's repository id: the rows are found by it when the store has
-    /// it (see `order`), and it is checked at the path otherwise.
-    pub repository_id: Option<i64>,
     /// Gate of the write (see [`WriteOrder`]); `None` writes ungated.
     pub order: Option<&'a WriteOrder>,
 }
@@ -89,45 +72,28 @@ pub struct GenerationRecord<'a> {
 impl RepositoryStore {
     /// Praefect's rule, for many jobs in one statement: reads each source's
     /// and target's replica generations (-1 = no row) and decides between
-    /// replicate, up to date and downgrade. A job whose repository id the
-    /// store has reads that repository's replicas, whatever path they are
-    /// recorded at, and its order at the repository's current path and by
-    /// id (see `order`). Answers in input order.
+    /// replicate, up to date and downgrade. Answers in input order.
     pub(crate) async fn replicated_generations(
         &self,
         jobs: &[GenerationQuery<'_>],
-    ) -> Result<Vec<GenerationAnswer>, StoreError> {
-        let rows: Vec<GenerationRow> = sqlx::query_as(
-            "SELECT
-                COALESCE(CASE WHEN f.repository_id IS NOT NULL
-                    THEN (SELECT s.generation FROM storage_repositories s
-                          WHERE s.repository_id = f.repository_id AND s.storage = q.src)
-                    ELSE (SELECT s.generation FROM storage_repositories s
-                          WHERE s.virtual_storage = q.vs AND s.relative_path = q.rel
-                            AND s.storage = q.src) END, -1),
-                CASE WHEN f.repository_id IS NOT NULL
-                    THEN (SELECT t.generation FROM storage_repositories t
-                          WHERE t.repository_id = f.repository_id AND t.storage = q.tgt)
-                    ELSE (SELECT t.generation FROM storage_repositories t
-                          WHERE t.virtual_storage = q.vs AND t.relative_path = q.rel
-                            AND t.storage = q.tgt) END,
+    ) -> Result<Vec<ReplicatedGeneration>, StoreError> {
+        let rows: Vec<(i64, Option<i64>, bool, bool)> = sqlx::query_as(
+            "SELECT COALESCE(s.generation, -1), t.generation,
                 EXISTS (SELECT FROM replication_order o
-                        WHERE o.virtual_storage = q.vs
-                          AND o.relative_path = COALESCE(f.relative_path, q.rel)
+                        WHERE o.virtual_storage = q.vs AND o.relative_path = q.rel
                           AND o.target_storage = q.tgt AND o.stream = q.stream
-                          AND o.sequence >= q.seq)
-                OR EXISTS (SELECT FROM replication_order_by_repository o
-                           WHERE o.repository_id = q.id AND o.target_storage = q.tgt
-                             AND o.stream = q.stream AND o.sequence >= q.seq),
-                q.id IS NOT NULL AND f.repository_id IS NULL AND EXISTS (
+                          AND o.sequence >= q.seq),
+                q.id IS NOT NULL AND EXISTS (
                     SELECT FROM repositories r
                     WHERE r.virtual_storage = q.vs AND r.relative_path = q.rel
-                      AND r.repository_id <> q.id),
-                f.replica_path
+                      AND r.repository_id <> q.id)
             FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[],
                         $7::bigint[])
                 WITH ORDINALITY AS q(vs, rel, src, tgt, stream, seq, id, i)
-            LEFT JOIN repositories f ON f.repository_id = q.id AND f.virtual_storage = q.vs
+            LEFT JOIN storage_repositories s
+                ON s.virtual_storage = q.vs AND s.relative_path = q.rel AND s.storage = q.src
+            LEFT JOIN storage_repositories t
+                ON t.virtual_storage = q.vs AND t.relative_path = q.rel AND t.storage = q.tgt
             ORDER BY q.i",
         )
         .bind(jobs.iter().map(|j| j.virtual_storage).collect::<Vec<_>>())
@@ -150,17 +116,13 @@ impl RepositoryStore {
         .map_err(failed("replicated_generation"))?;
         Ok(rows
             .into_iter()
-            .map(|(source, target, superseded, stale, replica_path)| {
-                let decision = if stale {
+            .map(|(source, target, superseded, stale)| {
+                if stale {
                     ReplicatedGeneration::Stale
                 } else if superseded {
                     ReplicatedGeneration::Superseded
                 } else {
                     ReplicatedGeneration::decide(source, target)
-                };
-                GenerationAnswer {
-                    decision,
-                    replica_path,
                 }
             })
             .collect())
@@ -185,7 +147,6 @@ impl RepositoryStore {
         self.replicated_generations(&[query])
             .await?
             .pop()
-            .map(|answer| answer.decision)
             .ok_or_else(|| StoreError::Batch {
                 operation: "replicated_generation",
                 message: "no row returned".into(),
@@ -196,39 +157,24 @@ impl RepositoryStore {
 
     /// The storages whose replica holds the repository's latest generation,
     /// the repository's primary first, then by name: where an update can
-    /// read from when its source is down. The repository is the one of
-    /// `repository_id` when the store has it, else the one at the path.
+    /// read from when its source is down.
     pub async fn up_to_date_storages(
         &self,
         virtual_storage: &str,
         relative_path: &str,
-        repository_id: Option<i64>,
     ) -> Result<Vec<String>, StoreError> {
         sqlx::query_scalar(
-            "WITH found AS MATERIALIZED (
-                SELECT repository_id, \"primary\" FROM repositories
-                WHERE repository_id = $3 AND virtual_storage = $1
-            ), repository AS MATERIALIZED (
-                SELECT \"primary\" FROM found
-                UNION ALL
-                SELECT \"primary\" FROM repositories
-                WHERE virtual_storage = $1 AND relative_path = $2
-                  AND NOT EXISTS (SELECT FROM found)
-            ), replicas AS MATERIALIZED (
-                SELECT s.storage, s.generation FROM storage_repositories s
-                JOIN found f ON s.repository_id = f.repository_id
-                UNION ALL
-                SELECT s.storage, s.generation FROM storage_repositories s
-                WHERE s.virtual_storage = $1 AND s.relative_path = $2
-                  AND NOT EXISTS (SELECT FROM found)
-            )
-            SELECT storage FROM replicas
-            WHERE generation = (SELECT max(generation) FROM replicas)
-            ORDER BY (storage = (SELECT \"primary\" FROM repository)) IS TRUE DESC, storage",
+            "SELECT s.storage
+            FROM storage_repositories s
+            LEFT JOIN repositories r
+                ON r.virtual_storage = s.virtual_storage AND r.relative_path = s.relative_path
+            WHERE s.virtual_storage = $1 AND s.relative_path = $2
+              AND s.generation = (SELECT max(generation) FROM storage_repositories
+                                  WHERE virtual_storage = $1 AND relative_path = $2)
+            ORDER BY (s.storage = r.\"primary\") IS TRUE DESC, s.storage",
         )
         .bind(virtual_storage)
         .bind(relative_path)
-        .bind(repository_id)
         .fetch_all(&self.pool)
         .await
         .map_err(failed("up_to_date_storages"))
@@ -247,10 +193,7 @@ impl RepositoryStore {
     /// replica's row moved to the path written: the repository's replica
     /// there is now at that path, and a storage holds one replica of a
     /// repository (`UNIQUE (repository_id, storage)`); the rename job then
-    /// finds the new path settled and only removes the old one. A row whose
-    /// repository id the store has is written to that repository, at its
-    /// current path, which is also where a replica row recorded at an older
-    /// path moves (Praefect 15 renames in `repositories` only).
+    /// finds the new path settled and only removes the old one.
     pub(crate) async fn set_generations(
         &self,
         replicas: &[GenerationRecord<'_>],
@@ -261,62 +204,42 @@ impl RepositoryStore {
                                      $5::text[], $6::bigint[], $7::int[], $8::timestamptz[],
                                      $9::bigint[])
                     WITH ORDINALITY AS t(vs, rel, storage, gen, stream, seq, pid, started, id, i)
-            ), keyed AS MATERIALIZED (
-                -- The repository's current path for a job whose id the store
-                -- has, else the job's: the path key of its rows and order.
-                SELECT input.*, r.repository_id IS NOT NULL AS found,
-                       COALESCE(r.relative_path, input.rel) AS krel
-                FROM input
-                LEFT JOIN repositories r ON r.repository_id = input.id AND r.virtual_storage = input.vs
             ), alive AS MATERIALIZED (
                 SELECT s.pid, s.started FROM (SELECT DISTINCT pid, started FROM input
                                               WHERE pid IS NOT NULL) s
                 WHERE EXISTS (SELECT FROM pg_stat_get_activity(s.pid) a
                               WHERE a.backend_start IS NULL OR a.backend_start = s.started)
             ), fenced AS MATERIALIZED (
-                SELECT k.* FROM keyed k
-                WHERE k.pid IS NULL OR EXISTS (
-                    SELECT FROM alive WHERE alive.pid = k.pid
-                                        AND alive.started = k.started)
+                SELECT input.* FROM input
+                WHERE input.pid IS NULL OR EXISTS (
+                    SELECT FROM alive WHERE alive.pid = input.pid
+                                        AND alive.started = input.started)
             ), current AS MATERIALIZED (
                 SELECT f.* FROM fenced f
-                WHERE f.id IS NULL OR f.found OR NOT EXISTS (
+                WHERE f.id IS NULL OR NOT EXISTS (
                     SELECT FROM repositories r
                     WHERE r.virtual_storage = f.vs AND r.relative_path = f.rel
                       AND r.repository_id <> f.id)
             ), ordered AS (
                 INSERT INTO replication_order AS o
                     (virtual_storage, relative_path, target_storage, stream, sequence)
-                SELECT DISTINCT ON (vs, krel, storage) vs, krel, storage, stream, seq
+                SELECT DISTINCT ON (vs, rel, storage) vs, rel, storage, stream, seq
                 FROM current WHERE stream IS NOT NULL
-                ORDER BY vs, krel, storage, seq DESC
+                ORDER BY vs, rel, storage, seq DESC
                 ON CONFLICT (virtual_storage, relative_path, target_storage) DO UPDATE
                     SET stream = EXCLUDED.stream, sequence = EXCLUDED.sequence
                     WHERE o.stream <> EXCLUDED.stream OR o.sequence < EXCLUDED.sequence
                 RETURNING virtual_storage, relative_path, target_storage, sequence
-            ), ordered_by_id AS (
-                INSERT INTO replication_order_by_repository AS o
-                    (repository_id, target_storage, stream, sequence)
-                SELECT DISTINCT ON (id, storage) id, storage, stream, seq
-                FROM current WHERE stream IS NOT NULL AND id IS NOT NULL
-                ORDER BY id, storage, seq DESC
-                ON CONFLICT (repository_id, target_storage) DO UPDATE
-                    SET stream = EXCLUDED.stream, sequence = EXCLUDED.sequence
-                    WHERE o.stream <> EXCLUDED.stream OR o.sequence < EXCLUDED.sequence
-                RETURNING repository_id, target_storage, sequence
             ), allowed AS MATERIALIZED (
                 SELECT f.* FROM current f
                 LEFT JOIN ordered o
-                    ON o.virtual_storage = f.vs AND o.relative_path = f.krel
+                    ON o.virtual_storage = f.vs AND o.relative_path = f.rel
                    AND o.target_storage = f.storage AND o.sequence = f.seq
-                LEFT JOIN ordered_by_id b
-                    ON b.repository_id = f.id AND b.target_storage = f.storage AND b.sequence = f.seq
-                WHERE f.stream IS NULL
-                   OR o.sequence IS NOT NULL AND (f.id IS NULL OR b.sequence IS NOT NULL)
+                WHERE f.stream IS NULL OR o.sequence IS NOT NULL
             ), gens AS (
-                SELECT DISTINCT ON (vs, krel, storage) vs, krel AS rel, storage, gen
+                SELECT DISTINCT ON (vs, rel, storage) vs, rel, storage, gen
                 FROM allowed WHERE gen <> -1
-                ORDER BY vs, krel, storage, gen DESC
+                ORDER BY vs, rel, storage, gen DESC
             ), raised AS (
                 UPDATE repositories r SET generation = m.gen
                 FROM (SELECT vs, rel, max(gen) AS gen FROM gens GROUP BY vs, rel) m
@@ -349,12 +272,12 @@ impl RepositoryStore {
                 RETURNING virtual_storage, relative_path, storage, generation
             )
             SELECT f.i IS NOT NULL, c.i IS NOT NULL, a.i IS NOT NULL, w.generation IS NOT NULL
-            FROM keyed input
+            FROM input
             LEFT JOIN fenced f ON f.i = input.i
             LEFT JOIN current c ON c.i = input.i
             LEFT JOIN allowed a ON a.i = input.i
             LEFT JOIN (SELECT DISTINCT * FROM (SELECT * FROM written UNION ALL SELECT * FROM moved) m) w
-                ON w.virtual_storage = input.vs AND w.relative_path = input.krel
+                ON w.virtual_storage = input.vs AND w.relative_path = input.rel
                AND w.storage = input.storage AND w.generation = input.gen
             ORDER BY input.i",
         )
@@ -398,7 +321,7 @@ impl RepositoryStore {
         .bind(
             replicas
                 .iter()
-                .map(|r| r.repository_id)
+                .map(|r| r.order.and_then(|o| o.repository_id))
                 .collect::<Vec<_>>(),
         )
         .fetch_all(&self.pool)
@@ -425,7 +348,6 @@ impl RepositoryStore {
             relative_path,
             storage,
             generation,
-            repository_id: None,
             order: None,
         };
         Ok(self.set_generations(&[record]).await?.first() == Some(&Gated::Written(true)))
@@ -468,13 +390,7 @@ impl RepositoryStore {
         storage: &str,
     ) -> Result<bool, StoreError> {
         let gated = self
-            .delete_replica_in_order(
-                virtual_storage,
-                relative_path,
-                storage,
-                super::Identity::default(),
-                None,
-            )
+            .delete_replica_in_order(virtual_storage, relative_path, storage, None)
             .await?;
         Ok(gated == Gated::Written(true))
     }
@@ -494,7 +410,6 @@ impl RepositoryStore {
                 relative_path,
                 storage,
                 new_relative_path,
-                None,
                 None,
             )
             .await?;
@@ -529,89 +444,52 @@ impl RepositoryStore {
     /// other replica remains, in one transaction. The repository row is locked
     /// first, so two of these for different storages cannot both see the
     /// other's replica and leave the repository row behind (which one
-    /// statement with CTEs could, all of it reading one snapshot). The
-    /// repository is the one of `repository_id` when the store has it, else
-    /// the one at the path. Returns false when neither row was deleted.
+    /// statement with CTEs could, all of it reading one snapshot). Returns
+    /// false when neither row was deleted.
     pub(crate) async fn delete_invalid_repository(
         &self,
         virtual_storage: &str,
         relative_path: &str,
         storage: &str,
-        repository_id: Option<i64>,
     ) -> Result<bool, StoreError> {
         const OPERATION: &str = "delete_invalid_repository";
         let mut tx = self.pool.begin().await.map_err(failed(OPERATION))?;
-        // The repository locked, when it has a row, and whether it was
-        // found by the job's id.
-        let found: Option<(i64, bool)> = sqlx::query_as(
-            "SELECT repository_id, repository_id = $3 IS TRUE FROM repositories
-            WHERE virtual_storage = $1
-              AND (repository_id = $3 OR relative_path = $2 AND NOT EXISTS (
-                  SELECT FROM repositories WHERE repository_id = $3 AND virtual_storage = $1))
+        sqlx::query(
+            "SELECT FROM repositories
+            WHERE virtual_storage = $1 AND relative_path = $2
             FOR UPDATE",
         )
         .bind(virtual_storage)
         .bind(relative_path)
-        .bind(repository_id)
         .persistent(self.pool.persistent())
-        .fetch_optional(&mut *tx)
+        .execute(&mut *tx)
         .await
         .map_err(failed(OPERATION))?;
-        let replica = match found {
-            // Its replica row may be recorded at an older path.
-            Some((id, true)) => sqlx::query(
-                "DELETE FROM storage_repositories WHERE repository_id = $1 AND storage = $2",
-            )
-            .bind(id)
-            .bind(storage),
-            _ => sqlx::query(
-                "DELETE FROM storage_repositories
-                WHERE virtual_storage = $1 AND relative_path = $2 AND storage = $3",
-            )
-            .bind(virtual_storage)
-            .bind(relative_path)
-            .bind(storage),
-        }
+        let replica = sqlx::query(
+            "DELETE FROM storage_repositories
+            WHERE virtual_storage = $1 AND relative_path = $2 AND storage = $3",
+        )
+        .bind(virtual_storage)
+        .bind(relative_path)
+        .bind(storage)
         .persistent(self.pool.persistent())
         .execute(&mut *tx)
         .await
         .map_err(failed(OPERATION))?;
         let repository = sqlx::query(
-            "DELETE FROM repositories r
-            WHERE r.repository_id = $1
-              AND NOT EXISTS (SELECT FROM storage_repositories s
-                              WHERE s.repository_id = r.repository_id)
-              AND NOT EXISTS (SELECT FROM storage_repositories s
-                              WHERE s.virtual_storage = r.virtual_storage
-                                AND s.relative_path = r.relative_path)",
+            "DELETE FROM repositories
+            WHERE virtual_storage = $1 AND relative_path = $2
+              AND NOT EXISTS (SELECT FROM storage_repositories
+                              WHERE virtual_storage = $1 AND relative_path = $2)",
         )
-        .bind(found.map(|(id, _)| id))
+        .bind(virtual_storage)
+        .bind(relative_path)
         .persistent(self.pool.persistent())
         .execute(&mut *tx)
         .await
         .map_err(failed(OPERATION))?;
         tx.commit().await.map_err(failed(OPERATION))?;
         Ok(replica.rows_affected() > 0 || repository.rows_affected() > 0)
-    }
-
-    /// Where the store says the repository of `repository_id` lives on its
-    /// storages (its `replica_path`); None when the virtual storage has no
-    /// such repository, or no path is recorded for it.
-    pub async fn replica_path(
-        &self,
-        virtual_storage: &str,
-        repository_id: i64,
-    ) -> Result<Option<String>, StoreError> {
-        let path: Option<Option<String>> = sqlx::query_scalar(
-            "SELECT replica_path FROM repositories
-            WHERE repository_id = $1 AND virtual_storage = $2",
-        )
-        .bind(repository_id)
-        .bind(virtual_storage)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(failed("replica_path"))?;
-        Ok(path.flatten())
     }
 
     /// The generation the replica on `storage` holds; None when it has no row.

@@ -26,7 +26,7 @@ pub use dataloss::{LaggingRepository, ReplicaState};
 pub use error::StoreError;
 pub(crate) use error::is_transient;
 use error::{encode_failed, failed};
-pub use generations::{GenerationAnswer, GenerationQuery, GenerationRecord, ReplicatedGeneration};
+pub use generations::{GenerationQuery, GenerationRecord, ReplicatedGeneration};
 pub use lock_sessions::{
     ORPHAN_GRACE_SECONDS, expire_lock_sessions, register_lock_session, unregister_lock_session,
 };
@@ -34,7 +34,7 @@ pub use lock_statements::{
     LockSessionAnswers, LockSessionBatch, advisory_locks_held, exchange_on_lock_session,
     relax_commit_durability, swap_advisory_locks,
 };
-pub use order::{Gated, Identity, LockSessionId, Standing, WriteOrder};
+pub use order::{Gated, LockSessionId, Standing, WriteOrder};
 
 pub use schema::{EmptyDatabase, REQUIRED_PRAEFECT_MIGRATION, REQUIRED_PRAEFECT_VERSION};
 use sqlx::PgPool;

@@ -600,13 +600,6 @@ async fn an_update_with_a_replica_path_replicates_the_directory_at_that_path() {
             .create_repository(c.vs(), relative_path, "gitaly-1", 1, &["gitaly-1"])
             .await
             .unwrap();
-    // Praefect records where it put the repository; the store's path wins.
-    sqlx::query("UPDATE repositories SET replica_path = $1 WHERE repository_id = $2")
-        .bind(replica_path)
-        .bind(id)
-        .execute(c.db.store.pool())
-        .await
-        .unwrap();
     let service = c.replicator();
     c.publish(&c.job(json!({"change": "update", "relative_path": relative_path, "replica_path": replica_path, "repository_id": id, "source_node_storage": "gitaly-1", "target_node_storage": "gitaly-2"})))
         .await;

@@ -25,7 +25,6 @@ mod praefect_jobs;
 mod praefect_schema;
 mod process;
 mod promises;
-mod replica_ids;
 mod retention;
 mod secrets;
 mod secure;

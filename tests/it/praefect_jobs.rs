@@ -253,13 +253,6 @@ async fn every_praefect_shaped_file_replicates_as_its_twin_in_our_shape_does() {
                 .create_repository(c.vs(), &p.relative, "gitaly-1", 1, &["gitaly-1"])
                 .await
                 .unwrap();
-        // As Praefect records it: jobs naming the id go where the store says.
-        sqlx::query("UPDATE repositories SET replica_path = $1 WHERE repository_id = $2")
-            .bind(&p.replica)
-            .bind(id)
-            .execute(c.db.store.pool())
-            .await
-            .unwrap();
         ids.push(id);
     }
     let service = c.replicator();

@@ -182,7 +182,6 @@ async fn a_bad_row_in_a_generation_batch_fails_only_its_own_job() {
             relative_path: p,
             storage: "gitaly-2",
             generation: 7,
-            repository_id: None,
             order: None,
         })
     });
@@ -215,6 +214,7 @@ fn fenced_by(session: store::LockSessionId, sequence: i64) -> store::WriteOrder 
         stream: "work@1".into(),
         sequence,
         lock_session: Some(session),
+        repository_id: None,
     }
 }
 
@@ -231,7 +231,6 @@ async fn gated_writes_go_through_only_while_the_lock_session_that_granted_them_l
         relative_path: REPO,
         storage: "gitaly-2",
         generation: 3,
-        repository_id: None,
         order,
     };
 
@@ -258,13 +257,7 @@ async fn gated_writes_go_through_only_while_the_lock_session_that_granted_them_l
     );
     assert_eq!(
         db.store
-            .delete_replica_in_order(
-                VS,
-                REPO,
-                "gitaly-2",
-                store::Identity::default(),
-                Some(&impostor)
-            )
+            .delete_replica_in_order(VS, REPO, "gitaly-2", Some(&impostor))
             .await
             .unwrap(),
         Gated::LockLost
@@ -276,13 +269,7 @@ async fn gated_writes_go_through_only_while_the_lock_session_that_granted_them_l
     assert!(
         testkit::eventually(std::time::Duration::from_secs(5), || async {
             db.store
-                .delete_replica_in_order(
-                    VS,
-                    REPO,
-                    "gitaly-2",
-                    store::Identity::default(),
-                    Some(&gone),
-                )
+                .delete_replica_in_order(VS, REPO, "gitaly-2", Some(&gone))
                 .await
                 .unwrap()
                 == Gated::LockLost

@@ -2,7 +2,6 @@
 //! records.
 
 use super::{REPO, VS, replica_storages, repository_generation};
-use crate::store::Identity;
 use crate::test_database::TestDatabase;
 
 // --- delete_repository, delete_replica ---
@@ -161,7 +160,7 @@ async fn delete_invalid_repository_keeps_the_repository_while_another_replica_re
 
     assert!(
         db.store
-            .delete_invalid_repository(VS, REPO, "gitaly-2", None)
+            .delete_invalid_repository(VS, REPO, "gitaly-2")
             .await
             .unwrap()
     );
@@ -180,13 +179,13 @@ async fn delete_invalid_repository_deletes_the_repository_with_its_last_replica(
 
     assert!(
         db.store
-            .delete_invalid_repository(VS, REPO, "gitaly-2", None)
+            .delete_invalid_repository(VS, REPO, "gitaly-2")
             .await
             .unwrap()
     );
     assert!(
         db.store
-            .delete_invalid_repository(VS, REPO, "gitaly-1", None)
+            .delete_invalid_repository(VS, REPO, "gitaly-1")
             .await
             .unwrap()
     );
@@ -206,11 +205,7 @@ async fn delete_invalid_repository_run_for_all_replicas_at_once_leaves_no_reposi
 
     let deletes = storages.map(|storage| {
         let store = db.store.clone();
-        tokio::spawn(async move {
-            store
-                .delete_invalid_repository(VS, REPO, storage, None)
-                .await
-        })
+        tokio::spawn(async move { store.delete_invalid_repository(VS, REPO, storage).await })
     });
     for delete in deletes {
         assert!(delete.await.unwrap().unwrap());
@@ -225,7 +220,7 @@ async fn delete_invalid_repository_reports_a_missing_replica() {
 
     assert!(
         !db.store
-            .delete_invalid_repository(VS, REPO, "gitaly-1", None)
+            .delete_invalid_repository(VS, REPO, "gitaly-1")
             .await
             .unwrap()
     );
@@ -265,21 +260,21 @@ async fn a_delete_or_rename_takes_the_completion_records_of_its_replica_with_it(
 
     assert_eq!(
         db.store
-            .delete_replica_in_order(VS, REPO, "gitaly-2", Identity::default(), None)
+            .delete_replica_in_order(VS, REPO, "gitaly-2", None)
             .await
             .unwrap(),
         written
     );
     assert_eq!(
         db.store
-            .rename_repository_in_order(VS, "renamed.git", "gitaly-3", "new.git", None, None)
+            .rename_repository_in_order(VS, "renamed.git", "gitaly-3", "new.git", None)
             .await
             .unwrap(),
         written
     );
     assert_eq!(
         db.store
-            .delete_repository_in_order(VS, "deleted.git", "gitaly-2", Identity::default(), None)
+            .delete_repository_in_order(VS, "deleted.git", "gitaly-2", None)
             .await
             .unwrap(),
         written

@@ -6,7 +6,6 @@ mod completions;
 mod deletes;
 mod generations;
 mod migrate;
-mod repository_ids;
 
 use crate::store::RepositoryStore;
 use time::OffsetDateTime;
