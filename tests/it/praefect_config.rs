@@ -22,6 +22,14 @@ fn load(name: &str) -> Config {
     Config::from_toml_str(&text).unwrap_or_else(|e| panic!("{name}: {e}"))
 }
 
+/// `sections`, then one virtual storage with one node and no token.
+fn with_one_node(sections: &str) -> Result<Config, gitaly_replicator::ConfigError> {
+    Config::from_toml_str(&format!(
+        "{sections}\n[[virtual_storage]]\nname = \"default\"\n[[virtual_storage.node]]\n\
+         storage = \"gitaly-1\"\naddress = \"tcp://127.0.0.1:8075\"\n"
+    ))
+}
+
 fn warning_keys(config: &Config) -> Vec<String> {
     config.warnings().into_iter().map(|w| w.key).collect()
 }
@@ -181,35 +189,14 @@ fn the_direct_connection_is_read_as_praefect_reads_it_and_the_pool_goes_transact
     );
 
     // Without a session connection apart, one pool in session mode.
-    let plain = Config::from_toml_str(
-        r#"
-        [[virtual_storage]]
-        name = "default"
-        [[virtual_storage.node]]
-        storage = "gitaly-1"
-        address = "tcp://127.0.0.1:8075"
-        "#,
-    )
-    .unwrap()
-    .database;
+    let plain = with_one_node("").unwrap().database;
     assert!(!plain.transaction_pooled());
     assert_eq!(plain.per_transaction_statement_timeout_ms(), None);
 }
 
 #[test]
 fn transaction_mode_without_a_session_connection_is_refused() {
-    let e = Config::from_toml_str(
-        r#"
-        [database]
-        pool_mode = "transaction"
-        [[virtual_storage]]
-        name = "default"
-        [[virtual_storage.node]]
-        storage = "gitaly-1"
-        address = "tcp://127.0.0.1:8075"
-        "#,
-    )
-    .unwrap_err();
+    let e = with_one_node("[database]\npool_mode = \"transaction\"").unwrap_err();
     assert_eq!(e.key, "database.pool_mode");
     assert!(e.to_string().contains("session_pooled"), "{e}");
 }
@@ -224,18 +211,7 @@ fn grpc_latency_buckets_are_read_and_must_ascend() {
         load("praefect-14.3.toml").prometheus.grpc_latency_buckets,
         gitaly_replicator::DEFAULT_LATENCY_BUCKETS
     );
-    let e = Config::from_toml_str(
-        r#"
-        [prometheus]
-        grpc_latency_buckets = [1, 0.5]
-        [[virtual_storage]]
-        name = "default"
-        [[virtual_storage.node]]
-        storage = "gitaly-1"
-        address = "tcp://127.0.0.1:8075"
-        "#,
-    )
-    .unwrap_err();
+    let e = with_one_node("[prometheus]\ngrpc_latency_buckets = [1, 0.5]").unwrap_err();
     assert_eq!(e.key, "prometheus.grpc_latency_buckets");
 }
 
