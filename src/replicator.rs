@@ -8,6 +8,7 @@ use crate::gitaly::metadata::{GITALY_SERVERS, encode_gitaly_servers};
 use crate::gitaly::{CallContext, CallError, CallErrorKind, NodeClient, NodeSet};
 use crate::proto::gitaly as pb;
 use crate::store::generation_batcher::GenerationBatcher;
+use crate::store::repository_paths::{NamedRepository, RepositoryPathBatcher};
 use crate::store::{
     Gated, GenerationQuery, GenerationRecord, ReplicatedGeneration, RepositoryStore, Standing,
     StoreError, WriteOrder,
@@ -172,6 +173,17 @@ pub trait Replicator: Send + Sync + 'static {
         order: Option<&WriteOrder>,
     ) -> impl Future<Output = JobOutcome> + Send;
 
+    /// The relative path Praefect's store now records for the repository
+    /// `job` names by id, when it moved there in the store alone (see
+    /// `store::repository_paths`); the job then runs at that path. `None`:
+    /// the job's own path stands.
+    fn followed_path(
+        &self,
+        _job: &Job,
+    ) -> impl Future<Output = Result<Option<String>, JobOutcome>> + Send {
+        std::future::ready(Ok(None))
+    }
+
     /// Runs `job` outside any order.
     #[cfg(test)]
     fn replicate(&self, job: &Job) -> impl Future<Output = JobOutcome> + Send {
@@ -185,6 +197,7 @@ pub struct GitalyReplicator {
     nodes: NodeSet,
     store: RepositoryStore,
     generations: GenerationBatcher,
+    paths: RepositoryPathBatcher,
     job_timeout: Option<Duration>,
 }
 
@@ -248,6 +261,7 @@ impl GitalyReplicator {
         GitalyReplicator {
             nodes,
             generations: GenerationBatcher::start(store.clone(), tasks),
+            paths: RepositoryPathBatcher::start(store.clone(), tasks),
             store,
             job_timeout,
         }
@@ -737,6 +751,27 @@ impl Replicator for GitalyReplicator {
         match self.run(job, order).await {
             Ok(outcome) | Err(outcome) => outcome,
         }
+    }
+
+    async fn followed_path(&self, job: &Job) -> Result<Option<String>, JobOutcome> {
+        // A rename is about its two relative paths and moves the directory;
+        // a job without a replica path of its own is found by path.
+        let (Some(repository_id), Some(replica_path)) = (job.repository_id, &job.replica_path)
+        else {
+            return Ok(None);
+        };
+        if matches!(job.change, Change::Rename { .. }) {
+            return Ok(None);
+        }
+        self.paths
+            .moved_relative_path(NamedRepository {
+                virtual_storage: job.virtual_storage.clone(),
+                relative_path: job.relative_path.clone(),
+                repository_id,
+                replica_path: replica_path.clone(),
+            })
+            .await
+            .map_err(store_failed)
     }
 }
 

@@ -394,7 +394,24 @@ async fn run_job<R: Replicator>(
     d: &Delivered,
     fields: &JobFields<'_>,
 ) -> Ran {
-    let job = &d.job;
+    let followed;
+    let job = match shared.replicator.followed_path(&d.job).await {
+        Ok(None) => &d.job,
+        Ok(Some(path)) => {
+            job_log!(
+                info,
+                fields,
+                followed_path = %path,
+                "the repository was renamed in Praefect's store since the job was published; the job runs at its new relative path"
+            );
+            followed = Job {
+                relative_path: path,
+                ..d.job.clone()
+            };
+            &followed
+        }
+        Err(outcome) => return Ran::Finished(outcome, None, false),
+    };
     let change = job.change_type();
     let ordered = change.changes_state();
     // Maintenance jobs are deduplicated Praefect's way; state-changing jobs

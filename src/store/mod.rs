@@ -3,7 +3,8 @@
 //! completion dedup (`completions`), the per-repository advisory locks and
 //! the session that holds them (`locks`, `lock_statements`,
 //! `lock_sessions`), and the batching that turns many jobs' reads and writes
-//! into one statement (`generation_batcher`, `coalescer`). Every SQL
+//! into one statement (`generation_batcher`, `coalescer`), and where a job's
+//! repository is now after a rename in the store (`repository_paths`). Every SQL
 //! statement of the crate lives here, one function per statement or
 //! transaction. Writes are idempotent, because JetStream delivers a job at
 //! least once.
@@ -18,6 +19,7 @@ mod lock_sessions;
 mod lock_statements;
 pub mod locks;
 mod order;
+pub mod repository_paths;
 mod schema;
 mod statement_pool;
 

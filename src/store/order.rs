@@ -276,8 +276,10 @@ impl RepositoryStore {
             .await
     }
 
-    /// Moves the repository row (relative and replica path) and the replica
-    /// row of `storage` to `new_relative_path`, through the gates of that
+    /// Moves the repository row and the replica row of `storage` to
+    /// `new_relative_path` (the replica path too, where it was the relative
+    /// path: a repository from before replica paths, whose directory the
+    /// rename moves; an `@cluster/…` one keeps it), through the gates of that
     /// replica at both paths: a rename takes effect at the old path and at the
     /// new one. The replica's completion records at the old path go.
     /// `Written(false)` when neither was at the old path.
@@ -292,7 +294,9 @@ impl RepositoryStore {
         static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
             with_gate(&format!(
                 ", repository AS (
-                    UPDATE repositories SET relative_path = $2[2], replica_path = $2[2]
+                    UPDATE repositories SET relative_path = $2[2],
+                        replica_path = CASE WHEN replica_path IS NULL OR replica_path = $2[1]
+                                            THEN $2[2] ELSE replica_path END
                     WHERE virtual_storage = $1[1] AND relative_path = $2[1]
                       AND (SELECT held AND in_order FROM gate)
                     RETURNING 1

@@ -6,6 +6,7 @@ mod completions;
 mod deletes;
 mod generations;
 mod migrate;
+mod repository_paths;
 
 use crate::store::RepositoryStore;
 use time::OffsetDateTime;
