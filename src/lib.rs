@@ -26,7 +26,8 @@
 //!   `dependencies`: waiting for NATS and Postgres, and watching them;
 //!   `metrics`, `ops_server`: Prometheus metrics and health endpoints.
 //! - `deploy`: manifests generated from the config; `dataloss`: lagging
-//!   replicas from the store and the jobs waiting for them.
+//!   replicas from the store and the jobs waiting for them; `reconciler`:
+//!   the jobs no publisher sent, scheduled from the store by one process.
 //!
 //! A job's path, fetch to ack, is traced file by file in `ARCHITECTURE.md`.
 //!
@@ -47,6 +48,7 @@ mod gitaly;
 mod metrics;
 mod ops_server;
 mod queue;
+mod reconciler;
 mod replicator;
 mod retry_delay;
 mod service;
@@ -62,9 +64,10 @@ mod fuzz_targets;
 
 // The service and its configuration.
 pub use config::{
-    Config, ConfigError, ConfigWarning, DEFAULT_LATENCY_BUCKETS, DatabaseConfig, LogFormat,
-    LoggingConfig, NatsConfig, Node, NodeAddress, PoolMode, PrometheusConfig, ReplicationConfig,
-    Secret, SessionPooled, UrlCredentials, VirtualStorage, node_token_env_var, trim_directives,
+    Config, ConfigError, ConfigWarning, DEFAULT_LATENCY_BUCKETS, DEFAULT_RECONCILIATION_BUCKETS,
+    DatabaseConfig, LogFormat, LoggingConfig, NatsConfig, Node, NodeAddress, PoolMode,
+    PrometheusConfig, ReconciliationConfig, ReplicationConfig, Secret, SessionPooled,
+    UrlCredentials, VirtualStorage, node_token_env_var, trim_directives,
 };
 pub use error_chain::display_error_chain;
 pub use service::{ServiceError, connect_store, provision, run};
@@ -101,10 +104,14 @@ pub mod dead_letters {
 pub mod metric_names {
     pub use crate::metrics::{
         ALL, DEAD_LETTERS_TOTAL, JOBS_TOTAL, OUTCOMES, PULL_RENEWALS_TOTAL, QUEUE_DEPTH,
-        REPLICATION_DELAY, REPLICATION_JOBS, REPLICATION_LATENCY, TARGET_HEALTHY,
+        RECONCILER_LEADER, RECONCILIATION_JOBS_TOTAL, RECONCILIATION_SCHEDULING, REPLICATION_DELAY,
+        REPLICATION_JOBS, REPLICATION_LATENCY, TARGET_HEALTHY,
     };
 }
 pub use metrics::install as install_metrics;
+
+// The reconciler.
+pub use reconciler::{Planned, RECONCILER_LOCK_KEY, ReconcileError, Reconciler, RoundReport};
 
 /// Manifests generated from the config: the JetStream objects as the nats
 /// CLI's JSON, and the KEDA ScaledObject.
@@ -120,7 +127,8 @@ pub mod manifests {
 // Praefect's repository store.
 pub use store::{
     EmptyDatabase, LaggingRepository, REQUIRED_PRAEFECT_MIGRATION, REQUIRED_PRAEFECT_VERSION,
-    ReplicaState, ReplicatedGeneration, RepositoryStore, StatementPool, StoreError,
+    ReconciliationBatch, ReplicaState, ReplicatedGeneration, RepositoryStore, StatementPool,
+    StoreError,
 };
 
 // Gitaly: the protocol and clients of its nodes.

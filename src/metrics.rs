@@ -39,8 +39,17 @@ pub const ACK_ERROR_KINDS: [&str; 6] = ["ack", "nak", "term", "progress", "dead_
 /// postgres).
 pub const DEPENDENCY_UP: &str = "gitaly_replicator_dependency_up";
 
+/// Seconds one reconciliation round took (histogram; Praefect's name and
+/// its buckets from `[reconciliation] histogram_buckets`).
+pub const RECONCILIATION_SCHEDULING: &str = "gitaly_praefect_reconciliation_scheduling_seconds";
+/// Jobs the reconciler scheduled (counter): virtual_storage, change_type
+/// (update, delete_replica).
+pub const RECONCILIATION_JOBS_TOTAL: &str = "gitaly_replicator_reconciliation_jobs_total";
+/// 1 while this process is the one reconciler (gauge).
+pub const RECONCILER_LEADER: &str = "gitaly_replicator_reconciler_leader";
+
 /// Every metric the service exports (for docs, alert rules and their tests).
-pub const ALL: [&str; 10] = [
+pub const ALL: [&str; 13] = [
     REPLICATION_JOBS,
     REPLICATION_LATENCY,
     REPLICATION_DELAY,
@@ -51,6 +60,9 @@ pub const ALL: [&str; 10] = [
     PULL_RENEWALS_TOTAL,
     ACK_ERRORS_TOTAL,
     DEPENDENCY_UP,
+    RECONCILIATION_SCHEDULING,
+    RECONCILIATION_JOBS_TOTAL,
+    RECONCILER_LEADER,
 ];
 
 static HANDLE: OnceLock<Result<PrometheusHandle, String>> = OnceLock::new();
@@ -58,14 +70,24 @@ static HANDLE: OnceLock<Result<PrometheusHandle, String>> = OnceLock::new();
 /// Installs the process-wide Prometheus recorder once and returns its handle;
 /// later calls return the same handle (and keep the first call's buckets).
 /// `buckets` are `[prometheus] grpc_latency_buckets`: Praefect uses them
-/// for its replication latency and delay histograms, and so does this.
-pub fn install(buckets: &[f64]) -> Result<PrometheusHandle, String> {
+/// for its replication latency and delay histograms, and so does this;
+/// `reconciliation_buckets` are `[reconciliation] histogram_buckets`.
+pub fn install(
+    buckets: &[f64],
+    reconciliation_buckets: &[f64],
+) -> Result<PrometheusHandle, String> {
     HANDLE
         .get_or_init(|| {
             let builder = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Full(REPLICATION_LATENCY.into()), buckets)
                 .and_then(|b| {
                     b.set_buckets_for_metric(Matcher::Full(REPLICATION_DELAY.into()), buckets)
+                })
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full(RECONCILIATION_SCHEDULING.into()),
+                        reconciliation_buckets,
+                    )
                 })
                 .map_err(|e| e.to_string())?;
             let handle = builder.install_recorder().map_err(|e| e.to_string())?;
@@ -99,6 +121,19 @@ pub fn install(buckets: &[f64]) -> Result<PrometheusHandle, String> {
                 DEPENDENCY_UP,
                 "1 while the service can reach the dependency (nats, postgres)"
             );
+            metrics::describe_histogram!(
+                RECONCILIATION_SCHEDULING,
+                metrics::Unit::Seconds,
+                "The time spent performing a single reconciliation scheduling run"
+            );
+            metrics::describe_counter!(
+                RECONCILIATION_JOBS_TOTAL,
+                "Jobs the reconciler scheduled, by change type"
+            );
+            metrics::describe_gauge!(
+                RECONCILER_LEADER,
+                "1 while this process is the reconciler (one across all processes)"
+            );
             // Exported from the start, so a rate over it is never empty.
             for kind in ACK_ERROR_KINDS {
                 counter!(ACK_ERRORS_TOTAL, "kind" => kind).increment(0);
@@ -114,6 +149,37 @@ pub fn node_healthy(virtual_storage: &str, storage: &str) -> Gauge {
     gauge!(TARGET_HEALTHY,
         "virtual_storage" => virtual_storage.to_owned(),
         "gitaly_storage" => storage.to_owned())
+}
+
+/// The reconciler's series: its round duration, the jobs it scheduled per
+/// (virtual storage, change type), whether this process leads.
+pub struct ReconcilerMetrics {
+    pub round: Histogram,
+    pub leader: Gauge,
+}
+
+impl ReconcilerMetrics {
+    /// Resolves the series and exports the counters at zero for `virtual_storages`.
+    pub fn new<'a>(virtual_storages: impl IntoIterator<Item = &'a str>) -> Self {
+        for vs in virtual_storages {
+            for change in [ChangeType::Update, ChangeType::DeleteReplica] {
+                Self::scheduled(vs, change, 0);
+            }
+        }
+        let leader = gauge!(RECONCILER_LEADER);
+        leader.set(0.0);
+        ReconcilerMetrics {
+            round: histogram!(RECONCILIATION_SCHEDULING),
+            leader,
+        }
+    }
+
+    pub fn scheduled(virtual_storage: &str, change: ChangeType, n: u64) {
+        counter!(RECONCILIATION_JOBS_TOTAL,
+            "virtual_storage" => virtual_storage.to_owned(),
+            "change_type" => change.as_str())
+        .increment(n);
+    }
 }
 
 /// Records whether `dependency` (`nats`, `postgres`) answers.

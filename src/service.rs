@@ -17,6 +17,7 @@ use crate::ops_server::{self, Readiness};
 use crate::queue::connect::{ConnectError, connect};
 use crate::queue::consumer::{self, ConsumerDeps, ConsumerError, ConsumerSettings};
 use crate::queue::layout::{Layout, LayoutChange, LayoutError};
+use crate::reconciler::Reconciler;
 use crate::replicator::GitalyReplicator;
 use crate::retry_delay::RetryPolicy;
 use crate::store::locks::RepositoryLocks;
@@ -293,8 +294,11 @@ async fn serve(
     jobs: &TaskTracker,
     client: &mut Option<async_nats::Client>,
 ) -> Result<(), ServiceError> {
-    let handle =
-        metrics::install(&config.prometheus.grpc_latency_buckets).map_err(ServiceError::Metrics)?;
+    let handle = metrics::install(
+        &config.prometheus.grpc_latency_buckets,
+        &config.reconciliation.histogram_buckets,
+    )
+    .map_err(ServiceError::Metrics)?;
     let readiness = Readiness::new(DependencyState::default());
     tasks.spawn(ops_server::upkeep(
         handle.clone(),
@@ -360,6 +364,15 @@ async fn serve(
     let job_timeout =
         (!config.replication.job_timeout.is_zero()).then_some(config.replication.job_timeout);
     let replicator = GitalyReplicator::new(nodes.clone(), store.clone(), job_timeout, tasks);
+    if !config.reconciliation.scheduling_interval.is_zero() {
+        let reconciler = Reconciler::new(
+            config,
+            store.clone(),
+            async_nats::jetstream::new(nats.clone()),
+            nodes.clone(),
+        )?;
+        tasks.spawn(reconciler.run(tokens.background.clone()));
+    }
     let locks = RepositoryLocks::start(
         config.database.session_connect_options()?,
         tasks,

@@ -132,7 +132,7 @@ mod tests {
     use super::*;
     use crate::config::{
         DatabaseConfig, LogFormat, LoggingConfig, NatsConfig, Node, NodeAddress, PoolMode,
-        PrometheusConfig, ReplicationConfig, SessionPooled, VirtualStorage,
+        PrometheusConfig, ReconciliationConfig, ReplicationConfig, SessionPooled, VirtualStorage,
     };
 
     /// Every key away from its default. Struct literals without `..`, so a new
@@ -238,6 +238,12 @@ mod tests {
             },
             prometheus: PrometheusConfig {
                 grpc_latency_buckets: vec![0.01, 0.5, 2.0],
+            },
+            reconciliation: ReconciliationConfig {
+                scheduling_interval: Duration::from_secs(90),
+                histogram_buckets: vec![0.1, 1.0],
+                scan_batch_size: 500,
+                pending_scan_limit: 2000,
             },
             ignored_keys: Vec::new(),
         }

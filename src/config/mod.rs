@@ -32,6 +32,7 @@ mod nats;
 mod praefect;
 mod prometheus;
 mod reader;
+mod reconciliation;
 mod replication;
 mod secret;
 mod section;
@@ -55,6 +56,7 @@ pub use logging::{LogFormat, LoggingConfig, trim_directives};
 pub use nats::{NatsConfig, UrlCredentials};
 
 pub use prometheus::{DEFAULT_LATENCY_BUCKETS, PrometheusConfig};
+pub use reconciliation::{DEFAULT_RECONCILIATION_BUCKETS, ReconciliationConfig};
 pub use replication::ReplicationConfig;
 pub use secret::{MASK, Secret};
 pub use virtual_storage::{Node, VirtualStorage};
@@ -95,6 +97,8 @@ pub struct Config {
     pub nats: NatsConfig,
     /// `[prometheus]`: Praefect's histogram buckets.
     pub prometheus: PrometheusConfig,
+    /// `[reconciliation]`: the reconciler.
+    pub reconciliation: ReconciliationConfig,
     /// Praefect keys present in the file that gitaly-replicator accepts but does
     /// not use, as full paths, sorted.
     #[serde(skip)]
@@ -114,6 +118,7 @@ impl Default for Config {
             replication: ReplicationConfig::default(),
             nats: NatsConfig::default(),
             prometheus: PrometheusConfig::default(),
+            reconciliation: ReconciliationConfig::default(),
             ignored_keys: Vec::new(),
         }
     }

@@ -20,7 +20,6 @@ pub const PRAEFECT_IGNORED_KEYS: &[&str] = &[
     "auth.*",
     "tls.*",
     "failover.*",
-    "reconciliation.*",
     "background_verification.*",
     "prometheus.scrape_timeout",
     "sentry.*",

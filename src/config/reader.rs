@@ -9,7 +9,8 @@ use super::address::{ADDRESS_FORMS, parse_listen_addr};
 use super::section::{Ctx, Section};
 use super::{
     Config, ConfigError, DatabaseConfig, LogFormat, LoggingConfig, NatsConfig, Node, PoolMode,
-    PrometheusConfig, ReplicationConfig, Secret, SessionPooled, VirtualStorage,
+    PrometheusConfig, ReconciliationConfig, ReplicationConfig, Secret, SessionPooled,
+    VirtualStorage,
 };
 
 /// The configuration in `table`, with the overrides in `ctx` applied; not yet validated.
@@ -37,6 +38,7 @@ pub(super) fn read(table: Table, ctx: &mut Ctx) -> Result<Config, ConfigError> {
     let replication = read_replication(ctx, root.table("replication")?)?;
     let nats = read_nats(ctx, root.table("nats")?)?;
     let prometheus = read_prometheus(ctx, root.table("prometheus")?)?;
+    let reconciliation = read_reconciliation(ctx, root.table("reconciliation")?)?;
     root.finish(ctx)?;
     let mut config = Config {
         prometheus_listen_addr,
@@ -48,6 +50,7 @@ pub(super) fn read(table: Table, ctx: &mut Ctx) -> Result<Config, ConfigError> {
         replication,
         nats,
         prometheus,
+        reconciliation,
         ignored_keys: Vec::new(),
     };
     ctx.env.apply_node_tokens(&mut config)?;
@@ -193,6 +196,21 @@ fn read_prometheus(ctx: &mut Ctx, mut s: Section) -> Result<PrometheusConfig, Co
     Ok(PrometheusConfig {
         grpc_latency_buckets: buckets,
     })
+}
+
+fn read_reconciliation(ctx: &mut Ctx, mut s: Section) -> Result<ReconciliationConfig, ConfigError> {
+    let d = ReconciliationConfig::default();
+    let config = ReconciliationConfig {
+        scheduling_interval: s.duration(ctx, "scheduling_interval", d.scheduling_interval)?,
+        histogram_buckets: s
+            .floats(ctx, "histogram_buckets")?
+            .filter(|b| !b.is_empty())
+            .unwrap_or(d.histogram_buckets),
+        scan_batch_size: s.number(ctx, "scan_batch_size", d.scan_batch_size)?,
+        pending_scan_limit: s.number(ctx, "pending_scan_limit", d.pending_scan_limit)?,
+    };
+    s.finish(ctx)?;
+    Ok(config)
 }
 
 fn read_nats(ctx: &mut Ctx, mut s: Section) -> Result<NatsConfig, ConfigError> {

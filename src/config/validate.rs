@@ -83,6 +83,17 @@ impl Config {
             "prometheus.grpc_latency_buckets",
             "must be finite numbers in ascending order",
         )?;
+        let buckets = &self.reconciliation.histogram_buckets;
+        check(
+            buckets.iter().all(|b| b.is_finite()) && buckets.windows(2).all(|w| w[0] < w[1]),
+            "reconciliation.histogram_buckets",
+            "must be finite numbers in ascending order",
+        )?;
+        check(
+            self.reconciliation.scan_batch_size >= 1,
+            "reconciliation.scan_batch_size",
+            "must be at least 1",
+        )?;
         self.database.validate()?;
         self.replication.validate()?;
         self.nats.validate()

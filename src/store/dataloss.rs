@@ -29,6 +29,9 @@ pub struct LaggingRepository {
     pub repository_id: i64,
     pub virtual_storage: String,
     pub relative_path: String,
+    /// Where its replicas live on disk (Praefect 14.5 and later); `None`
+    /// means the relative path.
+    pub replica_path: Option<String>,
     pub primary: Option<String>,
     /// The latest generation: the repository's, or a replica's when higher.
     pub generation: i64,
@@ -38,7 +41,7 @@ pub struct LaggingRepository {
 
 // The assigned storages of each repository, with and without Praefect's
 // assignments table (a standalone store has none).
-const ASSIGNED_BY_TABLE: &str = "
+pub(super) const ASSIGNED_BY_TABLE: &str = "
     SELECT r.repository_id, c.storage
     FROM repos r
     JOIN configured c USING (virtual_storage)
@@ -48,20 +51,33 @@ const ASSIGNED_BY_TABLE: &str = "
         WHERE a.repository_id = r.repository_id
         AND (a.virtual_storage, a.storage) IN (SELECT virtual_storage, storage FROM configured)
     )";
-const ASSIGNED_ALL: &str = "
+pub(super) const ASSIGNED_ALL: &str = "
     SELECT r.repository_id, c.storage
     FROM repos r
     JOIN configured c USING (virtual_storage)";
 
-fn query(assigned: &str) -> String {
+/// A repository with an assigned replica behind its latest generation.
+pub(super) const LAGGING: &str =
+    "bool_or(p.assigned AND COALESCE(p.generation, -1) < l.generation)";
+
+/// The per-repository statement over the repositories of `$3` (virtual
+/// storages), given the configured pairs `$1`/`$2`: with `range`, only ids in
+/// `($4, $5]`; only the repositories `having` holds for.
+pub(super) fn query(assigned: &str, range: bool, having: &str) -> String {
+    let range = if range {
+        "AND repository_id > $4 AND repository_id <= $5"
+    } else {
+        ""
+    };
     format!(
         "WITH configured AS (
             SELECT unnest($1::text[]) AS virtual_storage, unnest($2::text[]) AS storage
         ),
         repos AS (
-            SELECT repository_id, virtual_storage, relative_path, \"primary\", generation
+            SELECT repository_id, virtual_storage, relative_path, replica_path, \"primary\",
+                   generation
             FROM repositories
-            WHERE virtual_storage = ANY($3)
+            WHERE virtual_storage = ANY($3) {range}
         ),
         assigned AS ({assigned}),
         replicas AS (
@@ -80,7 +96,8 @@ fn query(assigned: &str) -> String {
             JOIN replicas p USING (repository_id)
             GROUP BY r.repository_id, r.generation
         )
-        SELECT r.repository_id, r.virtual_storage, r.relative_path, r.\"primary\", l.generation,
+        SELECT r.repository_id, r.virtual_storage, r.relative_path, r.replica_path, r.\"primary\",
+               l.generation,
                array_agg(p.storage ORDER BY p.storage),
                array_agg(COALESCE(p.generation, -1) ORDER BY p.storage),
                array_agg(p.generation IS NOT NULL ORDER BY p.storage),
@@ -90,16 +107,18 @@ fn query(assigned: &str) -> String {
         JOIN latest l USING (repository_id)
         JOIN replicas p USING (repository_id)
         LEFT JOIN configured c ON c.virtual_storage = r.virtual_storage AND c.storage = p.storage
-        GROUP BY r.repository_id, r.virtual_storage, r.relative_path, r.\"primary\", l.generation
-        HAVING bool_or(p.assigned AND COALESCE(p.generation, -1) < l.generation)
+        GROUP BY r.repository_id, r.virtual_storage, r.relative_path, r.replica_path,
+                 r.\"primary\", l.generation
+        HAVING {having}
         ORDER BY r.virtual_storage, r.relative_path"
     )
 }
 
-type Row = (
+pub(super) type Row = (
     i64,
     String,
     String,
+    Option<String>,
     Option<String>,
     i64,
     Vec<String>,
@@ -126,11 +145,12 @@ impl RepositoryStore {
                 .fetch_one(pool)
                 .await
                 .map_err(failed(OPERATION))?;
-        let sql = query(if has_assignments {
+        let assigned = if has_assignments {
             ASSIGNED_BY_TABLE
         } else {
             ASSIGNED_ALL
-        });
+        };
+        let sql = query(assigned, false, LAGGING);
         let (vs, storages): (Vec<String>, Vec<String>) = configured.iter().cloned().unzip();
         let rows: Vec<Row> = sqlx::query_as(&sql)
             .bind(vs)
@@ -140,34 +160,36 @@ impl RepositoryStore {
             .fetch_all(pool)
             .await
             .map_err(failed(OPERATION))?;
-        Ok(rows
+        Ok(rows.into_iter().map(LaggingRepository::from_row).collect())
+    }
+}
+
+impl LaggingRepository {
+    pub(super) fn from_row(row: Row) -> Self {
+        let (id, vs, path, replica_path, primary, generation, names, gens, present, assigned, conf) =
+            row;
+        let replicas = names
             .into_iter()
+            .zip(gens)
+            .zip(present)
+            .zip(assigned.into_iter().zip(conf))
             .map(
-                |(id, vs, path, primary, generation, names, gens, present, assigned, conf)| {
-                    let replicas = names
-                        .into_iter()
-                        .zip(gens)
-                        .zip(present)
-                        .zip(assigned.into_iter().zip(conf))
-                        .map(
-                            |(((storage, g), present), (assigned, configured))| ReplicaState {
-                                storage,
-                                generation: present.then_some(g),
-                                assigned,
-                                configured,
-                            },
-                        )
-                        .collect();
-                    LaggingRepository {
-                        repository_id: id,
-                        virtual_storage: vs,
-                        relative_path: path,
-                        primary,
-                        generation,
-                        replicas,
-                    }
+                |(((storage, g), present), (assigned, configured))| ReplicaState {
+                    storage,
+                    generation: present.then_some(g),
+                    assigned,
+                    configured,
                 },
             )
-            .collect())
+            .collect();
+        LaggingRepository {
+            repository_id: id,
+            virtual_storage: vs,
+            relative_path: path,
+            replica_path,
+            primary,
+            generation,
+            replicas,
+        }
     }
 }

@@ -19,6 +19,7 @@ mod lock_sessions;
 mod lock_statements;
 pub mod locks;
 mod order;
+mod reconcile;
 pub mod repository_paths;
 mod schema;
 mod statement_pool;
@@ -37,6 +38,7 @@ pub use lock_statements::{
     relax_commit_durability, swap_advisory_locks,
 };
 pub use order::{Gated, LockSessionId, Standing, WriteOrder};
+pub use reconcile::ReconciliationBatch;
 
 pub use schema::{EmptyDatabase, REQUIRED_PRAEFECT_MIGRATION, REQUIRED_PRAEFECT_VERSION};
 use sqlx::PgPool;

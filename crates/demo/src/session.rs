@@ -150,8 +150,11 @@ async fn body(
         plan.follow_up.len()
     ));
 
-    let recorder = gitaly_replicator::install_metrics(&gitaly_replicator::DEFAULT_LATENCY_BUCKETS)
-        .map_err(|e| DemoError::ServiceTask(format!("metrics recorder: {e}")))?;
+    let recorder = gitaly_replicator::install_metrics(
+        &gitaly_replicator::DEFAULT_LATENCY_BUCKETS,
+        &gitaly_replicator::DEFAULT_RECONCILIATION_BUCKETS,
+    )
+    .map_err(|e| DemoError::ServiceTask(format!("metrics recorder: {e}")))?;
     let baseline = Samples::parse(&recorder.render());
     let setup_time = started.elapsed();
     let service = owned.service.insert(ServiceTask::start(config));

@@ -48,8 +48,7 @@ async fn rename_in_place(store: &RepositoryStore, id: i64, new: &str) {
 }
 
 #[tokio::test]
-async fn a_repository_renamed_in_the_store_alone_is_found_at_its_new_path_by_id_and_replica_path()
-{
+async fn a_repository_renamed_in_the_store_alone_is_found_at_its_new_path_by_id_and_replica_path() {
     let db = TestDatabase::new().await;
     let id = cluster_repository(&db.store).await;
     let other = db
@@ -107,7 +106,10 @@ async fn a_rename_that_moves_the_directory_is_not_followed_and_a_cluster_path_su
     );
     // gitaly-2's directory and row are still at the old path until its own
     // rename job runs: a job for the old path stays there.
-    assert_eq!(replica_storages(&db.store, "legacy.git").await, ["gitaly-2"]);
+    assert_eq!(
+        replica_storages(&db.store, "legacy.git").await,
+        ["gitaly-2"]
+    );
     assert_eq!(
         db.store
             .moved_relative_paths(&[named("legacy.git", legacy, "legacy.git")])

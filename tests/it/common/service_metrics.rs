@@ -6,9 +6,12 @@ use testkit::metrics::Samples;
 /// The process's metrics (the recorder the service installed).
 pub fn samples() -> Samples {
     Samples::parse(
-        &gitaly_replicator::install_metrics(&gitaly_replicator::DEFAULT_LATENCY_BUCKETS)
-            .unwrap()
-            .render(),
+        &gitaly_replicator::install_metrics(
+            &gitaly_replicator::DEFAULT_LATENCY_BUCKETS,
+            &gitaly_replicator::DEFAULT_RECONCILIATION_BUCKETS,
+        )
+        .unwrap()
+        .render(),
     )
 }
 

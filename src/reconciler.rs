@@ -1,0 +1,381 @@
+//! The reconciler: heals what no job says. Every `[reconciliation]
+//! scheduling_interval`, one process across all of them (the holder of a
+//! Postgres session advisory lock) walks the repository store and publishes
+//! the jobs Praefect's reconciler would schedule: an `update` for each
+//! assigned replica that is outdated or missing, a `delete_replica` for an
+//! unassigned one (see `plan`). Each job's `Nats-Msg-Id` is fixed by
+//! (change, repository, target, generation), so rounds within the stream's
+//! duplicate window do not pile up; jobs already waiting in the work stream
+//! are read first and their replicas skipped.
+
+mod plan;
+
+use crate::config::{Config, ConfigError, ReconciliationConfig};
+use crate::error_chain::display_error_chain;
+use crate::event::{Change, ChangeType, Job};
+use crate::gitaly::NodeSet;
+use crate::gitaly::health::Health;
+use crate::metrics::ReconcilerMetrics;
+use crate::queue::layout::Layout;
+use crate::queue::pending::{PendingJobs, PendingScanError, scan_target};
+use crate::queue::publisher::{PublishError, Publisher};
+use crate::store::{RepositoryStore, StoreError};
+use async_nats::jetstream::Context;
+use sqlx::postgres::PgConnectOptions;
+use sqlx::{ConnectOptions, PgConnection};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::Duration;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+pub use plan::Planned;
+
+/// The advisory lock whose holder is the one reconciler.
+pub const RECONCILER_LOCK_KEY: i64 = 0x6769_7461_6c79_0001;
+
+/// Why a round stopped early.
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Pending(#[from] PendingScanError),
+    #[error("publishing a reconciliation job for {relative_path} to {target}: {source}")]
+    Publish {
+        relative_path: String,
+        target: String,
+        #[source]
+        source: PublishError,
+    },
+}
+
+/// What one round did, per virtual storage.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RoundReport {
+    /// Repositories read from the store.
+    pub scanned: u64,
+    /// Jobs the stream took, by change type.
+    pub scheduled: BTreeMap<ChangeType, u64>,
+    /// Jobs the stream dropped as repeats within its duplicate window.
+    pub duplicates: u64,
+    /// Virtual storages skipped for having fewer than two healthy storages.
+    pub skipped_virtual_storages: Vec<String>,
+}
+
+/// The one reconciler of a process; it acts only while it holds the lock.
+pub struct Reconciler {
+    store: RepositoryStore,
+    js: Context,
+    layout: Layout,
+    publisher: Publisher,
+    nodes: NodeSet,
+    /// Configured (virtual storage, storage) pairs.
+    configured: Vec<(String, String)>,
+    /// Storages per virtual storage, in config order.
+    storages: Vec<(String, Vec<String>)>,
+    settings: ReconciliationConfig,
+    leadership: Leadership,
+    metrics: ReconcilerMetrics,
+}
+
+impl Reconciler {
+    pub fn new(
+        config: &Config,
+        store: RepositoryStore,
+        js: Context,
+        nodes: NodeSet,
+    ) -> Result<Self, ConfigError> {
+        let layout = Layout::from_config(config);
+        let storages: Vec<(String, Vec<String>)> = config
+            .virtual_storages
+            .iter()
+            .map(|vs| {
+                (
+                    vs.name.clone(),
+                    vs.nodes.iter().map(|n| n.storage.clone()).collect(),
+                )
+            })
+            .collect();
+        Ok(Reconciler {
+            store,
+            publisher: Publisher::new(js.clone(), layout.clone()),
+            js,
+            layout,
+            nodes,
+            configured: config
+                .targets()
+                .map(|(vs, n)| (vs.name.clone(), n.storage.clone()))
+                .collect(),
+            metrics: ReconcilerMetrics::new(storages.iter().map(|(vs, _)| vs.as_str())),
+            storages,
+            settings: config.reconciliation.clone(),
+            leadership: Leadership {
+                options: config.database.session_connect_options()?,
+                connection: None,
+                leading: false,
+            },
+        })
+    }
+
+    /// Runs a round every interval while this process leads, until `stop`.
+    pub async fn run(mut self, stop: CancellationToken) {
+        let interval = self.settings.scheduling_interval;
+        tracing::info!(
+            interval = %humantime::format_duration(interval),
+            "reconciler started; one process at a time reconciles"
+        );
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = tokio::time::sleep(interval) => {}
+            }
+            if !self.leadership.hold().await {
+                self.metrics.leader.set(0.0);
+                continue;
+            }
+            self.metrics.leader.set(1.0);
+            let started = Instant::now();
+            let result = tokio::select! {
+                _ = stop.cancelled() => break,
+                r = self.round() => r,
+            };
+            self.metrics.round.record(started.elapsed().as_secs_f64());
+            match result {
+                Ok(report) if report.scheduled.is_empty() => {
+                    tracing::debug!(
+                        scanned = report.scanned,
+                        duplicates = report.duplicates,
+                        "reconciliation did not result in any scheduled jobs"
+                    );
+                }
+                Ok(report) => tracing::info!(
+                    scanned = report.scanned,
+                    scheduled = ?report.scheduled,
+                    duplicates = report.duplicates,
+                    seconds = started.elapsed().as_secs_f64(),
+                    "reconciliation round finished"
+                ),
+                Err(e) => tracing::error!(
+                    error = display_error_chain(&e),
+                    "automatic reconciliation failed; the next round tries again"
+                ),
+            }
+        }
+        self.metrics.leader.set(0.0);
+    }
+
+    /// One pass over every virtual storage, leader or not (tests and tools).
+    pub async fn round(&self) -> Result<RoundReport, ReconcileError> {
+        let mut report = RoundReport::default();
+        let has_assignments = self.store.has_assignments_table().await?;
+        for (vs, storages) in &self.storages {
+            let healthy: BTreeSet<&str> = storages
+                .iter()
+                .filter(|s| {
+                    self.nodes
+                        .get(vs, s)
+                        .is_some_and(|n| n.health() == Health::Healthy)
+                })
+                .map(String::as_str)
+                .collect();
+            if healthy.len() < 2 {
+                tracing::info!(
+                    virtual_storage = %vs,
+                    healthy = healthy.len(),
+                    "reconciliation skipped for virtual storage due to not having enough healthy storages"
+                );
+                report.skipped_virtual_storages.push(vs.clone());
+                continue;
+            }
+            let pending = self.pending(vs, storages).await?;
+            let mut after = 0;
+            loop {
+                let batch = self
+                    .store
+                    .reconciliation_batch(
+                        &self.configured,
+                        vs,
+                        has_assignments,
+                        after,
+                        self.settings.scan_batch_size,
+                    )
+                    .await?;
+                report.scanned += batch.scanned;
+                for repository in &batch.repositories {
+                    let planned = plan::plan(
+                        repository,
+                        |s| healthy.contains(s),
+                        |s| {
+                            pending.get(s).map_or_else(BTreeSet::new, |p| {
+                                p.for_repository(
+                                    &repository.relative_path,
+                                    repository.repository_id,
+                                )
+                            })
+                        },
+                    );
+                    for p in planned {
+                        self.schedule(repository, &p, &mut report).await?;
+                    }
+                }
+                match batch.next {
+                    Some(next) => after = next,
+                    None => break,
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    /// The jobs waiting for each storage of `vs`.
+    async fn pending(
+        &self,
+        vs: &str,
+        storages: &[String],
+    ) -> Result<HashMap<String, PendingJobs>, PendingScanError> {
+        let mut pending = HashMap::new();
+        if self.settings.pending_scan_limit == 0 {
+            return Ok(pending);
+        }
+        for storage in storages {
+            let found = scan_target(
+                &self.js,
+                &self.layout,
+                vs,
+                storage,
+                self.settings.pending_scan_limit,
+            )
+            .await?;
+            if !found.complete {
+                tracing::debug!(virtual_storage = %vs, storage = %storage, scanned = found.scanned, "more jobs wait than reconciliation.pending_scan_limit reads; repeats of what it did not see are dropped by the duplicate window");
+            }
+            pending.insert(storage.clone(), found);
+        }
+        Ok(pending)
+    }
+
+    async fn schedule(
+        &self,
+        repository: &crate::store::LaggingRepository,
+        planned: &Planned,
+        report: &mut RoundReport,
+    ) -> Result<(), ReconcileError> {
+        let correlation_id = format!("reconcile-{}", uuid::Uuid::new_v4());
+        let job = Job {
+            change: match planned.change {
+                ChangeType::DeleteReplica => Change::DeleteReplica,
+                _ => Change::Update,
+            },
+            virtual_storage: repository.virtual_storage.clone(),
+            relative_path: repository.relative_path.clone(),
+            target_node_storage: planned.target.clone(),
+            source_node_storage: planned.source.clone(),
+            correlation_id: Some(correlation_id.clone()),
+            created_at: None,
+            repository_id: Some(repository.repository_id),
+            replica_path: repository.replica_path.clone(),
+        };
+        let message_id = planned.message_id(repository);
+        let published = self
+            .publisher
+            .publish(&job, Some(&message_id))
+            .await
+            .map_err(|source| ReconcileError::Publish {
+                relative_path: repository.relative_path.clone(),
+                target: planned.target.clone(),
+                source,
+            })?;
+        if published.duplicate {
+            report.duplicates += 1;
+            return Ok(());
+        }
+        *report.scheduled.entry(planned.change).or_default() += 1;
+        ReconcilerMetrics::scheduled(&repository.virtual_storage, planned.change, 1);
+        tracing::info!(
+            change = planned.change.as_str(),
+            correlation_id = %correlation_id,
+            virtual_storage = %repository.virtual_storage,
+            relative_path = %repository.relative_path,
+            repository_id = repository.repository_id,
+            source_storage = planned.source.as_deref().unwrap_or(""),
+            target_storage = %planned.target,
+            generation = planned.generation,
+            stream_sequence = published.sequence,
+            "reconciliation job scheduled"
+        );
+        Ok(())
+    }
+}
+
+/// The lock that makes one process the reconciler, held by a session of its
+/// own (`[database.session_pooled]`: a session advisory lock does not
+/// survive transaction pooling). It is gone when that session ends, a
+/// killed process's included, and another process takes it on its next try.
+struct Leadership {
+    options: PgConnectOptions,
+    connection: Option<PgConnection>,
+    leading: bool,
+}
+
+/// How long a leader check may take before the session counts as lost.
+const LEADER_CHECK_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Leadership {
+    /// Whether this process holds the lock now, trying to take it if not.
+    async fn hold(&mut self) -> bool {
+        let checked = match self.connection.as_mut() {
+            Some(c) if self.leading => Some(
+                tokio::time::timeout(LEADER_CHECK_TIMEOUT, sqlx::query("SELECT 1").execute(c))
+                    .await
+                    .is_ok_and(|r| r.is_ok()),
+            ),
+            _ => None,
+        };
+        match checked {
+            Some(true) => return true,
+            Some(false) => {
+                tracing::warn!(
+                    "the reconciler's lock session ended; another process may reconcile now"
+                );
+                self.connection = None;
+                self.leading = false;
+            }
+            None => {}
+        }
+        if self.connection.is_none() {
+            match tokio::time::timeout(LEADER_CHECK_TIMEOUT, self.options.connect()).await {
+                Ok(Ok(c)) => self.connection = Some(c),
+                Ok(Err(e)) => {
+                    tracing::warn!(
+                        error = display_error_chain(&e),
+                        "the reconciler could not open its lock session"
+                    );
+                    return false;
+                }
+                Err(_) => return false,
+            }
+        }
+        let Some(c) = self.connection.as_mut() else {
+            return false;
+        };
+        let taken = tokio::time::timeout(
+            LEADER_CHECK_TIMEOUT,
+            sqlx::query_scalar::<_, bool>("SELECT pg_try_advisory_lock($1)")
+                .bind(RECONCILER_LOCK_KEY)
+                .fetch_one(c),
+        )
+        .await;
+        match taken {
+            Ok(Ok(true)) => {
+                self.leading = true;
+                tracing::info!("this process is now the reconciler");
+                true
+            }
+            Ok(Ok(false)) => false,
+            _ => {
+                self.connection = None;
+                false
+            }
+        }
+    }
+}
