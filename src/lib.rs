@@ -133,7 +133,7 @@ pub use store::{
 
 // Gitaly: the protocol and clients of its nodes.
 pub use gitaly::{
-    CallContext, CallError, CallErrorKind, ChannelError, NodeClient, NodeSet, SSL_CERT_DIR,
+    CallContext, CallError, CallErrorKind, ChannelError, Health, NodeClient, NodeSet, SSL_CERT_DIR,
     SSL_CERT_FILE, TrustRoots, TrustRootsError,
 };
 pub use gitaly_wire::{auth, metadata, proto};

@@ -11,5 +11,6 @@ pub mod tls;
 pub use gitaly_wire::{auth, metadata};
 
 pub use error::{CallError, CallErrorKind};
+pub use health::Health;
 pub use node::{CallContext, ChannelError, NodeClient, NodeSet};
 pub use tls::{SSL_CERT_DIR, SSL_CERT_FILE, TrustRoots, TrustRootsError};

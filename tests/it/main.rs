@@ -25,6 +25,7 @@ mod praefect_jobs;
 mod praefect_schema;
 mod process;
 mod promises;
+mod reconciler;
 mod replica_ids;
 mod retention;
 mod secrets;
