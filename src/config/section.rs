@@ -213,15 +213,28 @@ impl Section {
         }
     }
 
-    /// A humantime string (`"30s"`, `"1m 30s"`), or `default`.
+    /// A humantime string (`"30s"`, `"1m 30s"`), or `default`. A bare
+    /// integer counts nanoseconds, as Praefect's Go decoder reads one
+    /// (`scheduling_interval = 0`).
     pub(super) fn duration(
         &mut self,
         ctx: &mut Ctx,
         key: &'static str,
         default: Duration,
     ) -> Result<Duration, ConfigError> {
-        let Some(s) = self.string(ctx, key)? else {
-            return Ok(default);
+        let s = match self.raw(ctx, key) {
+            None => return Ok(default),
+            Some(Raw::File(Value::Integer(0))) => return Ok(Duration::ZERO),
+            Some(Raw::File(Value::Integer(n))) => {
+                return Err(ConfigError::new(
+                    self.key(key),
+                    format!("a bare number ({n}) has no unit; write e.g. \"{n}s\" or \"{n}ms\""),
+                ));
+            }
+            Some(Raw::Env(s) | Raw::File(Value::String(s))) => s,
+            Some(Raw::File(other)) => {
+                return Err(self.wrong_type(key, "a duration such as \"30s\"", &other));
+            }
         };
         humantime::parse_duration(s.trim()).map_err(|e| {
             ConfigError::new(

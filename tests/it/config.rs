@@ -117,7 +117,6 @@ fn a_praefect_config_loads_as_is_and_lists_its_ignored_keys() {
         "logging.dir",
         "prometheus.scrape_timeout",
         "prometheus_exclude_database_from_default_metrics",
-        "reconciliation.scheduling_interval",
         "socket_path",
         "virtual_storage[0].default_replication_factor",
     ] {
@@ -684,6 +683,10 @@ fn durations_are_humantime_strings_and_a_bad_one_names_its_key() {
 
     let err = error(&with_minimal("graceful_stop_timeout = 60", ""));
     assert_eq!(err.key, "graceful_stop_timeout");
+    assert!(err.message.contains("\"60s\""), "{err}");
+    // A bare 0 is zero, as Praefect's files write a disabled interval.
+    let config = Config::from_toml_str(&with_minimal("startup_timeout = 0", "")).unwrap();
+    assert_eq!(config.startup_timeout, Duration::ZERO);
 }
 
 #[test]

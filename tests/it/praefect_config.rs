@@ -54,7 +54,6 @@ fn every_praefect_release_shape_loads_and_lists_the_keys_it_ignores() {
                 "failover.election_strategy",
                 "auth.transitioning",
                 "prometheus.scrape_timeout",
-                "reconciliation.scheduling_interval",
                 "sentry.sentry_dsn",
                 "tls.key_path",
                 "virtual_storage[0].default_replication_factor",
@@ -81,7 +80,6 @@ fn every_praefect_release_shape_loads_and_lists_the_keys_it_ignores() {
             &[
                 "repositories_cleanup.run_interval",
                 "failover.write_error_threshold_count",
-                "reconciliation.histogram_buckets",
             ],
         ),
         (
@@ -105,6 +103,54 @@ fn every_praefect_release_shape_loads_and_lists_the_keys_it_ignores() {
         }
         assert!(!config.virtual_storages.is_empty(), "{name}");
     }
+}
+
+#[test]
+fn reconciliation_keys_are_read_as_praefect_writes_them() {
+    use std::time::Duration;
+    // (file, scheduling_interval, histogram_buckets): a Go duration string,
+    // a bare 0 (nanoseconds, as Go decodes it: disabled), and no section.
+    let expected: [(&str, Duration, Vec<f64>); 3] = [
+        (
+            "praefect-14.0.toml",
+            Duration::from_secs(300),
+            gitaly_replicator::DEFAULT_RECONCILIATION_BUCKETS.to_vec(),
+        ),
+        (
+            "praefect-14.3.toml",
+            Duration::ZERO,
+            gitaly_replicator::DEFAULT_RECONCILIATION_BUCKETS.to_vec(),
+        ),
+        (
+            "praefect-14.8.toml",
+            Duration::from_secs(60),
+            vec![1.0, 2.0, 3.0, 4.0, 5.0],
+        ),
+    ];
+    for (name, interval, buckets) in expected {
+        let config = load(name);
+        assert_eq!(
+            config.reconciliation.scheduling_interval, interval,
+            "{name}"
+        );
+        assert_eq!(config.reconciliation.histogram_buckets, buckets, "{name}");
+        assert!(
+            !config
+                .ignored_keys
+                .iter()
+                .any(|k| k.starts_with("reconciliation.")),
+            "{name}: {:?}",
+            config.ignored_keys
+        );
+    }
+    let descending = Config::from_toml_str(
+        "[[virtual_storage]]\nname = \"default\"\n[[virtual_storage.node]]\nstorage = \"gitaly-1\"\naddress = \"tcp://127.0.0.1:8075\"\n[reconciliation]\nhistogram_buckets = [2.0, 1.0]\n",
+    )
+    .unwrap_err();
+    assert_eq!(
+        descending.key, "reconciliation.histogram_buckets",
+        "{descending}"
+    );
 }
 
 #[test]
