@@ -5,8 +5,9 @@
 //! real consumer (beside the ceiling of one gRPC call per job with nothing
 //! else running), publish→dispatch latency at a steady rate, drain rate over
 //! growing backlogs with the consumer's peak memory, and scale-out to two
-//! processes; and Praefect's own replication queue, emulated on the same
-//! Postgres and target, on the same backlogs. Prints one table and writes it
+//! processes; Praefect's own replication queue, emulated on the same
+//! Postgres and target, on the same backlogs; and the reconciler's round over
+//! a store of 100,000 repositories. Prints one table and writes it
 //! as JSON under `target/bench/`.
 
 mod env;
@@ -41,6 +42,8 @@ pub struct Sizes {
     pub praefect_window: std::time::Duration,
     /// Jobs published into Praefect's idle queue in the latency scenario.
     pub idle_probes: usize,
+    /// Repositories in the store of the reconcile scenario.
+    pub reconcile_repositories: usize,
 }
 
 #[tokio::main]
@@ -70,6 +73,7 @@ async fn main() -> anyhow::Result<()> {
             praefect_backlogs: vec![2_000],
             praefect_window: std::time::Duration::from_secs(1),
             idle_probes: 10,
+            reconcile_repositories: 20_000,
         }
     } else {
         Sizes {
@@ -81,6 +85,7 @@ async fn main() -> anyhow::Result<()> {
             praefect_backlogs: vec![2_000, 10_000, 100_000],
             praefect_window: std::time::Duration::from_secs(15),
             idle_probes: 20,
+            reconcile_repositories: 100_000,
         }
     };
     let sizes = Sizes {
@@ -133,6 +138,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if wanted("backlog") {
         rows.extend(scenarios::backlog(&sizes).await?);
+    }
+    if wanted("reconcile") {
+        rows.extend(scenarios::reconcile(&sizes).await?);
     }
     if wanted("scale-out") {
         rows.extend(scenarios::scale_out(&sizes).await?);

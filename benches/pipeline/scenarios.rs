@@ -733,3 +733,99 @@ pub async fn scale_out(s: &Sizes) -> anyhow::Result<Vec<Row>> {
     }
     Ok(rows)
 }
+
+/// The reconciler's round over a store of `s.reconcile_repositories`
+/// repositories with two replicas each: first all in step (the scan alone),
+/// then with 1 % of them written on gitaly-1 only (the scan plus one
+/// `update` published per lagging replica). Reported per 100,000
+/// repositories, the issue's unit.
+pub async fn reconcile(s: &Sizes) -> anyhow::Result<Vec<Row>> {
+    let env = BenchEnv::new(&opts(Duration::ZERO)).await?;
+    let result = reconcile_in(&env, s).await;
+    env.cleanup().await;
+    result
+}
+
+async fn reconcile_in(env: &BenchEnv, s: &Sizes) -> anyhow::Result<Vec<Row>> {
+    let n = s.reconcile_repositories;
+    let pool = env.store.pool();
+    sqlx::query(
+        "INSERT INTO repositories (virtual_storage, relative_path, generation, \"primary\", replica_path)
+        SELECT $1, 'r/' || g || '.git', 1, 'gitaly-1', 'r/' || g || '.git'
+        FROM generate_series(1, $2) g",
+    )
+    .bind(&env.vs)
+    .bind(i64::try_from(n)?)
+    .execute(pool)
+    .await?;
+    sqlx::query(
+        "INSERT INTO storage_repositories (repository_id, virtual_storage, relative_path, storage, generation)
+        SELECT repository_id, virtual_storage, relative_path, s, 1
+        FROM repositories, unnest(ARRAY['gitaly-1', 'gitaly-2']) s
+        WHERE virtual_storage = $1",
+    )
+    .bind(&env.vs)
+    .execute(pool)
+    .await?;
+    sqlx::query("ANALYZE").execute(pool).await?;
+    let config = gitaly_replicator::Config::from_toml_str(&env.toml)?;
+    let nodes = gitaly_replicator::NodeSet::from_config(&config)?;
+    for node in nodes.iter() {
+        node.set_health(gitaly_replicator::Health::Healthy);
+    }
+    let reconciler =
+        gitaly_replicator::Reconciler::new(&config, env.store.clone(), env.js.clone(), nodes)?;
+    let per_100k = |secs: f64| secs * 100_000.0 / n as f64;
+
+    let started = Instant::now();
+    let in_step = reconciler.round().await?;
+    let scan_secs = started.elapsed().as_secs_f64();
+    anyhow::ensure!(
+        in_step.scanned == n as u64 && in_step.scheduled.is_empty(),
+        "in-step round: {in_step:?}"
+    );
+
+    let lagging = n / 100;
+    sqlx::query(
+        "WITH r AS (UPDATE repositories SET generation = 2
+                    WHERE virtual_storage = $1 AND repository_id % 100 = 0)
+        UPDATE storage_repositories SET generation = 2
+        WHERE virtual_storage = $1 AND storage = 'gitaly-1' AND repository_id % 100 = 0",
+    )
+    .bind(&env.vs)
+    .execute(pool)
+    .await?;
+    let started = Instant::now();
+    let healing = reconciler.round().await?;
+    let healing_secs = started.elapsed().as_secs_f64();
+    let scheduled: u64 = healing.scheduled.values().sum();
+    anyhow::ensure!(
+        scheduled == env.jobs_left().await?,
+        "scheduled {scheduled}, stream holds {}",
+        env.jobs_left().await?
+    );
+    let label = format!("{} repositories", jobs_label(n));
+    Ok(vec![
+        row(
+            "reconcile",
+            format!("scan, in step, {label}, per 100k"),
+            per_100k(scan_secs),
+            "s",
+            None,
+        ),
+        row(
+            "reconcile",
+            format!("round, {lagging} lagging of {label}, per 100k"),
+            per_100k(healing_secs),
+            "s",
+            None,
+        ),
+        row(
+            "reconcile",
+            format!("jobs scheduled, {lagging} lagging"),
+            scheduled as f64,
+            "jobs",
+            None,
+        ),
+    ])
+}

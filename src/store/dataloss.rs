@@ -64,10 +64,15 @@ pub(super) const LAGGING: &str =
 /// storages), given the configured pairs `$1`/`$2`: with `range`, only ids in
 /// `($4, $5]`; only the repositories `having` holds for.
 pub(super) fn query(assigned: &str, range: bool, having: &str) -> String {
-    let range = if range {
-        "AND repository_id > $4 AND repository_id <= $5"
+    // The replica rows are bounded by the range too, so each batch reads
+    // them by the (repository_id, storage) index instead of scanning them.
+    let (range, replica_range) = if range {
+        (
+            "AND repository_id > $4 AND repository_id <= $5",
+            "WHERE storage_repositories.repository_id > $4 AND storage_repositories.repository_id <= $5",
+        )
     } else {
-        ""
+        ("", "")
     };
     format!(
         "WITH configured AS (
@@ -86,6 +91,7 @@ pub(super) fn query(assigned: &str, range: bool, having: &str) -> String {
                 SELECT repository_id, storage, storage_repositories.generation
                 FROM storage_repositories
                 JOIN repos USING (repository_id)
+                {replica_range}
             ) AS sr
             FULL JOIN assigned USING (repository_id, storage)
         ),
