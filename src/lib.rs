@@ -67,7 +67,7 @@ pub use config::{
     Config, ConfigError, ConfigWarning, DEFAULT_LATENCY_BUCKETS, DEFAULT_RECONCILIATION_BUCKETS,
     DatabaseConfig, LogFormat, LoggingConfig, NatsConfig, Node, NodeAddress, PoolMode,
     PrometheusConfig, ReconciliationConfig, ReplicationConfig, Secret, SessionPooled,
-    UrlCredentials, VirtualStorage, node_token_env_var, trim_directives,
+    UrlCredentials, VerificationConfig, VirtualStorage, node_token_env_var, trim_directives,
 };
 pub use error_chain::display_error_chain;
 pub use service::{ServiceError, connect_store, provision, run};
@@ -105,13 +105,15 @@ pub mod metric_names {
     pub use crate::metrics::{
         ALL, DEAD_LETTERS_TOTAL, JOBS_TOTAL, OUTCOMES, PULL_RENEWALS_TOTAL, QUEUE_DEPTH,
         RECONCILER_LEADER, RECONCILIATION_JOBS_TOTAL, RECONCILIATION_SCHEDULING, REPLICATION_DELAY,
-        REPLICATION_JOBS, REPLICATION_LATENCY, TARGET_HEALTHY,
+        REPLICATION_JOBS, REPLICATION_LATENCY, TARGET_HEALTHY, VERIFICATIONS_TOTAL,
     };
 }
 pub use metrics::install as install_metrics;
 
 // The reconciler.
-pub use reconciler::{Planned, RECONCILER_LOCK_KEY, ReconcileError, Reconciler, RoundReport};
+pub use reconciler::{
+    Planned, RECONCILER_LOCK_KEY, ReconcileError, Reconciler, RoundReport, VerificationReport,
+};
 
 /// Manifests generated from the config: the JetStream objects as the nats
 /// CLI's JSON, and the KEDA ScaledObject.

@@ -47,9 +47,15 @@ pub const RECONCILIATION_SCHEDULING: &str = "gitaly_praefect_reconciliation_sche
 pub const RECONCILIATION_JOBS_TOTAL: &str = "gitaly_replicator_reconciliation_jobs_total";
 /// 1 while this process is the one reconciler (gauge).
 pub const RECONCILER_LEADER: &str = "gitaly_replicator_reconciler_leader";
+/// Replicas compared with their source by background verification
+/// (counter): virtual_storage, gitaly_storage, result (verified, mismatch,
+/// error).
+pub const VERIFICATIONS_TOTAL: &str = "gitaly_replicator_verifications_total";
+/// The `result` labels of [`VERIFICATIONS_TOTAL`].
+pub const VERIFICATION_RESULTS: [&str; 3] = ["verified", "mismatch", "error"];
 
 /// Every metric the service exports (for docs, alert rules and their tests).
-pub const ALL: [&str; 13] = [
+pub const ALL: [&str; 14] = [
     REPLICATION_JOBS,
     REPLICATION_LATENCY,
     REPLICATION_DELAY,
@@ -63,6 +69,7 @@ pub const ALL: [&str; 13] = [
     RECONCILIATION_SCHEDULING,
     RECONCILIATION_JOBS_TOTAL,
     RECONCILER_LEADER,
+    VERIFICATIONS_TOTAL,
 ];
 
 static HANDLE: OnceLock<Result<PrometheusHandle, String>> = OnceLock::new();
@@ -130,6 +137,10 @@ pub fn install(
                 RECONCILIATION_JOBS_TOTAL,
                 "Jobs the reconciler scheduled, by change type"
             );
+            metrics::describe_counter!(
+                VERIFICATIONS_TOTAL,
+                "Replicas whose checksum was compared with their source's, by result"
+            );
             metrics::describe_gauge!(
                 RECONCILER_LEADER,
                 "1 while this process is the reconciler (one across all processes)"
@@ -159,11 +170,15 @@ pub struct ReconcilerMetrics {
 }
 
 impl ReconcilerMetrics {
-    /// Resolves the series and exports the counters at zero for `virtual_storages`.
-    pub fn new<'a>(virtual_storages: impl IntoIterator<Item = &'a str>) -> Self {
-        for vs in virtual_storages {
+    /// Resolves the series and exports the counters at zero for the
+    /// configured (virtual storage, storage) pairs.
+    pub fn new(configured: &[(String, String)]) -> Self {
+        for (vs, storage) in configured {
             for change in [ChangeType::Update, ChangeType::DeleteReplica] {
                 Self::scheduled(vs, change, 0);
+            }
+            for result in VERIFICATION_RESULTS {
+                Self::verified(vs, storage, result, 0);
             }
         }
         let leader = gauge!(RECONCILER_LEADER);
@@ -172,6 +187,14 @@ impl ReconcilerMetrics {
             round: histogram!(RECONCILIATION_SCHEDULING),
             leader,
         }
+    }
+
+    pub fn verified(virtual_storage: &str, storage: &str, result: &'static str, n: u64) {
+        counter!(VERIFICATIONS_TOTAL,
+            "virtual_storage" => virtual_storage.to_owned(),
+            "gitaly_storage" => storage.to_owned(),
+            "result" => result)
+        .increment(n);
     }
 
     pub fn scheduled(virtual_storage: &str, change: ChangeType, n: u64) {

@@ -9,8 +9,9 @@
 //! are read first and their replicas skipped.
 
 mod plan;
+mod verify;
 
-use crate::config::{Config, ConfigError, ReconciliationConfig};
+use crate::config::{Config, ConfigError, ReconciliationConfig, VerificationConfig};
 use crate::error_chain::display_error_chain;
 use crate::event::{Change, ChangeType, Job};
 use crate::gitaly::NodeSet;
@@ -29,6 +30,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 pub use plan::Planned;
+pub use verify::VerificationReport;
 
 /// The advisory lock whose holder is the one reconciler.
 pub const RECONCILER_LOCK_KEY: i64 = 0x6769_7461_6c79_0001;
@@ -74,6 +76,7 @@ pub struct Reconciler {
     /// Storages per virtual storage, in config order.
     storages: Vec<(String, Vec<String>)>,
     settings: ReconciliationConfig,
+    verification: VerificationConfig,
     leadership: Leadership,
     metrics: ReconcilerMetrics,
 }
@@ -86,6 +89,10 @@ impl Reconciler {
         nodes: NodeSet,
     ) -> Result<Self, ConfigError> {
         let layout = Layout::from_config(config);
+        let configured: Vec<(String, String)> = config
+            .targets()
+            .map(|(vs, n)| (vs.name.clone(), n.storage.clone()))
+            .collect();
         let storages: Vec<(String, Vec<String>)> = config
             .virtual_storages
             .iter()
@@ -102,13 +109,11 @@ impl Reconciler {
             js,
             layout,
             nodes,
-            configured: config
-                .targets()
-                .map(|(vs, n)| (vs.name.clone(), n.storage.clone()))
-                .collect(),
-            metrics: ReconcilerMetrics::new(storages.iter().map(|(vs, _)| vs.as_str())),
+            metrics: ReconcilerMetrics::new(&configured),
+            configured,
             storages,
             settings: config.reconciliation.clone(),
+            verification: config.background_verification.clone(),
             leadership: Leadership {
                 options: config.database.session_connect_options()?,
                 connection: None,
@@ -117,11 +122,30 @@ impl Reconciler {
         })
     }
 
-    /// Runs a round every interval while this process leads, until `stop`.
-    pub async fn run(mut self, stop: CancellationToken) {
-        let interval = self.settings.scheduling_interval;
+    /// How often [`Self::run`] wakes: the reconciliation interval, or
+    /// without reconciliation a minute at most (the verification interval
+    /// says how old a verification may be, not how often to look); `None`
+    /// when both are off.
+    pub fn tick(config: &Config) -> Option<Duration> {
+        let reconcile = config.reconciliation.scheduling_interval;
+        let verify = config.background_verification.verification_interval;
+        match (reconcile.is_zero(), verify.is_zero()) {
+            (false, _) => Some(reconcile),
+            (true, false) => Some(verify.min(Duration::from_secs(60))),
+            (true, true) => None,
+        }
+    }
+
+    /// While this process leads, runs a reconciliation round and a
+    /// verification round (each when enabled) every `tick`, until `stop`.
+    pub async fn run(mut self, tick: Duration, stop: CancellationToken) {
+        let interval = tick;
+        let reconcile = !self.settings.scheduling_interval.is_zero();
+        let verify = !self.verification.verification_interval.is_zero();
         tracing::info!(
             interval = %humantime::format_duration(interval),
+            reconcile,
+            verify,
             "reconciler started; one process at a time reconciles"
         );
         loop {
@@ -134,6 +158,28 @@ impl Reconciler {
                 continue;
             }
             self.metrics.leader.set(1.0);
+            if verify {
+                let result = tokio::select! {
+                    _ = stop.cancelled() => break,
+                    r = self.verify_round() => r,
+                };
+                match result {
+                    Ok(r) if r.mismatches > 0 || r.errors > 0 => tracing::info!(
+                        verified = r.verified,
+                        mismatches = r.mismatches,
+                        errors = r.errors,
+                        "verification round finished"
+                    ),
+                    Ok(r) => tracing::debug!(verified = r.verified, "verification round finished"),
+                    Err(e) => tracing::error!(
+                        error = display_error_chain(&e),
+                        "background verification failed; the next round tries again"
+                    ),
+                }
+            }
+            if !reconcile {
+                continue;
+            }
             let started = Instant::now();
             let result = tokio::select! {
                 _ = stop.cancelled() => break,

@@ -98,6 +98,18 @@ pub enum ReplicationError {
         from: String,
         to: String,
     },
+    /// Retried: `[replication] verify_after_update` compared the checksums
+    /// after the copy and they differ (a write landed on the source during
+    /// it, or the copy is incomplete).
+    #[error(
+        "after replication the target {target:?} has checksum {target_checksum:?}, the source {source_storage:?} {source_checksum:?}"
+    )]
+    ChecksumMismatch {
+        source_storage: String,
+        target: String,
+        source_checksum: String,
+        target_checksum: String,
+    },
     /// Retried: during a rolling config change another process may know it.
     #[error("source storage {storage:?} is not configured in virtual storage {virtual_storage:?}")]
     UnknownSource {
@@ -199,6 +211,8 @@ pub struct GitalyReplicator {
     generations: GenerationBatcher,
     paths: RepositoryPathBatcher,
     job_timeout: Option<Duration>,
+    /// `[replication] verify_after_update`.
+    verify_after_update: bool,
 }
 
 /// One maintenance RPC on the target whose only effect is on disk there.
@@ -264,6 +278,16 @@ impl GitalyReplicator {
             paths: RepositoryPathBatcher::start(store.clone(), tasks),
             store,
             job_timeout,
+            verify_after_update: false,
+        }
+    }
+
+    /// With `on`, an update completes only when the target's checksum
+    /// equals the source's afterwards.
+    pub fn verifying_after_update(self, on: bool) -> Self {
+        Self {
+            verify_after_update: on,
+            ..self
         }
     }
 
@@ -729,6 +753,18 @@ impl GitalyReplicator {
                 )
                 .await
                 .map_err(call_failed)?;
+        }
+        if self.verify_after_update {
+            let source_checksum = source.checksum(path, ctx).await.map_err(call_failed)?;
+            let target_checksum = target.checksum(path, ctx).await.map_err(call_failed)?;
+            if source_checksum != target_checksum {
+                return Err(JobOutcome::Failed(ReplicationError::ChecksumMismatch {
+                    source_storage: source_storage.to_owned(),
+                    target: target_storage.to_owned(),
+                    source_checksum,
+                    target_checksum,
+                }));
+            }
         }
 
         let gated = self

@@ -363,15 +363,16 @@ async fn serve(
     let nodes = NodeSet::from_config(config)?;
     let job_timeout =
         (!config.replication.job_timeout.is_zero()).then_some(config.replication.job_timeout);
-    let replicator = GitalyReplicator::new(nodes.clone(), store.clone(), job_timeout, tasks);
-    if !config.reconciliation.scheduling_interval.is_zero() {
+    let replicator = GitalyReplicator::new(nodes.clone(), store.clone(), job_timeout, tasks)
+        .verifying_after_update(config.replication.verify_after_update);
+    if let Some(tick) = Reconciler::tick(config) {
         let reconciler = Reconciler::new(
             config,
             store.clone(),
             async_nats::jetstream::new(nats.clone()),
             nodes.clone(),
         )?;
-        tasks.spawn(reconciler.run(tokens.background.clone()));
+        tasks.spawn(reconciler.run(tick, tokens.background.clone()));
     }
     let locks = RepositoryLocks::start(
         config.database.session_connect_options()?,

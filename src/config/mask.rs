@@ -132,7 +132,8 @@ mod tests {
     use super::*;
     use crate::config::{
         DatabaseConfig, LogFormat, LoggingConfig, NatsConfig, Node, NodeAddress, PoolMode,
-        PrometheusConfig, ReconciliationConfig, ReplicationConfig, SessionPooled, VirtualStorage,
+        PrometheusConfig, ReconciliationConfig, ReplicationConfig, SessionPooled,
+        VerificationConfig, VirtualStorage,
     };
 
     /// Every key away from its default. Struct literals without `..`, so a new
@@ -211,6 +212,7 @@ mod tests {
                 retry_delay: Duration::from_secs(2),
                 max_retry_delay: Duration::from_secs(120),
                 completion_retention: Duration::from_secs(7200),
+                verify_after_update: true,
             },
             nats: NatsConfig {
                 url: "nats://a:4222,tls://b:4222".into(),
@@ -244,6 +246,10 @@ mod tests {
                 histogram_buckets: vec![0.1, 1.0],
                 scan_batch_size: 500,
                 pending_scan_limit: 2000,
+            },
+            background_verification: VerificationConfig {
+                verification_interval: Duration::from_secs(3600),
+                batch_size: 7,
             },
             ignored_keys: Vec::new(),
         }

@@ -56,7 +56,9 @@ pub use logging::{LogFormat, LoggingConfig, trim_directives};
 pub use nats::{NatsConfig, UrlCredentials};
 
 pub use prometheus::{DEFAULT_LATENCY_BUCKETS, PrometheusConfig};
-pub use reconciliation::{DEFAULT_RECONCILIATION_BUCKETS, ReconciliationConfig};
+pub use reconciliation::{
+    DEFAULT_RECONCILIATION_BUCKETS, ReconciliationConfig, VerificationConfig,
+};
 pub use replication::ReplicationConfig;
 pub use secret::{MASK, Secret};
 pub use virtual_storage::{Node, VirtualStorage};
@@ -99,6 +101,8 @@ pub struct Config {
     pub prometheus: PrometheusConfig,
     /// `[reconciliation]`: the reconciler.
     pub reconciliation: ReconciliationConfig,
+    /// `[background_verification]`: checksums of replicas against their source.
+    pub background_verification: VerificationConfig,
     /// Praefect keys present in the file that gitaly-replicator accepts but does
     /// not use, as full paths, sorted.
     #[serde(skip)]
@@ -119,6 +123,7 @@ impl Default for Config {
             nats: NatsConfig::default(),
             prometheus: PrometheusConfig::default(),
             reconciliation: ReconciliationConfig::default(),
+            background_verification: VerificationConfig::default(),
             ignored_keys: Vec::new(),
         }
     }

@@ -20,7 +20,7 @@ pub const PRAEFECT_IGNORED_KEYS: &[&str] = &[
     "auth.*",
     "tls.*",
     "failover.*",
-    "background_verification.*",
+    "background_verification.delete_invalid_records",
     "prometheus.scrape_timeout",
     "sentry.*",
     "yamux.*",

@@ -10,7 +10,7 @@ use super::section::{Ctx, Section};
 use super::{
     Config, ConfigError, DatabaseConfig, LogFormat, LoggingConfig, NatsConfig, Node, PoolMode,
     PrometheusConfig, ReconciliationConfig, ReplicationConfig, Secret, SessionPooled,
-    VirtualStorage,
+    VerificationConfig, VirtualStorage,
 };
 
 /// The configuration in `table`, with the overrides in `ctx` applied; not yet validated.
@@ -39,6 +39,7 @@ pub(super) fn read(table: Table, ctx: &mut Ctx) -> Result<Config, ConfigError> {
     let nats = read_nats(ctx, root.table("nats")?)?;
     let prometheus = read_prometheus(ctx, root.table("prometheus")?)?;
     let reconciliation = read_reconciliation(ctx, root.table("reconciliation")?)?;
+    let background_verification = read_verification(ctx, root.table("background_verification")?)?;
     root.finish(ctx)?;
     let mut config = Config {
         prometheus_listen_addr,
@@ -51,6 +52,7 @@ pub(super) fn read(table: Table, ctx: &mut Ctx) -> Result<Config, ConfigError> {
         nats,
         prometheus,
         reconciliation,
+        background_verification,
         ignored_keys: Vec::new(),
     };
     ctx.env.apply_node_tokens(&mut config)?;
@@ -182,6 +184,7 @@ fn read_replication(ctx: &mut Ctx, mut s: Section) -> Result<ReplicationConfig, 
         retry_delay: s.duration(ctx, "retry_delay", d.retry_delay)?,
         max_retry_delay: s.duration(ctx, "max_retry_delay", d.max_retry_delay)?,
         completion_retention: s.duration(ctx, "completion_retention", d.completion_retention)?,
+        verify_after_update: s.boolean(ctx, "verify_after_update", d.verify_after_update)?,
     };
     s.finish(ctx)?;
     Ok(config)
@@ -208,6 +211,16 @@ fn read_reconciliation(ctx: &mut Ctx, mut s: Section) -> Result<ReconciliationCo
             .unwrap_or(d.histogram_buckets),
         scan_batch_size: s.number(ctx, "scan_batch_size", d.scan_batch_size)?,
         pending_scan_limit: s.number(ctx, "pending_scan_limit", d.pending_scan_limit)?,
+    };
+    s.finish(ctx)?;
+    Ok(config)
+}
+
+fn read_verification(ctx: &mut Ctx, mut s: Section) -> Result<VerificationConfig, ConfigError> {
+    let d = VerificationConfig::default();
+    let config = VerificationConfig {
+        verification_interval: s.duration(ctx, "verification_interval", d.verification_interval)?,
+        batch_size: s.number(ctx, "batch_size", d.batch_size)?,
     };
     s.finish(ctx)?;
     Ok(config)

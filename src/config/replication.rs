@@ -37,6 +37,10 @@ pub struct ReplicationConfig {
     /// day stands in for the age of the oldest twin still queued).
     #[serde(serialize_with = "mask::serialize_duration")]
     pub completion_retention: Duration,
+    /// An update completes only when the target's `CalculateChecksum`
+    /// equals the source's afterwards (default false); otherwise it fails
+    /// and is retried.
+    pub verify_after_update: bool,
 }
 
 impl Default for ReplicationConfig {
@@ -51,6 +55,7 @@ impl Default for ReplicationConfig {
             retry_delay: Duration::from_secs(5),
             max_retry_delay: Duration::from_secs(300),
             completion_retention: Duration::from_secs(24 * 3600),
+            verify_after_update: false,
         }
     }
 }

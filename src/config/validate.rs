@@ -94,6 +94,11 @@ impl Config {
             "reconciliation.scan_batch_size",
             "must be at least 1",
         )?;
+        check(
+            self.background_verification.batch_size >= 1,
+            "background_verification.batch_size",
+            "must be at least 1",
+        )?;
         self.database.validate()?;
         self.replication.validate()?;
         self.nats.validate()

@@ -300,6 +300,29 @@ impl NodeClient {
         })
     }
 
+    /// `CalculateChecksum` of the repository at `relative_path` on this
+    /// node: Gitaly's XOR of its refs' digests.
+    pub async fn checksum(
+        &self,
+        relative_path: &str,
+        ctx: &CallContext,
+    ) -> Result<String, CallError> {
+        let mut client = self.repository_service();
+        let request = self.request(
+            crate::proto::gitaly::CalculateChecksumRequest {
+                repository: Some(crate::proto::gitaly::Repository {
+                    storage_name: self.storage.clone(),
+                    relative_path: relative_path.to_owned(),
+                    ..Default::default()
+                }),
+            },
+            ctx,
+        );
+        self.call("CalculateChecksum", ctx, client.calculate_checksum(request))
+            .await
+            .map(|r| r.checksum)
+    }
+
     /// `grpc.health.v1.Health/Check` for the whole server: Ok when SERVING.
     pub async fn check_health(&self, timeout: Duration) -> Result<(), CallError> {
         let ctx = CallContext::new(None, Some(timeout));

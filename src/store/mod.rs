@@ -23,6 +23,7 @@ mod reconcile;
 pub mod repository_paths;
 mod schema;
 mod statement_pool;
+mod verification;
 
 pub use completions::{CompletionKey, CompletionPruning, JobKey, prune_completions};
 pub use dataloss::{LaggingRepository, ReplicaState};
@@ -44,6 +45,7 @@ pub use schema::{EmptyDatabase, REQUIRED_PRAEFECT_MIGRATION, REQUIRED_PRAEFECT_V
 use sqlx::PgPool;
 use sqlx::migrate::Migrator;
 pub use statement_pool::StatementPool;
+pub use verification::DueReplica;
 
 static MIGRATOR: Migrator = sqlx::migrate!();
 

@@ -85,7 +85,6 @@ fn every_praefect_release_shape_loads_and_lists_the_keys_it_ignores() {
         (
             "praefect-15.11.toml",
             &[
-                "background_verification.verification_interval",
                 "background_verification.delete_invalid_records",
                 "yamux.maximum_stream_window_size_bytes",
                 "yamux.accept_backlog",
@@ -107,7 +106,6 @@ fn every_praefect_release_shape_loads_and_lists_the_keys_it_ignores() {
 
 #[test]
 fn reconciliation_keys_are_read_as_praefect_writes_them() {
-    use std::time::Duration;
     // (file, scheduling_interval, histogram_buckets): a Go duration string,
     // a bare 0 (nanoseconds, as Go decodes it: disabled), and no section.
     let expected: [(&str, Duration, Vec<f64>); 3] = [
@@ -143,6 +141,24 @@ fn reconciliation_keys_are_read_as_praefect_writes_them() {
             config.ignored_keys
         );
     }
+    // Praefect 15's verification key is read too: verification is opt-in
+    // here, so only a file that sets it turns it on.
+    let v15 = load("praefect-15.11.toml");
+    assert_eq!(
+        v15.background_verification.verification_interval,
+        Duration::from_secs(168 * 3600)
+    );
+    assert!(
+        !v15.ignored_keys
+            .iter()
+            .any(|k| k == "background_verification.verification_interval")
+    );
+    assert_eq!(
+        load("praefect-14.8.toml")
+            .background_verification
+            .verification_interval,
+        Duration::ZERO
+    );
     let descending = Config::from_toml_str(
         "[[virtual_storage]]\nname = \"default\"\n[[virtual_storage.node]]\nstorage = \"gitaly-1\"\naddress = \"tcp://127.0.0.1:8075\"\n[reconciliation]\nhistogram_buckets = [2.0, 1.0]\n",
     )

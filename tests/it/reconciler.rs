@@ -273,3 +273,66 @@ async fn of_two_processes_one_reconciles_and_the_other_takes_over_when_it_is_kil
     let (code, _) = second.wait().await;
     assert_eq!(code, Some(0));
 }
+
+async fn verified_checksum(c: &NodeCluster, path: &str, storage: &str) -> Option<String> {
+    sqlx::query_scalar(
+        "SELECT v.checksum FROM replica_verifications v
+        JOIN repositories r USING (repository_id)
+        WHERE r.relative_path = $1 AND v.storage = $2",
+    )
+    .bind(path)
+    .bind(storage)
+    .fetch_optional(c.db.store.pool())
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_replica_changed_behind_our_back_is_found_by_verification_and_replicated_again() {
+    let c = NodeCluster::start_with(vec![NodeSetup::default(); 2], |toml| {
+        toml.push_str(
+            "\n[reconciliation]\nscheduling_interval = \"300ms\"\n\
+             [background_verification]\nverification_interval = \"1s\"\n",
+        );
+    })
+    .await;
+    c.create_on_source("v.git").await;
+    let service = c.replicator();
+    // The reconciler copies it, then verification finds it equal.
+    c.wait_for_generation("v.git", "gitaly-2", 1).await;
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            verified_checksum(&c, "v.git", "gitaly-2").await.is_some()
+        })
+        .await,
+        "gitaly-2's replica was never verified"
+    );
+    let source_refs = git::refs(&c.node(1).repo("v.git"));
+    assert_eq!(git::refs(&c.node(2).repo("v.git")), source_refs);
+
+    // A ref moves on gitaly-2 with nothing in the store or the queue.
+    git::commit(&c.node(2).repo("v.git"), "main", "written behind our back");
+    assert_ne!(git::refs(&c.node(2).repo("v.git")), source_refs);
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            git::refs(&c.node(2).repo("v.git")) == source_refs
+        })
+        .await,
+        "gitaly-2's replica was never replicated again"
+    );
+    c.wait_for_generation("v.git", "gitaly-2", 1).await;
+    let verifications = |result: &str| {
+        crate::common::service_metrics::samples().sum(
+            "gitaly_replicator_verifications_total",
+            &[
+                ("virtual_storage", c.vs()),
+                ("gitaly_storage", "gitaly-2"),
+                ("result", result),
+            ],
+        )
+    };
+    assert!(verifications("mismatch") >= 1.0);
+    assert!(verifications("verified") >= 1.0);
+    service.stop().await.unwrap();
+    git::assert_fsck_clean(&c.node(2).repo("v.git"));
+}

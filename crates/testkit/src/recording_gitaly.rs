@@ -106,6 +106,8 @@ struct State {
     pools: HashMap<String, pb::ObjectPool>,
     /// Relative paths `RepositoryExists` answers false for.
     absent: std::collections::HashSet<String>,
+    /// What `CalculateChecksum` answers per relative path (empty otherwise).
+    checksums: HashMap<String, String>,
     in_flight: HashMap<(String, String), usize>,
 }
 
@@ -243,6 +245,13 @@ impl RecordingGitaly {
         lock(&self.inner.state)
             .pools
             .insert(relative_path.to_owned(), pool);
+    }
+
+    /// Makes `CalculateChecksum` answer `checksum` for `relative_path`.
+    pub fn set_checksum(&self, relative_path: &str, checksum: &str) {
+        lock(&self.inner.state)
+            .checksums
+            .insert(relative_path.to_owned(), checksum.to_owned());
     }
 
     /// Makes the health check report SERVING or NOT_SERVING.
@@ -506,13 +515,25 @@ impl RepositoryService for RecordingGitaly {
         CreateRepositoryResponse,
         CreateRepository
     );
-    recorded!(
-        calculate_checksum,
-        "CalculateChecksum",
-        CalculateChecksumRequest,
-        CalculateChecksumResponse,
-        CalculateChecksum
-    );
+    async fn calculate_checksum(
+        &self,
+        request: Request<pb::CalculateChecksumRequest>,
+    ) -> Result<Response<pb::CalculateChecksumResponse>, Status> {
+        self.handle(
+            "CalculateChecksum",
+            request,
+            |r| r.repository.as_ref(),
+            RecordedRequest::CalculateChecksum,
+            |st, req| pb::CalculateChecksumResponse {
+                checksum: req
+                    .repository
+                    .as_ref()
+                    .and_then(|r| st.checksums.get(&r.relative_path).cloned())
+                    .unwrap_or_default(),
+            },
+        )
+        .await
+    }
 
     async fn repository_exists(
         &self,

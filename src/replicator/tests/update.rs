@@ -430,3 +430,33 @@ async fn an_invalid_source_whose_replica_another_job_holds_keeps_its_record_and_
     expected.replicas.remove(0);
     assert_eq!(rows(&n.db.store).await, expected);
 }
+
+#[tokio::test]
+async fn with_verify_after_update_an_update_completes_only_when_the_checksums_match() {
+    let n = TwoNodes::start().await;
+    let s = seed(&n.db.store).await;
+    let replicator = n.replicator.clone().verifying_after_update(true);
+    n.source.gitaly.set_checksum(REPO, "aaa1");
+    n.target.gitaly.set_checksum(REPO, "bbb2");
+
+    let outcome = replicator.replicate(&job(Change::Update)).await;
+    match outcome {
+        JobOutcome::Failed(e @ ReplicationError::ChecksumMismatch { .. }) => {
+            let text = e.to_string();
+            assert!(text.contains("aaa1") && text.contains("bbb2"), "{text}");
+        }
+        other => panic!("expected a checksum mismatch, got {other:?}"),
+    }
+    assert_eq!(
+        methods(&n.target.gitaly.calls()),
+        ["ReplicateRepository", "CalculateChecksum"]
+    );
+    // Nothing recorded: the target keeps its generation and the job is retried.
+    assert_eq!(rows(&n.db.store).await, seeded_rows(&s));
+
+    n.target.gitaly.set_checksum(REPO, "aaa1");
+    assert_completed(replicator.replicate(&job(Change::Update)).await);
+    let mut expected = seeded_rows(&s);
+    expected.replicas[1].generation = 3;
+    assert_eq!(rows(&n.db.store).await, expected);
+}
