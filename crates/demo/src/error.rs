@@ -69,6 +69,8 @@ pub enum DemoError {
     Nats(String),
     #[error("publishing jobs: {0}")]
     Publish(#[from] PublishError),
+    #[error("making the TLS certificates: {0}")]
+    Tls(String),
     #[error("interrupted")]
     Interrupted,
 }

@@ -38,6 +38,7 @@ pub mod report;
 pub mod repositories;
 pub mod service_task;
 pub mod session;
+pub mod tls;
 pub mod verify;
 pub mod workspace;
 
@@ -45,6 +46,7 @@ pub use error::{DemoError, Unreachable};
 pub use progress::ProgressStyle;
 pub use report::DemoReport;
 pub use session::run;
+pub use tls::DemoTls;
 
 use std::time::Duration;
 
@@ -66,6 +68,10 @@ pub struct DemoOptions {
     pub progress: ProgressStyle,
     /// How long to wait for the jobs before reporting them unfinished.
     pub timeout: Duration,
+    /// The storage nodes serve TLS with these certificates, and the config
+    /// names them `tls://`. The process must trust `ca_pem` (the binary's
+    /// `--tls` puts it in `SSL_CERT_FILE` before anything starts).
+    pub tls: Option<DemoTls>,
 }
 
 impl Default for DemoOptions {
@@ -77,6 +83,7 @@ impl Default for DemoOptions {
             database_url: "postgres://postgres@127.0.0.1:5432/postgres".into(),
             progress: ProgressStyle::Quiet,
             timeout: Duration::from_secs(120),
+            tls: None,
         }
     }
 }

@@ -3,7 +3,7 @@
 //! stdout; the exit code is 0 only when every replica matches its source.
 
 use clap::Parser;
-use demo::{DemoError, DemoOptions, ProgressStyle};
+use demo::{DemoError, DemoOptions, DemoTls, ProgressStyle};
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
@@ -35,6 +35,28 @@ struct DemoArgs {
         default_value = "postgres://postgres@127.0.0.1:5432/postgres"
     )]
     database_url: String,
+    /// The storage nodes serve TLS (`tls://` in the config), with a
+    /// certificate of a CA made for the run and trusted by `SSL_CERT_FILE`.
+    #[arg(long)]
+    tls: bool,
+}
+
+/// `--tls`: the run's certificates, and the CA written to a file that
+/// `SSL_CERT_FILE` names, as a Gitaly client is told to trust a private CA.
+/// Must run before any thread exists: it sets the process's environment.
+fn trust_demo_ca() -> Result<(DemoTls, tempfile::TempDir), String> {
+    let tls = DemoTls::generate().map_err(|e| e.to_string())?;
+    let dir = tempfile::Builder::new()
+        .prefix("gitaly-replicator-demo-ca-")
+        .tempdir()
+        .map_err(|e| format!("creating a directory for the CA: {e}"))?;
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, &tls.ca_pem)
+        .map_err(|e| format!("writing {}: {e}", ca_file.display()))?;
+    // SAFETY: called from main before the runtime starts: no other thread
+    // reads or writes the environment yet.
+    unsafe { std::env::set_var(gitaly_replicator::SSL_CERT_FILE, &ca_file) };
+    Ok((tls, dir))
 }
 
 /// Service logs stay quiet (warnings and errors) so the progress reads
@@ -61,8 +83,20 @@ fn main() -> ExitCode {
             };
         }
     };
+    let tls = if args.tls {
+        match trust_demo_ca() {
+            Ok(t) => Some(t),
+            Err(e) => {
+                eprintln!("gitaly-replicator-demo: --tls: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        None
+    };
     match tokio::runtime::Runtime::new() {
-        Ok(runtime) => runtime.block_on(run(&args)),
+        // The CA's directory lives until the run is over.
+        Ok(runtime) => runtime.block_on(run(&args, tls.as_ref().map(|(t, _)| t.clone()))),
         Err(e) => {
             eprintln!("gitaly-replicator-demo: cannot start the async runtime: {e}");
             ExitCode::from(70)
@@ -70,7 +104,7 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(args: &DemoArgs) -> ExitCode {
+async fn run(args: &DemoArgs, tls: Option<DemoTls>) -> ExitCode {
     init_logging();
     let options = DemoOptions {
         repositories: usize::from(args.repositories),
@@ -78,6 +112,7 @@ async fn run(args: &DemoArgs) -> ExitCode {
         nats_url: args.nats_url.clone(),
         database_url: args.database_url.clone(),
         progress: ProgressStyle::for_stderr(),
+        tls,
         ..DemoOptions::default()
     };
     let interrupted = async {

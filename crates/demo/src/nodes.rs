@@ -3,12 +3,13 @@
 //! 127.0.0.1, with its own storage directory and token.
 
 use crate::error::DemoError;
+use crate::tls::DemoTls;
 use crate::workspace::Workspace;
 use gitaly_replicator::Secret;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
-use storage_node::{NodeConfig, OpenNode, ServeError};
+use storage_node::{NodeConfig, NodeTls, OpenNode, ServeError};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -29,12 +30,15 @@ pub struct DemoNode {
     pub dir: PathBuf,
     pub address: SocketAddr,
     pub token: String,
+    /// Whether it serves TLS.
+    pub tls: bool,
 }
 
 impl DemoNode {
     /// The address as the config writes it.
     pub fn config_address(&self) -> String {
-        format!("tcp://{}", self.address)
+        let scheme = if self.tls { "tls" } else { "tcp" };
+        format!("{scheme}://{}", self.address)
     }
 
     /// Where a repository of this storage lives on disk.
@@ -53,8 +57,11 @@ pub struct DemoNodes {
 impl DemoNodes {
     /// Opens a storage directory per node under the workspace and serves each
     /// on 127.0.0.1:0. Calls are accepted as soon as this returns (the
-    /// listeners are bound before it does).
-    pub async fn start(workspace: &Workspace) -> Result<DemoNodes, DemoError> {
+    /// listeners are bound before it does). With `tls`, each serves TLS.
+    pub async fn start(
+        workspace: &Workspace,
+        tls: Option<&DemoTls>,
+    ) -> Result<DemoNodes, DemoError> {
         let stop = CancellationToken::new();
         let mut nodes = Vec::new();
         let mut tasks = Vec::new();
@@ -71,6 +78,10 @@ impl DemoNodes {
                 faults: Default::default(),
             })
             .map_err(node_error)?;
+            let open = match tls {
+                Some(t) => open.with_tls(NodeTls::from_pem(&t.cert_pem, &t.key_pem)),
+                None => open,
+            };
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
                 .await
                 .map_err(DemoError::io(format!("binding a port for {storage}")))?;
@@ -87,6 +98,7 @@ impl DemoNodes {
                 dir,
                 address,
                 token,
+                tls: tls.is_some(),
             });
         }
         Ok(DemoNodes { nodes, stop, tasks })

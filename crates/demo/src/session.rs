@@ -88,11 +88,13 @@ async fn body(
 
     let database = DemoDatabase::create(&options.database_url, &ws.database_name()).await?;
     owned.database = Some(database.clone());
-    let nodes = owned.nodes.insert(DemoNodes::start(&ws).await?);
+    let nodes = owned
+        .nodes
+        .insert(DemoNodes::start(&ws, options.tls.as_ref()).await?);
     let addresses: Vec<String> = nodes
         .nodes
         .iter()
-        .map(|n| format!("{} at {}", n.storage, n.address))
+        .map(|n| format!("{} at {}", n.storage, n.config_address()))
         .collect();
     out.say(&format!(
         "  started 3 storage nodes (virtual storage \"default\"): {}",

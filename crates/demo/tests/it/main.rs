@@ -48,3 +48,26 @@ async fn the_demo_replicates_verifies_every_replica_and_removes_what_it_created(
         .unwrap();
     assert_eq!(left, 0, "the demo database is left");
 }
+
+#[test]
+fn with_tls_the_storage_nodes_are_reached_over_tls_and_every_replica_matches() {
+    let database_url = std::env::var(testkit::db::SERVER_URL_ENV)
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gitaly-replicator-demo"))
+        .args(["--tls", "--repositories", "3", "--nats-url", &nats_url()])
+        .args(["--database-url", &database_url])
+        // The CA is the run's own: nothing else may vouch for the nodes.
+        .env_remove(gitaly_replicator::SSL_CERT_DIR)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert_eq!(
+        stderr.matches("tls://127.0.0.1:").count(),
+        3,
+        "the nodes are listed with their tls:// addresses: {stderr}"
+    );
+    assert!(!stderr.contains("tcp://"), "{stderr}");
+    assert!(stdout.contains("PASS: every replica matches"), "{stdout}");
+}
