@@ -231,6 +231,18 @@ pub async fn connect(config: &NatsConfig, name: &str) -> Result<async_nats::Clie
             match event {
                 async_nats::Event::Connected => tracing::info!("connected to NATS"),
                 async_nats::Event::Disconnected => tracing::warn!("disconnected from NATS"),
+                // The server drops a refused request: the caller only sees
+                // its timeout, so the reason is said here, where it arrives.
+                async_nats::Event::ServerError(async_nats::ServerError::Other(message))
+                    if message.contains("Permissions Violation") =>
+                {
+                    tracing::error!(
+                        error = %message,
+                        "NATS refused this user a request; the request times out. The \
+                         service's user needs the consumer role (docs/security.md), and \
+                         streams and consumers are changed only by `setup`, run as the operator"
+                    )
+                }
                 other => tracing::info!(event = %other, "NATS event"),
             }
         });

@@ -11,7 +11,8 @@
 //! minute in all); `CHAOS_SECONDS=600` the long mode, which also runs the
 //! suite on a 3-node NATS cluster with one node killed and restarted.
 //! `CHAOS_SEED` replays a run's random choices (the printed seed); timing
-//! still differs from run to run.
+//! still differs from run to run. `CHAOS_TLS=1` runs it with every storage
+//! node serving TLS, verified against a CA made for the run.
 
 use crate::common::chaos::broker::Broker;
 use crate::common::chaos::check::Checker;
@@ -29,6 +30,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 use testkit::postgres_server::PrivatePostgres;
+use testkit::tls::TestCa;
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
@@ -94,12 +96,13 @@ fn consumer_toml(
 async fn run(settings: Settings, broker: Broker) {
     let started = Instant::now();
     show(&format!(
-        "chaos: seed {} (replay with CHAOS_SEED={}), {} mode, {} s of faults on {}",
+        "chaos: seed {} (replay with CHAOS_SEED={}), {} mode, {} s of faults on {}, storage nodes over {}",
         settings.seed,
         settings.seed,
         settings.mode(),
         settings.chaos.as_secs(),
-        broker.describe()
+        broker.describe(),
+        settings.transport()
     ));
     let postgres = tokio::task::block_in_place(PrivatePostgres::start);
     // Short waits for a connection: the writer retries through outages.
@@ -114,16 +117,37 @@ async fn run(settings: Settings, broker: Broker) {
 
     let names = TestNames::new();
     let storages = tempfile::tempdir().unwrap();
+    // Over TLS, the consumers and the targets (which fetch from the
+    // source) trust the run's CA by SSL_CERT_FILE, as Gitaly's clients do.
+    let ca = settings.tls.then(|| TestCa::new("chaos-ca"));
+    let leaf = ca.as_ref().map(|ca| ca.leaf("node", &["127.0.0.1"]));
+    let env: Vec<(String, String)> = ca
+        .iter()
+        .map(|ca| {
+            (
+                gitaly_replicator::SSL_CERT_FILE.to_owned(),
+                ca.cert_file.display().to_string(),
+            )
+        })
+        .collect();
     let mut nodes = Vec::new();
     let mut flags = Vec::new();
     for (i, storage) in STORAGES.iter().enumerate() {
-        let f = vec!["--latency".to_owned(), LATENCIES[i].to_owned()];
+        let mut f = vec!["--latency".to_owned(), LATENCIES[i].to_owned()];
+        f.extend(leaf.iter().flat_map(|l| l.node_flags()));
         let token = format!("token-{i}-{}", names.id);
         let dir = storages.path().join(storage);
-        nodes.push(NodeProcess::spawn(storage, &dir, &token, "127.0.0.1:0", &f).await);
+        nodes.push(
+            NodeProcess::spawn_with_env(storage, &dir, &token, "127.0.0.1:0", &f, &env).await,
+        );
         flags.push(f);
     }
     let toml = consumer_toml(&names, &nodes, &postgres.url(), &broker);
+    assert_eq!(
+        toml.matches("address = \"tls://").count(),
+        if settings.tls { STORAGES.len() } else { 0 },
+        "{toml}"
+    );
     let layout = Layout::from_config(&Config::from_toml_str(&toml).unwrap());
     let js = async_nats::jetstream::new(broker.client().await);
     layout.ensure(&js).await.unwrap();
@@ -133,7 +157,7 @@ async fn run(settings: Settings, broker: Broker) {
         .collect();
 
     let log_path = std::env::temp_dir().join(format!("chaos-{}-consumers.log", names.id));
-    let fleet = Arc::new(Mutex::new(Fleet::start(&toml, CONSUMERS, log_path)));
+    let fleet = Arc::new(Mutex::new(Fleet::start(&toml, env, CONSUMERS, log_path)));
     let mut writer = Writer::new(
         settings.rng(1),
         store.clone(),

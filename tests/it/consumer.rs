@@ -852,6 +852,24 @@ async fn consumers_under_their_old_names_are_moved_at_start_and_lose_no_job() {
     let _unacked = batch.next().await.unwrap().unwrap();
 
     let service = ServiceTask::start(c.config.clone());
+    if c.role_nats.is_some() {
+        // As the consumer role the service may not move consumers: it
+        // waits, refused, and takes no job, until the operator's `setup`.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(service.is_running());
+        for i in 1..=storages.len() {
+            assert_eq!(calls_of(&c, i), [], "{}", storages[i - 1]);
+        }
+        let moved = gitaly_replicator::provision(&c.client, &c.layout)
+            .await
+            .unwrap();
+        assert!(
+            moved
+                .iter()
+                .any(|m| matches!(m, gitaly_replicator::LayoutChange::Moved { .. })),
+            "{moved:?}"
+        );
+    }
     every_target_has_calls_and_the_stream_drains(&c, &storages, 3).await;
     for (i, storage) in storages.iter().enumerate() {
         let paths: Vec<String> = calls_of(&c, i + 1).into_iter().map(|(_, p)| p).collect();

@@ -633,6 +633,30 @@ async fn each_nats_role_can_do_its_job_and_nothing_more() {
     };
     let work_messages = || crate::common::cluster::work_messages(&js, &layout);
 
+    // Before setup the consumer can create nothing: `run` waits, and says
+    // that the server refused it and who may change the layout.
+    let early = ReplicatorProcess::run(&consumer);
+    let said = crate::common::eventually(WAIT, || async {
+        early
+            .stderr
+            .lock()
+            .unwrap()
+            .contains("NATS refused this user a request")
+    })
+    .await;
+    early.signal("TERM");
+    let (_, log) = early.wait().await;
+    assert!(said, "{log}");
+    assert!(log.contains("run as the operator"), "{log}");
+    // What the server refused it; nothing refused from here on is expected.
+    let refused_early = nats.log();
+    assert!(
+        violations(&refused_early)
+            .iter()
+            .all(|v| v.contains("User \"consumer\"")),
+        "{refused_early}"
+    );
+
     // The operator sets up.
     let o = cli(&operator, &["setup"], None);
     assert!(o.status.success(), "{}", all(&o));
@@ -721,11 +745,8 @@ async fn each_nats_role_can_do_its_job_and_nothing_more() {
     assert_eq!(nodes[1].gitaly.calls_to("RepackIncremental").len(), 1);
     assert!(nodes[0].gitaly.calls().is_empty());
     let log = nats.log();
-    assert!(
-        violations(&log).is_empty(),
-        "{}",
-        violations(&log).join("\n")
-    );
+    let log = log.get(refused_early.len()..).unwrap_or_default();
+    assert!(violations(log).is_empty(), "{}", violations(log).join("\n"));
 
     // The publisher may not write dead letters, purge or delete streams.
     let (pub_client, pub_js) = connect(&publisher).await;

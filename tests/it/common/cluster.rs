@@ -10,6 +10,7 @@ use gitaly_replicator::Layout;
 use gitaly_replicator::Publisher;
 use gitaly_replicator::dead_letters::{self, DeadMessage};
 use std::time::Duration;
+use testkit::nats_server::PrivateNats;
 use testkit::pgbouncer::PgBouncer;
 use testkit::recording_gitaly::{RecordingGitaly, RunningGitaly};
 use tokio::sync::oneshot;
@@ -128,6 +129,41 @@ pub struct Cluster {
     nats_url: String,
     /// In front of the database when the cluster runs through PgBouncer.
     pub pgbouncer: Option<PgBouncer>,
+    /// The private nats-server granting the consumer role only, when the
+    /// cluster runs as that role.
+    pub role_nats: Option<PrivateNats>,
+}
+
+/// Set (to anything) to run every cluster on the shared NATS URL as the
+/// consumer role instead: a private nats-server that grants the service
+/// only what `deploy-manifests --nats` writes for `consumer`, while the
+/// fixture itself (provisioning, publishing, inspection) logs in with every
+/// permission.
+pub const AS_CONSUMER_ROLE_ENV: &str = "REPLICATOR_TEST_AS_CONSUMER_ROLE";
+
+/// The fixture's own user on a role server.
+const FIXTURE_USER: (&str, &str) = ("fixture", "fixture-pw");
+const CONSUMER_USER: (&str, &str) = ("consumer", "consumer-pw");
+
+/// A nats-server whose users are the fixture (everything) and the consumer
+/// role of `layout`.
+async fn consumer_role_nats(layout: &Layout) -> PrivateNats {
+    let permissions = gitaly_replicator::manifests::nats_permissions_conf(layout);
+    // nats-server refuses a defined variable left unused: the other two
+    // roles get users as well, which nothing logs in as.
+    let config = format!(
+        "include \"permissions.conf\"\nauthorization {{\n  users = [\n    \
+         {{user: \"{}\", password: \"{}\"}}\n    \
+         {{user: \"{}\", password: \"{}\", permissions: $GITALY_REPLICATOR_CONSUMER}}\n    \
+         {{user: \"publisher\", password: \"{unused}\", permissions: $GITALY_REPLICATOR_PUBLISHER}}\n    \
+         {{user: \"operator\", password: \"{unused}\", permissions: $GITALY_REPLICATOR_OPERATOR}}\n  ]\n}}\n",
+        FIXTURE_USER.0,
+        FIXTURE_USER.1,
+        CONSUMER_USER.0,
+        CONSUMER_USER.1,
+        unused = uuid::Uuid::new_v4().simple(),
+    );
+    PrivateNats::start_with_files(&config, &[("permissions.conf", &permissions)]).await
 }
 
 /// Set (to anything) to run every cluster's `[database]` through a private
@@ -180,14 +216,16 @@ impl Cluster {
     ) -> Cluster {
         // Small pools, so clients share server connections as in production.
         let bouncer = std::env::var_os(VIA_PGBOUNCER_ENV).map(|_| 4);
-        Self::start_inner(storages, nats_url, edit, bouncer).await
+        let as_consumer =
+            std::env::var_os(AS_CONSUMER_ROLE_ENV).is_some() && nats_url == self::nats_url();
+        Self::start_inner(storages, nats_url, edit, bouncer, as_consumer).await
     }
 
     /// `n` nodes, with `[database]` through a private PgBouncer in
     /// transaction mode with `pool_size` server connections.
     pub async fn start_through_pgbouncer(n: usize, pool_size: u32) -> Cluster {
         let storages: Vec<String> = (1..=n).map(|i| format!("gitaly-{i}")).collect();
-        Self::start_inner(&storages, nats_url(), |_| {}, Some(pool_size)).await
+        Self::start_inner(&storages, nats_url(), |_| {}, Some(pool_size), false).await
     }
 
     async fn start_inner(
@@ -195,6 +233,7 @@ impl Cluster {
         nats_url: String,
         edit: impl FnOnce(&mut String),
         pgbouncer_pool_size: Option<u32>,
+        as_consumer: bool,
     ) -> Cluster {
         let names = TestNames::new();
         let db = TestDatabase::new().await;
@@ -217,11 +256,40 @@ impl Cluster {
             via_pgbouncer(&mut toml, &db.url, bouncer);
         }
         edit(&mut toml);
+        let mut nats_url = nats_url;
+        let mut role_nats = None;
+        if as_consumer {
+            // The permissions follow the layout, which the URL is no part of.
+            let layout = Layout::from_config(&Config::from_toml_str(&toml).unwrap());
+            let nats = consumer_role_nats(&layout).await;
+            let (user, password) = CONSUMER_USER;
+            toml = toml
+                .replace(
+                    &format!("url = \"{nats_url}\""),
+                    &format!("url = \"{}\"", nats.url()),
+                )
+                .replacen(
+                    "\n[nats]\n",
+                    &format!("\n[nats]\nuser = \"{user}\"\npassword = \"{password}\"\n"),
+                    1,
+                );
+            // Its streams go with the server: nothing is left to delete.
+            nats_url = nats.url();
+            role_nats = Some(nats);
+        }
         let config = Config::from_toml_str(&toml).unwrap();
-        // As the service connects, so that credentials in the URL are used.
-        let client = gitaly_replicator::connect_nats(&config.nats, "test fixture")
-            .await
-            .unwrap();
+        let client = if as_consumer {
+            let (user, password) = FIXTURE_USER;
+            async_nats::ConnectOptions::with_user_and_password(user.into(), password.into())
+                .connect(&nats_url)
+                .await
+                .unwrap()
+        } else {
+            // As the service connects, so that credentials in the URL are used.
+            gitaly_replicator::connect_nats(&config.nats, "test fixture")
+                .await
+                .unwrap()
+        };
         let js = async_nats::jetstream::new(client.clone());
         let layout = Layout::from_config(&config);
         layout.ensure(&js).await.unwrap();
@@ -236,6 +304,7 @@ impl Cluster {
             toml,
             nats_url,
             pgbouncer,
+            role_nats,
         }
     }
 

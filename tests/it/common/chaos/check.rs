@@ -71,12 +71,34 @@ impl Checker {
             Ok(s) => s,
             Err(e) => return vec![format!("work stream: {e}")],
         };
-        match stream.info().await {
+        let info = stream.info().await.cloned();
+        match info {
             Ok(info) if info.state.messages == 0 => {}
-            Ok(info) => problems.push(format!(
-                "{} jobs still in the work stream",
-                info.state.messages
-            )),
+            Ok(info) => {
+                // Which ones, for the report: sequence, subject, delivery
+                // headers and the start of the payload.
+                let mut left = Vec::new();
+                let (first, last) = (info.state.first_sequence, info.state.last_sequence);
+                for seq in first..=last.min(first.saturating_add(2000)) {
+                    if let Ok(m) = stream.get_raw_message(seq).await {
+                        let payload = String::from_utf8_lossy(&m.payload);
+                        left.push(format!(
+                            "    #{seq} {} {:?} {}",
+                            m.subject,
+                            m.headers.get("Nats-Msg-Id").map(|v| v.as_str().to_owned()),
+                            payload.chars().take(200).collect::<String>()
+                        ));
+                        if left.len() == 20 {
+                            break;
+                        }
+                    }
+                }
+                problems.push(format!(
+                    "{} jobs still in the work stream:\n{}",
+                    info.state.messages,
+                    left.join("\n")
+                ))
+            }
             Err(e) => problems.push(format!("work stream: {e}")),
         }
         let mut consumers: Vec<(String, String)> = self

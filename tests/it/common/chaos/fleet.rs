@@ -14,6 +14,8 @@ struct Slot {
 
 pub struct Fleet {
     toml: String,
+    /// Every consumer's extra environment (`SSL_CERT_FILE`).
+    env: Vec<(String, String)>,
     /// Every exited consumer's whole log, for a failure's report.
     pub log_path: std::path::PathBuf,
     slots: Vec<Slot>,
@@ -27,9 +29,15 @@ pub struct Fleet {
 }
 
 impl Fleet {
-    pub fn start(toml: &str, consumers: usize, log_path: std::path::PathBuf) -> Fleet {
+    pub fn start(
+        toml: &str,
+        env: Vec<(String, String)>,
+        consumers: usize,
+        log_path: std::path::PathBuf,
+    ) -> Fleet {
         let mut fleet = Fleet {
             toml: toml.to_owned(),
+            env,
             log_path,
             slots: Vec::new(),
             evidence: Evidence::default(),
@@ -50,7 +58,14 @@ impl Fleet {
             self.shield_available = false;
         }
         Slot {
-            process: ReplicatorProcess::run(&self.toml),
+            process: {
+                let env: Vec<(&str, &str)> = self
+                    .env
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str()))
+                    .collect();
+                ReplicatorProcess::spawn_with_env(&self.toml, &["run"], &env)
+            },
             incarnation: Incarnation {
                 began_in_outage: self.broker_down,
                 shielded,

@@ -1,5 +1,6 @@
 //! How long the fault suite runs and with which seed: a short run by default,
-//! the long mode when `CHAOS_SECONDS` is set, a replay when `CHAOS_SEED` is.
+//! the long mode when `CHAOS_SECONDS` is set, a replay when `CHAOS_SEED` is,
+//! over TLS to the storage nodes when `CHAOS_TLS=1`.
 
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -16,6 +17,9 @@ pub struct Settings {
     pub chaos: Duration,
     /// `CHAOS_SECONDS` was set: the long mode, with the 3-node NATS cluster.
     pub long: bool,
+    /// `CHAOS_TLS=1`: the storage nodes serve TLS (`tls://` addresses,
+    /// certificates of a CA made for the run, trusted by `SSL_CERT_FILE`).
+    pub tls: bool,
 }
 
 impl Settings {
@@ -36,6 +40,11 @@ impl Settings {
             seed,
             chaos: Duration::from_secs(seconds.unwrap_or(SHORT_SECONDS)),
             long: seconds.is_some(),
+            tls: match std::env::var("CHAOS_TLS").as_deref() {
+                Ok("1") => true,
+                Ok("0") | Err(_) => false,
+                Ok(other) => panic!("CHAOS_TLS={other:?}: 1 or 0"),
+            },
         }
     }
 
@@ -47,5 +56,10 @@ impl Settings {
 
     pub fn mode(&self) -> &'static str {
         if self.long { "long" } else { "short" }
+    }
+
+    /// How the consumers reach the storage nodes.
+    pub fn transport(&self) -> &'static str {
+        if self.tls { "TLS" } else { "plain TCP" }
     }
 }
