@@ -101,10 +101,9 @@ fn database_reason(source: &sqlx::Error, keys: &str) -> String {
         return text;
     }
     if text.contains("not valid for name") {
-        // The driver checks the name with verify-ca too, stricter than libpq.
         format!(
-            "{text}; set {keys}host to a name the server's certificate holds (with verify-ca \
-             and verify-full alike), or {keys}sslmode to require"
+            "{text}; set {keys}host to a name the server's certificate holds, or {keys}sslmode \
+             to verify-ca (the chain only)"
         )
     } else if text.contains("certificate") && !text.contains("client") {
         format!(

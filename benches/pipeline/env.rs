@@ -43,7 +43,7 @@ impl BenchEnv {
         let id = uuid::Uuid::new_v4().simple().to_string()[..10].to_owned();
         let db_name = format!("gr_bench_{id}");
         let mut admin = PgConnection::connect(SERVER_DB).await?;
-        sqlx::query(&format!("CREATE DATABASE {db_name}"))
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db_name}")))
             .execute(&mut admin)
             .await?;
         admin.close().await?;
@@ -249,10 +249,10 @@ max_ack_pending = -1
         }
         self.store.pool().close().await;
         if let Ok(mut admin) = PgConnection::connect(SERVER_DB).await {
-            let _ = sqlx::query(&format!(
+            let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
                 "DROP DATABASE IF EXISTS {} WITH (FORCE)",
                 self.db_name
-            ))
+            )))
             .execute(&mut admin)
             .await;
         }

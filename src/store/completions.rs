@@ -183,7 +183,7 @@ impl RepositoryStore {
     ) -> Result<(), StoreError> {
         static SQL: LazyLock<String> = LazyLock::new(|| record_completions_sql(1));
         let args = CompletionColumns::of(completions).into_args("record_completions")?;
-        sqlx::query_with(&SQL, args)
+        sqlx::query_with(SQL.as_str(), args)
             .execute(&self.pool)
             .await
             .map_err(failed("record_completions"))?;
@@ -208,7 +208,7 @@ impl RepositoryStore {
     ) -> Result<Vec<bool>, StoreError> {
         static SQL: LazyLock<String> = LazyLock::new(|| format!("SELECT {}", superseded_sql(1)));
         let args = CompletionColumns::of(jobs).into_args("superseded")?;
-        sqlx::query_scalar_with(&SQL, args)
+        sqlx::query_scalar_with(SQL.as_str(), args)
             .fetch_one(&self.pool)
             .await
             .map_err(failed("superseded"))

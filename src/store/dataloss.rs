@@ -151,14 +151,17 @@ impl RepositoryStore {
                 .fetch_one(pool)
                 .await
                 .map_err(failed(OPERATION))?;
-        let assigned = if has_assignments {
-            ASSIGNED_BY_TABLE
+        static WITH_TABLE: std::sync::LazyLock<String> =
+            std::sync::LazyLock::new(|| query(ASSIGNED_BY_TABLE, false, LAGGING));
+        static WITHOUT_TABLE: std::sync::LazyLock<String> =
+            std::sync::LazyLock::new(|| query(ASSIGNED_ALL, false, LAGGING));
+        let sql: &'static str = if has_assignments {
+            WITH_TABLE.as_str()
         } else {
-            ASSIGNED_ALL
+            WITHOUT_TABLE.as_str()
         };
-        let sql = query(assigned, false, LAGGING);
         let (vs, storages): (Vec<String>, Vec<String>) = configured.iter().cloned().unzip();
-        let rows: Vec<Row> = sqlx::query_as(&sql)
+        let rows: Vec<Row> = sqlx::query_as(sql)
             .bind(vs)
             .bind(storages)
             .bind(virtual_storages)

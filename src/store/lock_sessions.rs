@@ -71,7 +71,7 @@ pub async fn expire_lock_sessions(conn: &mut sqlx::PgConnection) -> Result<(), S
             WHERE orphaned_at < now() - interval '{ORPHAN_GRACE_SECONDS} seconds'"
         )
     });
-    sqlx::query(&SQL)
+    sqlx::query(SQL.as_str())
         .execute(conn)
         .await
         .map_err(failed("expire_lock_sessions"))?;

@@ -54,7 +54,7 @@ pub async fn swap_advisory_locks(
 ) -> Result<LockSwap, StoreError> {
     static SQL: LazyLock<String> =
         LazyLock::new(|| format!("WITH {} SELECT {LOCK_SWAP_COLUMNS}", lock_fence_cte()));
-    let (_, taken, barred): (i64, Vec<bool>, bool) = sqlx::query_as(&SQL)
+    let (_, taken, barred): (i64, Vec<bool>, bool) = sqlx::query_as(SQL.as_str())
         .bind(unlock)
         .bind(lock)
         .fetch_one(conn)
@@ -137,7 +137,7 @@ pub async fn exchange_on_lock_session(
         .add_to(&mut args)
         .map_err(&encode)?;
     let (_, taken, barred, superseded): (i64, Vec<bool>, bool, Vec<bool>) =
-        sqlx::query_as_with(&SQL, args)
+        sqlx::query_as_with(SQL.as_str(), args)
             .fetch_one(conn)
             .await
             .map_err(failed(OPERATION))?;

@@ -101,7 +101,7 @@ pub async fn migrate_on(
     // `run_direct`: `run`'s future, generic over `Acquire<'c>`, is not `Send`
     // for every lifetime, which keeps the service's future from being spawned.
     MIGRATOR
-        .run_direct(conn)
+        .run_direct(None, conn, false)
         .await
         .map_err(|source| StoreError::Migrate { source })
 }

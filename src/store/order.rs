@@ -125,7 +125,7 @@ const FORGET_REPLICA_COMPLETIONS: &str = "forgotten AS (
 pub(crate) type ReplicaKey<'a> = (&'a str, &'a str, &'a str);
 
 fn gate_query<'q, O>(
-    sql: &'q str,
+    sql: &'static str,
     keys: &[ReplicaKey<'_>],
     order: Option<&WriteOrder>,
 ) -> sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>
@@ -163,7 +163,7 @@ impl RepositoryStore {
     /// in_order` and whether its write changed anything.
     async fn gated_write(
         &self,
-        sql: &str,
+        sql: &'static str,
         keys: &[ReplicaKey<'_>],
         order: Option<&WriteOrder>,
         operation: &'static str,
@@ -239,7 +239,7 @@ impl RepositoryStore {
             ))
         });
         let key = (virtual_storage, relative_path, storage);
-        self.gated_write(&SQL, &[key], order, "delete_replica")
+        self.gated_write(SQL.as_str(), &[key], order, "delete_replica")
             .await
     }
 
@@ -272,7 +272,7 @@ impl RepositoryStore {
             ))
         });
         let key = (virtual_storage, relative_path, storage);
-        self.gated_write(&SQL, &[key], order, "delete_repository")
+        self.gated_write(SQL.as_str(), &[key], order, "delete_repository")
             .await
     }
 
@@ -315,7 +315,7 @@ impl RepositoryStore {
             (virtual_storage, relative_path, storage),
             (virtual_storage, new_relative_path, storage),
         ];
-        self.gated_write(&SQL, &keys, order, "rename_repository")
+        self.gated_write(SQL.as_str(), &keys, order, "rename_repository")
             .await
     }
 }

@@ -72,10 +72,10 @@ impl RepositoryStore {
             std::sync::LazyLock::new(|| query(ASSIGNED_BY_TABLE, true, NEEDS_A_JOB));
         static WITHOUT_TABLE: std::sync::LazyLock<String> =
             std::sync::LazyLock::new(|| query(ASSIGNED_ALL, true, NEEDS_A_JOB));
-        let sql: &str = if has_assignments {
-            &WITH_TABLE
+        let sql: &'static str = if has_assignments {
+            WITH_TABLE.as_str()
         } else {
-            &WITHOUT_TABLE
+            WITHOUT_TABLE.as_str()
         };
         let (vs, storages): (Vec<String>, Vec<String>) = configured.iter().cloned().unzip();
         let rows: Vec<Row> = sqlx::query_as(sql)

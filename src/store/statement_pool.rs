@@ -15,7 +15,7 @@ use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 use futures::{FutureExt, StreamExt, TryFutureExt, TryStreamExt};
 use sqlx::postgres::{PgArguments, PgQueryResult, PgRow, PgStatement, PgTypeInfo};
-use sqlx::{Either, Execute, Executor, PgPool, Postgres, Transaction};
+use sqlx::{Either, Execute, Executor, PgPool, Postgres, SqlStr, Transaction};
 
 /// The pool and how to run a statement on it; cheap to clone.
 #[derive(Debug, Clone)]
@@ -61,7 +61,11 @@ impl StatementPool {
     pub async fn begin(&self) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
         match &self.begin {
             None => self.pool.begin().await,
-            Some(begin) => self.pool.begin_with(begin.clone()).await,
+            Some(begin) => {
+                self.pool
+                    .begin_with(sqlx::AssertSqlSafe(begin.clone()))
+                    .await
+            }
         }
     }
 }
@@ -70,11 +74,11 @@ impl StatementPool {
 struct Unnamed<E>(E);
 
 impl<'q, E: Execute<'q, Postgres>> Execute<'q, Postgres> for Unnamed<E> {
-    fn sql(&self) -> &'q str {
+    fn sql(self) -> SqlStr {
         self.0.sql()
     }
 
-    fn statement(&self) -> Option<&PgStatement<'q>> {
+    fn statement(&self) -> Option<&PgStatement> {
         self.0.statement()
     }
 
@@ -95,6 +99,7 @@ impl<'p> Executor<'p> for &'_ StatementPool {
         query: E,
     ) -> BoxStream<'e, Result<Either<PgQueryResult, PgRow>, sqlx::Error>>
     where
+        'p: 'e,
         E: 'q + Execute<'q, Postgres>,
     {
         let Some(begin) = self.begin.clone() else {
@@ -104,8 +109,8 @@ impl<'p> Executor<'p> for &'_ StatementPool {
         // The whole answer is read before COMMIT; the store's statements
         // return bounded batches.
         async move {
-            let mut tx = pool.begin_with(begin).await?;
-            let items: Vec<_> = tx.fetch_many(Unnamed(query)).try_collect().await?;
+            let mut tx = pool.begin_with(sqlx::AssertSqlSafe(begin)).await?;
+            let items: Vec<_> = (&mut *tx).fetch_many(Unnamed(query)).try_collect().await?;
             tx.commit().await?;
             Ok(futures::stream::iter(items.into_iter().map(Ok)))
         }
@@ -118,6 +123,7 @@ impl<'p> Executor<'p> for &'_ StatementPool {
         query: E,
     ) -> BoxFuture<'e, Result<Option<PgRow>, sqlx::Error>>
     where
+        'p: 'e,
         E: 'q + Execute<'q, Postgres>,
     {
         let Some(begin) = self.begin.clone() else {
@@ -125,26 +131,32 @@ impl<'p> Executor<'p> for &'_ StatementPool {
         };
         let pool = self.pool.clone();
         async move {
-            let mut tx = pool.begin_with(begin).await?;
-            let row = tx.fetch_optional(Unnamed(query)).await?;
+            let mut tx = pool.begin_with(sqlx::AssertSqlSafe(begin)).await?;
+            let row = (&mut *tx).fetch_optional(Unnamed(query)).await?;
             tx.commit().await?;
             Ok(row)
         }
         .boxed()
     }
 
-    fn prepare_with<'e, 'q: 'e>(
+    fn prepare_with<'e>(
         self,
-        sql: &'q str,
+        sql: SqlStr,
         parameters: &'e [PgTypeInfo],
-    ) -> BoxFuture<'e, Result<PgStatement<'q>, sqlx::Error>> {
+    ) -> BoxFuture<'e, Result<PgStatement, sqlx::Error>>
+    where
+        'p: 'e,
+    {
         self.pool.prepare_with(sql, parameters)
     }
 
-    fn describe<'e, 'q: 'e>(
+    fn describe<'e>(
         self,
-        sql: &'q str,
-    ) -> BoxFuture<'e, Result<sqlx::Describe<Postgres>, sqlx::Error>> {
+        sql: SqlStr,
+    ) -> BoxFuture<'e, Result<sqlx::Describe<Postgres>, sqlx::Error>>
+    where
+        'p: 'e,
+    {
         self.pool.describe(sql)
     }
 }

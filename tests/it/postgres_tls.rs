@@ -92,6 +92,9 @@ async fn every_sslmode_connects_as_libpq_would_and_verification_checks_chain_and
         ("prefer", "127.0.0.1"),
         ("require", "127.0.0.1"),
         ("verify-ca", "localhost"),
+        // As libpq: verify-ca checks the chain, not the name (the
+        // certificate names localhost only).
+        ("verify-ca", "127.0.0.1"),
         ("verify-full", "localhost"),
     ] {
         let c = config(
@@ -170,12 +173,12 @@ async fn a_wrong_ca_or_host_name_is_refused_naming_the_keys_to_fix_at_once() {
             path(&t.ca.cert_file),
             "database.host",
         ),
-        // The driver checks the name with verify-ca too (stricter than libpq).
+        // Another CA's certificate, connecting by a name it does not hold.
         (
             "verify-ca",
             "127.0.0.1",
-            path(&t.ca.cert_file),
-            "database.host",
+            path(&t.other_ca.cert_file),
+            "database.sslrootcert",
         ),
     ];
     for (mode, host, ca, key) in cases {

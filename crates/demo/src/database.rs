@@ -30,7 +30,7 @@ impl DemoDatabase {
             .await
             .map_err(DemoError::database("connecting to Postgres"))?;
         // The name is ours (letters, digits, underscores): safe to splice.
-        sqlx::query(&format!("CREATE DATABASE \"{name}\""))
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
             .execute(&mut admin)
             .await
             .map_err(DemoError::database(format!("creating database {name}")))?;
@@ -52,10 +52,10 @@ impl DemoDatabase {
         let mut admin = PgConnection::connect_with(&self.server)
             .await
             .map_err(DemoError::database("connecting to Postgres"))?;
-        sqlx::query(&format!(
+        sqlx::query(sqlx::AssertSqlSafe(format!(
             "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
             self.name
-        ))
+        )))
         .execute(&mut admin)
         .await
         .map_err(DemoError::database(format!(

@@ -46,10 +46,13 @@ impl TestDatabase {
         };
 
         let mut admin = PgConnection::connect_with(&db.server).await.unwrap();
-        sqlx::query(&format!("CREATE DATABASE \"{}\"", db.name))
-            .execute(&mut admin)
-            .await
-            .unwrap();
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "CREATE DATABASE \"{}\"",
+            db.name
+        )))
+        .execute(&mut admin)
+        .await
+        .unwrap();
         admin.close().await.unwrap();
         db
     }
@@ -90,9 +93,11 @@ impl Drop for TestDatabase {
                 .build()?;
             runtime.block_on(async {
                 let mut admin = PgConnection::connect_with(&server).await?;
-                sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
-                    .execute(&mut admin)
-                    .await?;
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
+                )))
+                .execute(&mut admin)
+                .await?;
                 admin.close().await?;
                 Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
             })
