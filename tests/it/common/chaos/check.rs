@@ -93,6 +93,21 @@ impl Checker {
                         }
                     }
                 }
+                // And where each consumer stands: a job at or below its ack
+                // floor is one it will never deliver again.
+                for c in &self.layout.consumers {
+                    if let Ok(ci) = stream.consumer_info(&c.durable_name).await {
+                        left.push(format!(
+                            "    consumer {}: ack floor {}, delivered {}, {} pending, {} unacknowledged, {} redelivered",
+                            c.durable_name,
+                            ci.ack_floor.stream_sequence,
+                            ci.delivered.stream_sequence,
+                            ci.num_pending,
+                            ci.num_ack_pending,
+                            ci.num_redelivered
+                        ));
+                    }
+                }
                 problems.push(format!(
                     "{} jobs still in the work stream:\n{}",
                     info.state.messages,
