@@ -198,6 +198,8 @@ pub fn nats_permissions(layout: &Layout) -> Vec<RolePermissions> {
         consumer.extend(acks(s, c));
     }
     consumer.extend(read_message(&layout.stream));
+    // Whether a job left in the work stream is already a dead letter.
+    consumer.extend(read_message(&layout.dead_letter_stream));
     consumer.push(format!("$JS.API.STREAM.MSG.DELETE.{}", layout.stream));
     consumer.push(dead.clone());
     consumer.push(work.clone());

@@ -12,7 +12,8 @@
 //!   `publisher`, `puller` (the pull protocol), `consumer` (the loop that
 //!   carries a job from fetch to acknowledgement), `ack` (the one decision:
 //!   outcome → ack, nak with delay, term, dead letter), `requeue`,
-//!   `dead_letter`, `advisories` (stranded jobs), `depth`, `pending` (the
+//!   `dead_letter`, `advisories` (stranded jobs), `leftovers` (jobs the
+//!   server keeps below a consumer's floor), `depth`, `pending` (the
 //!   jobs waiting for a target, read without consuming them).
 //! - `replicator`: one job → Gitaly calls → an outcome; it never touches the
 //!   queue.
@@ -96,7 +97,8 @@ pub use queue::pending::{PendingJobs, PendingScanError, scan_target as scan_pend
 /// list, replay, delete and purge.
 pub mod dead_letters {
     pub use crate::queue::dead_letter::{
-        DeadLetterError, DeadMessage, delete, headers, list, purge_all, replay, replay_subject,
+        DeadLetterError, DeadMessage, dead_message_id, delete, headers, list, purge_all, replay,
+        replay_subject,
     };
 }
 

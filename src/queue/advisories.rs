@@ -10,7 +10,7 @@ use crate::event::{ChangeType, Job};
 use crate::queue::dead_letter::{DeadJob, DeadReason, publish_dead};
 use crate::queue::layout::Layout;
 use crate::queue::puller::{Pulled, Puller};
-use crate::queue::requeue::{Placement, requeue};
+use crate::queue::requeue::requeue_stored;
 use async_nats::jetstream::{self, Context};
 use serde::Deserialize;
 use std::time::Duration;
@@ -110,17 +110,7 @@ async fn move_stranded(
         .map(|j| j.change_type() == ChangeType::DeleteReplica)
         .unwrap_or(false);
     if unlimited {
-        let placement = Placement::of(Some(&raw.headers), raw.sequence, raw.time);
-        requeue(
-            js,
-            &layout.stream,
-            raw.subject.to_string(),
-            raw.payload.clone(),
-            placement,
-            a.stream_seq,
-            a.deliveries,
-        )
-        .await?;
+        requeue_stored(js, &layout.stream, &raw, a.deliveries).await?;
         tracing::info!(
             stream_sequence = a.stream_seq,
             "stranded delete_replica job requeued (its attempts are unlimited)"

@@ -177,6 +177,12 @@ pub async fn run<R: Replicator>(deps: ConsumerDeps<R>) -> Result<(), ConsumerErr
         advisories,
         stop.clone(),
     )));
+    tasks.spawn(crate::queue::leftovers::run(
+        js.clone(),
+        layout.clone(),
+        crate::queue::leftovers::sweep_interval(shared.settings.ack_wait),
+        background.clone(),
+    ));
     tasks.spawn(crate::queue::depth::poll(
         js.clone(),
         layout.clone(),

@@ -65,6 +65,12 @@ pub enum DeadLetterError {
     },
 }
 
+/// The message id of the dead letter of the work stream's job `sequence`:
+/// the same from every process, so a repeat is a duplicate JetStream drops.
+pub fn dead_message_id(layout: &Layout, sequence: u64) -> String {
+    format!("dead-{}-{sequence}", layout.stream)
+}
+
 /// The dead subject for a work subject: the prefix gains `-dead`, the
 /// storage tokens stay as they were (escaped).
 pub fn dead_subject_for(layout: &Layout, work_subject: &str) -> String {
@@ -118,7 +124,7 @@ pub async fn publish_dead(
     h.insert(headers::DEAD_AT, now.as_str());
     h.insert(
         "Nats-Msg-Id",
-        format!("dead-{}-{}", layout.stream, job.work_sequence).as_str(),
+        dead_message_id(layout, job.work_sequence).as_str(),
     );
     let subject = dead_subject_for(layout, job.work_subject);
     js.publish_with_headers(subject, h, job.payload)

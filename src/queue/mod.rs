@@ -10,6 +10,7 @@ pub mod dead_letter;
 pub mod depth;
 mod job;
 pub mod layout;
+pub mod leftovers;
 pub mod names;
 pub mod pending;
 pub mod publisher;

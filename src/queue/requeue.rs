@@ -78,6 +78,27 @@ pub async fn requeue(
     Ok(())
 }
 
+/// Requeues a message read from the work stream (by sequence), keeping the
+/// placement it or its headers carry.
+pub async fn requeue_stored(
+    js: &Context,
+    stream: &str,
+    stored: &async_nats::jetstream::message::StreamMessage,
+    deliveries: u64,
+) -> Result<(), String> {
+    let placement = Placement::of(Some(&stored.headers), stored.sequence, stored.time);
+    requeue(
+        js,
+        stream,
+        stored.subject.to_string(),
+        stored.payload.clone(),
+        placement,
+        stored.sequence,
+        deliveries,
+    )
+    .await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -610,36 +610,9 @@ async fn a_job_stranded_at_max_deliver_is_moved_to_the_dead_letters_from_the_adv
     let c = Cluster::start_with(2, short_ack_wait).await;
     c.publish(&c.job(json!({"change": "cleanup", "relative_path": "stranded.git", "target_node_storage": "gitaly-2"}))).await;
     // A process that takes the job and dies before acking, three times over.
-    let durable = c
-        .layout
-        .consumer(c.vs(), "gitaly-2")
-        .unwrap()
-        .durable_name
-        .clone();
-    let raw: async_nats::jetstream::consumer::PullConsumer =
-        c.js.get_stream(&c.layout.stream)
-            .await
-            .unwrap()
-            .get_consumer(&durable)
-            .await
-            .unwrap();
-    use futures::StreamExt;
-    let mut deliveries = 0;
-    while deliveries < 3 {
-        let mut batch = raw
-            .fetch()
-            .max_messages(1)
-            .expires(Duration::from_secs(3))
-            .messages()
-            .await
-            .unwrap();
-        if let Some(Ok(_unacked)) = batch.next().await {
-            deliveries += 1;
-        }
-    }
     // The server gives up one ack wait after the third delivery; the advisory
     // stream keeps the advisory until a consumer runs.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    strand_all(&c, "gitaly-2", 1).await;
     assert_eq!(
         c.work_messages().await,
         1,
@@ -658,6 +631,132 @@ async fn a_job_stranded_at_max_deliver_is_moved_to_the_dead_letters_from_the_adv
             .await
     );
     assert!(c.node(2).calls().is_empty());
+    consumer.stop().await.unwrap();
+}
+
+/// Takes every job of `target` three times without acking, so the server
+/// gives up on each at max_deliver (attempts = 3).
+async fn strand_all(c: &Cluster, target: &str, jobs: usize) {
+    let durable = c
+        .layout
+        .consumer(c.vs(), target)
+        .unwrap()
+        .durable_name
+        .clone();
+    let raw: async_nats::jetstream::consumer::PullConsumer =
+        c.js.get_stream(&c.layout.stream)
+            .await
+            .unwrap()
+            .get_consumer(&durable)
+            .await
+            .unwrap();
+    use futures::StreamExt;
+    let mut deliveries = 0;
+    while deliveries < 3 * jobs {
+        let mut batch = raw
+            .fetch()
+            .max_messages(jobs)
+            .expires(Duration::from_secs(3))
+            .messages()
+            .await
+            .unwrap();
+        while let Some(Ok(_unacked)) = batch.next().await {
+            deliveries += 1;
+        }
+    }
+    // One more pull after the last ack wait: the server gives up on them.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let _ = raw
+        .fetch()
+        .max_messages(1)
+        .expires(Duration::from_millis(500))
+        .messages()
+        .await
+        .unwrap()
+        .next()
+        .await;
+}
+
+#[tokio::test]
+async fn jobs_the_server_keeps_but_never_delivers_again_are_requeued_or_removed_when_dead() {
+    let c = Cluster::start_with(2, short_ack_wait).await;
+    for path in ["kept.git", "dead.git"] {
+        c.publish(&c.job(
+            json!({"change": "cleanup", "relative_path": path, "target_node_storage": "gitaly-2"}),
+        ))
+        .await;
+    }
+    strand_all(&c, "gitaly-2", 2).await;
+    // Their advisories lost (as with a broker killed before it stored
+    // them), and a later job acked: the consumer's floor moves past both,
+    // and the stream still holds them. (A broker killed right after acks
+    // can leave the same: the floor saved, the removals lost.)
+    let advisories = c.js.get_stream(&c.layout.advisory_stream).await.unwrap();
+    advisories.purge().await.unwrap();
+    c.publish(&c.job(json!({"change": "cleanup", "relative_path": "after.git", "target_node_storage": "gitaly-2"}))).await;
+    let mut work = c.js.get_stream(&c.layout.stream).await.unwrap();
+    let durable = &c.layout.consumer(c.vs(), "gitaly-2").unwrap().durable_name;
+    let raw: async_nats::jetstream::consumer::PullConsumer =
+        work.get_consumer(durable).await.unwrap();
+    {
+        use futures::StreamExt;
+        let mut batch = raw
+            .fetch()
+            .max_messages(1)
+            .expires(Duration::from_secs(3))
+            .messages()
+            .await
+            .unwrap();
+        let after = batch.next().await.unwrap().unwrap();
+        assert!(String::from_utf8_lossy(&after.payload).contains("after.git"));
+        after.double_ack().await.unwrap();
+    }
+    let info = work.consumer_info(durable).await.unwrap();
+    assert_eq!((info.num_pending, info.num_ack_pending), (0, 0));
+    assert!(info.ack_floor.stream_sequence >= 3, "{info:?}");
+    assert_eq!(work.info().await.unwrap().state.messages, 2);
+    // One of them already made it to the dead letters before its removal
+    // was lost.
+    let dead_job = work.get_raw_message(2).await.unwrap();
+    assert!(String::from_utf8_lossy(&dead_job.payload).contains("dead.git"));
+    let mut h = async_nats::HeaderMap::new();
+    h.insert(
+        "Nats-Msg-Id",
+        gitaly_replicator::dead_letters::dead_message_id(&c.layout, 2).as_str(),
+    );
+    let dead_subject = dead_job.subject.replacen(
+        &c.layout.subject_prefix,
+        &gitaly_replicator::dead_letter_prefix(&c.layout.subject_prefix),
+        1,
+    );
+    c.js.publish_with_headers(dead_subject, h, dead_job.payload.clone())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+
+    let consumer = c.consumer().await;
+    assert!(
+        c.eventually(Duration::from_secs(30), || async {
+            c.work_messages().await == 0
+                && c.node(2)
+                    .calls_to("Cleanup")
+                    .iter()
+                    .any(|call| call.relative_path == "kept.git")
+        })
+        .await,
+        "the kept job was not requeued: {} messages, calls {:?}",
+        c.work_messages().await,
+        c.node(2).calls()
+    );
+    // The dead one is removed, not run again nor dead-lettered twice.
+    assert!(
+        c.node(2)
+            .calls()
+            .iter()
+            .all(|call| call.relative_path != "dead.git")
+    );
+    assert_eq!(c.dead_letters().await.len(), 1);
     consumer.stop().await.unwrap();
 }
 

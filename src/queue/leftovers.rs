@@ -1,0 +1,194 @@
+//! Jobs left in the work stream at or below their consumer's acknowledgement
+//! floor: jobs the server will never deliver again, yet keeps.
+//!
+//! A nats-server killed (`kill -9`) right after acknowledgements can come
+//! back with the consumer's state saved (the floor past a job) but the job's
+//! removal from the stream lost. A job stranded at `max_deliver` whose
+//! advisory was lost with the broker sits there as well. Neither is
+//! delivered again, so each stays in the stream, counted by `nats stream
+//! info`, until removed.
+//!
+//! Which of the two a left-over job is cannot be told from the stream, so
+//! none is dropped unseen: one already in the dead letters (by the message
+//! id its dead letter carries) is removed; any other goes back to work as a
+//! fresh message that keeps its place (`requeue`). A job that had completed
+//! is then skipped at once as already in effect (the order gate, or the twin
+//! that completed after it was created); a stranded one runs again.
+//!
+//! A job is settled only when two sweeps in a row find it, so a stranded
+//! job's advisory, handled in milliseconds, moves it first.
+
+use crate::error_chain::display_error_chain;
+use crate::queue::dead_letter::{dead_message_id, dead_subject_for};
+use crate::queue::layout::Layout;
+use crate::queue::requeue::requeue_stored;
+use async_nats::jetstream::Context;
+use async_nats::jetstream::stream::{RawMessageErrorKind, Stream};
+use std::collections::BTreeSet;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// At most this many left-over jobs are read per sweep, and this many dead
+/// letters per target are searched for one (beyond that it is requeued).
+const SWEEP_LIMIT: usize = 1000;
+
+/// How often to sweep: often enough that the queue drains within a minute
+/// or so, seldom enough to cost nothing (one request per target when
+/// nothing is left).
+pub fn sweep_interval(ack_wait: Duration) -> Duration {
+    (ack_wait * 5).clamp(Duration::from_secs(5), Duration::from_secs(60))
+}
+
+/// What became of one left-over job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settled {
+    /// Already in the dead letters: removed from the work stream.
+    Removed,
+    /// Sent back to work as a fresh message that keeps its place.
+    Requeued,
+    /// Gone by the time it was read (another process settled it).
+    Gone,
+}
+
+/// Sweeps every `interval` until `stop`.
+pub async fn run(js: Context, layout: Layout, interval: Duration, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(interval);
+    let mut seen = BTreeSet::new();
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.cancelled() => break,
+        }
+        match find(&js, &layout).await {
+            Ok(found) => {
+                let found: BTreeSet<u64> = found.into_iter().collect();
+                for &sequence in found.intersection(&seen) {
+                    if let Err(e) = settle(&js, &layout, sequence).await {
+                        tracing::warn!(error = %e, stream_sequence = sequence, "could not settle a job left in the work stream; will retry");
+                    }
+                }
+                seen = found;
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "looking for jobs left in the work stream failed; will retry");
+            }
+        }
+    }
+}
+
+/// The sequences of the jobs at or below their consumer's acknowledgement
+/// floor, in the stream's order per target.
+pub async fn find(js: &Context, layout: &Layout) -> Result<Vec<u64>, String> {
+    let mut stream = js
+        .get_stream(&layout.stream)
+        .await
+        .map_err(|e| e.to_string())?;
+    let state = stream
+        .info()
+        .await
+        .map_err(|e| e.to_string())?
+        .state
+        .clone();
+    let mut floors = Vec::new();
+    let mut accounted = 0u64;
+    for c in &layout.consumers {
+        let info = stream
+            .consumer_info(&c.durable_name)
+            .await
+            .map_err(|e| format!("consumer {}: {e}", c.durable_name))?;
+        accounted += info.num_pending + info.num_ack_pending as u64;
+        floors.push((c.filter_subject.as_str(), info.ack_floor.stream_sequence));
+    }
+    let mut found = Vec::new();
+    // Every message waiting or in flight: nothing is left over.
+    if state.messages <= accounted {
+        return Ok(found);
+    }
+    for (filter, floor) in floors {
+        let mut next = state.first_sequence;
+        while next <= floor && found.len() < SWEEP_LIMIT {
+            match stream.get_first_raw_message_by_subject(filter, next).await {
+                Ok(m) if m.sequence <= floor => {
+                    found.push(m.sequence);
+                    next = m.sequence + 1;
+                }
+                Ok(_) => break,
+                Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => break,
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// Settles one left-over job (see the module's docs).
+pub async fn settle(js: &Context, layout: &Layout, sequence: u64) -> Result<Settled, String> {
+    let stream = js
+        .get_stream(&layout.stream)
+        .await
+        .map_err(|e| e.to_string())?;
+    let raw = match stream.get_raw_message(sequence).await {
+        Ok(raw) => raw,
+        Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => return Ok(Settled::Gone),
+        Err(e) => return Err(e.to_string()),
+    };
+    let settled = if dead_lettered(js, layout, raw.subject.as_str(), sequence).await? {
+        Settled::Removed
+    } else {
+        // Deliveries 0: the same message id from every process that sweeps.
+        requeue_stored(js, &layout.stream, &raw, 0).await?;
+        Settled::Requeued
+    };
+    remove(&stream, sequence).await?;
+    match settled {
+        Settled::Removed => tracing::info!(
+            stream_sequence = sequence,
+            "removed a dead-lettered job left in the work stream"
+        ),
+        _ => tracing::warn!(
+            stream_sequence = sequence,
+            "a job left in the work stream that no consumer delivers (a broker restart lost its removal, or its max-deliveries advisory) was requeued; it is skipped if it had completed"
+        ),
+    }
+    Ok(settled)
+}
+
+/// Deletes a message; one already gone (another process) is no error.
+async fn remove(stream: &Stream, sequence: u64) -> Result<(), String> {
+    let Err(e) = stream.delete_message(sequence).await else {
+        return Ok(());
+    };
+    match stream.get_raw_message(sequence).await {
+        Err(gone) if gone.kind() == RawMessageErrorKind::NoMessageFound => Ok(()),
+        _ => Err(display_error_chain(&e)),
+    }
+}
+
+/// Whether the dead letters of the job's target hold the job of `sequence`.
+async fn dead_lettered(
+    js: &Context,
+    layout: &Layout,
+    work_subject: &str,
+    sequence: u64,
+) -> Result<bool, String> {
+    let dead = match js.get_stream(&layout.dead_letter_stream).await {
+        Ok(s) => s,
+        Err(e) => return Err(e.to_string()),
+    };
+    let subject = dead_subject_for(layout, work_subject);
+    let id = dead_message_id(layout, sequence);
+    let mut next = 1;
+    for _ in 0..SWEEP_LIMIT {
+        match dead.get_first_raw_message_by_subject(&subject, next).await {
+            Ok(m) => {
+                if m.headers.get("Nats-Msg-Id").map(|v| v.as_str()) == Some(id.as_str()) {
+                    return Ok(true);
+                }
+                next = m.sequence + 1;
+            }
+            Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => return Ok(false),
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    Ok(false)
+}
