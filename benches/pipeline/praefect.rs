@@ -350,7 +350,7 @@ impl Queue {
             .connect(db_url)
             .await?;
         admin
-            .execute(format!("CREATE SCHEMA {schema}").as_str())
+            .execute(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
             .await?;
         let options = PgConnectOptions::from_str(db_url)?.options([("search_path", &schema)]);
         let pool = PgPoolOptions::new()
@@ -369,7 +369,10 @@ impl Queue {
         self.pool.close().await;
         let _ = self
             .admin
-            .execute(format!("DROP SCHEMA IF EXISTS {} CASCADE", self.schema).as_str())
+            .execute(sqlx::AssertSqlSafe(format!(
+                "DROP SCHEMA IF EXISTS {} CASCADE",
+                self.schema
+            )))
             .await;
         self.admin.close().await;
     }
