@@ -24,7 +24,8 @@ use crate::queue::layout::Layout;
 use crate::queue::requeue::requeue_stored;
 use async_nats::jetstream::Context;
 use async_nats::jetstream::stream::{RawMessageErrorKind, Stream};
-use std::collections::BTreeSet;
+use std::collections::hash_map::Entry;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
@@ -59,11 +60,17 @@ pub async fn run(js: Context, layout: Layout, interval: Duration, stop: Cancella
             _ = tick.tick() => {}
             _ = stop.cancelled() => break,
         }
-        match find(&js, &layout).await {
-            Ok(found) => {
+        let found = match js.get_stream(&layout.stream).await {
+            Ok(mut work) => find(&mut work, &layout).await.map(|f| (work, f)),
+            Err(e) => Err(e.to_string()),
+        };
+        match found {
+            Ok((work, found)) => {
                 let found: BTreeSet<u64> = found.into_iter().collect();
+                // Read once per sweep, for all the jobs it settles.
+                let mut dead = DeadLetterIds::default();
                 for &sequence in found.intersection(&seen) {
-                    if let Err(e) = settle(&js, &layout, sequence).await {
+                    if let Err(e) = settle(&js, &layout, &work, &mut dead, sequence).await {
                         tracing::warn!(error = %e, stream_sequence = sequence, "could not settle a job left in the work stream; will retry");
                     }
                 }
@@ -78,21 +85,12 @@ pub async fn run(js: Context, layout: Layout, interval: Duration, stop: Cancella
 
 /// The sequences of the jobs at or below their consumer's acknowledgement
 /// floor, in the stream's order per target.
-pub async fn find(js: &Context, layout: &Layout) -> Result<Vec<u64>, String> {
-    let mut stream = js
-        .get_stream(&layout.stream)
-        .await
-        .map_err(|e| e.to_string())?;
-    let state = stream
-        .info()
-        .await
-        .map_err(|e| e.to_string())?
-        .state
-        .clone();
+pub async fn find(work: &mut Stream, layout: &Layout) -> Result<Vec<u64>, String> {
+    let state = work.info().await.map_err(|e| e.to_string())?.state.clone();
     let mut floors = Vec::new();
     let mut accounted = 0u64;
     for c in &layout.consumers {
-        let info = stream
+        let info = work
             .consumer_info(&c.durable_name)
             .await
             .map_err(|e| format!("consumer {}: {e}", c.durable_name))?;
@@ -107,7 +105,7 @@ pub async fn find(js: &Context, layout: &Layout) -> Result<Vec<u64>, String> {
     for (filter, floor) in floors {
         let mut next = state.first_sequence;
         while next <= floor && found.len() < SWEEP_LIMIT {
-            match stream.get_first_raw_message_by_subject(filter, next).await {
+            match work.get_first_raw_message_by_subject(filter, next).await {
                 Ok(m) if m.sequence <= floor => {
                     found.push(m.sequence);
                     next = m.sequence + 1;
@@ -121,34 +119,40 @@ pub async fn find(js: &Context, layout: &Layout) -> Result<Vec<u64>, String> {
     Ok(found)
 }
 
-/// Settles one left-over job (see the module's docs).
-pub async fn settle(js: &Context, layout: &Layout, sequence: u64) -> Result<Settled, String> {
-    let stream = js
-        .get_stream(&layout.stream)
-        .await
-        .map_err(|e| e.to_string())?;
-    let raw = match stream.get_raw_message(sequence).await {
+/// Settles one left-over job of `work` (see the module's docs).
+pub async fn settle(
+    js: &Context,
+    layout: &Layout,
+    work: &Stream,
+    dead: &mut DeadLetterIds,
+    sequence: u64,
+) -> Result<Settled, String> {
+    let raw = match work.get_raw_message(sequence).await {
         Ok(raw) => raw,
         Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => return Ok(Settled::Gone),
         Err(e) => return Err(e.to_string()),
     };
-    let settled = if dead_lettered(js, layout, raw.subject.as_str(), sequence).await? {
+    let settled = if dead
+        .holds(js, layout, raw.subject.as_str(), sequence)
+        .await?
+    {
         Settled::Removed
     } else {
         // Deliveries 0: the same message id from every process that sweeps.
         requeue_stored(js, &layout.stream, &raw, 0).await?;
         Settled::Requeued
     };
-    remove(&stream, sequence).await?;
-    match settled {
-        Settled::Removed => tracing::info!(
+    remove(work, sequence).await?;
+    if settled == Settled::Removed {
+        tracing::info!(
             stream_sequence = sequence,
             "removed a dead-lettered job left in the work stream"
-        ),
-        _ => tracing::warn!(
+        );
+    } else {
+        tracing::warn!(
             stream_sequence = sequence,
             "a job left in the work stream that no consumer delivers (a broker restart lost its removal, or its max-deliveries advisory) was requeued; it is skipped if it had completed"
-        ),
+        );
     }
     Ok(settled)
 }
@@ -164,31 +168,53 @@ async fn remove(stream: &Stream, sequence: u64) -> Result<(), String> {
     }
 }
 
-/// Whether the dead letters of the job's target hold the job of `sequence`.
-async fn dead_lettered(
-    js: &Context,
-    layout: &Layout,
-    work_subject: &str,
-    sequence: u64,
-) -> Result<bool, String> {
-    let dead = match js.get_stream(&layout.dead_letter_stream).await {
-        Ok(s) => s,
-        Err(e) => return Err(e.to_string()),
-    };
-    let subject = dead_subject_for(layout, work_subject);
-    let id = dead_message_id(layout, sequence);
+/// The message ids of the dead letters, per dead subject (one per target),
+/// each read at most once: a sweep that settles many jobs of one target
+/// reads its dead letters once, not once per job.
+#[derive(Debug, Default)]
+pub struct DeadLetterIds(HashMap<String, HashSet<String>>);
+
+impl DeadLetterIds {
+    /// Whether the dead letters of the job's target hold the job of
+    /// `sequence`.
+    async fn holds(
+        &mut self,
+        js: &Context,
+        layout: &Layout,
+        work_subject: &str,
+        sequence: u64,
+    ) -> Result<bool, String> {
+        let subject = dead_subject_for(layout, work_subject);
+        let ids = match self.0.entry(subject) {
+            Entry::Occupied(ids) => ids.into_mut(),
+            Entry::Vacant(slot) => {
+                let ids = read_ids(js, layout, slot.key()).await?;
+                slot.insert(ids)
+            }
+        };
+        Ok(ids.contains(&dead_message_id(layout, sequence)))
+    }
+}
+
+/// The message ids of the first [`SWEEP_LIMIT`] dead letters on `subject`.
+async fn read_ids(js: &Context, layout: &Layout, subject: &str) -> Result<HashSet<String>, String> {
+    let dead = js
+        .get_stream(&layout.dead_letter_stream)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut ids = HashSet::new();
     let mut next = 1;
     for _ in 0..SWEEP_LIMIT {
-        match dead.get_first_raw_message_by_subject(&subject, next).await {
+        match dead.get_first_raw_message_by_subject(subject, next).await {
             Ok(m) => {
-                if m.headers.get("Nats-Msg-Id").map(|v| v.as_str()) == Some(id.as_str()) {
-                    return Ok(true);
+                if let Some(id) = m.headers.get("Nats-Msg-Id") {
+                    ids.insert(id.as_str().to_owned());
                 }
                 next = m.sequence + 1;
             }
-            Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => return Ok(false),
+            Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => break,
             Err(e) => return Err(e.to_string()),
         }
     }
-    Ok(false)
+    Ok(ids)
 }

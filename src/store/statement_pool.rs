@@ -9,20 +9,20 @@
 //! missing or, worse, another one. Inside a transaction the pooler keeps one
 //! server connection until COMMIT, so both halves meet.
 
-use std::borrow::Cow;
-
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 use futures::{FutureExt, StreamExt, TryFutureExt, TryStreamExt};
 use sqlx::postgres::{PgArguments, PgQueryResult, PgRow, PgStatement, PgTypeInfo};
-use sqlx::{Either, Execute, Executor, PgPool, Postgres, SqlStr, Transaction};
+use sqlx::{
+    AssertSqlSafe, Either, Execute, Executor, PgPool, Postgres, SqlSafeStr, SqlStr, Transaction,
+};
 
 /// The pool and how to run a statement on it; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct StatementPool {
     pool: PgPool,
     /// `Some` when transaction-pooled: what opens each statement's transaction.
-    begin: Option<Cow<'static, str>>,
+    begin: Option<SqlStr>,
 }
 
 impl StatementPool {
@@ -36,8 +36,11 @@ impl StatementPool {
     /// it for the session is refused by PgBouncer).
     pub fn transaction_pooled(pool: PgPool, statement_timeout_ms: Option<u128>) -> Self {
         let begin = match statement_timeout_ms {
-            Some(ms) => Cow::Owned(format!("BEGIN; SET LOCAL statement_timeout = {ms}")),
-            None => Cow::Borrowed("BEGIN"),
+            // A number of ours spliced in: safe.
+            Some(ms) => {
+                AssertSqlSafe(format!("BEGIN; SET LOCAL statement_timeout = {ms}")).into_sql_str()
+            }
+            None => "BEGIN".into_sql_str(),
         };
         StatementPool {
             pool,
@@ -61,11 +64,7 @@ impl StatementPool {
     pub async fn begin(&self) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
         match &self.begin {
             None => self.pool.begin().await,
-            Some(begin) => {
-                self.pool
-                    .begin_with(sqlx::AssertSqlSafe(begin.clone()))
-                    .await
-            }
+            Some(begin) => self.pool.begin_with(begin.clone()).await,
         }
     }
 }
@@ -109,7 +108,7 @@ impl<'p> Executor<'p> for &'_ StatementPool {
         // The whole answer is read before COMMIT; the store's statements
         // return bounded batches.
         async move {
-            let mut tx = pool.begin_with(sqlx::AssertSqlSafe(begin)).await?;
+            let mut tx = pool.begin_with(begin).await?;
             let items: Vec<_> = (&mut *tx).fetch_many(Unnamed(query)).try_collect().await?;
             tx.commit().await?;
             Ok(futures::stream::iter(items.into_iter().map(Ok)))
@@ -131,7 +130,7 @@ impl<'p> Executor<'p> for &'_ StatementPool {
         };
         let pool = self.pool.clone();
         async move {
-            let mut tx = pool.begin_with(sqlx::AssertSqlSafe(begin)).await?;
+            let mut tx = pool.begin_with(begin).await?;
             let row = (&mut *tx).fetch_optional(Unnamed(query)).await?;
             tx.commit().await?;
             Ok(row)

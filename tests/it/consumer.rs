@@ -2,7 +2,7 @@
 //! every outcome row of the design's table, checked on the streams and in
 //! Postgres.
 
-use crate::common::cluster::{Cluster, nats_url};
+use crate::common::cluster::{Cluster, nats_url, strand};
 use crate::common::service::ServiceTask;
 use gitaly_replicator::dead_letters::headers;
 use gitaly_replicator::job_subject;
@@ -612,7 +612,7 @@ async fn a_job_stranded_at_max_deliver_is_moved_to_the_dead_letters_from_the_adv
     // A process that takes the job and dies before acking, three times over.
     // The server gives up one ack wait after the third delivery; the advisory
     // stream keeps the advisory until a consumer runs.
-    strand_all(&c, "gitaly-2", 1).await;
+    strand(&c.js, &c.layout, c.vs(), "gitaly-2", 1).await;
     assert_eq!(
         c.work_messages().await,
         1,
@@ -634,49 +634,6 @@ async fn a_job_stranded_at_max_deliver_is_moved_to_the_dead_letters_from_the_adv
     consumer.stop().await.unwrap();
 }
 
-/// Takes every job of `target` three times without acking, so the server
-/// gives up on each at max_deliver (attempts = 3).
-async fn strand_all(c: &Cluster, target: &str, jobs: usize) {
-    let durable = c
-        .layout
-        .consumer(c.vs(), target)
-        .unwrap()
-        .durable_name
-        .clone();
-    let raw: async_nats::jetstream::consumer::PullConsumer =
-        c.js.get_stream(&c.layout.stream)
-            .await
-            .unwrap()
-            .get_consumer(&durable)
-            .await
-            .unwrap();
-    use futures::StreamExt;
-    let mut deliveries = 0;
-    while deliveries < 3 * jobs {
-        let mut batch = raw
-            .fetch()
-            .max_messages(jobs)
-            .expires(Duration::from_secs(3))
-            .messages()
-            .await
-            .unwrap();
-        while let Some(Ok(_unacked)) = batch.next().await {
-            deliveries += 1;
-        }
-    }
-    // One more pull after the last ack wait: the server gives up on them.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let _ = raw
-        .fetch()
-        .max_messages(1)
-        .expires(Duration::from_millis(500))
-        .messages()
-        .await
-        .unwrap()
-        .next()
-        .await;
-}
-
 #[tokio::test]
 async fn jobs_the_server_keeps_but_never_delivers_again_are_requeued_or_removed_when_dead() {
     let c = Cluster::start_with(2, short_ack_wait).await;
@@ -686,7 +643,7 @@ async fn jobs_the_server_keeps_but_never_delivers_again_are_requeued_or_removed_
         ))
         .await;
     }
-    strand_all(&c, "gitaly-2", 2).await;
+    strand(&c.js, &c.layout, c.vs(), "gitaly-2", 2).await;
     // Their advisories lost (as with a broker killed before it stored
     // them), and a later job acked: the consumer's floor moves past both,
     // and the stream still holds them. (A broker killed right after acks

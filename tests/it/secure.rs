@@ -705,32 +705,11 @@ async fn each_nats_role_can_do_its_job_and_nothing_more() {
     .join("\n");
     let o = cli(&publisher, &["publish", "--stdin"], Some(&lines));
     assert!(o.status.success(), "{}", all(&o));
+    // A process that takes the gitaly-1 job and dies before acking, three
+    // times over: the server gives up on it one ack wait later.
     {
-        use futures::StreamExt;
         let (_, consumer_js) = connect(&consumer).await;
-        let durable = &layout.consumer(vs, "gitaly-1").unwrap().durable_name;
-        let raw: async_nats::jetstream::consumer::PullConsumer = consumer_js
-            .get_stream(&layout.stream)
-            .await
-            .unwrap()
-            .get_consumer(durable)
-            .await
-            .unwrap();
-        let mut deliveries = 0;
-        while deliveries < 3 {
-            let mut batch = raw
-                .fetch()
-                .max_messages(1)
-                .expires(Duration::from_secs(3))
-                .messages()
-                .await
-                .unwrap();
-            if let Some(Ok(_unacked)) = batch.next().await {
-                deliveries += 1;
-            }
-        }
-        // The server gives up one ack wait after the third delivery.
-        tokio::time::sleep(Duration::from_millis(1500)).await;
+        crate::common::cluster::strand(&consumer_js, &layout, vs, "gitaly-1", 1).await;
     }
 
     // The service as consumer: completes, retries, dead-letters at once,

@@ -438,6 +438,54 @@ pub fn old_durable_name(consumer_prefix: &str, virtual_storage: &str, target: &s
     )
 }
 
+/// Takes the `jobs` jobs waiting for `target` three times each without
+/// acking (a process that dies before acking, three times over), so the
+/// server gives up on each at max_deliver (attempts = 3), then pulls once
+/// more after the last ack wait, which is when it does.
+pub async fn strand(
+    js: &Context,
+    layout: &Layout,
+    virtual_storage: &str,
+    target: &str,
+    jobs: usize,
+) {
+    use futures::StreamExt;
+    let durable = &layout
+        .consumer(virtual_storage, target)
+        .unwrap()
+        .durable_name;
+    let raw: async_nats::jetstream::consumer::PullConsumer = js
+        .get_stream(&layout.stream)
+        .await
+        .unwrap()
+        .get_consumer(durable)
+        .await
+        .unwrap();
+    let mut deliveries = 0;
+    while deliveries < 3 * jobs {
+        let mut batch = raw
+            .fetch()
+            .max_messages(jobs)
+            .expires(Duration::from_secs(3))
+            .messages()
+            .await
+            .unwrap();
+        while let Some(Ok(_unacked)) = batch.next().await {
+            deliveries += 1;
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let _ = raw
+        .fetch()
+        .max_messages(1)
+        .expires(Duration::from_millis(500))
+        .messages()
+        .await
+        .unwrap()
+        .next()
+        .await;
+}
+
 /// Messages left in the layout's work stream (pending or in flight).
 pub async fn work_messages(js: &Context, layout: &Layout) -> u64 {
     let mut s = js.get_stream(&layout.stream).await.unwrap();
