@@ -51,7 +51,16 @@ async fn a_pull_request_asks_the_broker_for_batch_size_jobs() {
 
 #[tokio::test]
 async fn a_job_published_into_an_idle_consumer_is_dispatched_without_polling() {
-    let c = Cluster::start(2).await;
+    // Health probes time out at their interval; a 200 ms probe can miss under
+    // a loaded test machine, and an unhealthy target's pulls wait for the
+    // next probe. That gate is not what this test is about.
+    let c = Cluster::start_with(2, |t| {
+        *t = t.replace(
+            "health_check_interval = \"200ms\"",
+            "health_check_interval = \"2s\"",
+        )
+    })
+    .await;
     let consumer = c.consumer().await;
     // Idle: the first pull requests are out and nothing has arrived.
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -69,17 +78,29 @@ async fn a_job_published_into_an_idle_consumer_is_dispatched_without_polling() {
     assert!(c.node(2).wait_for_calls(50, WAIT).await);
     consumer.stop().await.unwrap();
     let calls = c.node(2).calls();
-    for (path, at) in published {
-        let call = calls
-            .iter()
-            .find(|call| call.relative_path == path)
-            .unwrap_or_else(|| panic!("{path} was never dispatched"));
-        let delay = call.received_at.saturating_duration_since(at);
-        assert!(
-            delay < Duration::from_millis(500),
-            "{path} was dispatched {delay:?} after it was published"
-        );
-    }
+    let mut delays: Vec<_> = published
+        .iter()
+        .map(|(path, at)| {
+            let call = calls
+                .iter()
+                .find(|call| &call.relative_path == path)
+                .unwrap_or_else(|| panic!("{path} was never dispatched"));
+            (call.received_at.saturating_duration_since(*at), path)
+        })
+        .collect();
+    delays.sort();
+    // A consumer that polls every fetch_expires (1 s) would dispatch about a
+    // quarter of these within 250 ms; a waiting pull request dispatches at
+    // once. A test machine busy with other tests may delay a few.
+    let late: Vec<_> = delays
+        .iter()
+        .filter(|(d, _)| *d >= Duration::from_millis(250))
+        .collect();
+    assert!(
+        late.len() <= 5,
+        "{} of 50 jobs were dispatched 250 ms or more after they were published: {late:?}",
+        late.len()
+    );
 }
 
 /// The completed jobs a process's /metrics reports for `vs`.
