@@ -132,7 +132,7 @@ pub mod manifests {
 pub use store::{
     EmptyDatabase, LaggingRepository, REQUIRED_PRAEFECT_MIGRATION, REQUIRED_PRAEFECT_VERSION,
     ReconciliationBatch, ReplicaState, ReplicatedGeneration, RepositoryStore, StatementPool,
-    StoreError,
+    StoreError, VerificationCursor,
 };
 
 // Gitaly: the protocol and clients of its nodes.

@@ -20,7 +20,7 @@ use crate::metrics::ReconcilerMetrics;
 use crate::queue::layout::Layout;
 use crate::queue::pending::{PendingJobs, PendingScanError, scan_target};
 use crate::queue::publisher::{PublishError, Publisher};
-use crate::store::{RepositoryStore, StoreError};
+use crate::store::{RepositoryStore, StoreError, VerificationCursor};
 use async_nats::jetstream::Context;
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{ConnectOptions, PgConnection};
@@ -79,6 +79,8 @@ pub struct Reconciler {
     verification: VerificationConfig,
     leadership: Leadership,
     metrics: ReconcilerMetrics,
+    /// Each virtual storage's place in its verification pass.
+    verification_cursors: std::sync::Mutex<HashMap<String, VerificationCursor>>,
 }
 
 impl Reconciler {
@@ -119,6 +121,7 @@ impl Reconciler {
                 connection: None,
                 leading: false,
             },
+            verification_cursors: std::sync::Mutex::new(HashMap::new()),
         })
     }
 
@@ -158,26 +161,65 @@ impl Reconciler {
                 continue;
             }
             self.metrics.leader.set(1.0);
+            let mut still_leading = true;
             if verify {
-                let result = tokio::select! {
-                    _ = stop.cancelled() => break,
-                    r = self.verify_round() => r,
-                };
-                match result {
-                    Ok(r) if r.mismatches > 0 || r.errors > 0 => tracing::info!(
-                        verified = r.verified,
-                        mismatches = r.mismatches,
-                        errors = r.errors,
+                // Batch after batch while replicas are due, for one tick at
+                // most, so that a large store comes round within the
+                // interval and reconciliation still runs every tick.
+                let started = Instant::now();
+                let mut total = VerificationReport::default();
+                let mut failed = None;
+                loop {
+                    let result = tokio::select! {
+                        _ = stop.cancelled() => break,
+                        r = self.verify_round() => r,
+                    };
+                    match result {
+                        Ok(r) => {
+                            total.add(&r);
+                            if !r.more_due || started.elapsed() >= interval {
+                                break;
+                            }
+                        }
+                        Err(e) => {
+                            failed = Some(e);
+                            break;
+                        }
+                    }
+                    if !self.leadership.hold().await {
+                        self.metrics.leader.set(0.0);
+                        break;
+                    }
+                }
+                if stop.is_cancelled() {
+                    break;
+                }
+                still_leading = self.leadership.leading;
+                match failed {
+                    Some(e) => tracing::error!(
+                        error = display_error_chain(&e),
+                        verified = total.verified,
+                        mismatches = total.mismatches,
+                        "background verification failed; the next round tries again"
+                    ),
+                    None if total.mismatches > 0 || total.errors > 0 => tracing::info!(
+                        verified = total.verified,
+                        mismatches = total.mismatches,
+                        errors = total.errors,
+                        seconds = started.elapsed().as_secs_f64(),
                         "verification round finished"
                     ),
-                    Ok(r) => tracing::debug!(verified = r.verified, "verification round finished"),
-                    Err(e) => tracing::error!(
-                        error = display_error_chain(&e),
-                        "background verification failed; the next round tries again"
+                    None => tracing::debug!(
+                        verified = total.verified,
+                        seconds = started.elapsed().as_secs_f64(),
+                        "verification round finished"
                     ),
                 }
             }
             if !reconcile {
+                continue;
+            }
+            if !still_leading {
                 continue;
             }
             let started = Instant::now();

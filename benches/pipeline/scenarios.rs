@@ -734,6 +734,44 @@ pub async fn scale_out(s: &Sizes) -> anyhow::Result<Vec<Row>> {
     Ok(rows)
 }
 
+/// Background verification's Postgres side on the reconciler's store: how
+/// long choosing the first batch of due replicas takes, and how long
+/// choosing every batch of a pass over all `n` replicas takes, each batch
+/// recorded as verified (as equal checksums would) before the next.
+async fn verification_costs(env: &BenchEnv, n: usize) -> anyhow::Result<(f64, f64)> {
+    let storages = ["gitaly-1".to_owned(), "gitaly-2".to_owned()];
+    let interval = Duration::from_secs(3600);
+    let mut cursor = gitaly_replicator::VerificationCursor::default();
+    let mut choosing = Duration::ZERO;
+    let mut first = None;
+    let mut verified = 0;
+    loop {
+        let started = Instant::now();
+        let due = env
+            .store
+            .replicas_due_for_verification(&env.vs, &storages, interval, 100, &mut cursor)
+            .await?;
+        choosing += started.elapsed();
+        first.get_or_insert(started.elapsed());
+        if due.is_empty() {
+            break;
+        }
+        for replica in &due {
+            env.store.record_verification(replica, "bench").await?;
+        }
+        verified += due.len();
+        anyhow::ensure!(
+            verified <= n,
+            "verified {verified} of {n} replicas: a pass repeats"
+        );
+    }
+    anyhow::ensure!(verified == n, "a pass verified {verified} of {n} replicas");
+    Ok((
+        first.unwrap_or_default().as_secs_f64(),
+        choosing.as_secs_f64(),
+    ))
+}
+
 /// The reconciler's round over a store of `s.reconcile_repositories`
 /// repositories with two replicas each: first all in step (the scan alone),
 /// then with 1 % of them written on gitaly-1 only (the scan plus one
@@ -785,6 +823,8 @@ async fn reconcile_in(env: &BenchEnv, s: &Sizes) -> anyhow::Result<Vec<Row>> {
         "in-step round: {in_step:?}"
     );
 
+    let (first_batch_secs, pass_secs) = verification_costs(env, n).await?;
+
     let lagging = n / 100;
     sqlx::query(
         "WITH r AS (UPDATE repositories SET generation = 2
@@ -806,6 +846,20 @@ async fn reconcile_in(env: &BenchEnv, s: &Sizes) -> anyhow::Result<Vec<Row>> {
     );
     let label = format!("{} repositories", jobs_label(n));
     Ok(vec![
+        row(
+            "reconcile",
+            format!("verification, first batch of 100 due replicas, {label}"),
+            first_batch_secs * 1000.0,
+            "ms",
+            None,
+        ),
+        row(
+            "reconcile",
+            format!("verification, choosing every batch of one pass, {label}, per 100k"),
+            per_100k(pass_secs),
+            "s",
+            None,
+        ),
         row(
             "reconcile",
             format!("scan, in step, {label}, per 100k"),

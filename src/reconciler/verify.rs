@@ -11,7 +11,7 @@ use crate::event::{Change, Job};
 use crate::gitaly::health::Health;
 use crate::gitaly::{CallContext, CallErrorKind};
 use crate::metrics::ReconcilerMetrics;
-use crate::store::DueReplica;
+use crate::store::{DueReplica, VerificationCursor};
 use std::time::Duration;
 use tonic::Code;
 
@@ -27,11 +27,22 @@ pub struct VerificationReport {
     pub mismatches: u64,
     /// Replicas that could not be compared (a node failed to answer).
     pub errors: u64,
+    /// A virtual storage's batch was full: more replicas may be due.
+    pub more_due: bool,
+}
+
+impl VerificationReport {
+    pub fn add(&mut self, other: &VerificationReport) {
+        self.verified += other.verified;
+        self.mismatches += other.mismatches;
+        self.errors += other.errors;
+        self.more_due |= other.more_due;
+    }
 }
 
 impl Reconciler {
-    /// Compares up to `[background_verification] batch_size` due replicas
-    /// per virtual storage with their sources.
+    /// Compares the next `[background_verification] batch_size` due
+    /// replicas of each virtual storage's pass with their sources.
     pub async fn verify_round(&self) -> Result<VerificationReport, ReconcileError> {
         let mut report = VerificationReport::default();
         let settings = &self.verification;
@@ -48,6 +59,7 @@ impl Reconciler {
             if healthy.len() < 2 {
                 continue;
             }
+            let mut cursor = self.cursor(vs);
             let due = self
                 .store
                 .replicas_due_for_verification(
@@ -55,13 +67,32 @@ impl Reconciler {
                     &healthy,
                     settings.verification_interval,
                     settings.batch_size,
+                    &mut cursor,
                 )
                 .await?;
+            report.more_due |= !cursor.at_start();
+            self.set_cursor(vs, cursor);
             for replica in &due {
                 self.verify_one(vs, replica, &mut report).await?;
             }
         }
         Ok(report)
+    }
+
+    fn cursor(&self, vs: &str) -> VerificationCursor {
+        let cursors = self
+            .verification_cursors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        cursors.get(vs).cloned().unwrap_or_default()
+    }
+
+    fn set_cursor(&self, vs: &str, cursor: VerificationCursor) {
+        let mut cursors = self
+            .verification_cursors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        cursors.insert(vs.to_owned(), cursor);
     }
 
     async fn verify_one(

@@ -45,7 +45,7 @@ pub use schema::{EmptyDatabase, REQUIRED_PRAEFECT_MIGRATION, REQUIRED_PRAEFECT_V
 use sqlx::PgPool;
 use sqlx::migrate::Migrator;
 pub use statement_pool::StatementPool;
-pub use verification::DueReplica;
+pub use verification::{DueReplica, VerificationCursor};
 
 static MIGRATOR: Migrator = sqlx::migrate!();
 

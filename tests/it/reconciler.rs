@@ -336,3 +336,56 @@ async fn a_replica_changed_behind_our_back_is_found_by_verification_and_replicat
     service.stop().await.unwrap();
     git::assert_fsck_clean(&c.node(2).repo("v.git"));
 }
+
+async fn verified_replicas(c: &NodeCluster, storage: &str) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM replica_verifications v
+        JOIN repositories r USING (repository_id)
+        WHERE r.virtual_storage = $1 AND v.storage = $2",
+    )
+    .bind(c.vs())
+    .bind(storage)
+    .fetch_one(c.db.store.pool())
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn verification_goes_on_batch_after_batch_while_replicas_are_due() {
+    const REPOSITORIES: i64 = 8;
+    let c = NodeCluster::start_with(vec![NodeSetup::default(); 2], |toml| {
+        toml.push_str(
+            "\n[reconciliation]\nscheduling_interval = \"3s\"\n\
+             [background_verification]\nverification_interval = \"1h\"\nbatch_size = 2\n",
+        );
+    })
+    .await;
+    for i in 0..REPOSITORIES {
+        c.create_on_source(&format!("due-{i}.git")).await;
+    }
+    let service = c.replicator();
+    for i in 0..REPOSITORIES {
+        c.wait_for_generation(&format!("due-{i}.git"), "gitaly-2", 1)
+            .await;
+    }
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            verified_replicas(&c, "gitaly-2").await > 0
+        })
+        .await,
+        "no replica was ever verified"
+    );
+    // One batch of 2 per round would take three more rounds (9 s): the
+    // rest of the pass comes in the same round.
+    let first = Instant::now();
+    assert!(
+        eventually(Duration::from_secs(2), || async {
+            verified_replicas(&c, "gitaly-2").await == REPOSITORIES
+        })
+        .await,
+        "{} of {REPOSITORIES} replicas verified {:?} after the first",
+        verified_replicas(&c, "gitaly-2").await,
+        first.elapsed()
+    );
+    service.stop().await.unwrap();
+}

@@ -7,6 +7,7 @@ mod deletes;
 mod generations;
 mod migrate;
 mod repository_paths;
+mod verification;
 
 use crate::store::RepositoryStore;
 use time::OffsetDateTime;
