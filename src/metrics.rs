@@ -54,8 +54,15 @@ pub const VERIFICATIONS_TOTAL: &str = "gitaly_replicator_verifications_total";
 /// The `result` labels of [`VERIFICATIONS_TOTAL`].
 pub const VERIFICATION_RESULTS: [&str; 3] = ["verified", "mismatch", "error"];
 
+/// Jobs found left in the work stream below their consumer's
+/// acknowledgement floor and settled by the sweep (counter):
+/// virtual_storage, gitaly_storage, result (requeued, removed).
+pub const LEFTOVER_JOBS_TOTAL: &str = "gitaly_replicator_leftover_jobs_total";
+/// The `result` labels of [`LEFTOVER_JOBS_TOTAL`].
+pub const LEFTOVER_RESULTS: [&str; 2] = ["requeued", "removed"];
+
 /// Every metric the service exports (for docs, alert rules and their tests).
-pub const ALL: [&str; 14] = [
+pub const ALL: [&str; 15] = [
     REPLICATION_JOBS,
     REPLICATION_LATENCY,
     REPLICATION_DELAY,
@@ -70,6 +77,7 @@ pub const ALL: [&str; 14] = [
     RECONCILIATION_JOBS_TOTAL,
     RECONCILER_LEADER,
     VERIFICATIONS_TOTAL,
+    LEFTOVER_JOBS_TOTAL,
 ];
 
 static HANDLE: OnceLock<Result<PrometheusHandle, String>> = OnceLock::new();
@@ -141,6 +149,10 @@ pub fn install(
                 VERIFICATIONS_TOTAL,
                 "Replicas whose checksum was compared with their source's, by result"
             );
+            metrics::describe_counter!(
+                LEFTOVER_JOBS_TOTAL,
+                "Jobs left in the work stream that no consumer delivers, requeued or removed as already dead-lettered"
+            );
             metrics::describe_gauge!(
                 RECONCILER_LEADER,
                 "1 while this process is the reconciler (one across all processes)"
@@ -208,6 +220,16 @@ impl ReconcilerMetrics {
 /// Records whether `dependency` (`nats`, `postgres`) answers.
 pub fn dependency_up(dependency: &'static str, up: bool) {
     gauge!(DEPENDENCY_UP, "dependency" => dependency).set(if up { 1.0 } else { 0.0 });
+}
+
+/// Counts one job settled by the sweep of left-over jobs: `requeued` or
+/// `removed`.
+pub fn leftover_settled(virtual_storage: &str, storage: &str, result: &'static str) {
+    counter!(LEFTOVER_JOBS_TOTAL,
+        "virtual_storage" => virtual_storage.to_owned(),
+        "gitaly_storage" => storage.to_owned(),
+        "result" => result)
+    .increment(1);
 }
 
 /// Counts one failed acknowledgement of `kind` (one of [`ACK_ERROR_KINDS`]).
@@ -292,6 +314,14 @@ impl TargetMetrics {
                 outcomes: outcome_counters(c.as_str()),
             })
             .collect();
+        // Exported from the start; the sweep counts by name (it is seldom).
+        for result in LEFTOVER_RESULTS {
+            counter!(LEFTOVER_JOBS_TOTAL,
+                "virtual_storage" => vs.clone(),
+                "gitaly_storage" => st.clone(),
+                "result" => result)
+            .increment(0);
+        }
         let handles = Handles {
             per_change,
             unknown: outcome_counters("unknown"),

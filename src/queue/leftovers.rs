@@ -143,6 +143,16 @@ pub async fn settle(
         Settled::Requeued
     };
     remove(work, sequence).await?;
+    // A subject of another shape cannot be in a consumer's work; count it
+    // all the same rather than hide it.
+    let (vs, target) = crate::subject::parse_job_subject(&layout.subject_prefix, &raw.subject)
+        .unwrap_or_else(|_| (String::new(), String::new()));
+    let result = if settled == Settled::Removed {
+        "removed"
+    } else {
+        "requeued"
+    };
+    crate::metrics::leftover_settled(&vs, &target, result);
     if settled == Settled::Removed {
         tracing::info!(
             stream_sequence = sequence,

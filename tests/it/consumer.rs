@@ -714,6 +714,17 @@ async fn jobs_the_server_keeps_but_never_delivers_again_are_requeued_or_removed_
             .all(|call| call.relative_path != "dead.git")
     );
     assert_eq!(c.dead_letters().await.len(), 1);
+    let settled = |result: &str| {
+        crate::common::service_metrics::samples().sum(
+            gitaly_replicator::metric_names::LEFTOVER_JOBS_TOTAL,
+            &[
+                ("virtual_storage", c.vs()),
+                ("gitaly_storage", "gitaly-2"),
+                ("result", result),
+            ],
+        )
+    };
+    assert_eq!((settled("requeued"), settled("removed")), (1.0, 1.0));
     consumer.stop().await.unwrap();
 }
 
