@@ -254,6 +254,7 @@ async fn run(settings: Settings, broker: Broker) {
         executed_twice: evidence.executed_twice(),
         completed_twice: evidence.completed_twice(),
         outcomes: evidence.outcomes_by_state(),
+        leftovers: evidence.leftovers,
         dead_letters,
         converged_after: converged_at.map(|at| at.saturating_duration_since(last_fault)),
         wall: started.elapsed(),

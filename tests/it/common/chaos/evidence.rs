@@ -101,12 +101,22 @@ pub struct Evidence {
     starts: HashMap<String, Vec<JobLine>>,
     outcomes: HashMap<String, Vec<JobLine>>,
     pub incarnations: Vec<Incarnation>,
+    /// Jobs left in the work stream that the leftover sweep settled, by
+    /// its log lines: (requeued, removed as already dead letters).
+    pub leftovers: (usize, usize),
 }
 
 impl Evidence {
     /// Takes in the whole log of one process that has exited.
     pub fn absorb(&mut self, log: &str, mut incarnation: Incarnation) {
         incarnation.reached_nats = log.contains("NATS answers");
+        for line in log.lines() {
+            if line.contains("a job left in the work stream that no consumer delivers") {
+                self.leftovers.0 += 1;
+            } else if line.contains("removed a dead-lettered job left in the work stream") {
+                self.leftovers.1 += 1;
+            }
+        }
         let process = self.incarnations.len();
         for (start, mut line) in log.lines().filter_map(job_line) {
             line.process = process;

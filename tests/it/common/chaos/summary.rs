@@ -1,5 +1,6 @@
 //! The summary a run prints: jobs, faults of each kind, replicas converged,
-//! jobs executed twice, and the time to converge after the last fault.
+//! jobs executed twice, left-over jobs settled, and the time to converge
+//! after the last fault.
 
 use super::faults::{Fault, Injected};
 use std::collections::BTreeMap;
@@ -30,6 +31,8 @@ pub struct Summary {
     pub completed_twice: usize,
     pub outcomes: Vec<(String, usize)>,
     pub dead_letters: usize,
+    /// Left-over jobs settled: (requeued, removed).
+    pub leftovers: (usize, usize),
     pub converged_after: Option<Duration>,
     pub wall: Duration,
 }
@@ -118,6 +121,11 @@ impl fmt::Display for Summary {
             f,
             "  dead letters         {} (of {} poison jobs)",
             self.dead_letters, self.poison
+        )?;
+        writeln!(
+            f,
+            "  leftovers settled    requeued {}, removed {} (jobs a broker kept below a consumer's acknowledgement floor)",
+            self.leftovers.0, self.leftovers.1
         )?;
         match self.converged_after {
             Some(d) => writeln!(
