@@ -225,11 +225,14 @@ pub fn dependency_up(dependency: &'static str, up: bool) {
 /// Counts one job settled by the sweep of left-over jobs: `requeued` or
 /// `removed`.
 pub fn leftover_settled(virtual_storage: &str, storage: &str, result: &'static str) {
+    leftover_jobs(virtual_storage, storage, result).increment(1);
+}
+
+fn leftover_jobs(virtual_storage: &str, storage: &str, result: &'static str) -> Counter {
     counter!(LEFTOVER_JOBS_TOTAL,
         "virtual_storage" => virtual_storage.to_owned(),
         "gitaly_storage" => storage.to_owned(),
         "result" => result)
-    .increment(1);
 }
 
 /// Counts one failed acknowledgement of `kind` (one of [`ACK_ERROR_KINDS`]).
@@ -316,11 +319,7 @@ impl TargetMetrics {
             .collect();
         // Exported from the start; the sweep counts by name (it is seldom).
         for result in LEFTOVER_RESULTS {
-            counter!(LEFTOVER_JOBS_TOTAL,
-                "virtual_storage" => vs.clone(),
-                "gitaly_storage" => st.clone(),
-                "result" => result)
-            .increment(0);
+            leftover_jobs(&vs, &st, result).increment(0);
         }
         let handles = Handles {
             per_change,

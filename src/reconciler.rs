@@ -80,7 +80,7 @@ pub struct Reconciler {
     leadership: Leadership,
     metrics: ReconcilerMetrics,
     /// Each virtual storage's place in its verification pass.
-    verification_cursors: std::sync::Mutex<HashMap<String, VerificationCursor>>,
+    verification_cursors: HashMap<String, VerificationCursor>,
 }
 
 impl Reconciler {
@@ -121,7 +121,7 @@ impl Reconciler {
                 connection: None,
                 leading: false,
             },
-            verification_cursors: std::sync::Mutex::new(HashMap::new()),
+            verification_cursors: HashMap::new(),
         })
     }
 
@@ -161,7 +161,6 @@ impl Reconciler {
                 continue;
             }
             self.metrics.leader.set(1.0);
-            let mut still_leading = true;
             if verify {
                 // Batch after batch while replicas are due, for one tick at
                 // most, so that a large store comes round within the
@@ -187,14 +186,12 @@ impl Reconciler {
                         }
                     }
                     if !self.leadership.hold().await {
-                        self.metrics.leader.set(0.0);
                         break;
                     }
                 }
                 if stop.is_cancelled() {
                     break;
                 }
-                still_leading = self.leadership.leading;
                 match failed {
                     Some(e) => tracing::error!(
                         error = display_error_chain(&e),
@@ -216,10 +213,12 @@ impl Reconciler {
                     ),
                 }
             }
-            if !reconcile {
+            if !self.leadership.leading {
+                // Lost between verification batches.
+                self.metrics.leader.set(0.0);
                 continue;
             }
-            if !still_leading {
+            if !reconcile {
                 continue;
             }
             let started = Instant::now();

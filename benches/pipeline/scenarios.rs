@@ -751,8 +751,9 @@ async fn verification_costs(env: &BenchEnv, n: usize) -> anyhow::Result<(f64, f6
             .store
             .replicas_due_for_verification(&env.vs, &storages, interval, 100, &mut cursor)
             .await?;
-        choosing += started.elapsed();
-        first.get_or_insert(started.elapsed());
+        let took = started.elapsed();
+        choosing += took;
+        first.get_or_insert(took);
         if due.is_empty() {
             break;
         }

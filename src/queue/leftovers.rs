@@ -148,22 +148,19 @@ pub async fn settle(
     let (vs, target) = crate::subject::parse_job_subject(&layout.subject_prefix, &raw.subject)
         .unwrap_or_else(|_| (String::new(), String::new()));
     let result = if settled == Settled::Removed {
-        "removed"
-    } else {
-        "requeued"
-    };
-    crate::metrics::leftover_settled(&vs, &target, result);
-    if settled == Settled::Removed {
         tracing::info!(
             stream_sequence = sequence,
             "removed a dead-lettered job left in the work stream"
         );
+        "removed"
     } else {
         tracing::warn!(
             stream_sequence = sequence,
             "a job left in the work stream that no consumer delivers (a broker restart lost its removal, or its max-deliveries advisory) was requeued; it is skipped if it had completed"
         );
-    }
+        "requeued"
+    };
+    crate::metrics::leftover_settled(&vs, &target, result);
     Ok(settled)
 }
 

@@ -11,7 +11,7 @@ use crate::event::{Change, Job};
 use crate::gitaly::health::Health;
 use crate::gitaly::{CallContext, CallErrorKind};
 use crate::metrics::ReconcilerMetrics;
-use crate::store::{DueReplica, VerificationCursor};
+use crate::store::DueReplica;
 use std::time::Duration;
 use tonic::Code;
 
@@ -27,7 +27,8 @@ pub struct VerificationReport {
     pub mismatches: u64,
     /// Replicas that could not be compared (a node failed to answer).
     pub errors: u64,
-    /// A virtual storage's batch was full: more replicas may be due.
+    /// A virtual storage's pass has not reached its end: more replicas may
+    /// be due.
     pub more_due: bool,
 }
 
@@ -43,7 +44,7 @@ impl VerificationReport {
 impl Reconciler {
     /// Compares the next `[background_verification] batch_size` due
     /// replicas of each virtual storage's pass with their sources.
-    pub async fn verify_round(&self) -> Result<VerificationReport, ReconcileError> {
+    pub async fn verify_round(&mut self) -> Result<VerificationReport, ReconcileError> {
         let mut report = VerificationReport::default();
         let settings = &self.verification;
         for (vs, storages) in &self.storages {
@@ -59,7 +60,7 @@ impl Reconciler {
             if healthy.len() < 2 {
                 continue;
             }
-            let mut cursor = self.cursor(vs);
+            let cursor = self.verification_cursors.entry(vs.clone()).or_default();
             let due = self
                 .store
                 .replicas_due_for_verification(
@@ -67,32 +68,15 @@ impl Reconciler {
                     &healthy,
                     settings.verification_interval,
                     settings.batch_size,
-                    &mut cursor,
+                    cursor,
                 )
                 .await?;
             report.more_due |= !cursor.at_start();
-            self.set_cursor(vs, cursor);
             for replica in &due {
                 self.verify_one(vs, replica, &mut report).await?;
             }
         }
         Ok(report)
-    }
-
-    fn cursor(&self, vs: &str) -> VerificationCursor {
-        let cursors = self
-            .verification_cursors
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        cursors.get(vs).cloned().unwrap_or_default()
-    }
-
-    fn set_cursor(&self, vs: &str, cursor: VerificationCursor) {
-        let mut cursors = self
-            .verification_cursors
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        cursors.insert(vs.to_owned(), cursor);
     }
 
     async fn verify_one(
