@@ -61,6 +61,12 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }
 
+/// Takes over a listener bound elsewhere (to port 0, say).
+pub fn adopt(listener: std::net::TcpListener) -> std::io::Result<TcpListener> {
+    listener.set_nonblocking(true)?;
+    TcpListener::from_std(listener)
+}
+
 /// Serves until `shutdown` is cancelled.
 pub async fn serve(
     listener: TcpListener,

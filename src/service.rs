@@ -231,11 +231,61 @@ pub async fn provision(
 /// are fetched, those not started are released at once, running ones get
 /// `graceful_stop_timeout`; then everything else stops.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), ServiceError> {
+    run_serving(config, OpsListener::FromConfig, shutdown).await
+}
+
+/// Like [`run`], serving `/metrics` and `/health/*` on `listener` (already
+/// bound, say to port 0) instead of `prometheus_listen_addr`. A caller that
+/// needs the port before the service starts binds it and hands it over, so
+/// no other process can take it in between.
+pub async fn run_with_ops_listener(
+    config: Config,
+    listener: std::net::TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServiceError> {
+    run_serving(config, OpsListener::Bound(listener), shutdown).await
+}
+
+/// Where the operations endpoint listens.
+enum OpsListener {
+    /// `prometheus_listen_addr`, bound at start-up (none when unset).
+    FromConfig,
+    /// A listener the caller bound.
+    Bound(std::net::TcpListener),
+}
+
+impl OpsListener {
+    async fn bind(self, config: &Config) -> Result<Option<tokio::net::TcpListener>, ServiceError> {
+        let bound = match self {
+            OpsListener::FromConfig => match config.prometheus_listen_addr {
+                Some(addr) => ops_server::bind(addr)
+                    .await
+                    .map_err(|source| (addr, source)),
+                None => return Ok(None),
+            },
+            OpsListener::Bound(listener) => {
+                let addr = listener
+                    .local_addr()
+                    .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+                ops_server::adopt(listener).map_err(|source| (addr, source))
+            }
+        };
+        bound
+            .map(Some)
+            .map_err(|(addr, source)| ServiceError::Listen { addr, source })
+    }
+}
+
+async fn run_serving(
+    config: Config,
+    ops: OpsListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServiceError> {
     let tokens = Tokens::new();
     let tasks = TaskTracker::new();
     let jobs = TaskTracker::new();
     let mut client = None;
-    let result = serve(&config, shutdown, &tokens, &tasks, &jobs, &mut client).await;
+    let result = serve(&config, ops, shutdown, &tokens, &tasks, &jobs, &mut client).await;
     // Whatever happened, everything started stops before `run` returns.
     tokens.stop.cancel();
     jobs.close();
@@ -287,6 +337,7 @@ impl Tokens {
 /// connection once there is one.
 async fn serve(
     config: &Config,
+    ops: OpsListener,
     shutdown: impl Future<Output = ()>,
     tokens: &Tokens,
     tasks: &TaskTracker,
@@ -303,10 +354,16 @@ async fn serve(
         handle.clone(),
         tokens.background.clone(),
     ));
-    if let Some(addr) = config.prometheus_listen_addr {
-        let listener = ops_server::bind(addr)
-            .await
-            .map_err(|source| ServiceError::Listen { addr, source })?;
+    if let Some(listener) = ops.bind(config).await? {
+        // The bound address, so a port 0 in the config can be found.
+        let addr = listener
+            .local_addr()
+            .map_err(|source| ServiceError::Listen {
+                addr: config
+                    .prometheus_listen_addr
+                    .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0))),
+                source,
+            })?;
         tracing::info!(%addr, "serving /metrics, /health/live and /health/ready");
         tasks.spawn(ops_server::serve(
             listener,

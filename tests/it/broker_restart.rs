@@ -2,9 +2,9 @@
 //! under it.
 
 use crate::common::cluster::Cluster;
-use crate::common::http::{free_port, get};
+use crate::common::http::get;
 use crate::common::nats_server::PrivateNats;
-use crate::common::process::ReplicatorProcess;
+use crate::common::process::{ReplicatorProcess, with_ops_on_any_port};
 use serde_json::json;
 use std::time::Duration;
 
@@ -123,13 +123,9 @@ async fn status_and_the_depth_gauge_count_what_consumers_have_left_after_a_broke
         "pending, in flight, redelivered, dead"
     );
 
-    let port = free_port();
-    let toml = c.toml.replace(
-        "prometheus_listen_addr = \"\"",
-        &format!("prometheus_listen_addr = \"127.0.0.1:{port}\""),
-    );
     // A fresh process: its first reading of the depth is after the restart.
-    let service = ReplicatorProcess::run(&toml);
+    let service = ReplicatorProcess::run(&with_ops_on_any_port(&c.toml));
+    let port = service.ops_port().await;
     let vs = c.vs().to_owned();
     let depth = |state: &str| {
         format!(

@@ -4,12 +4,12 @@
 
 use crate::common::cluster::{NodeSpec, TestNames, config_toml, dead_letters, work_messages};
 use crate::common::nats_server::PrivateNats;
-use crate::common::process::ReplicatorProcess;
+use crate::common::process::{ReplicatorProcess, with_ops_on_any_port};
 use gitaly_replicator::{Config, Job, Layout, Publisher, RepositoryStore};
 use serde_json::json;
 use std::time::Duration;
 use testkit::eventually;
-use testkit::http::{free_port, get, get_when_up};
+use testkit::http::{get, get_when_up};
 use testkit::metrics::Samples;
 use testkit::postgres_server::PrivatePostgres;
 use testkit::recording_gitaly::{Behaviour, RecordingGitaly, RunningGitaly};
@@ -18,7 +18,6 @@ struct Parts {
     names: TestNames,
     nodes: Vec<RunningGitaly>,
     toml: String,
-    ops_port: u16,
 }
 
 async fn parts(nats: &PrivateNats, pg: &PrivatePostgres, extra_top_level: &str) -> Parts {
@@ -35,17 +34,11 @@ async fn parts(nats: &PrivateNats, pg: &PrivatePostgres, extra_top_level: &str) 
         });
         nodes.push(node);
     }
-    let ops_port = free_port();
-    let toml = config_toml(&names, &specs, &pg.url(), &nats.url()).replace(
-        "prometheus_listen_addr = \"\"\n",
-        &format!("prometheus_listen_addr = \"127.0.0.1:{ops_port}\"\n{extra_top_level}"),
+    let toml = with_ops_on_any_port(&config_toml(&names, &specs, &pg.url(), &nats.url())).replace(
+        "prometheus_listen_addr = \"127.0.0.1:0\"\n",
+        &format!("prometheus_listen_addr = \"127.0.0.1:0\"\n{extra_top_level}"),
     );
-    Parts {
-        names,
-        nodes,
-        toml,
-        ops_port,
-    }
+    Parts { names, nodes, toml }
 }
 
 async fn dependency_up(port: u16, dependency: &str) -> f64 {
@@ -84,15 +77,16 @@ async fn run_waits_for_nats_and_postgres_and_loses_nothing_when_postgres_stops()
     pg.stop();
     let p = parts(&nats, &pg, "").await;
     let process = ReplicatorProcess::run(&p.toml);
+    let ops_port = process.ops_port().await;
 
     // Both down: alive, not ready, and the metric says what is missing.
-    let (status, _) = get_when_up(p.ops_port, "/health/ready").await;
+    let (status, _) = get_when_up(ops_port, "/health/ready").await;
     assert_eq!(status, 503);
     tokio::time::sleep(Duration::from_secs(5)).await;
-    assert_eq!(get(p.ops_port, "/health/live").await.0, 200);
-    assert_eq!(get(p.ops_port, "/health/ready").await.0, 503);
-    assert_eq!(dependency_up(p.ops_port, "nats").await, 0.0);
-    assert_eq!(dependency_up(p.ops_port, "postgres").await, 0.0);
+    assert_eq!(get(ops_port, "/health/live").await.0, 200);
+    assert_eq!(get(ops_port, "/health/ready").await.0, 503);
+    assert_eq!(dependency_up(ops_port, "nats").await, 0.0);
+    assert_eq!(dependency_up(ops_port, "postgres").await, 0.0);
     // Each try at Postgres lasts up to database.connect_timeout (5 s).
     assert!(
         eventually(Duration::from_secs(10), || async {
@@ -108,14 +102,14 @@ async fn run_waits_for_nats_and_postgres_and_loses_nothing_when_postgres_stops()
     nats.start_again().await;
     assert!(
         eventually(Duration::from_secs(20), || async {
-            get(p.ops_port, "/health/ready").await.0 == 200
+            get(ops_port, "/health/ready").await.0 == 200
         })
         .await,
         "not ready after both came up: {}",
         process.stderr.lock().unwrap()
     );
-    assert_eq!(dependency_up(p.ops_port, "nats").await, 1.0);
-    assert_eq!(dependency_up(p.ops_port, "postgres").await, 1.0);
+    assert_eq!(dependency_up(ops_port, "nats").await, 1.0);
+    assert_eq!(dependency_up(ops_port, "postgres").await, 1.0);
 
     let config = Config::from_toml_str(&p.toml).unwrap();
     let vs = p.names.virtual_storage.clone();
@@ -165,11 +159,11 @@ async fn run_waits_for_nats_and_postgres_and_loses_nothing_when_postgres_stops()
     pg.stop();
     assert!(
         eventually(Duration::from_secs(10), || async {
-            get(p.ops_port, "/health/ready").await.0 == 503
+            get(ops_port, "/health/ready").await.0 == 503
         })
         .await
     );
-    assert_eq!(dependency_up(p.ops_port, "postgres").await, 0.0);
+    assert_eq!(dependency_up(ops_port, "postgres").await, 0.0);
     for path in &paths[20..] {
         publisher.publish(&update(&vs, path), None).await.unwrap();
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -199,7 +193,7 @@ async fn run_waits_for_nats_and_postgres_and_loses_nothing_when_postgres_stops()
     let dead = dead_letters(&js, &layout).await;
     assert!(dead.is_empty(), "{} dead-lettered", dead.len());
     assert!(p.nodes[1].gitaly.calls_to("ReplicateRepository").len() >= paths.len());
-    assert_eq!(get(p.ops_port, "/health/ready").await.0, 200);
+    assert_eq!(get(ops_port, "/health/ready").await.0, 200);
 
     process.signal("TERM");
     let (code, stderr) = process.wait().await;

@@ -73,8 +73,7 @@ async fn metrics_use_praefects_names_and_health_endpoints_answer() {
 #[tokio::test]
 async fn praefect_metrics_take_the_configured_buckets_states_and_outcomes() {
     use crate::common::cluster::Cluster;
-    use crate::common::http::free_port;
-    use crate::common::process::ReplicatorProcess;
+    use crate::common::process::{ReplicatorProcess, with_ops_on_any_port};
     use serde_json::json;
 
     let c = Cluster::start(2).await;
@@ -83,12 +82,10 @@ async fn praefect_metrics_take_the_configured_buckets_states_and_outcomes() {
         .create_repository(c.vs(), "m.git", "gitaly-1", 4, &["gitaly-1", "gitaly-2"])
         .await
         .unwrap();
-    let port = free_port();
-    let toml = c.toml.replace(
-        "prometheus_listen_addr = \"\"",
-        &format!("prometheus_listen_addr = \"127.0.0.1:{port}\""),
-    ) + "\n[prometheus]\ngrpc_latency_buckets = [0.05, 0.5, 7]\n";
+    let toml =
+        with_ops_on_any_port(&c.toml) + "\n[prometheus]\ngrpc_latency_buckets = [0.05, 0.5, 7]\n";
     let service = ReplicatorProcess::run(&toml);
+    let port = service.ops_port().await;
     c.publish(&c.job(json!({"change": "update", "relative_path": "m.git",
         "target_node_storage": "gitaly-2", "source_node_storage": "gitaly-1"})))
         .await;

@@ -4,9 +4,9 @@
 //! are counted, and a start-up that fails part-way leaves nothing running.
 
 use crate::common::cluster::Cluster;
-use crate::common::http::{free_port, get, get_when_up};
+use crate::common::http::{get, get_when_up};
 use crate::common::nats_server::PrivateNats;
-use crate::common::process::ReplicatorProcess;
+use crate::common::process::{ReplicatorProcess, with_ops_on_any_port};
 use futures::StreamExt;
 use serde_json::json;
 use std::time::Duration;
@@ -113,13 +113,6 @@ async fn completed(port: u16, vs: &str) -> f64 {
     )
 }
 
-fn listening_on(toml: &str, port: u16) -> String {
-    toml.replace(
-        "prometheus_listen_addr = \"\"",
-        &format!("prometheus_listen_addr = \"127.0.0.1:{port}\""),
-    )
-}
-
 #[tokio::test]
 async fn two_processes_on_one_durable_each_complete_a_share_and_together_exactly_the_jobs_published()
  {
@@ -127,13 +120,14 @@ async fn two_processes_on_one_durable_each_complete_a_share_and_together_exactly
     // Slow enough that one process cannot take every job.
     c.node(2)
         .respond("*", Behaviour::delay(Duration::from_millis(20)));
-    let ports = [free_port(), free_port()];
-    let processes: Vec<_> = ports
-        .iter()
-        .map(|p| ReplicatorProcess::run(&listening_on(&c.toml, *p)))
+    let processes: Vec<_> = (0..2)
+        .map(|_| ReplicatorProcess::run(&with_ops_on_any_port(&c.toml)))
         .collect();
-    for p in ports {
-        get_when_up(p, "/health/ready").await;
+    let mut ports = Vec::new();
+    for p in &processes {
+        let port = p.ops_port().await;
+        get_when_up(port, "/health/ready").await;
+        ports.push(port);
     }
     let jobs: Vec<_> = (0..300)
         .map(|i| c.job(json!({"change": "optimize_repository", "relative_path": format!("share-{i}.git"), "target_node_storage": "gitaly-2"})))
@@ -167,8 +161,8 @@ async fn acknowledgements_made_while_the_broker_is_down_are_counted_and_no_job_i
     let c = Cluster::start_on(2, nats.url(), |_| {}).await;
     c.node(2)
         .respond("*", Behaviour::delay(Duration::from_millis(1500)));
-    let port = free_port();
-    let process = ReplicatorProcess::run(&listening_on(&c.toml, port));
+    let process = ReplicatorProcess::run(&with_ops_on_any_port(&c.toml));
+    let port = process.ops_port().await;
     get_when_up(port, "/health/ready").await;
     let paths: Vec<String> = (0..10).map(|i| format!("down-{i}.git")).collect();
     for path in &paths {
@@ -259,13 +253,13 @@ async fn a_start_up_that_fails_part_way_leaves_nothing_running() {
         subscribe(c.layout.advisory_stream.clone()).await,
     );
     c.client.flush().await.unwrap();
-    let port = free_port();
-    let mut config = c.config.clone();
-    config.prometheus_listen_addr = Some(([127, 0, 0, 1], port).into());
+    let ops = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = ops.local_addr().unwrap().port();
 
-    let error = gitaly_replicator::run(config, std::future::pending())
-        .await
-        .expect_err("a consumer that cannot be set up fails the start");
+    let error =
+        gitaly_replicator::run_with_ops_listener(c.config.clone(), ops, std::future::pending())
+            .await
+            .expect_err("a consumer that cannot be set up fails the start");
     assert!(error.to_string().contains(&third.durable_name), "{error}");
 
     // A pull loop had been asking for jobs...

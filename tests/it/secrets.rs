@@ -7,9 +7,9 @@
 
 use crate::cli::{all, cli_with_env};
 use crate::common::cluster::Cluster;
-use crate::common::http::{free_port, get};
+use crate::common::http::get;
 use crate::common::nats_server::PrivateNats;
-use crate::common::process::ReplicatorProcess;
+use crate::common::process::{ReplicatorProcess, with_ops_on_any_port};
 use std::process::Output;
 use std::time::Duration;
 
@@ -169,12 +169,8 @@ async fn no_secret_appears_in_any_output_and_error_chains_name_each_cause_once()
     .await;
     let port = nats.port;
     let admin_url = format!("nats://admin:admin-pw@127.0.0.1:{port}");
-    let ops_port = free_port();
     let c = Cluster::start_on(2, admin_url.clone(), |t| {
-        *t = t.replace(
-            "prometheus_listen_addr = \"\"",
-            &format!("prometheus_listen_addr = \"127.0.0.1:{ops_port}\""),
-        );
+        *t = with_ops_on_any_port(t);
     })
     .await;
     let db = c.db.url.clone();
@@ -325,6 +321,7 @@ async fn no_secret_appears_in_any_output_and_error_chains_name_each_cause_once()
     );
     assert!(o.status.success(), "{}", all(&o));
     let service = ReplicatorProcess::spawn_with_env(&with_keys, &["run"], TRACE);
+    let ops_port = service.ops_port().await;
     assert!(
         c.eventually(Duration::from_secs(30), || async {
             c.dead_letters().await.len() == 1

@@ -65,11 +65,14 @@ pub fn parse(toml: &str) -> Result<Config, DemoError> {
     Ok(Config::from_toml_str(toml)?)
 }
 
-/// A port of 127.0.0.1 that was free a moment ago (bound, then released).
-pub fn free_local_port() -> Result<SocketAddr, DemoError> {
+/// A listener on a free port of 127.0.0.1 for the service's `/metrics`, and
+/// its address. It stays bound and is handed to the service, so another
+/// process (a second demo, say) cannot take the port in between.
+pub fn bind_metrics_listener() -> Result<(std::net::TcpListener, SocketAddr), DemoError> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0")
-        .map_err(DemoError::io("finding a free port for the metrics"))?;
-    listener
+        .map_err(DemoError::io("binding a port for the metrics"))?;
+    let addr = listener
         .local_addr()
-        .map_err(DemoError::io("finding a free port for the metrics"))
+        .map_err(DemoError::io("binding a port for the metrics"))?;
+    Ok((listener, addr))
 }

@@ -18,11 +18,16 @@ pub struct ServiceTask {
 }
 
 impl ServiceTask {
-    pub fn start(config: Config) -> ServiceTask {
+    /// Runs the service on `config`, serving `/metrics` on `ops`.
+    pub fn start(config: Config, ops: std::net::TcpListener) -> ServiceTask {
         let (stop, stopped) = oneshot::channel::<()>();
-        let handle = tokio::spawn(gitaly_replicator::run(config, async move {
-            let _ = stopped.await;
-        }));
+        let handle = tokio::spawn(gitaly_replicator::run_with_ops_listener(
+            config,
+            ops,
+            async move {
+                let _ = stopped.await;
+            },
+        ));
         ServiceTask {
             stop: Some(stop),
             handle: Some(handle),

@@ -2,7 +2,7 @@
 //! creates is recorded in [`Owned`] as soon as it exists, so an error or an
 //! interruption at any point still removes it (unless `--keep`).
 
-use crate::config::{config_toml, free_local_port, parse};
+use crate::config::{bind_metrics_listener, config_toml, parse};
 use crate::database::DemoDatabase;
 use crate::error::DemoError;
 use crate::jobs::{self, JobPlan};
@@ -101,7 +101,7 @@ async fn body(
         addresses.join(", ")
     ));
 
-    let ops = free_local_port()?;
+    let (ops_listener, ops) = bind_metrics_listener()?;
     let toml = config_toml(&ws, nodes, &database.url, &options.nats_url, ops);
     std::fs::write(ws.config_file(), &toml).map_err(DemoError::io(format!(
         "writing {}",
@@ -159,7 +159,9 @@ async fn body(
     .map_err(|e| DemoError::ServiceTask(format!("metrics recorder: {e}")))?;
     let baseline = Samples::parse(&recorder.render());
     let setup_time = started.elapsed();
-    let service = owned.service.insert(ServiceTask::start(config));
+    let service = owned
+        .service
+        .insert(ServiceTask::start(config, ops_listener));
     service.wait_ready(ops, Duration::from_secs(30)).await?;
     let metrics_url = format!("http://{ops}/metrics");
     out.say(&format!(

@@ -6,15 +6,6 @@ use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
 use std::time::Duration;
 
-/// A port free on 127.0.0.1 right now.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// GET `path`; returns the status code and the body.
 pub async fn get(port: u16, path: &str) -> (u16, String) {
     let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))

@@ -12,6 +12,7 @@
 //! - [`storage_node`]: `storage-node` processes over real repositories;
 //! - [`git`]: bare repositories with commits, branches and tags;
 //! - [`http`]: GETs to an operations endpoint;
+//! - [`ports`]: ports for child processes that bind their own;
 //! - [`tls`]: certificate authorities and certificates made for a test.
 
 pub mod db;
@@ -21,6 +22,7 @@ pub mod metrics;
 pub mod nats_cluster;
 pub mod nats_server;
 pub mod pgbouncer;
+pub mod ports;
 pub mod postgres_server;
 pub mod recording_gitaly;
 pub mod storage_node;

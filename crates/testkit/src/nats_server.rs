@@ -1,11 +1,18 @@
 //! A private nats-server with JetStream, for tests that stop or restart the
 //! broker; never the machine's shared one.
 
+use crate::ports::{self, unused_port};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+/// What nats-server logs once its listeners are up.
+const READY: &str = "Server is ready";
+
 pub struct PrivateNats {
     pub port: u16,
+    /// Whether the port was handed out (by [`PrivateNats::not_started`] or a
+    /// start): from then on the server keeps it across restarts.
+    port_fixed: bool,
     dir: tempfile::TempDir,
     /// A configuration file given with `-c`, for settings the command line
     /// has no flags for (several users, say).
@@ -26,7 +33,7 @@ pub(crate) fn binary() -> String {
 
 impl PrivateNats {
     pub async fn start() -> PrivateNats {
-        let mut n = Self::not_started();
+        let mut n = Self::unstarted();
         n.spawn().await;
         n
     }
@@ -42,7 +49,7 @@ impl PrivateNats {
     /// Like [`PrivateNats::start_with_config`], with `files` (name,
     /// contents) beside the configuration, for its `include`s.
     pub async fn start_with_files(config: &str, files: &[(&str, &str)]) -> PrivateNats {
-        let mut n = Self::not_started();
+        let mut n = Self::unstarted();
         for (name, contents) in files {
             std::fs::write(n.dir.path().join(name), contents).unwrap();
         }
@@ -54,15 +61,17 @@ impl PrivateNats {
     }
 
     /// A port and a store, with no server yet: [`PrivateNats::start_again`]
-    /// starts it.
+    /// starts it on that port (the test has its URL already).
     pub fn not_started() -> PrivateNats {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let mut n = Self::unstarted();
+        n.port_fixed = true;
+        n
+    }
+
+    fn unstarted() -> PrivateNats {
         PrivateNats {
-            port,
+            port: unused_port(),
+            port_fixed: false,
             dir: tempfile::tempdir().unwrap(),
             config: None,
             child: None,
@@ -73,12 +82,37 @@ impl PrivateNats {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
+    /// Starts the server. A port another process took meanwhile means a new
+    /// port on a first start, and waiting for it to come free on a restart.
     async fn spawn(&mut self) {
+        for _ in 0..ports::ATTEMPTS {
+            let logged_before = self.log().len();
+            let mut child = self.command().spawn().expect("nats-server is installed");
+            if self.came_up(&mut child, logged_before).await {
+                self.child = Some(child);
+                self.port_fixed = true;
+                return;
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+            if !ports::in_use(self.log().get(logged_before..).unwrap_or_default()) {
+                break;
+            }
+            if self.port_fixed {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            } else {
+                self.port = unused_port();
+            }
+        }
+        panic!("private nats-server did not start:\n{}", self.log());
+    }
+
+    fn command(&self) -> Command {
         let mut command = Command::new(binary());
         if let Some(config) = &self.config {
             command.arg("-c").arg(config);
         }
-        let child = command
+        command
             .args([
                 "-js",
                 "-a",
@@ -89,24 +123,37 @@ impl PrivateNats {
             ])
             .arg(self.dir.path())
             .stdout(Stdio::null())
-            .stderr(self.log_file())
-            .spawn()
-            .expect("nats-server is installed");
-        self.child = Some(child);
-        for _ in 0..100 {
-            // A configured server may want TLS or credentials the fixture
-            // does not have: its INFO line shows it is up.
-            let up = if self.config.is_some() {
-                self.sends_info().await
-            } else {
-                async_nats::connect(self.url()).await.is_ok()
-            };
-            if up {
-                return;
+            .stderr(self.log_file());
+        command
+    }
+
+    /// Whether `child` is up: it logged that it is ready (so what answers
+    /// on the port is this server, not another that had the port) and it
+    /// answers. False once it exited.
+    async fn came_up(&self, child: &mut Child, logged_before: usize) -> bool {
+        for _ in 0..200 {
+            if !matches!(child.try_wait(), Ok(None)) {
+                return false;
+            }
+            if self
+                .log()
+                .get(logged_before..)
+                .is_some_and(|new| new.contains(READY))
+            {
+                // A configured server may want TLS or credentials the fixture
+                // does not have: its INFO line shows it is up.
+                let up = if self.config.is_some() {
+                    self.sends_info().await
+                } else {
+                    async_nats::connect(self.url()).await.is_ok()
+                };
+                if up {
+                    return true;
+                }
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        panic!("private nats-server did not start:\n{}", self.log());
+        false
     }
 
     /// Where the server's log goes, appended to across restarts.

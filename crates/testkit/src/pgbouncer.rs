@@ -7,6 +7,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::ports::{self, unused_port};
 use crate::postgres_server::running_as_root;
 
 /// Debian's binary; `PGBOUNCER_BIN` overrides it.
@@ -26,53 +27,68 @@ impl PgBouncer {
     /// with at most `pool_size` server connections per database and user, so
     /// that clients share them.
     pub fn start(upstream_port: u16, pool_mode: &str, pool_size: u32) -> PgBouncer {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
         let dir = tempfile::tempdir().expect("a temporary directory");
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777))
             .expect("chmod the temporary directory");
         let path = |name: &str| dir.path().join(name).display().to_string();
         std::fs::write(path("users.txt"), "\"postgres\" \"\"\n\"root\" \"\"\n")
             .expect("write the user list");
-        let ini = format!(
-            "[databases]\n* = host=127.0.0.1 port={upstream_port}\n\n[pgbouncer]\n\
-             listen_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n\
-             auth_type = trust\nauth_file = {users}\npool_mode = {pool_mode}\n\
-             default_pool_size = {pool_size}\nmax_client_conn = 500\n\
-             logfile = {log}\npidfile = {pid}\nserver_reset_query = DISCARD ALL\n",
-            users = path("users.txt"),
-            log = path("pgbouncer.log"),
-            pid = path("pgbouncer.pid"),
-        );
-        std::fs::write(path("pgbouncer.ini"), ini).expect("write pgbouncer.ini");
-        let mut command = Command::new(binary());
-        if running_as_root() {
-            command.args(["-u", "postgres"]);
-        }
-        let child = command
-            .arg(path("pgbouncer.ini"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start pgbouncer (Debian package pgbouncer)");
-        let bouncer = PgBouncer { port, child, dir };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "pgbouncer did not listen on {port}: {}",
-                bouncer.log()
+        let log = dir.path().join("pgbouncer.log");
+        let mut failure = String::new();
+        for _ in 0..ports::ATTEMPTS {
+            let port = unused_port();
+            let ini = format!(
+                "[databases]\n* = host=127.0.0.1 port={upstream_port}\n\n[pgbouncer]\n\
+                 listen_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n\
+                 auth_type = trust\nauth_file = {users}\npool_mode = {pool_mode}\n\
+                 default_pool_size = {pool_size}\nmax_client_conn = 500\n\
+                 logfile = {log}\npidfile = {pid}\nserver_reset_query = DISCARD ALL\n",
+                users = path("users.txt"),
+                log = log.display(),
+                pid = path("pgbouncer.pid"),
             );
-            std::thread::sleep(Duration::from_millis(20));
+            std::fs::write(path("pgbouncer.ini"), ini).expect("write pgbouncer.ini");
+            let logged_before = read(&log).len();
+            let mut command = Command::new(binary());
+            if running_as_root() {
+                command.args(["-u", "postgres"]);
+            }
+            let mut child = command
+                .arg(path("pgbouncer.ini"))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start pgbouncer (Debian package pgbouncer)");
+            // Up once it logs that it listens: whatever else answers on the
+            // port is not this PgBouncer.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let logged = read(&log)
+                    .get(logged_before..)
+                    .unwrap_or_default()
+                    .to_owned();
+                if logged.contains("listening on 127.0.0.1") {
+                    return PgBouncer { port, child, dir };
+                }
+                let exited = !matches!(child.try_wait(), Ok(None));
+                if exited || Instant::now() > deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    failure = logged;
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if !ports::in_use(&failure) {
+                break;
+            }
         }
-        bouncer
+        panic!("pgbouncer did not start: {failure}");
     }
 
     /// What PgBouncer logged so far.
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("pgbouncer.log")).unwrap_or_default()
+        read(&self.dir.path().join("pgbouncer.log"))
     }
 }
 
@@ -81,4 +97,8 @@ impl Drop for PgBouncer {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+fn read(path: &std::path::Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
 }

@@ -3,6 +3,7 @@
 //! listening on 127.0.0.1 at a free port. Postgres refuses to run as root, so
 //! under root its binaries run as the `postgres` user on a directory it owns.
 
+use crate::ports::{self, unused_port};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -26,6 +27,9 @@ pub(crate) fn running_as_root() -> bool {
 
 pub struct PrivatePostgres {
     pub port: u16,
+    /// Whether the port was handed out (by [`PrivatePostgres::init`] or a
+    /// start): from then on the server keeps it across restarts.
+    port_fixed: bool,
     /// Holds the data directory and the socket; removed on drop.
     dir: tempfile::TempDir,
     as_postgres: bool,
@@ -33,12 +37,10 @@ pub struct PrivatePostgres {
 }
 
 impl PrivatePostgres {
-    /// A new cluster, initialised but not started.
+    /// A new cluster, initialised but not started; [`Self::start_again`]
+    /// starts it on [`Self::port`] (the test may have its URL already).
     pub fn init() -> PrivatePostgres {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
+        let port = unused_port();
         let dir = tempfile::tempdir().expect("a temporary directory");
         let as_postgres = running_as_root();
         // The postgres user must reach and own it.
@@ -46,6 +48,7 @@ impl PrivatePostgres {
             .expect("chmod the temporary directory");
         let pg = PrivatePostgres {
             port,
+            port_fixed: true,
             dir,
             as_postgres,
             running: false,
@@ -71,6 +74,8 @@ impl PrivatePostgres {
     /// A new cluster, started.
     pub fn start() -> PrivatePostgres {
         let mut pg = Self::init();
+        // Nobody has its URL yet: a taken port means another one.
+        pg.port_fixed = false;
         pg.start_again();
         pg
     }
@@ -138,19 +143,48 @@ impl PrivatePostgres {
             .unwrap_or_else(|e| panic!("cannot run {program}: {e}"))
     }
 
-    /// Starts the server and waits until it accepts connections.
+    /// Starts the server and waits until it accepts connections. A port
+    /// another process took meanwhile means waiting for it to come free, or
+    /// a new one when nobody has the URL yet.
     pub fn start_again(&mut self) {
         if self.running {
             return;
         }
+        let log = self.dir.path().join("postgres.log");
+        let mut failure = String::new();
+        for _ in 0..ports::ATTEMPTS {
+            let logged_before = std::fs::read_to_string(&log).map_or(0, |l| l.len());
+            let out = self.pg_ctl_start(&log);
+            if out.status.success() {
+                self.running = true;
+                self.port_fixed = true;
+                return;
+            }
+            let logged = std::fs::read_to_string(&log).unwrap_or_default();
+            let new = logged.get(logged_before..).unwrap_or_default();
+            failure = format!("{}; log: {new}", text(&out));
+            if !ports::in_use(new) {
+                break;
+            }
+            if self.port_fixed {
+                std::thread::sleep(Duration::from_millis(500));
+            } else {
+                self.port = unused_port();
+            }
+        }
+        panic!("pg_ctl start failed: {failure}");
+    }
+
+    /// `pg_ctl start`, waiting (`-w`) until this server accepts connections:
+    /// pg_ctl asks the server it started, not whatever has the port.
+    fn pg_ctl_start(&self, log: &Path) -> Output {
         let data = self.data_dir();
         let options = format!(
             "-p {} -c listen_addresses=127.0.0.1 -c unix_socket_directories={} -c fsync=off -c max_connections=200",
             self.port,
             path_str(self.dir.path())
         );
-        let log = self.dir.path().join("postgres.log");
-        let out = self.pg(
+        self.pg(
             "pg_ctl",
             &[
                 "-D",
@@ -158,20 +192,13 @@ impl PrivatePostgres {
                 "-o",
                 &options,
                 "-l",
-                path_str(&log),
+                path_str(log),
                 "-w",
                 "-t",
                 "60",
                 "start",
             ],
-        );
-        assert!(
-            out.status.success(),
-            "pg_ctl start failed: {}; log: {}",
-            text(&out),
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
-        self.running = true;
+        )
     }
 
     /// Stops the server at once (`-m immediate`: like a crash, no checkpoint).

@@ -1,7 +1,7 @@
 //! How failures are classified, and how calls are decorated (tokens,
 //! correlation id, timeouts).
 
-use super::fixture::{SOURCE_TOKEN, Setup, TARGET, TARGET_TOKEN, TwoNodes, closed_port_address};
+use super::fixture::{ClosedPort, SOURCE_TOKEN, Setup, TARGET, TARGET_TOKEN, TwoNodes};
 use super::maintenance::maintenance_changes;
 use super::*;
 
@@ -175,8 +175,9 @@ async fn an_update_slower_than_the_job_timeout_records_no_generation() {
 
 #[tokio::test]
 async fn an_unreachable_target_fails_quickly_as_unavailable() {
+    let closed = ClosedPort::bind();
     let n = TwoNodes::start_with(Setup {
-        target_address: Some(closed_port_address()),
+        target_address: Some(closed.address()),
         ..Setup::default()
     })
     .await;

@@ -46,13 +46,21 @@ pub fn config_toml(
     s
 }
 
-/// The address of a TCP port on 127.0.0.1 that nothing listens on: bound,
-/// then released.
-pub fn closed_port_address() -> String {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    drop(listener);
-    format!("tcp://127.0.0.1:{port}")
+/// A TCP port on 127.0.0.1 that refuses connections while this lives: bound
+/// but never listening, so nothing else can take it and listen there.
+pub struct ClosedPort(tokio::net::TcpSocket);
+
+impl ClosedPort {
+    pub fn bind() -> ClosedPort {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(([127, 0, 0, 1], 0).into()).unwrap();
+        ClosedPort(socket)
+    }
+
+    /// Its address, as the config names a node.
+    pub fn address(&self) -> String {
+        format!("tcp://{}", self.0.local_addr().unwrap())
+    }
 }
 
 /// What a test changes about the two-node setup.

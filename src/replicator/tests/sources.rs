@@ -3,7 +3,7 @@
 //! call when there is none. A healthy source's failing call is retried as
 //! before, never redirected.
 
-use super::fixture::{SOURCE, SPARE, SPARE_TOKEN, Setup, TARGET, TwoNodes, closed_port_address};
+use super::fixture::{ClosedPort, SOURCE, SPARE, SPARE_TOKEN, Setup, TARGET, TwoNodes};
 use super::*;
 use crate::gitaly::health::Health;
 
@@ -153,9 +153,10 @@ async fn an_unhealthy_source_is_not_needed_when_the_target_already_holds_its_gen
 #[tokio::test]
 async fn a_healthy_source_whose_call_fails_unavailable_fails_the_job_for_a_retry_and_is_not_replaced()
  {
+    let closed = ClosedPort::bind();
     let n = TwoNodes::start_with(Setup {
         spare: true,
-        source_address: Some(closed_port_address()),
+        source_address: Some(closed.address()),
         ..Setup::default()
     })
     .await;

@@ -2,7 +2,7 @@
 //! generation rule.
 
 use super::fixture::{
-    SOURCE, SOURCE_TOKEN, Setup, TARGET, TwoNodes, VIRTUAL_STORAGE as VS, closed_port_address,
+    ClosedPort, SOURCE, SOURCE_TOKEN, Setup, TARGET, TwoNodes, VIRTUAL_STORAGE as VS,
 };
 use super::*;
 
@@ -318,7 +318,8 @@ async fn update_whose_pool_link_fails_records_no_generation() {
 
 #[tokio::test]
 async fn update_with_an_unreachable_source_fails_on_the_pool_lookup_and_records_no_generation() {
-    let unreachable = closed_port_address();
+    let closed = ClosedPort::bind();
+    let unreachable = closed.address();
     let n = TwoNodes::start_with(Setup {
         source_address: Some(unreachable.clone()),
         ..Setup::default()

@@ -68,6 +68,24 @@ impl ReplicatorProcess {
         }
     }
 
+    /// The port of the operations endpoint, from the service's log line
+    /// naming the address it bound: the config asks for port 0, so no other
+    /// process can take the port between a choice and the bind.
+    pub async fn ops_port(&self) -> u16 {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            if let Some(port) = bound_ops_port(&self.stderr.lock().unwrap()) {
+                return port;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the process never said where it serves /metrics:\n{}",
+                self.stderr.lock().unwrap()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
     pub fn pid(&self) -> i32 {
         self.child.id().map(|p| p as i32).unwrap_or(0)
     }
@@ -88,4 +106,22 @@ impl ReplicatorProcess {
         let stderr = self.stderr.lock().unwrap().clone();
         (status.code(), stderr)
     }
+}
+
+/// The port in the log line `serving /metrics, …` with the bound address.
+fn bound_ops_port(log: &str) -> Option<u16> {
+    let line = log.lines().find(|l| l.contains("serving /metrics"))?;
+    let (_, after) = line.split_once("127.0.0.1:")?;
+    let digits: String = after.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
+}
+
+/// `toml` with the operations endpoint on a port the process binds itself
+/// (port 0); [`ReplicatorProcess::ops_port`] finds it.
+pub fn with_ops_on_any_port(toml: &str) -> String {
+    assert!(toml.contains("prometheus_listen_addr = \"\""), "{toml}");
+    toml.replace(
+        "prometheus_listen_addr = \"\"",
+        "prometheus_listen_addr = \"127.0.0.1:0\"",
+    )
 }

@@ -2,7 +2,6 @@
 //! free port, over a recording Gitaly cluster.
 
 use super::cluster::Cluster;
-use super::http::free_port;
 use gitaly_replicator::Config;
 use gitaly_replicator::ServiceError;
 use serde_json::json;
@@ -23,14 +22,10 @@ impl RunningService {
     /// gitaly-3 answers `Cleanup` with UNIMPLEMENTED, so the jobs of
     /// [`Self::publish_update_and_cleanup`] end completed and unsupported.
     pub async fn start(relative_path: &str) -> RunningService {
-        let port = free_port();
-        let cluster = Cluster::start_with(3, |t| {
-            *t = t.replace(
-                "prometheus_listen_addr = \"\"",
-                &format!("prometheus_listen_addr = \"127.0.0.1:{port}\""),
-            );
-        })
-        .await;
+        // Bound here and handed over: no other process can take the port.
+        let ops = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = ops.local_addr().unwrap().port();
+        let cluster = Cluster::start(3).await;
         cluster
             .db
             .store
@@ -41,7 +36,8 @@ impl RunningService {
             "Cleanup",
             Behaviour::fail(tonic::Code::Unimplemented, "gone"),
         );
-        let service = ServiceTask::start(Config::from_toml_str(&cluster.toml).unwrap());
+        let service =
+            ServiceTask::serving_ops_on(Config::from_toml_str(&cluster.toml).unwrap(), ops);
         RunningService {
             cluster,
             port,
@@ -79,6 +75,20 @@ impl ServiceTask {
         let task = tokio::spawn(gitaly_replicator::run(config, async {
             let _ = stopped.await;
         }));
+        ServiceTask { stop, task }
+    }
+
+    /// Like [`ServiceTask::start`], serving `/metrics` and `/health/*` on
+    /// `ops` instead of the config's address.
+    pub fn serving_ops_on(config: Config, ops: std::net::TcpListener) -> ServiceTask {
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(gitaly_replicator::run_with_ops_listener(
+            config,
+            ops,
+            async {
+                let _ = stopped.await;
+            },
+        ));
         ServiceTask { stop, task }
     }
 

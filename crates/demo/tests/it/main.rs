@@ -71,3 +71,38 @@ fn with_tls_the_storage_nodes_are_reached_over_tls_and_every_replica_matches() {
     assert!(!stderr.contains("tcp://"), "{stderr}");
     assert!(stdout.contains("PASS: every replica matches"), "{stdout}");
 }
+
+/// Two demos at once, one with `--tls`, ten times in a row: each binds its
+/// own ports (the metrics listener is bound once and handed to the service),
+/// so neither can take a port the other chose.
+#[test]
+fn two_demos_run_at_once_and_both_pass_ten_times_in_a_row() {
+    let database_url = std::env::var(testkit::db::SERVER_URL_ENV)
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
+    let demo = |tls: bool| {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_gitaly-replicator-demo"));
+        if tls {
+            command.arg("--tls");
+        }
+        command
+            .args(["--repositories", "3", "--nats-url", &nats_url()])
+            .args(["--database-url", &database_url])
+            .env_remove(gitaly_replicator::SSL_CERT_DIR)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    for round in 1..=10 {
+        let running = [demo(true), demo(false)];
+        for (child, tls) in running.into_iter().zip([true, false]) {
+            let out = child.wait_with_output().unwrap();
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                out.status.success() && stdout.contains("PASS: every replica matches"),
+                "round {round}, tls {tls}: {stdout}\n{stderr}"
+            );
+        }
+    }
+}
