@@ -90,6 +90,23 @@ impl NodeProcess {
         extra: &[String],
         env: &[(String, String)],
     ) -> (Child, SocketAddr) {
+        match Self::try_start(storage, dir, token, listen, extra, env).await {
+            Ok(started) => started,
+            Err(line) => panic!("unexpected first line of storage-node: {line:?}"),
+        }
+    }
+
+    /// Starts the binary; answers the process and the address it printed,
+    /// or what it printed instead (nothing when it exited, as it does when
+    /// its address is taken).
+    async fn try_start(
+        storage: &str,
+        dir: &Path,
+        token: &str,
+        listen: &str,
+        extra: &[String],
+        env: &[(String, String)],
+    ) -> Result<(Child, SocketAddr), String> {
         let mut child = Command::new(binary())
             .args(["--listen", listen, "--token", token, "--log", "error"])
             .arg("--storage")
@@ -112,10 +129,11 @@ impl NodeProcess {
         let addr = line
             .trim()
             .strip_prefix("listening on ")
-            .unwrap_or_else(|| panic!("unexpected first line of storage-node: {line:?}"))
-            .parse()
-            .expect("an address after 'listening on'");
-        (child, addr)
+            .and_then(|a| a.parse().ok());
+        match addr {
+            Some(addr) => Ok((child, addr)),
+            None => Err(line),
+        }
     }
 
     /// `tcp://ADDR`, or `tls://ADDR` when the node serves TLS, as the
@@ -149,27 +167,32 @@ impl NodeProcess {
     }
 
     /// Starts the node again on the same address, directory, token and flags.
+    /// Another process may hold the port for a moment (an outgoing
+    /// connection's source port, say): the start is tried again until it is
+    /// free.
     pub async fn restart(&mut self) {
         self.kill().await;
-        // The killed process's listener is closed with it; wait until the
-        // port can be bound, in case the kernel is slow to release it.
-        let free = crate::eventually(Duration::from_secs(5), || async {
-            std::net::TcpListener::bind(self.addr).is_ok()
-        })
-        .await;
-        assert!(free, "port of {} still taken", self.storage);
         let listen = self.addr.to_string();
-        let (child, addr) = Self::start(
-            &self.storage,
-            &self.dir,
-            &self.token,
-            &listen,
-            &self.extra,
-            &self.env,
-        )
-        .await;
-        assert_eq!(addr, self.addr);
-        self.child = Some(child);
+        for _ in 0..crate::ports::ATTEMPTS {
+            let started = Self::try_start(
+                &self.storage,
+                &self.dir,
+                &self.token,
+                &listen,
+                &self.extra,
+                &self.env,
+            )
+            .await;
+            match started {
+                Ok((child, addr)) => {
+                    assert_eq!(addr, self.addr);
+                    self.child = Some(child);
+                    return;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+            }
+        }
+        panic!("{} did not start again on {}", self.storage, self.addr);
     }
 }
 
