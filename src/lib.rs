@@ -71,7 +71,7 @@ pub use config::{
     UrlCredentials, VerificationConfig, VirtualStorage, node_token_env_var, trim_directives,
 };
 pub use error_chain::display_error_chain;
-pub use service::{ServiceError, connect_store, provision, run};
+pub use service::{ServiceError, connect_store, open_store, provision, run};
 
 // The job contract.
 pub use event::{Change, ChangeType, InvalidEvent, Job, MAX_TEXT_LEN, SplitStrategy};

@@ -24,6 +24,7 @@
 
 mod address;
 mod database;
+mod database_tls;
 mod env;
 mod error;
 mod logging;
@@ -50,6 +51,7 @@ use toml::Table;
 
 pub use address::NodeAddress;
 pub use database::{DatabaseConfig, PoolMode, SessionPooled};
+pub(crate) use database_tls::{Pem, PgTarget, Roots, ServerTrust, Verification};
 pub use env::{ENV_PREFIX, node_token_env_var};
 pub use error::ConfigError;
 pub use logging::{LogFormat, LoggingConfig, trim_directives};
