@@ -22,7 +22,8 @@
 //! - `store/`: Postgres only. Praefect's repository store, the per-replica
 //!   order and lock fence of state-changing writes, completion dedup, the
 //!   repository locks and their session, the batching of many jobs' reads
-//!   and writes into one statement.
+//!   and writes into one statement, and the TLS relay for the connections
+//!   whose server must be verified against exactly `sslrootcert`.
 //! - `service`: `run`, which wires the above together and owns shutdown;
 //!   `dependencies`: waiting for NATS and Postgres, and watching them;
 //!   `metrics`, `ops_server`: Prometheus metrics and health endpoints.

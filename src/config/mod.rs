@@ -10,7 +10,8 @@
 //! # Layout
 //!
 //! - Here: [`Config`] and the ways to load it.
-//! - The sections' types and defaults: `logging`, `virtual_storage`, `database`,
+//! - The sections' types and defaults: `logging`, `virtual_storage`, `database`
+//!   (and `database_tls`, how each Postgres connection verifies its server),
 //!   `replication`, `nats`; the values that need care: `secret` ([`Secret`]) and
 //!   `address` ([`NodeAddress`]).
 //! - Reading: the file is parsed as a plain [`toml::Table`] and walked by hand

@@ -4,7 +4,9 @@
 //! the session that holds them (`locks`, `lock_statements`,
 //! `lock_sessions`), and the batching that turns many jobs' reads and writes
 //! into one statement (`generation_batcher`, `coalescer`), and where a job's
-//! repository is now after a rename in the store (`repository_paths`). Every SQL
+//! repository is now after a rename in the store (`repository_paths`), and
+//! the TLS relay of the connections whose server is verified against exactly
+//! the configured roots (`tls_relay`, `tls_client`). Every SQL
 //! statement of the crate lives here, one function per statement or
 //! transaction. Writes are idempotent, because JetStream delivers a job at
 //! least once.
