@@ -22,7 +22,8 @@
 //! - `store/`: Postgres only. Praefect's repository store, the per-replica
 //!   order and lock fence of state-changing writes, completion dedup, the
 //!   repository locks and their session, the batching of many jobs' reads
-//!   and writes into one statement.
+//!   and writes into one statement, and the TLS relay for the connections
+//!   whose server must be verified against exactly `sslrootcert`.
 //! - `service`: `run`, which wires the above together and owns shutdown;
 //!   `dependencies`: waiting for NATS and Postgres, and watching them;
 //!   `metrics`, `ops_server`: Prometheus metrics and health endpoints.
@@ -71,7 +72,7 @@ pub use config::{
     UrlCredentials, VerificationConfig, VirtualStorage, node_token_env_var, trim_directives,
 };
 pub use error_chain::display_error_chain;
-pub use service::{ServiceError, connect_store, provision, run, run_with_ops_listener};
+pub use service::{ServiceError, connect_store, open_store, provision, run, run_with_ops_listener};
 
 // The job contract.
 pub use event::{Change, ChangeType, InvalidEvent, Job, MAX_TEXT_LEN, SplitStrategy};

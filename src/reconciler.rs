@@ -20,9 +20,9 @@ use crate::metrics::ReconcilerMetrics;
 use crate::queue::layout::Layout;
 use crate::queue::pending::{PendingJobs, PendingScanError, scan_target};
 use crate::queue::publisher::{PublishError, Publisher};
+use crate::store::PgEndpoint;
 use crate::store::{RepositoryStore, StoreError, VerificationCursor};
 use async_nats::jetstream::Context;
-use sqlx::postgres::PgConnectOptions;
 use sqlx::{ConnectOptions, PgConnection};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
@@ -105,6 +105,7 @@ impl Reconciler {
                 )
             })
             .collect();
+        let session = crate::service::session_endpoint(config, &store)?;
         Ok(Reconciler {
             store,
             publisher: Publisher::new(js.clone(), layout.clone()),
@@ -117,7 +118,7 @@ impl Reconciler {
             settings: config.reconciliation.clone(),
             verification: config.background_verification.clone(),
             leadership: Leadership {
-                options: config.database.session_connect_options()?,
+                session,
                 connection: None,
                 leading: false,
             },
@@ -399,7 +400,7 @@ impl Reconciler {
 /// survive transaction pooling). It is gone when that session ends, a
 /// killed process's included, and another process takes it on its next try.
 struct Leadership {
-    options: PgConnectOptions,
+    session: PgEndpoint,
     connection: Option<PgConnection>,
     leading: bool,
 }
@@ -430,7 +431,8 @@ impl Leadership {
             None => {}
         }
         if self.connection.is_none() {
-            match tokio::time::timeout(LEADER_CHECK_TIMEOUT, self.options.connect()).await {
+            match tokio::time::timeout(LEADER_CHECK_TIMEOUT, self.session.options().connect()).await
+            {
                 Ok(Ok(c)) => self.connection = Some(c),
                 Ok(Err(e)) => {
                     tracing::warn!(

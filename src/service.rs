@@ -21,16 +21,17 @@ use crate::reconciler::Reconciler;
 use crate::replicator::GitalyReplicator;
 use crate::retry_delay::RetryPolicy;
 use crate::store::locks::RepositoryLocks;
-use crate::store::{
-    self, CompletionPruning, EmptyDatabase, RepositoryStore, StatementPool, StoreError,
-    prune_completions,
-};
-use sqlx::Connection;
-use sqlx::postgres::{PgConnection, PgPoolOptions};
+use crate::store::{CompletionPruning, EmptyDatabase, StoreError, prune_completions};
 use std::future::Future;
 use std::net::SocketAddr;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+
+mod database;
+
+pub(crate) use database::session_endpoint;
+pub use database::{connect_store, open_store};
+use database::{database_reason, is_tls_failure, key_prefix, url_part};
 
 /// Why the service stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -80,54 +81,6 @@ pub enum ServiceError {
     Stopped,
 }
 
-/// `[database.session_pooled]` → `database.session_pooled.`
-fn key_prefix(connection: &str) -> String {
-    format!("{}.", connection.trim_matches(['[', ']']))
-}
-
-fn url_part(url: &str) -> String {
-    if url.is_empty() {
-        String::new()
-    } else {
-        format!(" ({url})")
-    }
-}
-
-/// The driver's reason, with the keys to look at when TLS is why; `keys` is
-/// the prefix of the connection's keys (`database.`).
-fn database_reason(source: &sqlx::Error, keys: &str) -> String {
-    let text = source.to_string();
-    if !is_tls_failure(source) {
-        return text;
-    }
-    if text.contains("not valid for name") {
-        format!(
-            "{text}; set {keys}host to a name the server's certificate holds, or {keys}sslmode \
-             to verify-ca (the chain only)"
-        )
-    } else if text.contains("certificate") && !text.contains("client") {
-        format!(
-            "{text}; check {keys}sslrootcert: the CA that signed the server's certificate \
-             (the platform's roots are trusted as well)"
-        )
-    } else {
-        format!("{text}; check {keys}sslcert and {keys}sslkey (PEM), and {keys}sslmode")
-    }
-}
-
-/// Whether the TLS handshake (not the network) failed: a certificate or key
-/// the server or this side refused. Configuration, so not worth waiting for.
-fn is_tls_failure(source: &sqlx::Error) -> bool {
-    match source {
-        sqlx::Error::Tls(_) => true,
-        sqlx::Error::Io(e) => e
-            .get_ref()
-            .is_some_and(|inner| inner.to_string().contains("certificate")),
-        sqlx::Error::Configuration(e) => e.to_string().contains("pem"),
-        _ => false,
-    }
-}
-
 impl ServiceError {
     /// Whether waiting may help: the dependency is down or starting, not
     /// refusing the configuration.
@@ -162,56 +115,6 @@ pub fn consumer_settings(config: &Config) -> ConsumerSettings {
         health_check_interval: r.health_check_interval,
         queue_depth_interval: std::time::Duration::from_secs(10),
     }
-}
-
-/// Connects to Postgres with the configured pool and applies migrations, on
-/// the session connection (they take a session lock), once the database's
-/// schema is one the store can use (see [`EmptyDatabase`]).
-pub async fn connect_store(
-    config: &Config,
-    empty: EmptyDatabase,
-) -> Result<RepositoryStore, ServiceError> {
-    let db = &config.database;
-    let unreachable = |connection: &'static str| {
-        move |source| ServiceError::Database {
-            connection,
-            url: db.masked_url().unwrap_or_default(),
-            source,
-        }
-    };
-    let pool = PgPoolOptions::new()
-        .max_connections(db.max_connections)
-        // Opened at start, so the first jobs do not wait for connections.
-        .min_connections(db.max_connections.min(4))
-        // A ping before every query would double the round trips; a broken
-        // connection shows up as a retryable error on use instead.
-        .test_before_acquire(false)
-        .acquire_timeout(db.connect_timeout)
-        .connect_with(db.connect_options()?)
-        .await
-        .map_err(unreachable("[database]"))?;
-    let pool = if db.transaction_pooled() {
-        StatementPool::transaction_pooled(pool, db.per_transaction_statement_timeout_ms())
-    } else {
-        StatementPool::direct(pool)
-    };
-    let store = RepositoryStore::with_statement_pool(pool);
-    let session = if db.has_session_connection() {
-        "[database.session_pooled]"
-    } else {
-        "[database]"
-    };
-    let mut conn = tokio::time::timeout(
-        db.connect_timeout,
-        PgConnection::connect_with(&db.session_connect_options()?),
-    )
-    .await
-    .unwrap_or(Err(sqlx::Error::PoolTimedOut))
-    .map_err(unreachable(session))?;
-    let migrated = store::migrate_on(&mut conn, empty).await;
-    let _ = conn.close().await;
-    migrated?;
-    Ok(store)
 }
 
 /// Creates or updates the JetStream layout; logs what changed. Settings
@@ -430,11 +333,15 @@ async fn serve(
         )?;
         tasks.spawn(reconciler.run(tick, tokens.background.clone()));
     }
-    let locks = RepositoryLocks::start(
-        config.database.session_connect_options()?,
-        tasks,
-        tokens.background.clone(),
-    );
+    let session = session_endpoint(config, &store)?;
+    let locks = RepositoryLocks::start(session.options().clone(), tasks, tokens.background.clone());
+    // The lock holder reconnects through the session's relay, if it has
+    // one, until the background services stop.
+    let background = tokens.background.clone();
+    tasks.spawn(async move {
+        background.cancelled().await;
+        drop(session);
+    });
     let deps = ConsumerDeps {
         client: nats,
         layout,

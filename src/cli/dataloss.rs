@@ -1,11 +1,9 @@
 //! `dataloss`: per virtual storage, the repositories whose replicas lag, as
 //! a table or as JSON. Reads Postgres and JetStream only.
 
-use anyhow::Context as _;
 use gitaly_replicator::{
-    Config, DatalossOptions, DatalossReport, Layout, RepositoryStore, connect_nats, dataloss_report,
+    Config, DatalossOptions, DatalossReport, Layout, connect_nats, dataloss_report, open_store,
 };
-use sqlx::postgres::PgPoolOptions;
 
 #[derive(Debug, clap::Args)]
 pub struct DatalossArgs {
@@ -26,20 +24,8 @@ pub struct DatalossArgs {
 }
 
 pub async fn run(config: &Config, args: DatalossArgs) -> anyhow::Result<()> {
-    let db = &config.database;
     // A pool of one, and no migrations: the command only reads.
-    let pool = PgPoolOptions::new()
-        .max_connections(1)
-        .acquire_timeout(db.connect_timeout)
-        .connect_with(db.connect_options()?)
-        .await
-        .with_context(|| {
-            format!(
-                "connecting to [database] {}",
-                db.masked_url().unwrap_or_default()
-            )
-        })?;
-    let store = RepositoryStore::new(pool.clone());
+    let store = open_store(config, 1).await?;
     let client = connect_nats(&config.nats, "gitaly-replicator dataloss").await?;
     let js = async_nats::jetstream::new(client);
     let options = DatalossOptions {
@@ -48,7 +34,7 @@ pub async fn run(config: &Config, args: DatalossArgs) -> anyhow::Result<()> {
         scan_limit: args.scan_limit,
     };
     let report = dataloss_report(config, &store, &js, &Layout::from_config(config), &options).await;
-    pool.close().await;
+    store.pool().close().await;
     let report = report?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);

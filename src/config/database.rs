@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde::Serialize;
 use sqlx::postgres::{PgConnectOptions, PgSslMode};
 
+use super::database_tls::{self, PgTarget, ServerTrust, TlsSettings};
 use super::{ConfigError, Secret, mask};
 
 /// `[database]`: either `url`, or Praefect's separate keys. With `url`, only
@@ -248,6 +249,51 @@ impl DatabaseConfig {
         };
         let options = keys.apply(self.base_options()?, "database.session_pooled")?;
         Ok(self.with_statement_timeout(options))
+    }
+
+    /// [`Self::connect_options`] and how the server is verified: the pool's
+    /// connections go through the store's TLS relay when it must be (see
+    /// `database_tls`), since sqlx would trust the platform's roots too.
+    pub(crate) fn pool_target(&self) -> Result<PgTarget, ConfigError> {
+        let options = self.connect_options()?;
+        let own = [&self.sslrootcert, &self.sslcert, &self.sslkey];
+        let trust = self.trust(&options, own.map(Option::as_deref), "database.")?;
+        Ok(PgTarget { options, trust })
+    }
+
+    /// [`Self::session_connect_options`] and how the server is verified.
+    pub(crate) fn session_target(&self) -> Result<PgTarget, ConfigError> {
+        let options = self.session_connect_options()?;
+        let sp = &self.session_pooled;
+        let own = [
+            sp.sslrootcert.as_ref().or(self.sslrootcert.as_ref()),
+            sp.sslcert.as_ref().or(self.sslcert.as_ref()),
+            sp.sslkey.as_ref().or(self.sslkey.as_ref()),
+        ];
+        let keys = if self.has_session_connection() {
+            "database.session_pooled."
+        } else {
+            "database."
+        };
+        let trust = self.trust(&options, own.map(|p| p.map(PathBuf::as_path)), keys)?;
+        Ok(PgTarget { options, trust })
+    }
+
+    fn trust(
+        &self,
+        options: &PgConnectOptions,
+        own: [Option<&std::path::Path>; 3],
+        keys: &str,
+    ) -> Result<ServerTrust, ConfigError> {
+        let url = self.url.as_ref().map(|u| u.expose());
+        let settings = TlsSettings::resolve(own, url, |var| std::env::var(var).ok());
+        database_tls::decide(
+            options,
+            settings,
+            keys,
+            database_tls::default_root_file(),
+            std::path::Path::exists,
+        )
     }
 
     /// The server-side statement limit of a transaction-pooled connection,

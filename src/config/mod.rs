@@ -10,7 +10,8 @@
 //! # Layout
 //!
 //! - Here: [`Config`] and the ways to load it.
-//! - The sections' types and defaults: `logging`, `virtual_storage`, `database`,
+//! - The sections' types and defaults: `logging`, `virtual_storage`, `database`
+//!   (and `database_tls`, how each Postgres connection verifies its server),
 //!   `replication`, `nats`; the values that need care: `secret` ([`Secret`]) and
 //!   `address` ([`NodeAddress`]).
 //! - Reading: the file is parsed as a plain [`toml::Table`] and walked by hand
@@ -24,6 +25,7 @@
 
 mod address;
 mod database;
+mod database_tls;
 mod env;
 mod error;
 mod logging;
@@ -50,6 +52,7 @@ use toml::Table;
 
 pub use address::NodeAddress;
 pub use database::{DatabaseConfig, PoolMode, SessionPooled};
+pub(crate) use database_tls::{Pem, PgTarget, Roots, ServerTrust, Verification};
 pub use env::{ENV_PREFIX, node_token_env_var};
 pub use error::ConfigError;
 pub use logging::{LogFormat, LoggingConfig, trim_directives};

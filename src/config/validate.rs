@@ -152,8 +152,10 @@ impl DatabaseConfig {
                 "must be more than 0s",
             ));
         }
-        self.connect_options()?;
-        self.session_connect_options().map(drop)
+        // Also builds the options; reads libpq's default root file when
+        // verification needs one and none is named.
+        self.pool_target()?;
+        self.session_target().map(drop)
     }
 }
 

@@ -4,7 +4,9 @@
 //! the session that holds them (`locks`, `lock_statements`,
 //! `lock_sessions`), and the batching that turns many jobs' reads and writes
 //! into one statement (`generation_batcher`, `coalescer`), and where a job's
-//! repository is now after a rename in the store (`repository_paths`). Every SQL
+//! repository is now after a rename in the store (`repository_paths`), and
+//! the TLS relay of the connections whose server is verified against exactly
+//! the configured roots (`tls_relay`, `tls_client`). Every SQL
 //! statement of the crate lives here, one function per statement or
 //! transaction. Writes are idempotent, because JetStream delivers a job at
 //! least once.
@@ -23,6 +25,8 @@ mod reconcile;
 pub mod repository_paths;
 mod schema;
 mod statement_pool;
+mod tls_client;
+mod tls_relay;
 mod verification;
 
 pub use completions::{CompletionKey, CompletionPruning, JobKey, prune_completions};
@@ -45,6 +49,9 @@ pub use schema::{EmptyDatabase, REQUIRED_PRAEFECT_MIGRATION, REQUIRED_PRAEFECT_V
 use sqlx::PgPool;
 use sqlx::migrate::Migrator;
 pub use statement_pool::StatementPool;
+use std::sync::Arc;
+pub(crate) use tls_client::TlsSetupError;
+pub(crate) use tls_relay::PgEndpoint;
 pub use verification::{DueReplica, VerificationCursor};
 
 static MIGRATOR: Migrator = sqlx::migrate!();
@@ -53,6 +60,16 @@ static MIGRATOR: Migrator = sqlx::migrate!();
 #[derive(Debug, Clone)]
 pub struct RepositoryStore {
     pool: StatementPool,
+    /// Where the pool's and the session's connections go, when the store
+    /// opened them: the TLS relays they may need run while a clone lives.
+    endpoints: Option<Arc<Endpoints>>,
+}
+
+#[derive(Debug)]
+struct Endpoints {
+    /// Held for the relay the pool's new connections go through.
+    _pool: PgEndpoint,
+    session: Option<PgEndpoint>,
 }
 
 /// The advisory lock key of a replica: the stable hash of the three names
@@ -65,14 +82,32 @@ pub fn repository_lock_key(virtual_storage: &str, relative_path: &str, target: &
 impl RepositoryStore {
     /// A store whose statements go straight through `pool`.
     pub fn new(pool: PgPool) -> Self {
-        Self {
-            pool: StatementPool::direct(pool),
-        }
+        Self::with_statement_pool(StatementPool::direct(pool))
     }
 
     /// A store on `pool` as given (see [`StatementPool`]).
     pub fn with_statement_pool(pool: StatementPool) -> Self {
-        Self { pool }
+        Self {
+            pool,
+            endpoints: None,
+        }
+    }
+
+    /// This store, keeping `pool` (where its pool connects) and `session`
+    /// (the session connection's, for the locks and the reconciler).
+    pub(crate) fn with_endpoints(self, pool: PgEndpoint, session: Option<PgEndpoint>) -> Self {
+        Self {
+            endpoints: Some(Arc::new(Endpoints {
+                _pool: pool,
+                session,
+            })),
+            ..self
+        }
+    }
+
+    /// Where the session connection goes, when this store was opened with one.
+    pub(crate) fn session_endpoint(&self) -> Option<&PgEndpoint> {
+        self.endpoints.as_ref()?.session.as_ref()
     }
 
     pub fn pool(&self) -> &PgPool {

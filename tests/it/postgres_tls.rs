@@ -1,8 +1,13 @@
 //! TLS to Postgres, against a private Postgres serving TLS with a test CA:
 //! every sslmode libpq knows, verification of the chain and of the host
-//! name, client certificates, and refusals that name the key to fix.
+//! name, client certificates, and refusals that name the key to fix. The
+//! root file is the only trust anchor, as in libpq: the tests that prove it
+//! run `migrate` as a process, with the platform's store (`SSL_CERT_FILE`,
+//! `SSL_CERT_DIR`) and the home directory of their choosing.
 
+use crate::common::process::ReplicatorProcess;
 use gitaly_replicator::{Config, EmptyDatabase, ServiceError, connect_store, display_error_chain};
+use std::path::Path;
 use testkit::postgres_server::PrivatePostgres;
 use testkit::tls::{Leaf, TestCa};
 
@@ -45,7 +50,12 @@ fn tls_postgres() -> TlsPostgres {
 }
 
 fn config(port: u16, database: &str) -> Config {
-    Config::from_toml_str(&format!(
+    Config::from_toml_str(&toml(port, database)).unwrap()
+}
+
+/// A configuration with `database` as the rest of `[database]`.
+fn toml(port: u16, database: &str) -> String {
+    format!(
         r#"
         [[virtual_storage]]
         name = "default"
@@ -60,8 +70,7 @@ fn config(port: u16, database: &str) -> Config {
         connect_timeout = "5s"
         {database}
         "#
-    ))
-    .unwrap()
+    )
 }
 
 async fn connect(config: &Config) -> Result<(), String> {
@@ -203,5 +212,172 @@ async fn a_wrong_ca_or_host_name_is_refused_naming_the_keys_to_fix_at_once() {
             started.elapsed() < std::time::Duration::from_secs(5),
             "{mode}: waited"
         );
+    }
+}
+
+/// `gitaly-replicator migrate --standalone` with `database` as the rest of
+/// `[database]` (and any section after it), the platform's store holding
+/// only `platform_ca`, and `home` as the home directory: (exit code, stderr).
+async fn migrate(
+    t: &TlsPostgres,
+    database: &str,
+    platform_ca: &Path,
+    home: &Path,
+) -> (Option<i32>, String) {
+    let store = tempfile::tempdir().unwrap();
+    std::fs::copy(platform_ca, store.path().join("ca.pem")).unwrap();
+    let p = ReplicatorProcess::spawn_with_env(
+        &toml(t.pg.port, database),
+        &["migrate", "--standalone"],
+        &[
+            ("SSL_CERT_FILE", &path(platform_ca)),
+            ("SSL_CERT_DIR", &path(store.path())),
+            ("HOME", &path(home)),
+        ],
+    );
+    tokio::time::timeout(std::time::Duration::from_secs(60), p.wait())
+        .await
+        .expect("migrate ends")
+}
+
+/// The error the command printed last (the log has it too).
+fn last_line(stderr: &str) -> &str {
+    stderr.trim_end().lines().last().unwrap_or_default()
+}
+
+/// A home directory whose `~/.postgresql/root.crt` is `ca`, or has none.
+fn home_with_root_crt(ca: Option<&Path>) -> tempfile::TempDir {
+    let home = tempfile::tempdir().unwrap();
+    if let Some(ca) = ca {
+        std::fs::create_dir(home.path().join(".postgresql")).unwrap();
+        std::fs::copy(ca, home.path().join(".postgresql/root.crt")).unwrap();
+    }
+    home
+}
+
+#[tokio::test]
+async fn verify_ca_trusts_sslrootcert_alone_even_where_the_platform_trusts_the_server() {
+    let t = tls_postgres();
+    let (ca, other) = (path(&t.ca.cert_file), path(&t.other_ca.cert_file));
+    let home = home_with_root_crt(None);
+    // The platform's roots do hold the server's CA: "system" connects.
+    let (code, err) = migrate(
+        &t,
+        "host = \"localhost\"\nsslmode = \"verify-full\"\nsslrootcert = \"system\"",
+        &t.ca.cert_file,
+        home.path(),
+    )
+    .await;
+    assert_eq!(code, Some(0), "system with verify-full: {err}");
+    let refused = [
+        (
+            format!("host = \"127.0.0.1\"\nsslmode = \"verify-ca\"\nsslrootcert = \"{other}\""),
+            "database.sslrootcert",
+        ),
+        (
+            format!("host = \"localhost\"\nsslmode = \"verify-full\"\nsslrootcert = \"{other}\""),
+            "database.sslrootcert",
+        ),
+        // libpq verifies `require` against a root file it is given.
+        (
+            format!("host = \"127.0.0.1\"\nsslmode = \"require\"\nsslrootcert = \"{other}\""),
+            "database.sslrootcert",
+        ),
+        // The session connection by its own keys.
+        (
+            format!(
+                "host = \"localhost\"\nsslmode = \"verify-full\"\nsslrootcert = \"{ca}\"\n\
+                 [database.session_pooled]\nhost = \"127.0.0.1\"\nsslmode = \"verify-ca\"\n\
+                 sslrootcert = \"{other}\""
+            ),
+            "database.session_pooled.sslrootcert",
+        ),
+    ];
+    for (database, key) in refused {
+        let (code, err) = migrate(&t, &database, &t.ca.cert_file, home.path()).await;
+        assert_eq!(code, Some(1), "{database}: {err}");
+        let last = last_line(&err);
+        assert!(last.contains(key), "{database}: {err}");
+        assert_eq!(
+            last.matches("invalid peer certificate: UnknownIssuer")
+                .count(),
+            1,
+            "{err}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn verify_ca_connects_with_the_right_ca_named_or_in_libpqs_default_file() {
+    let t = tls_postgres();
+    let ca = path(&t.ca.cert_file);
+    // The platform trusts another CA only: the root file alone vouches.
+    let home = home_with_root_crt(Some(&t.ca.cert_file));
+    for database in [
+        format!("host = \"127.0.0.1\"\nsslmode = \"verify-ca\"\nsslrootcert = \"{ca}\""),
+        // Unset: ~/.postgresql/root.crt, as libpq reads it.
+        "host = \"127.0.0.1\"\nsslmode = \"verify-ca\"".to_owned(),
+        "host = \"localhost\"\nsslmode = \"verify-full\"".to_owned(),
+    ] {
+        let (code, err) = migrate(&t, &database, &t.other_ca.cert_file, home.path()).await;
+        assert_eq!(code, Some(0), "{database}: {err}");
+    }
+    // Unset and no such file: refused before connecting, as a bad config.
+    let empty = home_with_root_crt(None);
+    let (code, err) = migrate(
+        &t,
+        "host = \"127.0.0.1\"\nsslmode = \"verify-ca\"",
+        &t.ca.cert_file,
+        empty.path(),
+    )
+    .await;
+    assert_eq!(code, Some(64), "{err}");
+    let root_crt = empty.path().join(".postgresql/root.crt");
+    assert!(
+        err.contains(&format!(
+            "root certificate file {} does not exist",
+            root_crt.display()
+        )),
+        "{err}"
+    );
+    assert!(
+        err.contains("set database.sslrootcert to a file, or to \"system\""),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn system_roots_with_any_mode_but_verify_full_are_a_config_error_naming_both_keys() {
+    let t = tls_postgres();
+    let home = home_with_root_crt(None);
+    let ca = path(&t.ca.cert_file);
+    for (database, keys) in [
+        (
+            "host = \"127.0.0.1\"\nsslmode = \"verify-ca\"\nsslrootcert = \"system\"".to_owned(),
+            "database.",
+        ),
+        (
+            "host = \"127.0.0.1\"\nsslmode = \"require\"\nsslrootcert = \"system\"".to_owned(),
+            "database.",
+        ),
+        (
+            format!(
+                "host = \"localhost\"\nsslmode = \"verify-full\"\nsslrootcert = \"{ca}\"\n\
+                 [database.session_pooled]\nsslmode = \"verify-ca\"\nsslrootcert = \"system\""
+            ),
+            "database.session_pooled.",
+        ),
+    ] {
+        let database = database.as_str();
+        let (code, err) = migrate(&t, database, &t.ca.cert_file, home.path()).await;
+        assert_eq!(code, Some(64), "{database}: {err}");
+        assert!(err.contains(&format!("{keys}sslrootcert: ")), "{err}");
+        assert!(
+            err.contains(&format!("{keys}sslmode = \"verify-full\"")),
+            "{err}"
+        );
+        // In the library too, before anything connects.
+        let e = Config::from_toml_str(&toml(t.pg.port, database)).unwrap_err();
+        assert_eq!(e.key, format!("{keys}sslrootcert"), "{e}");
     }
 }
