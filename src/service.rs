@@ -187,6 +187,14 @@ pub async fn connect_store(
         // connection shows up as a retryable error on use instead.
         .test_before_acquire(false)
         .acquire_timeout(db.connect_timeout)
+        // So a half-open connection is found (see `store::keep_connection_alive`).
+        .after_connect(|conn, _| {
+            Box::pin(async move {
+                crate::store::keep_connection_alive(conn)
+                    .await
+                    .map_err(|e| sqlx::Error::Protocol(e.to_string()))
+            })
+        })
         .connect_with(db.connect_options()?)
         .await
         .map_err(unreachable("[database]"))?;
@@ -375,6 +383,7 @@ async fn serve(
     }
     let locks = RepositoryLocks::start(
         config.database.session_connect_options()?,
+        config.replication.lock_lease,
         tasks,
         tokens.background.clone(),
     );
