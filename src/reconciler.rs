@@ -433,7 +433,16 @@ impl Leadership {
         if self.connection.is_none() {
             match tokio::time::timeout(LEADER_CHECK_TIMEOUT, self.session.options().connect()).await
             {
-                Ok(Ok(c)) => self.connection = Some(c),
+                Ok(Ok(mut c)) => {
+                    // A half-open session would keep leadership from others.
+                    if let Err(e) = crate::store::keep_connection_alive(&mut c).await {
+                        tracing::warn!(
+                            error = display_error_chain(&e),
+                            "cannot turn on TCP keepalives for the reconciler's lock session"
+                        );
+                    }
+                    self.connection = Some(c);
+                }
                 Ok(Err(e)) => {
                     tracing::warn!(
                         error = display_error_chain(&e),

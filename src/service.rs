@@ -334,7 +334,12 @@ async fn serve(
         tasks.spawn(reconciler.run(tick, tokens.background.clone()));
     }
     let session = session_endpoint(config, &store)?;
-    let locks = RepositoryLocks::start(session.options().clone(), tasks, tokens.background.clone());
+    let locks = RepositoryLocks::start(
+        session.options().clone(),
+        config.replication.lock_lease,
+        tasks,
+        tokens.background.clone(),
+    );
     // The lock holder reconnects through the session's relay, if it has
     // one, until the background services stop.
     let background = tokens.background.clone();

@@ -30,6 +30,15 @@ impl Config {
             }
         }
         out.push('\n');
+        let lease = self.replication.lock_lease;
+        let _ = writeln!(
+            out,
+            "# [replication] lock_lease = {}: a hung or cut-off process keeps its repositories \
+             at most this long; a process whose database does not answer for {} (half of it) \
+             stops its jobs and gives its locks up.",
+            humantime::format_duration(lease),
+            humantime::format_duration(lease / 2)
+        );
         if self.ignored_keys.is_empty() {
             out.push_str("# Ignored Praefect keys: none\n");
         } else {
@@ -213,6 +222,7 @@ mod tests {
                 max_retry_delay: Duration::from_secs(120),
                 completion_retention: Duration::from_secs(7200),
                 verify_after_update: true,
+                lock_lease: Duration::from_secs(45),
             },
             nats: NatsConfig {
                 url: "nats://a:4222,tls://b:4222".into(),

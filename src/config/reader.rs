@@ -185,6 +185,7 @@ fn read_replication(ctx: &mut Ctx, mut s: Section) -> Result<ReplicationConfig, 
         max_retry_delay: s.duration(ctx, "max_retry_delay", d.max_retry_delay)?,
         completion_retention: s.duration(ctx, "completion_retention", d.completion_retention)?,
         verify_after_update: s.boolean(ctx, "verify_after_update", d.verify_after_update)?,
+        lock_lease: s.duration(ctx, "lock_lease", d.lock_lease)?,
     };
     s.finish(ctx)?;
     Ok(config)

@@ -41,6 +41,12 @@ pub struct ReplicationConfig {
     /// equals the source's afterwards (default false); otherwise it fails
     /// and is retried.
     pub verify_after_update: bool,
+    /// The lease of a process's repository lock session (default 30s, at
+    /// least 2s): a process that stops renewing it (hung, cut off) holds its
+    /// repositories at most this long before others take them over; a
+    /// process that cannot renew it for half of it stops its jobs.
+    #[serde(serialize_with = "mask::serialize_duration")]
+    pub lock_lease: Duration,
 }
 
 impl Default for ReplicationConfig {
@@ -56,6 +62,7 @@ impl Default for ReplicationConfig {
             max_retry_delay: Duration::from_secs(300),
             completion_retention: Duration::from_secs(24 * 3600),
             verify_after_update: false,
+            lock_lease: crate::store::locks::DEFAULT_LOCK_LEASE,
         }
     }
 }

@@ -200,6 +200,19 @@ impl ReplicationConfig {
             self.completion_retention >= Duration::from_secs(1),
             "replication.completion_retention",
             "must be at least 1s",
+        )?;
+        // Half the lease is how long a slow database is waited for before a
+        // process gives its locks up; under a second, one slow round trip
+        // would drop them.
+        check(
+            self.lock_lease >= Duration::from_secs(2),
+            "replication.lock_lease",
+            "must be at least 2s",
+        )?;
+        check(
+            self.lock_lease <= Duration::from_secs(3600),
+            "replication.lock_lease",
+            "must be at most 1h",
         )
     }
 }

@@ -23,8 +23,7 @@ pub async fn connect_store(
     let pool_endpoint = PgEndpoint::start(db.pool_target()?, db.connect_timeout)
         .await
         .map_err(unreachable(config, "[database]"))?;
-    let pool = PgPoolOptions::new()
-        .max_connections(db.max_connections)
+    let pool = pool_options(db.max_connections)
         // Opened at start, so the first jobs do not wait for connections.
         .min_connections(db.max_connections.min(4))
         // A ping before every query would double the round trips; a broken
@@ -61,6 +60,21 @@ pub async fn connect_store(
     Ok(store.with_endpoints(pool_endpoint, Some(session_endpoint)))
 }
 
+/// A pool of at most `max_connections` whose every connection asks the server
+/// for TCP keepalives, so a half-open one is found (see
+/// `store::keep_connection_alive`).
+fn pool_options(max_connections: u32) -> PgPoolOptions {
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .after_connect(|conn, _| {
+            Box::pin(async move {
+                store::keep_connection_alive(conn)
+                    .await
+                    .map_err(|e| sqlx::Error::Protocol(e.to_string()))
+            })
+        })
+}
+
 /// A store on a pool of at most `max_connections`, without migrations, for
 /// the commands that only read.
 pub async fn open_store(
@@ -71,8 +85,7 @@ pub async fn open_store(
     let endpoint = PgEndpoint::start(db.pool_target()?, db.connect_timeout)
         .await
         .map_err(unreachable(config, "[database]"))?;
-    let pool = PgPoolOptions::new()
-        .max_connections(max_connections)
+    let pool = pool_options(max_connections)
         .acquire_timeout(db.connect_timeout)
         .connect_with(endpoint.options().clone())
         .await

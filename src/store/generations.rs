@@ -5,7 +5,7 @@
 //! state-changing write passes its replica's gate (see `order`).
 
 use super::order::{self, Gated};
-use super::{RepositoryStore, StoreError, WriteOrder, failed};
+use super::{RepositoryStore, StoreError, WriteOrder, failed, lock_sessions};
 
 /// What replicating from a source replica to a target replica should do,
 /// decided from the generations both hold (Praefect's rule).
@@ -198,7 +198,8 @@ impl RepositoryStore {
         &self,
         replicas: &[GenerationRecord<'_>],
     ) -> Result<Vec<Gated<bool>>, StoreError> {
-        let rows: Vec<(bool, bool, bool, bool)> = sqlx::query_as(
+        // The fence: each job's lock session still holds its locks.
+        static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
             "WITH input AS (
                 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[],
                                      $5::text[], $6::bigint[], $7::int[], $8::timestamptz[],
@@ -207,8 +208,7 @@ impl RepositoryStore {
             ), alive AS MATERIALIZED (
                 SELECT s.pid, s.started FROM (SELECT DISTINCT pid, started FROM input
                                               WHERE pid IS NOT NULL) s
-                WHERE EXISTS (SELECT FROM pg_stat_get_activity(s.pid) a
-                              WHERE a.backend_start IS NULL OR a.backend_start = s.started)
+                WHERE {HOLDS}
             ), fenced AS MATERIALIZED (
                 SELECT input.* FROM input
                 WHERE input.pid IS NULL OR EXISTS (
@@ -279,54 +279,56 @@ impl RepositoryStore {
             LEFT JOIN (SELECT DISTINCT * FROM (SELECT * FROM written UNION ALL SELECT * FROM moved) m) w
                 ON w.virtual_storage = input.vs AND w.relative_path = input.rel
                AND w.storage = input.storage AND w.generation = input.gen
-            ORDER BY input.i",
-        )
-        .bind(
-            replicas
-                .iter()
-                .map(|r| r.virtual_storage)
-                .collect::<Vec<_>>(),
-        )
-        .bind(replicas.iter().map(|r| r.relative_path).collect::<Vec<_>>())
-        .bind(replicas.iter().map(|r| r.storage).collect::<Vec<_>>())
-        .bind(replicas.iter().map(|r| r.generation).collect::<Vec<_>>())
-        .bind(
-            replicas
-                .iter()
-                .map(|r| r.order.map(|o| o.stream.as_str()))
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            replicas
-                .iter()
-                .map(|r| r.order.map_or(0, |o| o.sequence))
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            replicas
-                .iter()
-                .map(|r| r.order.and_then(|o| o.lock_session).map(|l| l.pid))
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            replicas
-                .iter()
-                .map(|r| {
-                    r.order
-                        .and_then(|o| o.lock_session)
-                        .map(|l| l.backend_start)
-                })
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            replicas
-                .iter()
-                .map(|r| r.order.and_then(|o| o.repository_id))
-                .collect::<Vec<_>>(),
-        )
-        .fetch_all(&self.pool)
-        .await
-        .map_err(failed("set_generation"))?;
+            ORDER BY input.i"
+            .replace("{HOLDS}", &lock_sessions::holds_sql("s.pid", "s.started"))
+        });
+        let rows: Vec<(bool, bool, bool, bool)> = sqlx::query_as(SQL.as_str())
+            .bind(
+                replicas
+                    .iter()
+                    .map(|r| r.virtual_storage)
+                    .collect::<Vec<_>>(),
+            )
+            .bind(replicas.iter().map(|r| r.relative_path).collect::<Vec<_>>())
+            .bind(replicas.iter().map(|r| r.storage).collect::<Vec<_>>())
+            .bind(replicas.iter().map(|r| r.generation).collect::<Vec<_>>())
+            .bind(
+                replicas
+                    .iter()
+                    .map(|r| r.order.map(|o| o.stream.as_str()))
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                replicas
+                    .iter()
+                    .map(|r| r.order.map_or(0, |o| o.sequence))
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                replicas
+                    .iter()
+                    .map(|r| r.order.and_then(|o| o.lock_session).map(|l| l.pid))
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                replicas
+                    .iter()
+                    .map(|r| {
+                        r.order
+                            .and_then(|o| o.lock_session)
+                            .map(|l| l.backend_start)
+                    })
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                replicas
+                    .iter()
+                    .map(|r| r.order.and_then(|o| o.repository_id))
+                    .collect::<Vec<_>>(),
+            )
+            .fetch_all(&self.pool)
+            .await
+            .map_err(failed("set_generation"))?;
         Ok(rows
             .into_iter()
             .map(|(held, current, in_order, written)| {

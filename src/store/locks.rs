@@ -9,16 +9,26 @@
 //! Locks are fenced. If that connection dies, Postgres frees its locks and
 //! another process may take them at once, so they are never taken back: every
 //! guard of the lost session is told ([`RepositoryGuard::lost`]) and its job
-//! stops and is redelivered. Until those jobs have stopped, no process is
-//! granted any new lock: each session is listed in a registry, and a listed
-//! session that is gone bars new locks until its owner clears it or a grace
-//! period passes (see `store::lock_sessions`). Each guard names the session
+//! stops and is redelivered. Until those jobs have stopped, the keys the lost
+//! session held are granted to no one: each session lists in the registry
+//! the keys it holds, written by the statement that takes them, and a listed
+//! session that is gone bars those keys, and only those, until its owner
+//! clears it or its lease runs out (see `store::lock_sessions`). Every other
+//! repository keeps being granted.
+//!
+//! Each session lives by a lease (`[replication] lock_lease`) that every
+//! statement on it renews, and a keepalive when nothing else does. A session
+//! is given up only when nothing renewed it for half the lease, however slow
+//! each round trip is, which leaves its jobs the other half to stop before
+//! peers may take their repositories. Peers end (`pg_terminate_backend`) a
+//! session whose lease ran out, so a hung process or a half-open connection
+//! frees its repositories within the lease. Each guard names the session
 //! (backend pid and start) that granted it, and the store's state-changing
-//! writes check in the same statement that this session is still alive, and
-//! so still holds the lock (see `store::order`). A statement that fails while
-//! the connection stays up (a statement timeout, say) does not end the
-//! session: what it holds is read back and put right, and a session missing
-//! a lock a job holds is dropped.
+//! writes check in the same statement that this session is alive and its
+//! lease running, and so that it still holds the lock (see `store::order`).
+//! A statement that fails while the connection stays up (a statement
+//! timeout, say) does not end the session: what it holds is read back and
+//! put right, and a session missing a lock a job holds is dropped.
 //!
 //! Completion dedup rides on the same statements: a lock request carries the
 //! job's dedup check and an unlock carries its completion record, so a burst
@@ -27,6 +37,7 @@
 //! 15 %).
 
 mod holder;
+mod session;
 
 use crate::retry_delay::RetryPolicy;
 use crate::store::{JobKey, LockSessionId};
@@ -134,12 +145,13 @@ impl RepositoryGuard {
 /// `application_name` of the connection that holds the locks.
 pub const LOCK_CONNECTION_NAME: &str = "gitaly-replicator repository locks";
 
-/// While locks are held, the connection is checked this often, so the jobs
-/// of a lost session are stopped promptly.
+/// While locks are held, the lease is renewed this often, so a broken
+/// connection is noticed and the jobs of a lost session are stopped promptly.
 const KEEPALIVE: Duration = Duration::from_millis(250);
 
-/// A keepalive that takes longer than this counts as a lost session.
-const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(1);
+/// The default of `[replication] lock_lease`, as Praefect's 30 s for a dead
+/// worker's jobs.
+pub const DEFAULT_LOCK_LEASE: Duration = Duration::from_secs(30);
 
 /// How a lock request that was refused, or a lost lock connection, is tried
 /// again: from 20 ms, doubling, up to 1 s.
@@ -151,17 +163,20 @@ const RETRY: RetryPolicy = RetryPolicy {
 };
 
 impl RepositoryLocks {
-    /// Starts the lock-holding task in `tasks`; it stops when `shutdown` is
-    /// cancelled and no guards remain.
+    /// Starts the lock-holding task in `tasks`, whose sessions renew a lease
+    /// of `lease`; it stops when `shutdown` is cancelled and no guards
+    /// remain.
     pub fn start(
         options: PgConnectOptions,
+        lease: Duration,
         tasks: &TaskTracker,
         shutdown: CancellationToken,
     ) -> Arc<RepositoryLocks> {
         let (tx, rx) = mpsc::unbounded_channel();
         // Named, so operators can tell it apart in pg_stat_activity.
         let options = options.application_name(LOCK_CONNECTION_NAME);
-        tasks.spawn(holder::lock_holder(options, rx, shutdown));
+        let lease = session::Lease { length: lease };
+        tasks.spawn(holder::lock_holder(options, lease, rx, shutdown));
         Arc::new(RepositoryLocks {
             local: Mutex::new(HashMap::new()),
             requests: tx,
@@ -286,5 +301,7 @@ impl RepositoryLocks {
     }
 }
 
+#[cfg(test)]
+mod lease_tests;
 #[cfg(test)]
 mod tests;

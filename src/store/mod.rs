@@ -13,6 +13,7 @@
 
 pub mod coalescer;
 mod completions;
+mod connection;
 mod dataloss;
 mod error;
 pub mod generation_batcher;
@@ -30,17 +31,16 @@ mod tls_relay;
 mod verification;
 
 pub use completions::{CompletionKey, CompletionPruning, JobKey, prune_completions};
+pub use connection::keep_connection_alive;
 pub use dataloss::{LaggingRepository, ReplicaState};
 pub use error::StoreError;
 pub(crate) use error::is_transient;
 use error::{encode_failed, failed};
 pub use generations::{GenerationQuery, GenerationRecord, ReplicatedGeneration};
-pub use lock_sessions::{
-    ORPHAN_GRACE_SECONDS, expire_lock_sessions, register_lock_session, unregister_lock_session,
-};
+pub use lock_sessions::{register_lock_session, renew_lock_session, unregister_lock_session};
 pub use lock_statements::{
-    LockSessionAnswers, LockSessionBatch, advisory_locks_held, exchange_on_lock_session,
-    relax_commit_durability, swap_advisory_locks,
+    LockSessionAnswers, LockSessionBatch, LockSessionLease, advisory_locks_held,
+    exchange_on_lock_session, relax_commit_durability, swap_advisory_locks,
 };
 pub use order::{Gated, LockSessionId, Standing, WriteOrder};
 pub use reconcile::ReconciliationBatch;

@@ -4,7 +4,8 @@
 //! delete_replica, rename) goes through a gate in the same statement:
 //! - **fence**: the lock session that granted the job's repository locks
 //!   must still be alive (its backend, by pid and start time, in
-//!   `pg_stat_get_activity`). Its session locks last as long as it does
+//!   `pg_stat_get_activity`) and its lease must not have run out (peers
+//!   may end a session whose lease ran out and grant its keys). Its session locks last as long as it does
 //!   (a lock is only given back when its job is done, and a session found
 //!   missing a lock is dropped), so a live session still holds them; one
 //!   that died freed them, and another process may run the repository now:
@@ -21,7 +22,7 @@
 //!   id), the job belongs to a repository that is gone: it is stale and
 //!   writes nothing, so a late delete never removes the new repository.
 
-use super::{RepositoryStore, StoreError, failed};
+use super::{RepositoryStore, StoreError, failed, lock_sessions};
 use time::OffsetDateTime;
 
 /// A Postgres session, as the fence names it: a pid alone can be reused.
@@ -83,10 +84,7 @@ const GATE_SQL: &str = "
     gate_input AS (
         SELECT * FROM unnest($1::text[], $2::text[], $3::text[]) AS g(vs, rel, tgt)
     ), fence AS MATERIALIZED (
-        SELECT $6::int IS NULL OR EXISTS (
-            SELECT FROM pg_stat_get_activity($6::int) a
-            WHERE a.backend_start IS NULL OR a.backend_start = $8::timestamptz
-        ) AS held
+        SELECT $6::int IS NULL OR {HOLDS} AS held
     ), identity AS MATERIALIZED (
         SELECT $7::bigint IS NULL OR NOT EXISTS (
             SELECT FROM repositories r
@@ -155,7 +153,11 @@ pub(super) fn gated<T>(held: bool, current: bool, in_order: bool, written: T) ->
 /// A statement made of the gate and `rest` (further CTEs, each after a
 /// comma, then the final SELECT).
 fn with_gate(rest: &str) -> String {
-    format!("WITH {GATE_SQL} {rest}")
+    let gate = GATE_SQL.replace(
+        "{HOLDS}",
+        &lock_sessions::holds_sql("$6::int", "$8::timestamptz"),
+    );
+    format!("WITH {gate} {rest}")
 }
 
 impl RepositoryStore {

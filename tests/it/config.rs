@@ -274,6 +274,8 @@ fn numbers_out_of_range_are_errors_naming_the_key() {
         ("replication", "retry_delay", "\"0s\""),
         ("replication", "max_retry_delay", "\"1s\""),
         ("replication", "completion_retention", "\"500ms\""),
+        ("replication", "lock_lease", "\"1s\""),
+        ("replication", "lock_lease", "\"2h\""),
         ("nats", "replicas", "0"),
         ("nats", "replicas", "6"),
         ("nats", "ack_wait", "\"500ms\""),
@@ -708,6 +710,7 @@ fn the_defaults_are_those_of_the_design() {
     assert_eq!(r.retry_delay, Duration::from_secs(5));
     assert_eq!(r.max_retry_delay, Duration::from_secs(300));
     assert_eq!(r.completion_retention, Duration::from_secs(24 * 3600));
+    assert_eq!(r.lock_lease, Duration::from_secs(30));
     assert_eq!(
         (r.job_timeout, r.health_check_interval),
         (Duration::ZERO, Duration::from_secs(5))
@@ -864,6 +867,12 @@ fn the_masked_toml_contains_no_secret() {
 
     let masked = praefect.to_masked_toml();
     assert!(masked.contains("# Ignored Praefect keys"), "{masked}");
+    // What the lease trades is said beside its value.
+    assert!(masked.contains("lock_lease = \"30s\""), "{masked}");
+    assert!(
+        masked.contains("# [replication] lock_lease = 30s: a hung or cut-off process"),
+        "{masked}"
+    );
     assert!(
         masked.contains("#   failover.election_strategy"),
         "{masked}"

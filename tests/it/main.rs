@@ -14,6 +14,7 @@ mod dependencies;
 mod deploy;
 mod e2e;
 mod event_contract;
+mod fleet;
 mod malformed;
 mod mixed_load;
 mod ops;

@@ -4,6 +4,8 @@
 //! - [`recording_gitaly`]: a tonic server speaking Gitaly's protocol that
 //!   records every call and answers as told;
 //! - [`db`]: a Postgres database per test;
+//! - [`delay_proxy`]: a TCP proxy that can hold traffic back, for a slow
+//!   network or database;
 //! - [`nats_server`]: a private nats-server, for tests that stop the broker;
 //! - [`nats_cluster`]: a private 3-node nats-server cluster, for tests that
 //!   kill one node;
@@ -16,6 +18,7 @@
 //! - [`tls`]: certificate authorities and certificates made for a test.
 
 pub mod db;
+pub mod delay_proxy;
 pub mod git;
 pub mod http;
 pub mod metrics;

@@ -1,85 +1,22 @@
 //! The task that owns the lock connection: it answers lock and unlock
-//! requests in batches, one statement each, keeps the session alive and
-//! tells every guard when the session is lost, and keeps the registry of
-//! lost sessions (see `store::lock_sessions`).
+//! requests in batches, one statement each, keeps the session's lease
+//! renewed and tells every guard when the session is lost, ends peers'
+//! sessions whose lease ran out, and clears its own lost sessions from the
+//! registry once their jobs have stopped (see `store::lock_sessions`).
 
-use super::{Answer, Completion, KEEPALIVE, KEEPALIVE_TIMEOUT, REFUSED, RETRY, Request, Session};
+use super::session::{self, Departed, Lease, LockSession, Loss};
+use super::{Answer, Completion, KEEPALIVE, REFUSED, RETRY, Request, Session};
 use crate::error_chain::display_error_chain;
-use crate::store::{
-    self, JobKey, LockSessionAnswers, LockSessionBatch, LockSessionId, ORPHAN_GRACE_SECONDS,
-    StoreError,
-};
-use sqlx::Connection;
-use sqlx::postgres::{PgConnectOptions, PgConnection};
+use crate::store::{self, JobKey, LockSessionAnswers, LockSessionBatch, LockSessionId, StoreError};
+use sqlx::postgres::PgConnectOptions;
 use std::collections::HashMap;
-use std::sync::{Arc, Weak};
-use std::time::Duration;
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-/// The lock connection and what its session holds.
-struct LockSession {
-    conn: PgConnection,
-    pid: i32,
-    backend_start: OffsetDateTime,
-    /// Keys this session holds, with their reentrancy count.
-    held: HashMap<i64, u32>,
-    lost: CancellationToken,
-    guards: Arc<()>,
-}
-
-/// A lost session still in the registry: it bars new locks everywhere until
-/// its jobs have stopped (its last guard is gone) and it is cleared.
-struct Departed {
-    pid: i32,
-    backend_start: OffsetDateTime,
-    guards: Weak<()>,
-    since: tokio::time::Instant,
-}
-
-impl Departed {
-    /// Its jobs have stopped, or others cleared it after the grace period
-    /// (a guard kept for an abandoned call never goes).
-    fn settled(&self) -> bool {
-        self.guards.strong_count() == 0
-            || self.since.elapsed() > Duration::from_secs(u64::from(ORPHAN_GRACE_SECONDS))
-    }
-}
-
-impl LockSession {
-    fn forget(&mut self, key: i64) {
-        if let Some(n) = self.held.get_mut(&key) {
-            *n -= 1;
-            if *n == 0 {
-                self.held.remove(&key);
-            }
-        }
-    }
-
-    /// Ends the session: every job holding one of its locks is told to stop.
-    async fn lose(self, why: &str) -> Departed {
-        if !self.held.is_empty() {
-            tracing::error!(
-                locks = self.held.len(),
-                "{why}: its repository locks are gone; the jobs holding them stop and are redelivered"
-            );
-        }
-        self.lost.cancel();
-        let _ = self.conn.close().await;
-        Departed {
-            pid: self.pid,
-            backend_start: self.backend_start,
-            guards: Arc::downgrade(&self.guards),
-            since: tokio::time::Instant::now(),
-        }
-    }
-}
-
-/// Clears from the registry the lost sessions whose jobs have stopped, and
-/// when locks were barred, starts or ends the grace period of sessions other
-/// processes lost.
-async fn tidy_registry(s: &mut LockSession, departed: &mut Vec<Departed>, barred: &mut bool) {
+/// Clears from the registry the lost sessions whose jobs have stopped.
+async fn tidy_registry(s: &mut LockSession, departed: &mut Vec<Departed>) {
     let mut left = Vec::new();
     for d in departed.drain(..) {
         if !d.settled() {
@@ -95,63 +32,104 @@ async fn tidy_registry(s: &mut LockSession, departed: &mut Vec<Departed>, barred
         }
     }
     *departed = left;
-    if std::mem::take(barred)
-        && let Err(e) = store::expire_lock_sessions(&mut s.conn).await
-    {
-        tracing::warn!(
-            error = display_error_chain(&e),
-            "cannot expire lost lock sessions"
-        );
+}
+
+/// Renews the lease of `s` (and ends peers' sessions whose lease ran out);
+/// answers the session back unless it is lost. A statement that fails on a
+/// connection that stays up is not a loss: the next keepalive tries again,
+/// until half the lease has passed without an answer.
+async fn keep_alive(
+    mut s: LockSession,
+    lease: Lease,
+    departed: &mut Vec<Departed>,
+) -> Option<LockSession> {
+    if s.lease_ran_out(lease) {
+        departed.push(s.lose(Loss::LeaseRanOut, lease).await);
+        return None;
+    }
+    let sent = Instant::now();
+    let renewal = tokio::time::timeout_at(
+        s.deadline(lease),
+        store::renew_lock_session(&mut s.conn, s.backend_start, lease.length),
+    )
+    .await;
+    match renewal {
+        Ok(Ok(r)) if r.renewed => {
+            s.renewed_at = sent;
+            if r.ended > 0 {
+                tracing::warn!(
+                    sessions = r.ended,
+                    "ended lock sessions of other processes whose lease ran out; \
+                     their repositories are granted again"
+                );
+            }
+            tidy_registry(&mut s, departed).await;
+            Some(s)
+        }
+        Ok(Ok(_)) => {
+            departed.push(s.lose(Loss::LeaseRanOut, lease).await);
+            None
+        }
+        Ok(Err(e)) if e.connection_usable() => {
+            tracing::warn!(
+                error = display_error_chain(&e),
+                "renewing the repository lock session's lease failed; retrying"
+            );
+            Some(s)
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(
+                error = display_error_chain(&e),
+                "repository lock connection lost"
+            );
+            departed.push(s.lose(Loss::Broken, lease).await);
+            None
+        }
+        Err(_) => {
+            let why = if s.lease_ran_out(lease) {
+                Loss::LeaseRanOut
+            } else {
+                Loss::Unanswered
+            };
+            departed.push(s.lose(why, lease).await);
+            None
+        }
     }
 }
 
 /// Owns the connection; answers requests in batches.
 pub(super) async fn lock_holder(
     options: PgConnectOptions,
+    lease: Lease,
     mut rx: mpsc::UnboundedReceiver<Request>,
     shutdown: CancellationToken,
 ) {
     let mut session: Option<LockSession> = None;
     let mut departed: Vec<Departed> = Vec::new();
-    // A lock statement answered that locks are barred: the registry needs
-    // tidying (at most once per keepalive).
-    let mut barred = false;
+    // A lock statement refused a key (held elsewhere, or barred by a lost
+    // session): keep renewing at the keepalive's pace, which also ends
+    // peers' sessions whose lease ran out.
+    let mut refused = false;
     let mut reconnect_failures = 0;
     let mut keepalive = tokio::time::interval(KEEPALIVE);
     keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let holding = session.as_ref().is_some_and(|s| !s.held.is_empty());
-        let tending = holding || barred || !departed.is_empty();
+        let tending = holding || refused || !departed.is_empty();
         let first = tokio::select! {
             r = rx.recv() => match r { Some(r) => r, None => break },
             _ = shutdown.cancelled(), if !holding => break,
-            _ = keepalive.tick(), if tending => {
+            _ = keepalive.tick(), if tending || session.is_some() => {
                 if session.is_none() && !departed.is_empty() {
-                    session = connect(&options).await;
+                    session = session::connect(&options, lease).await;
                 }
-                if let Some(mut s) = session.take() {
-                    // A connection that hangs (a network partition) is as
-                    // lost as a closed one: its jobs must stop in time.
-                    let ping = tokio::time::timeout(
-                        KEEPALIVE_TIMEOUT,
-                        store::swap_advisory_locks(&mut s.conn, &[], &[]),
-                    )
-                    .await;
-                    match ping {
-                        Ok(Ok(_)) => {
-                            tidy_registry(&mut s, &mut departed, &mut barred).await;
-                            session = Some(s);
-                        }
-                        Ok(Err(e)) => {
-                            tracing::warn!(error = display_error_chain(&e), "repository lock connection lost");
-                            departed.push(s.lose("the repository lock session was lost").await);
-                        }
-                        Err(_) => {
-                            tracing::warn!("repository lock connection does not answer");
-                            departed.push(s.lose("the repository lock session stopped answering").await);
-                        }
-                    }
+                // A session that holds nothing renews only now and then.
+                let due = tending
+                    || session.as_ref().is_some_and(|s| s.renewed_at.elapsed() >= lease.idle_renewal());
+                if let Some(s) = session.take() {
+                    session = if due { keep_alive(s, lease, &mut departed).await } else { Some(s) };
                 }
+                refused = false;
                 continue;
             }
         };
@@ -162,8 +140,14 @@ pub(super) async fn lock_holder(
                 Err(_) => break,
             }
         }
+        if session.as_ref().is_some_and(|s| s.lease_ran_out(lease)) {
+            // Stopped or starved past the lease: peers may hold these keys.
+            if let Some(s) = session.take() {
+                departed.push(s.lose(Loss::LeaseRanOut, lease).await);
+            }
+        }
         if session.is_none() {
-            session = connect(&options).await;
+            session = session::connect(&options, lease).await;
         }
         let Some(mut s) = session.take() else {
             deny(batch);
@@ -172,34 +156,53 @@ pub(super) async fn lock_holder(
             continue;
         };
         reconnect_failures = 0;
-        match serve_batch(&mut s, batch).await {
-            Ok(was_barred) => {
-                barred |= was_barred;
+        // However slow, a statement is waited for until half the lease has
+        // passed without a renewal: slow is not lost.
+        let served =
+            tokio::time::timeout_at(s.deadline(lease), serve_batch(&mut s, lease, batch)).await;
+        match served {
+            Ok(Ok(Served::Answered { refused: r })) => {
+                refused |= r;
                 session = Some(s);
             }
-            Err(e) if e.connection_usable() => match resync(&mut s).await {
-                Ok(()) => session = Some(s),
-                Err(e) => {
-                    tracing::warn!(
-                        error = display_error_chain(&e),
-                        "repository lock connection failed"
-                    );
-                    departed.push(s.lose("the repository lock session failed").await);
+            Ok(Ok(Served::Fenced)) => {
+                departed.push(s.lose(Loss::LeaseRanOut, lease).await);
+            }
+            Ok(Err(e)) if e.connection_usable() => {
+                let deadline = s.deadline(lease);
+                match tokio::time::timeout_at(deadline, session::resync(&mut s, lease)).await {
+                    Ok(Ok(())) => session = Some(s),
+                    Ok(Err(e)) => {
+                        tracing::warn!(
+                            error = display_error_chain(&e),
+                            "repository lock connection failed"
+                        );
+                        departed.push(s.lose(Loss::Broken, lease).await);
+                    }
+                    Err(_) => departed.push(s.lose(Loss::Unanswered, lease).await),
                 }
-            },
-            Err(e) => {
+            }
+            Ok(Err(e)) => {
                 tracing::warn!(
                     error = display_error_chain(&e),
                     "repository lock connection failed"
                 );
-                departed.push(s.lose("the repository lock session was lost").await);
+                departed.push(s.lose(Loss::Broken, lease).await);
+            }
+            Err(_) => {
+                let why = if s.lease_ran_out(lease) {
+                    Loss::LeaseRanOut
+                } else {
+                    Loss::Unanswered
+                };
+                departed.push(s.lose(why, lease).await);
             }
         }
     }
     if let Some(mut s) = session {
         s.lost.cancel();
         // With locks still held (calls abandoned at shutdown that may still
-        // run), the entry stays: others wait out the grace period.
+        // run), the entry stays: its keys wait for its lease.
         if s.held.is_empty()
             && let Err(e) =
                 store::unregister_lock_session(&mut s.conn, s.pid, s.backend_start).await
@@ -209,75 +212,8 @@ pub(super) async fn lock_holder(
                 "cannot clear the lock session at shutdown"
             );
         }
-        let _ = s.conn.close().await;
+        let _ = sqlx::Connection::close(s.conn).await;
     }
-}
-
-/// Opens the lock connection: a new session holding nothing. None when
-/// Postgres cannot be reached.
-async fn connect(options: &PgConnectOptions) -> Option<LockSession> {
-    let mut conn = match PgConnection::connect_with(options).await {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::warn!(
-                error = display_error_chain(&e),
-                "cannot connect for repository locks; retrying"
-            );
-            return None;
-        }
-    };
-    // The session's only writes are completion records, which only save
-    // work: one lost in a Postgres crash means a job runs again, so its
-    // commits need not wait for the disk, nor the lock requests behind them.
-    // Set by a statement rather than a startup option, which PgBouncer refuses.
-    // The registry entry is written before, durably: it is what bars others
-    // from this session's locks if it is lost.
-    let registered = match store::register_lock_session(&mut conn).await {
-        Ok(r) => store::relax_commit_durability(&mut conn).await.map(|()| r),
-        Err(e) => Err(e),
-    };
-    match registered {
-        Ok((pid, backend_start)) => Some(LockSession {
-            conn,
-            pid,
-            backend_start,
-            held: HashMap::new(),
-            lost: CancellationToken::new(),
-            guards: Arc::new(()),
-        }),
-        Err(e) => {
-            tracing::warn!(
-                error = display_error_chain(&e),
-                "cannot set up the repository lock connection; retrying"
-            );
-            None
-        }
-    }
-}
-
-/// After a failed statement on a live connection, reads back which locks the
-/// session holds (the statement may have taken or released some before it
-/// failed) and puts that right: locks nobody asked for are released; if a
-/// lock a job holds is gone, the session is no longer trustworthy.
-async fn resync(s: &mut LockSession) -> Result<(), StoreError> {
-    let actual = store::advisory_locks_held(&mut s.conn).await?;
-    let extra: Vec<i64> = actual
-        .iter()
-        .copied()
-        .filter(|k| !s.held.contains_key(k))
-        .collect();
-    if s.held.keys().any(|k| !actual.contains(k)) {
-        return Err(StoreError::Batch {
-            operation: "resync_advisory_locks",
-            message: "a held repository lock is gone".into(),
-            retryable: true,
-            outage: false,
-        });
-    }
-    if !extra.is_empty() {
-        store::swap_advisory_locks(&mut s.conn, &extra, &[]).await?;
-    }
-    Ok(())
 }
 
 /// Answers a batch when no connection is available: unlocks are done (the
@@ -303,9 +239,20 @@ fn deny(batch: Vec<Request>) {
     }
 }
 
-/// Answers a batch; true when new locks were barred (see
-/// `store::LockSwap::barred`).
-async fn serve_batch(s: &mut LockSession, batch: Vec<Request>) -> Result<bool, StoreError> {
+/// What a served batch found.
+enum Served {
+    /// Answered; `refused` when a requested key was not granted.
+    Answered { refused: bool },
+    /// The session's lease had run out: nothing was granted.
+    Fenced,
+}
+
+/// Answers a batch.
+async fn serve_batch(
+    s: &mut LockSession,
+    lease: Lease,
+    batch: Vec<Request>,
+) -> Result<Served, StoreError> {
     let mut unlocks = Vec::new();
     let mut records: Vec<Completion> = Vec::new();
     let mut written = Vec::new();
@@ -331,6 +278,9 @@ async fn serve_batch(s: &mut LockSession, batch: Vec<Request>) -> Result<bool, S
     for k in &unlocks {
         s.forget(*k);
     }
+    let held: Vec<i64> = s.held.keys().copied().collect();
+    let entry = s.lease(&held, lease);
+    let sent = Instant::now();
     let exchange = LockSessionBatch {
         lock: locks.iter().map(|(k, _, _)| *k).collect(),
         check: locks
@@ -342,15 +292,16 @@ async fn serve_batch(s: &mut LockSession, batch: Vec<Request>) -> Result<bool, S
     };
     let answers = if exchange.record.is_empty() && exchange.check.iter().all(Option::is_none) {
         // Locks alone: the plain statement is cheaper.
-        store::swap_advisory_locks(&mut s.conn, &exchange.unlock, &exchange.lock)
+        store::swap_advisory_locks(&mut s.conn, &exchange.unlock, &exchange.lock, entry)
             .await
             .map(|swap| LockSessionAnswers {
                 superseded: vec![false; swap.taken.len()],
                 taken: swap.taken,
                 barred: swap.barred,
+                fenced: swap.fenced,
             })
     } else {
-        store::exchange_on_lock_session(&mut s.conn, &exchange).await
+        store::exchange_on_lock_session(&mut s.conn, &exchange, entry).await
     };
     drop(exchange);
     let answers = match answers {
@@ -372,6 +323,16 @@ async fn serve_batch(s: &mut LockSession, batch: Vec<Request>) -> Result<bool, S
             return Err(e);
         }
     };
+    if answers.fenced {
+        for (_, _, reply) in locks {
+            let _ = reply.send(REFUSED);
+        }
+        for d in written {
+            let _ = d.send(());
+        }
+        return Ok(Served::Fenced);
+    }
+    s.renewed_at = sent;
     // The statement's checks cannot see what it records itself: a job whose
     // twin's record came in the same batch is answered from the batch.
     let mut recorded: HashMap<&JobKey, OffsetDateTime> = HashMap::new();
@@ -413,7 +374,16 @@ async fn serve_batch(s: &mut LockSession, batch: Vec<Request>) -> Result<bool, S
         let _ = d.send(());
     }
     if !abandoned.is_empty() {
-        store::swap_advisory_locks(&mut s.conn, &abandoned, &[]).await?;
+        let held: Vec<i64> = s.held.keys().copied().collect();
+        let entry = s.lease(&held, lease);
+        let swap = store::swap_advisory_locks(&mut s.conn, &abandoned, &[], entry).await?;
+        if swap.fenced {
+            return Ok(Served::Fenced);
+        }
     }
-    Ok(answers.barred)
+    // A key held elsewhere may be held by a session whose lease ran out:
+    // renewing at the keepalive's pace ends such sessions promptly.
+    Ok(Served::Answered {
+        refused: answers.barred || answers.taken.iter().any(|t| !t),
+    })
 }

@@ -11,17 +11,37 @@ use std::time::Duration;
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
-fn process(db: &TestDatabase) -> (Arc<RepositoryLocks>, CancellationToken) {
+pub(super) fn process(db: &TestDatabase) -> (Arc<RepositoryLocks>, CancellationToken) {
+    process_with_lease(db, super::DEFAULT_LOCK_LEASE)
+}
+
+/// A process whose lock sessions renew a lease of `lease`, with its lock
+/// connection to `options`.
+pub(super) fn process_on(
+    options: PgConnectOptions,
+    lease: Duration,
+) -> (Arc<RepositoryLocks>, CancellationToken) {
     let stop = CancellationToken::new();
-    let options = PgConnectOptions::from_str(&db.url).unwrap();
     (
-        RepositoryLocks::start(options, &tokio_util::task::TaskTracker::new(), stop.clone()),
+        RepositoryLocks::start(
+            options,
+            lease,
+            &tokio_util::task::TaskTracker::new(),
+            stop.clone(),
+        ),
         stop,
     )
 }
 
+pub(super) fn process_with_lease(
+    db: &TestDatabase,
+    lease: Duration,
+) -> (Arc<RepositoryLocks>, CancellationToken) {
+    process_on(PgConnectOptions::from_str(&db.url).unwrap(), lease)
+}
+
 /// Tries to take `key` for `wait`; true when it got it (and gives it back).
-async fn can_take(locks: &RepositoryLocks, key: i64, wait: Duration) -> bool {
+pub(super) async fn can_take(locks: &RepositoryLocks, key: i64, wait: Duration) -> bool {
     let cancel = CancellationToken::new();
     let c = cancel.clone();
     tokio::spawn(async move {
@@ -116,7 +136,7 @@ async fn jobs_of_one_repository_in_one_process_take_turns() {
     );
 }
 
-async fn lock_session_pid(db: &TestDatabase) -> i32 {
+pub(super) async fn lock_session_pid(db: &TestDatabase) -> i32 {
     sqlx::query_scalar(
         "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND application_name = $1 LIMIT 1",
     )
@@ -167,9 +187,10 @@ async fn a_lost_lock_session_fences_its_guards_and_never_takes_their_locks_back(
 }
 
 #[tokio::test]
-async fn a_session_lost_with_its_process_bars_new_locks_only_for_the_grace_period() {
+async fn a_session_lost_with_its_process_bars_only_its_repositories_until_its_lease_runs_out() {
     let db = TestDatabase::new().await;
-    let (a, _sa) = process(&db);
+    let lease = Duration::from_secs(4);
+    let (a, _sa) = process_with_lease(&db, lease);
     let (b, _sb) = process(&db);
     let key = repository_lock_key("default", "gone.git", "gitaly-2");
     let held = a.acquire(key, &CancellationToken::new()).await.unwrap();
@@ -181,19 +202,19 @@ async fn a_session_lost_with_its_process_bars_new_locks_only_for_the_grace_perio
         .execute(db.store.pool())
         .await
         .unwrap();
-    let other = repository_lock_key("default", "elsewhere.git", "gitaly-2");
     let started = std::time::Instant::now();
-    // Every repository waits, not only the one the lost session held: which
-    // it held died with it.
-    assert!(!can_take(&b, other, Duration::from_secs(2)).await);
-    assert!(can_take(&b, key, Duration::from_secs(10)).await);
+    // Every other repository is granted at once, to every process.
+    let other = repository_lock_key("default", "elsewhere.git", "gitaly-2");
+    assert!(can_take(&b, other, Duration::from_secs(2)).await);
+    assert!(can_take(&a, other, Duration::from_secs(2)).await);
+    // The one it held waits for its lease (its job may still be running).
+    assert!(!can_take(&b, key, Duration::from_secs(1)).await);
+    assert!(can_take(&b, key, lease + Duration::from_secs(10)).await);
     let waited = started.elapsed();
-    let grace = Duration::from_secs(u64::from(crate::store::ORPHAN_GRACE_SECONDS));
     assert!(
-        waited >= grace - Duration::from_millis(500) && waited < grace + Duration::from_secs(4),
+        waited >= lease - Duration::from_millis(1500) && waited < lease + Duration::from_secs(6),
         "{waited:?}"
     );
-    assert!(can_take(&b, other, Duration::from_secs(2)).await);
 }
 
 #[tokio::test]

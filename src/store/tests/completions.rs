@@ -196,14 +196,14 @@ async fn a_bad_row_in_a_generation_batch_fails_only_its_own_job() {
     assert!(answers[paths.len()].is_err(), "{:?}", answers[paths.len()]);
 }
 
-/// A session of its own on the test database: its pid and start, and the
-/// connection that keeps it alive.
+/// A lock session of its own on the test database: its pid and start, and
+/// the connection that keeps it alive.
 async fn live_session(db: &TestDatabase) -> (store::LockSessionId, sqlx::PgConnection) {
     use sqlx::Connection;
     let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    // Listed with a lease, as a lock session is: the gate checks both.
     let (pid, backend_start) =
-        sqlx::query_as("SELECT pid, backend_start FROM pg_stat_get_activity(pg_backend_pid())")
-            .fetch_one(&mut conn)
+        store::register_lock_session(&mut conn, std::time::Duration::from_secs(600))
             .await
             .unwrap();
     (store::LockSessionId { pid, backend_start }, conn)
