@@ -15,7 +15,7 @@ use crate::queue::ack::{Deliveries, Role, Stage};
 use crate::queue::acknowledger::{Delivery, JobFields, job_log};
 use crate::queue::consumer::{Shared, Target, delivery_facts, with_attempts};
 use crate::queue::layout::Layout;
-use crate::queue::requeue::Placement;
+use crate::queue::requeue::{Carried, Placement};
 use crate::replicator::{JobOutcome, Replicator, SkipReason};
 use crate::store::{JobKey, WriteOrder, repository_lock_key};
 use crate::subject::parse_job_subject;
@@ -39,6 +39,8 @@ struct Delivered {
     /// time completion dedup judges it by (the broker's clock; a publisher's
     /// `created_at` may come from a clock that is off).
     placement: Placement,
+    /// What it carries from the job's earlier copies.
+    carried: Carried,
     /// Its share of the intake, given back when the task ends.
     held: Option<OwnedSemaphorePermit>,
 }
@@ -54,7 +56,8 @@ impl Delivered {
             change_type: job.change_type().as_str(),
             relative_path: &job.relative_path,
             stream_sequence: self.sequence,
-            attempt: self.deliveries.delivered,
+            attempt: self.deliveries.failures + 1,
+            delivery: self.deliveries.delivered,
         }
     }
 
@@ -64,6 +67,7 @@ impl Delivered {
             sequence: self.sequence,
             deliveries: self.deliveries,
             placement: self.placement,
+            carried: self.carried,
             fields: self.fields(),
         }
     }
@@ -84,10 +88,37 @@ pub(super) fn dispatch_batch<R: Replicator>(
     let mut groups: Vec<(Delivered, Vec<Delivered>)> = Vec::new();
     let mut update_leader: HashMap<(String, String), usize> = HashMap::new();
     for (message, held) in batch {
-        let (deliveries, sequence, placement) = delivery_facts(shared, &message);
+        let (deliveries, sequence, placement, carried) = delivery_facts(shared, &message);
         shared
             .latest_published
             .fetch_max(unix_nanos(placement.published), Ordering::Relaxed);
+        // A retry delivered before its time: nak'd for the rest of its
+        // delay (the failure that set it is already counted).
+        let cap = shared.settings.retry.max;
+        if let Some(left) = carried.wait_left(OffsetDateTime::now_utc(), cap) {
+            let target = target.clone();
+            shared.jobs.spawn(async move {
+                let _held = held;
+                let d = Delivery {
+                    message: &message,
+                    sequence,
+                    deliveries,
+                    placement,
+                    carried,
+                    fields: JobFields {
+                        virtual_storage: &target.spec.virtual_storage,
+                        target: &target.spec.target_storage,
+                        stream_sequence: sequence,
+                        attempt: deliveries.failures + 1,
+                        delivery: deliveries.delivered,
+                        ..JobFields::default()
+                    },
+                };
+                let acks = &target.acknowledger;
+                acks.settle(&d, Stage::Early(left), Role::Leader, "").await;
+            });
+            continue;
+        }
         let job = match decode(&shared.layout, &message) {
             Ok(job) => job,
             Err(reason) => {
@@ -99,7 +130,8 @@ pub(super) fn dispatch_batch<R: Replicator>(
                         virtual_storage: &target.spec.virtual_storage,
                         target: &target.spec.target_storage,
                         stream_sequence: sequence,
-                        attempt: deliveries.delivered,
+                        attempt: deliveries.failures + 1,
+                        delivery: deliveries.delivered,
                         ..JobFields::default()
                     };
                     job_log!(warn, fields, error = %reason, "invalid replication job");
@@ -108,6 +140,7 @@ pub(super) fn dispatch_batch<R: Replicator>(
                         sequence,
                         deliveries,
                         placement,
+                        carried,
                         fields,
                     };
                     let acks = &target.acknowledger;
@@ -124,6 +157,7 @@ pub(super) fn dispatch_batch<R: Replicator>(
             deliveries,
             sequence,
             placement,
+            carried,
             held,
         };
         if d.job.change_type().needs_source() {
@@ -196,8 +230,10 @@ async fn process<R: Replicator>(
 ) {
     let change_type = d.job.change_type();
     let acks = &target.acknowledger;
-    let leader_delivered = d.deliveries.delivered;
-    let follower = Role::Follower { leader_delivered };
+    let follower = Role::Follower {
+        leader_delivered: d.deliveries.delivered,
+        leader_failures: d.deliveries.failures,
+    };
     let mut waits = 0u64;
     let ran = loop {
         let ran = {
@@ -304,6 +340,7 @@ async fn keeping_ours<R, T>(
     let acks = &target.acknowledger;
     let follower = Role::Follower {
         leader_delivered: d.deliveries.delivered,
+        leader_failures: d.deliveries.failures,
     };
     let every = (shared.settings.ack_wait / 3).max(Duration::from_millis(100));
     let mut tick = tokio::time::interval_at(Instant::now() + every, every);
