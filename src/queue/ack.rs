@@ -55,6 +55,9 @@ pub enum Stage<'a> {
     /// Delivered before the time its last failure set for its retry: it
     /// waits that long more.
     Early(Duration),
+    /// Waiting (for its source) beyond this process's share of the
+    /// ack-pending window: back to the stream, keeping its place.
+    SentBack,
 }
 
 /// A job's part in a collapsed group of identical updates: the leader runs,
@@ -147,6 +150,9 @@ pub fn decide(
         Stage::RequeueFailed => AckAction::Nak(None),
         Stage::RetryFailed(delay) => AckAction::Nak(Some(delay)),
         Stage::Early(delay) => again(Some(delay)),
+        // A nak, even with a delay, would keep it in the ack-pending window
+        // that the target's other jobs need; a fresh copy leaves it.
+        Stage::SentBack => AckAction::Requeue,
         Stage::Finished(outcome) => match role {
             Role::Leader => finished(outcome, deliveries, retry, again),
             Role::Follower {
@@ -462,6 +468,15 @@ mod tests {
                 Stage::Released,
                 follower(1),
                 delivery(3),
+                Requeue,
+            ),
+            // Waiting beyond the share: a fresh copy, leader or follower.
+            ("sent back", Stage::SentBack, leader, delivery(1), Requeue),
+            (
+                "follower sent back",
+                Stage::SentBack,
+                follower(1),
+                delivery(1),
                 Requeue,
             ),
             // The grace period ended mid-call: say nothing.

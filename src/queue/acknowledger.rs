@@ -115,7 +115,7 @@ impl Acknowledger {
             AckAction::Retry(delay) => match self.retry(d, *delay).await {
                 Ok(()) => return self.send(d, AckKind::Term, "term").await,
                 Err(e) => {
-                    self.failed(d, "retry", &e);
+                    self.failed(d, "requeue", &e);
                     Stage::RetryFailed(*delay)
                 }
             },
@@ -204,6 +204,8 @@ impl Acknowledger {
                 failures,
                 deliveries: self.deliveries(d),
                 retry_at: Some(OffsetDateTime::now_utc() + delay),
+                // A wait it was in goes on; it is logged once.
+                waiting_since: d.carried.waiting_since,
             },
             message_id: format!("retry-{}-{}-{failures}", self.layout.stream, d.sequence),
         };

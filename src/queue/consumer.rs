@@ -21,6 +21,7 @@ use crate::queue::job;
 use crate::queue::layout::{ConsumerSpec, Layout, LayoutChange, LayoutError};
 use crate::queue::puller::{PullError, Pulled, Puller};
 use crate::queue::requeue::{Carried, Placement};
+use crate::queue::waiting::Waiting;
 use crate::replicator::Replicator;
 use crate::retry_delay::RetryPolicy;
 use crate::store::locks::RepositoryLocks;
@@ -124,6 +125,8 @@ pub(super) struct Target {
     pub spec: ConsumerSpec,
     pub metrics: TargetMetrics,
     pub acknowledger: Acknowledger,
+    /// Its jobs waiting in this process.
+    pub waiting: Arc<Waiting>,
 }
 
 /// Sets up every target and pulls until `stop`; returns once the pull loops
@@ -221,6 +224,11 @@ pub async fn run<R: Replicator>(deps: ConsumerDeps<R>) -> Result<(), ConsumerErr
                 metrics.clone(),
             ),
             metrics,
+            waiting: Waiting::new(
+                &spec.virtual_storage,
+                &spec.target_storage,
+                layout.max_ack_pending,
+            ),
         });
         let database = readiness.dependencies().watch(Dependency::Postgres);
         let healthy = node.subscribe_health();

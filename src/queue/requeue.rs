@@ -32,6 +32,9 @@ pub const EARLIER_DELIVERIES: &str = "Gitaly-Replicator-Earlier-Deliveries";
 /// Not to run before this time (Unix nanoseconds): the delay after a
 /// failure.
 pub const RETRY_AT: &str = "Gitaly-Replicator-Retry-At";
+/// When the job started waiting (Unix nanoseconds), on a copy sent back
+/// to the stream while it waits: its wait is logged once, not per copy.
+pub const WAITING_SINCE: &str = "Gitaly-Replicator-Waiting-Since";
 
 /// Where a job stands among the jobs of its replica: its first publication.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,6 +78,8 @@ pub struct Carried {
     pub deliveries: u64,
     /// Not to run before.
     pub retry_at: Option<OffsetDateTime>,
+    /// Waiting since (for its source) when it went back to the stream.
+    pub waiting_since: Option<OffsetDateTime>,
 }
 
 impl Carried {
@@ -85,12 +90,16 @@ impl Carried {
                 .and_then(|v| v.parse::<u64>().ok())
                 .unwrap_or(0)
         };
+        let time = |name| {
+            header(headers, name)
+                .and_then(|v| v.parse::<i128>().ok())
+                .and_then(|n| OffsetDateTime::from_unix_timestamp_nanos(n).ok())
+        };
         Carried {
             failures: count(FAILED_ATTEMPTS),
             deliveries: count(EARLIER_DELIVERIES),
-            retry_at: header(headers, RETRY_AT)
-                .and_then(|v| v.parse::<i128>().ok())
-                .and_then(|n| OffsetDateTime::from_unix_timestamp_nanos(n).ok()),
+            retry_at: time(RETRY_AT),
+            waiting_since: time(WAITING_SINCE),
         }
     }
 
@@ -125,6 +134,9 @@ pub async fn publish_copy(js: &Context, copy: FreshCopy) -> Result<(), String> {
     h.insert(EARLIER_DELIVERIES, c.deliveries.to_string().as_str());
     if let Some(at) = c.retry_at {
         h.insert(RETRY_AT, nanos(at).as_str());
+    }
+    if let Some(since) = c.waiting_since {
+        h.insert(WAITING_SINCE, nanos(since).as_str());
     }
     js.publish_with_headers(copy.subject, h, copy.payload)
         .await
