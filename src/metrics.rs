@@ -61,8 +61,13 @@ pub const LEFTOVER_JOBS_TOTAL: &str = "gitaly_replicator_leftover_jobs_total";
 /// The `result` labels of [`LEFTOVER_JOBS_TOTAL`].
 pub const LEFTOVER_RESULTS: [&str; 2] = ["requeued", "removed"];
 
+/// Jobs waiting in this process without using an attempt (gauge):
+/// virtual_storage, gitaly_storage, reason (source_unavailable,
+/// repository_locked).
+pub const JOBS_WAITING: &str = "gitaly_replicator_jobs_waiting";
+
 /// Every metric the service exports (for docs, alert rules and their tests).
-pub const ALL: [&str; 15] = [
+pub const ALL: [&str; 16] = [
     REPLICATION_JOBS,
     REPLICATION_LATENCY,
     REPLICATION_DELAY,
@@ -78,6 +83,7 @@ pub const ALL: [&str; 15] = [
     RECONCILER_LEADER,
     VERIFICATIONS_TOTAL,
     LEFTOVER_JOBS_TOTAL,
+    JOBS_WAITING,
 ];
 
 static HANDLE: OnceLock<Result<PrometheusHandle, String>> = OnceLock::new();
@@ -154,6 +160,10 @@ pub fn install(
                 "Jobs left in the work stream that no consumer delivers, requeued or removed as already dead-lettered"
             );
             metrics::describe_gauge!(
+                JOBS_WAITING,
+                "Jobs waiting in this process without using an attempt, by reason"
+            );
+            metrics::describe_gauge!(
                 RECONCILER_LEADER,
                 "1 while this process is the reconciler (one across all processes)"
             );
@@ -226,6 +236,14 @@ pub fn dependency_up(dependency: &'static str, up: bool) {
 /// `removed`.
 pub fn leftover_settled(virtual_storage: &str, storage: &str, result: &'static str) {
     leftover_jobs(virtual_storage, storage, result).increment(1);
+}
+
+/// The waiting gauge of one target and reason.
+pub fn jobs_waiting(virtual_storage: &str, storage: &str, reason: &'static str) -> Gauge {
+    gauge!(JOBS_WAITING,
+        "virtual_storage" => virtual_storage.to_owned(),
+        "gitaly_storage" => storage.to_owned(),
+        "reason" => reason)
 }
 
 fn leftover_jobs(virtual_storage: &str, storage: &str, result: &'static str) -> Counter {

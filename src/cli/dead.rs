@@ -63,6 +63,7 @@ pub async fn run(config: &Config, command: DeadCommand) -> anyhow::Result<()> {
                         "target": storages,
                         "reason": m.header(headers::REASON),
                         "attempts": m.header(headers::ATTEMPTS),
+                        "deliveries": m.header(headers::DELIVERIES),
                         "error": m.header(headers::ERROR),
                         "original_subject": m.header(headers::ORIGINAL_SUBJECT),
                         "payload": String::from_utf8_lossy(&m.payload),
@@ -70,7 +71,7 @@ pub async fn run(config: &Config, command: DeadCommand) -> anyhow::Result<()> {
                     println!("{line}");
                 } else {
                     println!(
-                        "{:>6}  {}  {}  {} {}  reason={} attempts={}  {}",
+                        "{:>6}  {}  {}  {} {}  reason={} attempts={} deliveries={}  {}",
                         m.sequence,
                         m.time.format(&Rfc3339).unwrap_or_default(),
                         storages,
@@ -80,6 +81,7 @@ pub async fn run(config: &Config, command: DeadCommand) -> anyhow::Result<()> {
                             .unwrap_or("?"),
                         m.header(headers::REASON).unwrap_or("?"),
                         m.header(headers::ATTEMPTS).unwrap_or("?"),
+                        m.header(headers::DELIVERIES).unwrap_or("?"),
                         m.header(headers::ERROR).unwrap_or(""),
                     );
                 }

@@ -242,6 +242,7 @@ mod tests {
                 replicas: 3,
                 ack_wait: Duration::from_secs(45),
                 max_ack_pending: -1,
+                max_deliver: 40,
                 max_bytes: 1 << 31,
                 max_messages: -1,
                 duplicate_window: Duration::from_secs(300),

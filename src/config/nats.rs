@@ -44,6 +44,11 @@ pub struct NatsConfig {
     pub ack_wait: Duration,
     /// Unacknowledged jobs per consumer (-1 for unlimited).
     pub max_ack_pending: i64,
+    /// Server deliveries of one message before the server gives up on it
+    /// (-1 for unlimited). Attempts are counted apart (failed calls, in a
+    /// header), so this is only the backstop for a job whose process dies
+    /// in its call every time.
+    pub max_deliver: i64,
     /// Work stream size limit in bytes, discard new (-1 for unlimited).
     pub max_bytes: i64,
     /// Work stream limit in messages (discard new); -1 for unlimited.
@@ -79,6 +84,7 @@ impl Default for NatsConfig {
             replicas: 1,
             ack_wait: Duration::from_secs(30),
             max_ack_pending: 1000,
+            max_deliver: 50,
             max_bytes: -1,
             max_messages: 10_000_000,
             duplicate_window: Duration::from_secs(120),
@@ -110,6 +116,7 @@ impl fmt::Debug for NatsConfig {
             replicas,
             ack_wait,
             max_ack_pending,
+            max_deliver,
             max_bytes,
             max_messages,
             duplicate_window,
@@ -134,6 +141,7 @@ impl fmt::Debug for NatsConfig {
             .field("replicas", replicas)
             .field("ack_wait", ack_wait)
             .field("max_ack_pending", max_ack_pending)
+            .field("max_deliver", max_deliver)
             .field("max_bytes", max_bytes)
             .field("max_messages", max_messages)
             .field("duplicate_window", duplicate_window)

@@ -253,6 +253,7 @@ fn read_nats(ctx: &mut Ctx, mut s: Section) -> Result<NatsConfig, ConfigError> {
         max_ack_pending: s
             .integer(ctx, "max_ack_pending")?
             .unwrap_or(d.max_ack_pending),
+        max_deliver: s.integer(ctx, "max_deliver")?.unwrap_or(d.max_deliver),
         max_bytes: s.integer(ctx, "max_bytes")?.unwrap_or(d.max_bytes),
         max_messages: s.integer(ctx, "max_messages")?.unwrap_or(d.max_messages),
         duplicate_window: s.duration(ctx, "duplicate_window", d.duplicate_window)?,

@@ -304,6 +304,13 @@ impl NatsConfig {
             "nats.max_ack_pending",
             "must be at least 1, or -1 for unlimited",
         )?;
+        // A retried job is delivered once before its retry time (and put
+        // back) and once to run.
+        check(
+            self.max_deliver == -1 || self.max_deliver >= 2,
+            "nats.max_deliver",
+            "must be at least 2, or -1 for unlimited",
+        )?;
         check(
             self.max_bytes == -1 || self.max_bytes >= 1,
             "nats.max_bytes",

@@ -1,7 +1,13 @@
 //! The one decision: what JetStream is told about a delivered job, from where
-//! the job stands, how often it was delivered, whether shutdown came first,
-//! and its part in a collapsed group. A pure function with a table of tests;
-//! the consumer only carries its answers out (`acknowledger`).
+//! the job stands, how many of its calls failed, how often it was delivered,
+//! whether shutdown came first, and its part in a collapsed group. A pure
+//! function with a table of tests; the consumer only carries its answers out
+//! (`acknowledger`).
+//!
+//! Attempts count failed calls (an error from Gitaly or the store), carried
+//! with the job in a header; deliveries are the server's and only a backstop
+//! (`max_deliver`): a call cut short by a killed process, a release at
+//! shutdown or a lost lock uses no attempt.
 
 use crate::event::ChangeType;
 use crate::queue::dead_letter::DeadReason;
@@ -9,7 +15,7 @@ use crate::replicator::JobOutcome;
 use crate::retry_delay::RetryPolicy;
 use std::time::Duration;
 
-/// How many deliveries a job gets.
+/// How many failed calls a job may have.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Attempts {
     Limited(u64),
@@ -43,6 +49,15 @@ pub enum Stage<'a> {
     DeadLetterFailed,
     /// Its requeue publish failed.
     RequeueFailed,
+    /// The publish of its retry (the copy recording its failure) failed; it
+    /// is delivered again after the delay, the failure unrecorded.
+    RetryFailed(Duration),
+    /// Delivered before the time its last failure set for its retry: it
+    /// waits that long more.
+    Early(Duration),
+    /// Waiting (for its source) beyond this process's share of the
+    /// ack-pending window: back to the stream, keeping its place.
+    SentBack,
 }
 
 /// A job's part in a collapsed group of identical updates: the leader runs,
@@ -53,16 +68,22 @@ pub enum Role {
     /// The leader had been delivered this often.
     Follower {
         leader_delivered: u64,
+        /// The leader's failed calls before this run.
+        leader_failures: u64,
     },
 }
 
-/// A job's deliveries so far and how many it may have.
+/// A job's failed calls and deliveries so far, and how many it may have.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Deliveries {
-    /// The server's count: 1 on the first delivery.
+    /// The server's count for this message: 1 on the first delivery.
     pub delivered: u64,
+    /// Calls of the job that failed before this delivery: the attempts it
+    /// used, carried from copy to copy.
+    pub failures: u64,
     pub attempts: Attempts,
-    /// The consumer's limit, after which the server stops delivering.
+    /// The consumer's limit, after which the server stops delivering
+    /// (`u64::MAX`: unlimited).
     pub max_deliver: u64,
 }
 
@@ -70,6 +91,12 @@ impl Deliveries {
     /// A nak on the server's last delivery would strand the job.
     fn last(&self) -> bool {
         self.delivered >= self.max_deliver
+    }
+
+    /// The attempts a dead letter records: the failures before, and the
+    /// one that made it dead.
+    pub fn attempts_used(&self, reason: DeadReason) -> u64 {
+        self.failures + u64::from(reason == DeadReason::Dead)
     }
 }
 
@@ -86,6 +113,10 @@ pub enum AckAction {
     /// Publish a fresh copy that keeps the job's place, then terminate: out
     /// of server deliveries but not of attempts.
     Requeue,
+    /// Its call failed with attempts left: publish a fresh copy that keeps
+    /// its place, records one more failure and runs after the delay, then
+    /// terminate. The failure is written now, as it is decided.
+    Retry(Duration),
     /// Say nothing: its call may still run, so it must not be handed to
     /// another process before the ack wait ends.
     Leave,
@@ -117,17 +148,28 @@ pub fn decide(
         // next delivery; a fresh copy would reset its attempts.
         Stage::DeadLetterFailed => AckAction::Nak(soon),
         Stage::RequeueFailed => AckAction::Nak(None),
+        Stage::RetryFailed(delay) => AckAction::Nak(Some(delay)),
+        Stage::Early(delay) => again(Some(delay)),
+        // A nak, even with a delay, would keep it in the ack-pending window
+        // that the target's other jobs need; a fresh copy leaves it.
+        Stage::SentBack => AckAction::Requeue,
         Stage::Finished(outcome) => match role {
             Role::Leader => finished(outcome, deliveries, retry, again),
-            Role::Follower { leader_delivered } => {
+            Role::Follower {
+                leader_delivered,
+                leader_failures,
+            } => {
                 let leader = Deliveries {
                     delivered: leader_delivered,
+                    failures: leader_failures,
                     ..*deliveries
                 };
                 match finished(outcome, &leader, retry, AckAction::Nak) {
                     AckAction::Ack => AckAction::Ack,
-                    // It comes back when its leader does, and collapses again.
+                    // It comes back when its leader does, and collapses
+                    // again; it never ran, so its own attempts stay.
                     AckAction::Nak(delay) => again(delay),
+                    AckAction::Retry(delay) => again(Some(delay)),
                     // Its leader died or was requeued; it never ran, so it
                     // keeps its own attempts.
                     _ => again(soon),
@@ -160,12 +202,13 @@ fn finished(
         JobOutcome::Failed(e) if e.is_database_outage() => {
             again(Some(retry.delay_after(deliveries.delivered)))
         }
-        JobOutcome::Failed(_) => match deliveries.attempts {
-            Attempts::Limited(n) if deliveries.delivered >= n => {
-                AckAction::DeadLetter(DeadReason::Dead)
+        JobOutcome::Failed(_) => {
+            let used = deliveries.failures.saturating_add(1);
+            match deliveries.attempts {
+                Attempts::Limited(n) if used >= n => AckAction::DeadLetter(DeadReason::Dead),
+                _ => AckAction::Retry(retry.delay_after(used)),
             }
-            _ => again(Some(retry.delay_after(deliveries.delivered))),
-        },
+        }
     }
 }
 
@@ -198,12 +241,25 @@ mod tests {
         Nak(Some(RETRY.delay_after(failures)))
     }
 
-    /// Three attempts, three server deliveries.
+    fn retry_after(failures: u64) -> AckAction {
+        Retry(RETRY.delay_after(failures))
+    }
+
+    /// Three attempts, none used; three server deliveries.
     fn delivery(delivered: u64) -> Deliveries {
         Deliveries {
             delivered,
+            failures: 0,
             attempts: Attempts::Limited(3),
             max_deliver: 3,
+        }
+    }
+
+    /// Three attempts, `failures` of them used, the first delivery.
+    fn failed_before(failures: u64) -> Deliveries {
+        Deliveries {
+            failures,
+            ..delivery(1)
         }
     }
 
@@ -230,7 +286,14 @@ mod tests {
             source: sqlx::Error::Io(std::io::ErrorKind::ConnectionRefused.into()),
         }));
         let leader = Role::Leader;
-        let follower = |leader_delivered| Role::Follower { leader_delivered };
+        let follower = |leader_delivered| Role::Follower {
+            leader_delivered,
+            leader_failures: 0,
+        };
+        let follower_of_failed = |leader_failures| Role::Follower {
+            leader_delivered: 1,
+            leader_failures,
+        };
         let rows: Vec<(&str, Stage, Role, Deliveries, AckAction)> = vec![
             // While it waits or runs, it stays ours.
             ("in flight", Stage::InFlight, leader, delivery(1), Progress),
@@ -285,27 +348,36 @@ mod tests {
                 delivery(1),
                 DeadLetter(DeadReason::Invalid),
             ),
-            // Failed: retried with a growing delay, dead when attempts run out.
+            // Failed: the failure is recorded in a fresh copy that runs after
+            // a growing delay; dead when its failures use up the attempts.
             (
                 "failed, first",
                 Stage::Finished(&failed),
                 leader,
                 delivery(1),
-                nak_after(1),
+                retry_after(1),
             ),
             (
                 "failed, second",
                 Stage::Finished(&failed),
                 leader,
-                delivery(2),
-                nak_after(2),
+                failed_before(1),
+                retry_after(2),
             ),
             (
                 "failed, last",
                 Stage::Finished(&failed),
                 leader,
-                delivery(3),
+                failed_before(2),
                 DeadLetter(DeadReason::Dead),
+            ),
+            // Deliveries cut short (a killed process) are no failures.
+            (
+                "first failure on the last delivery",
+                Stage::Finished(&failed),
+                leader,
+                delivery(3),
+                retry_after(1),
             ),
             // The database was down: retried like a failure, never dead.
             (
@@ -329,9 +401,10 @@ mod tests {
                 leader,
                 Deliveries {
                     attempts: Attempts::Limited(5),
+                    failures: 3,
                     ..delivery(3)
                 },
-                Requeue,
+                retry_after(4),
             ),
             // delete_replica never dies.
             (
@@ -339,13 +412,31 @@ mod tests {
                 Stage::Finished(&failed),
                 leader,
                 unlimited(2),
-                nak_after(2),
+                retry_after(1),
             ),
             (
-                "unlimited, failed at max_deliver",
+                "unlimited, failed many times",
                 Stage::Finished(&failed),
                 leader,
-                unlimited(3),
+                Deliveries {
+                    failures: 40,
+                    ..unlimited(3)
+                },
+                retry_after(41),
+            ),
+            // Delivered before its retry time: back for the rest of it.
+            (
+                "early",
+                Stage::Early(Duration::from_secs(4)),
+                leader,
+                delivery(1),
+                Nak(Some(Duration::from_secs(4))),
+            ),
+            (
+                "early on the last delivery",
+                Stage::Early(Duration::from_secs(4)),
+                leader,
+                delivery(3),
                 Requeue,
             ),
             // A lost lock costs no attempt.
@@ -379,6 +470,15 @@ mod tests {
                 delivery(3),
                 Requeue,
             ),
+            // Waiting beyond the share: a fresh copy, leader or follower.
+            ("sent back", Stage::SentBack, leader, delivery(1), Requeue),
+            (
+                "follower sent back",
+                Stage::SentBack,
+                follower(1),
+                delivery(1),
+                Requeue,
+            ),
             // The grace period ended mid-call: say nothing.
             ("abandoned", Stage::Abandoned, leader, delivery(1), Leave),
             // A failed dead-letter publish keeps the job; a failed requeue too.
@@ -396,6 +496,13 @@ mod tests {
                 delivery(3),
                 Nak(None),
             ),
+            (
+                "retry failed",
+                Stage::RetryFailed(Duration::from_secs(2)),
+                leader,
+                delivery(1),
+                Nak(Some(Duration::from_secs(2))),
+            ),
             // Followers are answered with their leader...
             (
                 "follower of a completed leader",
@@ -407,7 +514,7 @@ mod tests {
             (
                 "follower of a failed leader",
                 Stage::Finished(&failed),
-                follower(2),
+                follower_of_failed(1),
                 delivery(1),
                 nak_after(2),
             ),
@@ -424,7 +531,7 @@ mod tests {
             (
                 "follower of a dead leader",
                 Stage::Finished(&failed),
-                follower(3),
+                follower_of_failed(2),
                 delivery(1),
                 nak_after(1),
             ),

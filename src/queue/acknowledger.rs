@@ -12,10 +12,12 @@ use crate::metrics::{self, TargetMetrics};
 use crate::queue::ack::{AckAction, Deliveries, Role, Stage, decide};
 use crate::queue::dead_letter::{DeadJob, DeadReason, publish_dead};
 use crate::queue::layout::Layout;
-use crate::queue::requeue::{Placement, requeue};
+use crate::queue::requeue::{Carried, FreshCopy, Placement, publish_copy, requeue};
 use crate::retry_delay::RetryPolicy;
 use async_nats::connection::State;
 use async_nats::jetstream::{self, AckKind};
+use std::time::Duration;
+use time::OffsetDateTime;
 
 /// The fields a job's log lines carry, as Praefect names them.
 #[derive(Debug, Clone, Copy, Default)]
@@ -27,7 +29,10 @@ pub struct JobFields<'a> {
     pub change_type: &'a str,
     pub relative_path: &'a str,
     pub stream_sequence: u64,
+    /// The attempt this run would be: its failed calls so far, plus one.
     pub attempt: u64,
+    /// The server's delivery count of this message.
+    pub delivery: u64,
 }
 
 /// Logs an event of one job with Praefect's field names at the top level of
@@ -44,6 +49,7 @@ macro_rules! job_log {
             relative_path = %f.relative_path,
             stream_sequence = f.stream_sequence,
             attempt = f.attempt,
+            delivery = f.delivery,
             $($rest)*
         )
     }};
@@ -57,6 +63,8 @@ pub struct Delivery<'a> {
     pub sequence: u64,
     pub deliveries: Deliveries,
     pub placement: Placement,
+    /// What the message carries from the job's earlier copies.
+    pub carried: Carried,
     pub fields: JobFields<'a>,
 }
 
@@ -104,6 +112,13 @@ impl Acknowledger {
                     Stage::RequeueFailed
                 }
             },
+            AckAction::Retry(delay) => match self.retry(d, *delay).await {
+                Ok(()) => return self.send(d, AckKind::Term, "term").await,
+                Err(e) => {
+                    self.failed(d, "requeue", &e);
+                    Stage::RetryFailed(*delay)
+                }
+            },
             _ => return self.carry_out(d, action).await,
         };
         let action = decide(fallback, role, &d.deliveries, &self.retry);
@@ -118,7 +133,9 @@ impl Acknowledger {
             AckAction::Nak(delay) => (AckKind::Nak(delay), "nak"),
             AckAction::Leave => return,
             // Decided again above; never carried out as plain acks.
-            AckAction::DeadLetter(_) | AckAction::Requeue => (AckKind::Nak(None), "nak"),
+            AckAction::DeadLetter(_) | AckAction::Requeue | AckAction::Retry(_) => {
+                (AckKind::Nak(None), "nak")
+            }
         };
         self.send(d, kind, name).await;
     }
@@ -147,13 +164,19 @@ impl Acknowledger {
             payload: d.message.message.payload.clone(),
             reason,
             error,
-            attempts: d.deliveries.delivered,
+            attempts: d.deliveries.attempts_used(reason),
+            deliveries: self.deliveries(d),
         };
         publish_dead(&self.js, &self.layout, dead)
             .await
             .map_err(|e| e.to_string())?;
         self.metrics.dead_letter(reason.as_str());
         Ok(())
+    }
+
+    /// Every delivery of the job, its earlier copies' included.
+    fn deliveries(&self, d: &Delivery<'_>) -> u64 {
+        d.carried.deliveries.saturating_add(d.deliveries.delivered)
     }
 
     async fn requeue(&self, d: &Delivery<'_>) -> Result<(), String> {
@@ -163,10 +186,30 @@ impl Acknowledger {
             d.message.message.subject.to_string(),
             d.message.message.payload.clone(),
             d.placement,
+            d.carried,
             d.sequence,
             d.deliveries.delivered,
         )
         .await
+    }
+
+    /// Records a failed call in a fresh copy that runs after `delay`.
+    async fn retry(&self, d: &Delivery<'_>, delay: Duration) -> Result<(), String> {
+        let failures = d.deliveries.failures.saturating_add(1);
+        let copy = FreshCopy {
+            subject: d.message.message.subject.to_string(),
+            payload: d.message.message.payload.clone(),
+            placement: d.placement,
+            carried: Carried {
+                failures,
+                deliveries: self.deliveries(d),
+                retry_at: Some(OffsetDateTime::now_utc() + delay),
+                // A wait it was in goes on; it is logged once.
+                waiting_since: d.carried.waiting_since,
+            },
+            message_id: format!("retry-{}-{}-{failures}", self.layout.stream, d.sequence),
+        };
+        publish_copy(&self.js, copy).await
     }
 
     fn failed(&self, d: &Delivery<'_>, kind: &'static str, error: &str) {

@@ -10,7 +10,7 @@ use crate::event::{ChangeType, Job};
 use crate::queue::dead_letter::{DeadJob, DeadReason, publish_dead};
 use crate::queue::layout::Layout;
 use crate::queue::puller::{Pulled, Puller};
-use crate::queue::requeue::requeue_stored;
+use crate::queue::requeue::{Carried, requeue_stored};
 use async_nats::jetstream::{self, Context};
 use serde::Deserialize;
 use std::time::Duration;
@@ -116,6 +116,7 @@ async fn move_stranded(
             "stranded delete_replica job requeued (its attempts are unlimited)"
         );
     } else {
+        let carried = Carried::of(Some(&raw.headers));
         publish_dead(
             js,
             layout,
@@ -124,8 +125,9 @@ async fn move_stranded(
                 work_sequence: a.stream_seq,
                 payload: raw.payload.clone(),
                 reason: DeadReason::Stranded,
-                error: "max deliveries reached without an acknowledgement: the process stopped during the last attempt, or its acknowledgement was lost",
-                attempts: a.deliveries,
+                error: "max deliveries reached without an acknowledgement: its process stopped during the call on every delivery (the backstop for a job that kills its process), or the last acknowledgement was lost",
+                attempts: carried.failures,
+                deliveries: carried.deliveries.saturating_add(a.deliveries),
             },
         )
         .await

@@ -20,7 +20,8 @@ use crate::queue::acknowledger::{Acknowledger, Delivery, JobFields};
 use crate::queue::job;
 use crate::queue::layout::{ConsumerSpec, Layout, LayoutChange, LayoutError};
 use crate::queue::puller::{PullError, Pulled, Puller};
-use crate::queue::requeue::Placement;
+use crate::queue::requeue::{Carried, Placement};
+use crate::queue::waiting::Waiting;
 use crate::replicator::Replicator;
 use crate::retry_delay::RetryPolicy;
 use crate::store::locks::RepositoryLocks;
@@ -124,6 +125,8 @@ pub(super) struct Target {
     pub spec: ConsumerSpec,
     pub metrics: TargetMetrics,
     pub acknowledger: Acknowledger,
+    /// Its jobs waiting in this process.
+    pub waiting: Arc<Waiting>,
 }
 
 /// Sets up every target and pulls until `stop`; returns once the pull loops
@@ -221,6 +224,11 @@ pub async fn run<R: Replicator>(deps: ConsumerDeps<R>) -> Result<(), ConsumerErr
                 metrics.clone(),
             ),
             metrics,
+            waiting: Waiting::new(
+                &spec.virtual_storage,
+                &spec.target_storage,
+                layout.max_ack_pending,
+            ),
         });
         let database = readiness.dependencies().watch(Dependency::Postgres);
         let healthy = node.subscribe_health();
@@ -356,7 +364,7 @@ async fn pull_loop<R: Replicator>(
     }
     // Jobs that arrived after the stop are handed back at once.
     for m in puller.close().await {
-        let (deliveries, sequence, placement) = delivery_facts(&shared, &m);
+        let (deliveries, sequence, placement, carried) = delivery_facts(&shared, &m);
         let subject = crate::subject::parse_job_subject(
             &shared.layout.subject_prefix,
             m.message.subject.as_str(),
@@ -367,11 +375,13 @@ async fn pull_loop<R: Replicator>(
             sequence,
             deliveries,
             placement,
+            carried,
             fields: JobFields {
                 virtual_storage: &subject.0,
                 target: &subject.1,
                 stream_sequence: sequence,
-                attempt: deliveries.delivered,
+                attempt: deliveries.failures + 1,
+                delivery: deliveries.delivered,
                 ..JobFields::default()
             },
         };
@@ -382,24 +392,31 @@ async fn pull_loop<R: Replicator>(
     }
 }
 
-/// A delivered message's count, its own sequence and its place in its
-/// replica's order (the attempts it may have are its job's, known once it
-/// is decoded; until then, the configured number).
+/// A delivered message's counts, its own sequence, its place in its
+/// replica's order and what it carries from earlier copies (the attempts it
+/// may have are its job's, known once it is decoded; until then, the
+/// configured number).
 pub(super) fn delivery_facts<R>(
     shared: &Shared<R>,
     m: &jetstream::Message,
-) -> (Deliveries, u64, Placement) {
+) -> (Deliveries, u64, Placement, Carried) {
     let (delivered, sequence, published) = match m.info() {
         Ok(i) => (i.delivered.max(1) as u64, i.stream_sequence, i.published),
         Err(_) => (1, 0, OffsetDateTime::now_utc()),
     };
-    let placement = Placement::of(m.message.headers.as_ref(), sequence, published);
+    let headers = m.message.headers.as_ref();
+    let placement = Placement::of(headers, sequence, published);
+    let carried = Carried::of(headers);
     let deliveries = Deliveries {
         delivered,
+        failures: carried.failures,
         attempts: crate::queue::ack::Attempts::Limited(u64::from(shared.settings.attempts.max(1))),
-        max_deliver: shared.layout.max_deliver.max(1) as u64,
+        max_deliver: u64::try_from(shared.layout.max_deliver)
+            .ok()
+            .filter(|n| *n >= 1)
+            .unwrap_or(u64::MAX),
     };
-    (deliveries, sequence, placement)
+    (deliveries, sequence, placement, carried)
 }
 
 /// The attempts a decoded job may have.

@@ -18,8 +18,11 @@ pub mod headers {
     pub const REASON: &str = "Gitaly-Replicator-Reason";
     /// The last error, or why the payload is invalid.
     pub const ERROR: &str = "Gitaly-Replicator-Error";
-    /// Deliveries made before it died.
+    /// Attempts it used: its calls that failed (an interrupted call, a
+    /// release at shutdown or a wait is none).
     pub const ATTEMPTS: &str = "Gitaly-Replicator-Attempts";
+    /// Every server delivery it had, its requeued copies' included.
+    pub const DELIVERIES: &str = "Gitaly-Replicator-Deliveries";
     /// The work subject it was published on.
     pub const ORIGINAL_SUBJECT: &str = "Gitaly-Replicator-Original-Subject";
     /// Its sequence in the work stream.
@@ -90,6 +93,7 @@ pub struct DeadJob<'a> {
     pub reason: DeadReason,
     pub error: &'a str,
     pub attempts: u64,
+    pub deliveries: u64,
 }
 
 /// Header values must be one line of visible text.
@@ -113,6 +117,7 @@ pub async fn publish_dead(
     h.insert(headers::REASON, job.reason.as_str());
     h.insert(headers::ERROR, header_safe(job.error).as_str());
     h.insert(headers::ATTEMPTS, job.attempts.to_string().as_str());
+    h.insert(headers::DELIVERIES, job.deliveries.to_string().as_str());
     h.insert(headers::ORIGINAL_SUBJECT, job.work_subject);
     h.insert(
         headers::ORIGINAL_SEQUENCE,

@@ -14,10 +14,11 @@ use crate::event::Job;
 use crate::queue::ack::{Deliveries, Role, Stage};
 use crate::queue::acknowledger::{Delivery, JobFields, job_log};
 use crate::queue::consumer::{Shared, Target, delivery_facts, with_attempts};
+use crate::queue::dispatch::{Ran, run_job};
 use crate::queue::layout::Layout;
-use crate::queue::requeue::Placement;
+use crate::queue::requeue::{Carried, Placement};
+use crate::queue::waiting::WaitReason;
 use crate::replicator::{JobOutcome, Replicator, SkipReason};
-use crate::store::{JobKey, WriteOrder, repository_lock_key};
 use crate::subject::parse_job_subject;
 use async_nats::jetstream;
 use std::collections::HashMap;
@@ -29,22 +30,24 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
 /// One delivered job before it runs.
-struct Delivered {
-    message: jetstream::Message,
-    job: Job,
-    deliveries: Deliveries,
+pub(super) struct Delivered {
+    pub(super) message: jetstream::Message,
+    pub(super) job: Job,
+    pub(super) deliveries: Deliveries,
     /// The message's own stream sequence.
-    sequence: u64,
+    pub(super) sequence: u64,
     /// Its first publication: its place in its replica's order, and the
     /// time completion dedup judges it by (the broker's clock; a publisher's
     /// `created_at` may come from a clock that is off).
-    placement: Placement,
+    pub(super) placement: Placement,
+    /// What it carries from the job's earlier copies.
+    pub(super) carried: Carried,
     /// Its share of the intake, given back when the task ends.
-    held: Option<OwnedSemaphorePermit>,
+    pub(super) held: Option<OwnedSemaphorePermit>,
 }
 
 impl Delivered {
-    fn fields(&self) -> JobFields<'_> {
+    pub(super) fn fields(&self) -> JobFields<'_> {
         let job = &self.job;
         JobFields {
             virtual_storage: &job.virtual_storage,
@@ -54,7 +57,8 @@ impl Delivered {
             change_type: job.change_type().as_str(),
             relative_path: &job.relative_path,
             stream_sequence: self.sequence,
-            attempt: self.deliveries.delivered,
+            attempt: self.deliveries.failures + 1,
+            delivery: self.deliveries.delivered,
         }
     }
 
@@ -64,6 +68,7 @@ impl Delivered {
             sequence: self.sequence,
             deliveries: self.deliveries,
             placement: self.placement,
+            carried: self.carried,
             fields: self.fields(),
         }
     }
@@ -84,10 +89,37 @@ pub(super) fn dispatch_batch<R: Replicator>(
     let mut groups: Vec<(Delivered, Vec<Delivered>)> = Vec::new();
     let mut update_leader: HashMap<(String, String), usize> = HashMap::new();
     for (message, held) in batch {
-        let (deliveries, sequence, placement) = delivery_facts(shared, &message);
+        let (deliveries, sequence, placement, carried) = delivery_facts(shared, &message);
         shared
             .latest_published
             .fetch_max(unix_nanos(placement.published), Ordering::Relaxed);
+        // A retry delivered before its time: nak'd for the rest of its
+        // delay (the failure that set it is already counted).
+        let cap = shared.settings.retry.max;
+        if let Some(left) = carried.wait_left(OffsetDateTime::now_utc(), cap) {
+            let target = target.clone();
+            shared.jobs.spawn(async move {
+                let _held = held;
+                let d = Delivery {
+                    message: &message,
+                    sequence,
+                    deliveries,
+                    placement,
+                    carried,
+                    fields: JobFields {
+                        virtual_storage: &target.spec.virtual_storage,
+                        target: &target.spec.target_storage,
+                        stream_sequence: sequence,
+                        attempt: deliveries.failures + 1,
+                        delivery: deliveries.delivered,
+                        ..JobFields::default()
+                    },
+                };
+                let acks = &target.acknowledger;
+                acks.settle(&d, Stage::Early(left), Role::Leader, "").await;
+            });
+            continue;
+        }
         let job = match decode(&shared.layout, &message) {
             Ok(job) => job,
             Err(reason) => {
@@ -99,7 +131,8 @@ pub(super) fn dispatch_batch<R: Replicator>(
                         virtual_storage: &target.spec.virtual_storage,
                         target: &target.spec.target_storage,
                         stream_sequence: sequence,
-                        attempt: deliveries.delivered,
+                        attempt: deliveries.failures + 1,
+                        delivery: deliveries.delivered,
                         ..JobFields::default()
                     };
                     job_log!(warn, fields, error = %reason, "invalid replication job");
@@ -108,6 +141,7 @@ pub(super) fn dispatch_batch<R: Replicator>(
                         sequence,
                         deliveries,
                         placement,
+                        carried,
                         fields,
                     };
                     let acks = &target.acknowledger;
@@ -124,6 +158,7 @@ pub(super) fn dispatch_batch<R: Replicator>(
             deliveries,
             sequence,
             placement,
+            carried,
             held,
         };
         if d.job.change_type().needs_source() {
@@ -176,18 +211,6 @@ fn decode(layout: &Layout, m: &jetstream::Message) -> Result<Job, String> {
     Ok(job)
 }
 
-/// How far a job got before it was stopped.
-enum Ran {
-    /// The outcome; its latency when observed (see
-    /// [`JobOutcome::observes_latency`]); whether it was dispatched
-    /// (a superseded job never is).
-    Finished(JobOutcome, Option<Duration>, bool),
-    /// Shutdown came before it started.
-    Released,
-    /// The grace period ended mid-dispatch.
-    Abandoned,
-}
-
 async fn process<R: Replicator>(
     shared: Arc<Shared<R>>,
     target: Arc<Target>,
@@ -196,39 +219,57 @@ async fn process<R: Replicator>(
 ) {
     let change_type = d.job.change_type();
     let acks = &target.acknowledger;
-    let leader_delivered = d.deliveries.delivered;
-    let follower = Role::Follower { leader_delivered };
-    let mut waits = 0u64;
+    let follower = Role::Follower {
+        leader_delivered: d.deliveries.delivered,
+        leader_failures: d.deliveries.failures,
+    };
+    // When it started waiting: an earlier copy's, if one went back to the
+    // stream waiting, so a wait is logged once however many copies it takes.
+    let mut waiting_since = d.carried.waiting_since;
+    let mut slot = None;
     let ran = loop {
         let ran = {
             let fields = d.fields();
-            let work = run_job(&shared, &target, &d, &fields);
+            let work = run_job(&shared, &target, &d, &fields, waiting_since.is_some());
             keeping_ours(&shared, &target, &d, &followers, work).await
         };
         let Ran::Finished(JobOutcome::SourceUnavailable { storage }, _, _) = &ran else {
             break ran;
         };
-        // Nothing ran and nothing was written. The job waits here, not in
-        // the stream, so it keeps its attempts; it gives back its intake so
-        // other jobs keep coming.
+        // Nothing ran and nothing was written: it waits, using no attempt.
         target.metrics.job_finished(change_type, "deferred", None);
-        waits += 1;
-        if waits == 1 {
+        if waiting_since.is_none() {
+            waiting_since = Some(OffsetDateTime::now_utc());
             job_log!(
                 warn,
                 d.fields(),
                 source_state = "unhealthy",
-                "source storage {storage} is unhealthy and no other healthy replica holds the repository's generation; the job waits for one without using an attempt"
+                wait_reason = WaitReason::SourceUnavailable.as_str(),
+                "started waiting: source storage {storage} is unhealthy and no other healthy replica holds the repository's generation; the job waits for one without using an attempt"
             );
         }
-        drop(d.held.take());
-        for f in &mut followers {
-            drop(f.held.take());
+        if slot.is_none() {
+            slot = target.waiting.hold();
+            if slot.is_some() {
+                // In memory for as long as it takes: it gives back its
+                // intake so other jobs keep coming.
+                drop(d.held.take());
+                for f in &mut followers {
+                    drop(f.held.take());
+                }
+            }
         }
-        let wait = shared
+        // Beyond the share it waits one interval (at least a second, which
+        // paces the copies' round trips), keeping its intake, then goes back.
+        let interval = shared
             .settings
             .health_check_interval
             .max(Duration::from_millis(100));
+        let wait = if slot.is_some() {
+            interval
+        } else {
+            interval.max(Duration::from_secs(1))
+        };
         let stop = shared.stop.clone();
         let waited = keeping_ours(&shared, &target, &d, &followers, async move {
             tokio::select! {
@@ -240,7 +281,27 @@ async fn process<R: Replicator>(
         if !waited {
             break Ran::Released;
         }
+        if slot.is_none() {
+            break Ran::SentBack;
+        }
     };
+    drop(slot);
+    // A failed or interrupted try goes back still waiting (its copy carries
+    // when it started); any other outcome ends the wait.
+    let ended = matches!(
+        &ran,
+        Ran::Finished(o, _, _) if !matches!(o, JobOutcome::Failed(_) | JobOutcome::Interrupted)
+    );
+    if let (Some(since), true) = (waiting_since, ended) {
+        let waited = (OffsetDateTime::now_utc() - since).whole_seconds();
+        job_log!(
+            info,
+            d.fields(),
+            waited_seconds = waited,
+            wait_reason = WaitReason::SourceUnavailable.as_str(),
+            "stopped waiting: a healthy replica holds the repository's generation again"
+        );
+    }
     let fields = d.fields();
     let (outcome, latency, dispatched) = match ran {
         Ran::Finished(o, l, dispatched) => (o, l, dispatched),
@@ -263,6 +324,18 @@ async fn process<R: Replicator>(
                 .await;
             return;
         }
+        Ran::SentBack => {
+            // The copy carries when it started waiting.
+            let mut sent = d.delivery();
+            sent.carried.waiting_since = waiting_since;
+            acks.settle(&sent, Stage::SentBack, Role::Leader, "").await;
+            for f in &followers {
+                let mut sent = f.delivery();
+                sent.carried.waiting_since = waiting_since;
+                acks.settle(&sent, Stage::SentBack, follower, "").await;
+            }
+            return;
+        }
     };
     let label = outcome.label();
     if dispatched {
@@ -277,8 +350,9 @@ async fn process<R: Replicator>(
         _ => String::new(),
     };
     let stage = Stage::Finished(&outcome);
-    acks.settle(&d.delivery(), stage, Role::Leader, &error)
-        .await;
+    let mut settled = d.delivery();
+    settled.carried.waiting_since = waiting_since;
+    acks.settle(&settled, stage, Role::Leader, &error).await;
     let collapsed = matches!(
         outcome,
         JobOutcome::Completed | JobOutcome::Skipped(_) | JobOutcome::Unsupported { .. }
@@ -304,6 +378,7 @@ async fn keeping_ours<R, T>(
     let acks = &target.acknowledger;
     let follower = Role::Follower {
         leader_delivered: d.deliveries.delivered,
+        leader_failures: d.deliveries.failures,
     };
     let every = (shared.settings.ack_wait / 3).max(Duration::from_millis(100));
     let mut tick = tokio::time::interval_at(Instant::now() + every, every);
@@ -370,159 +445,4 @@ fn log_outcome<R>(
             }
         }
     }
-}
-
-/// The repository lock keys of a job: its replica, and for a rename the
-/// replica at the new path too, in a fixed order so that two renames in
-/// opposite directions cannot wait for each other.
-fn lock_keys(job: &Job) -> Vec<i64> {
-    let (vs, rel, target) = job.repository_key();
-    let mut keys = vec![repository_lock_key(vs, rel, target)];
-    if let crate::event::Change::Rename { new_relative_path } = &job.change {
-        keys.push(repository_lock_key(vs, new_relative_path, target));
-        keys.sort_unstable();
-        keys.dedup();
-    }
-    keys
-}
-
-/// Waits for the repository and a job slot, checks completion dedup, and
-/// dispatches.
-async fn run_job<R: Replicator>(
-    shared: &Shared<R>,
-    target: &Target,
-    d: &Delivered,
-    fields: &JobFields<'_>,
-) -> Ran {
-    let followed;
-    let job = match shared.replicator.followed_path(&d.job).await {
-        Ok(None) => &d.job,
-        Ok(Some(path)) => {
-            job_log!(
-                info,
-                fields,
-                followed_path = %path,
-                "the repository was renamed in Praefect's store since the job was published; the job runs at its new relative path"
-            );
-            followed = Job {
-                relative_path: path,
-                ..d.job.clone()
-            };
-            &followed
-        }
-        Err(outcome) => return Ran::Finished(outcome, None, false),
-    };
-    let change = job.change_type();
-    let ordered = change.changes_state();
-    // Maintenance jobs are deduplicated Praefect's way; state-changing jobs
-    // are ordered instead (a twin's completion says nothing about a delete
-    // published between the two).
-    let completion = (!ordered).then(|| JobKey::of(job));
-    let mut guards = Vec::new();
-    for (i, key) in lock_keys(job).into_iter().enumerate() {
-        // The dedup check is answered with the lock, so it sees every twin
-        // that completed before the lock was free.
-        let check = completion
-            .clone()
-            .filter(|_| i == 0)
-            .map(|c| (c, d.placement.published));
-        match shared.locks.acquire_checked(key, check, &shared.stop).await {
-            Some(g) => guards.push(g),
-            None => {
-                for g in guards {
-                    shared.locks.release(g);
-                }
-                return Ran::Released;
-            }
-        }
-    }
-    let permit = tokio::select! {
-        p = shared.permits.acquire() => p,
-        _ = shared.stop.cancelled() => {
-            for g in guards {
-                shared.locks.release(g);
-            }
-            return Ran::Released;
-        }
-    };
-    if guards.iter().any(|g| g.waited()) {
-        job_log!(
-            debug,
-            fields,
-            "waited for the repository lock: another job of this replica ran first"
-        );
-    }
-    let mut record = None;
-    let ran = if guards.iter().any(|g| g.superseded()) {
-        drop(permit);
-        Ran::Finished(JobOutcome::Skipped(SkipReason::Superseded), None, false)
-    } else {
-        let started_wall = OffsetDateTime::now_utc();
-        // A created time before the stream had the job (Go's zero time, a
-        // clock far behind) says nothing about the delay.
-        let created = job
-            .created_at
-            .filter(|t| *t >= d.placement.published - time::Duration::DAY)
-            .unwrap_or(d.placement.published);
-        let delay = (started_wall - created)
-            .try_into()
-            .unwrap_or(Duration::ZERO);
-        target.metrics.job_started(change, delay);
-        job_log!(info, fields, "replication job processing started");
-        // On the broker's clock, a time this job surely started after.
-        let started = OffsetDateTime::from_unix_timestamp_nanos(i128::from(
-            shared.latest_published.load(Ordering::Relaxed),
-        ))
-        .unwrap_or(d.placement.published)
-        .max(d.placement.published);
-        let order = ordered.then(|| WriteOrder {
-            stream: shared.stream_incarnation.clone(),
-            sequence: i64::try_from(d.placement.sequence).unwrap_or(i64::MAX),
-            lock_session: guards.first().map(|g| g.session()),
-            repository_id: job.repository_id,
-        });
-        let lost = guards.first().map(|g| g.lost().clone()).unwrap_or_default();
-        let timer = Instant::now();
-        let outcome = tokio::select! {
-            // Boxed: Gitaly call futures are large, and moving them inline
-            // made every job's task copy kilobytes.
-            o = Box::pin(shared.replicator.replicate_in_order(job, order.as_ref())) => Some(o),
-            // The lock is gone and another process may run the repository
-            // now: stop, write nothing, run again.
-            _ = lost.cancelled() => Some(JobOutcome::Interrupted),
-            _ = shared.abort.cancelled() => None,
-        };
-        // The slot bounds calls to Gitaly; what follows is bookkeeping.
-        drop(permit);
-        match outcome {
-            None => {
-                target.metrics.job_finished(change, "abandoned", None);
-                // The lock connection's session keeps the lock until the
-                // process exits, so no other process starts this repository
-                // while its abandoned call may still run.
-                for g in guards {
-                    std::mem::forget(g);
-                }
-                return Ran::Abandoned;
-            }
-            Some(outcome) => {
-                let completed = matches!(outcome, JobOutcome::Completed);
-                let latency = outcome.observes_latency().then(|| timer.elapsed());
-                if completed {
-                    record = completion.map(|c| (c, started));
-                }
-                Ran::Finished(outcome, latency, true)
-            }
-        }
-    };
-    // The record is written before the job is acknowledged, so a twin
-    // delivered after the ack sees it.
-    let mut guards = guards.into_iter();
-    if let Some(first) = guards.next() {
-        for g in guards {
-            shared.locks.release(g);
-        }
-        shared.locks.release_recording(first, record).await;
-    }
-    ran
 }

@@ -219,7 +219,7 @@ impl Layout {
             duplicate_window: nats.duplicate_window,
             dead_letter_max_age: nats.dead_letter_max_age,
             ack_wait: nats.ack_wait,
-            max_deliver: i64::from(config.replication.attempts.max(1)),
+            max_deliver: nats.max_deliver,
             max_ack_pending: nats.max_ack_pending,
             consumers,
         }

@@ -1,22 +1,40 @@
-//! The one way a job goes back to the work stream as a fresh message (out of
-//! server deliveries but not of attempts, or released on the last delivery at
-//! shutdown), and how a job's place in its replica's order survives that.
+//! The one way a job goes back to the work stream as a fresh message, and
+//! what travels with it: its place in its replica's order, the attempts it
+//! used and the deliveries it had.
 //!
-//! A requeued copy gets a new stream sequence and timestamp. Order and dedup
-//! judge a job by when it was first published, so the copy carries its
-//! original sequence and time in headers. A header is honoured only when it
-//! makes the job older than its own message, never newer: a publisher cannot
-//! use it to jump ahead of jobs published after it.
+//! A fresh copy is published when a call failed (it records the failure
+//! and the time the job runs again), when a job is out of server deliveries
+//! but not of attempts, and when it is released on the last delivery at
+//! shutdown. A requeued copy gets a new stream sequence and timestamp. Order
+//! and dedup judge a job by when it was first published, so the copy carries
+//! its original sequence and time in headers. A header is honoured only when
+//! it makes the job older than its own message, never newer: a publisher
+//! cannot use it to jump ahead of jobs published after it.
+//!
+//! Failures are written when a failure is decided, never when a delivery
+//! starts: a process killed in its call writes nothing, so an interrupted
+//! call uses no attempt.
 
 use async_nats::HeaderMap;
 use async_nats::jetstream::Context;
 use bytes::Bytes;
+use std::time::Duration;
 use time::OffsetDateTime;
 
 /// The original stream sequence of a requeued job.
 pub const ORDER_SEQUENCE: &str = "Gitaly-Replicator-Order-Sequence";
 /// The original stream time of a requeued job (Unix nanoseconds).
 pub const ORDER_TIME: &str = "Gitaly-Replicator-Order-Time";
+/// Attempts used: calls of the job that failed, before this copy.
+pub const FAILED_ATTEMPTS: &str = "Gitaly-Replicator-Failed-Attempts";
+/// Server deliveries of the job's earlier copies.
+pub const EARLIER_DELIVERIES: &str = "Gitaly-Replicator-Earlier-Deliveries";
+/// Not to run before this time (Unix nanoseconds): the delay after a
+/// failure.
+pub const RETRY_AT: &str = "Gitaly-Replicator-Retry-At";
+/// When the job started waiting (Unix nanoseconds), on a copy sent back
+/// to the stream while it waits: its wait is logged once, not per copy.
+pub const WAITING_SINCE: &str = "Gitaly-Replicator-Waiting-Since";
 
 /// Where a job stands among the jobs of its replica: its first publication.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,15 +43,22 @@ pub struct Placement {
     pub published: OffsetDateTime,
 }
 
+fn header<'a>(headers: Option<&'a HeaderMap>, name: &str) -> Option<&'a str> {
+    headers.and_then(|h| h.get(name)).map(|v| v.as_str())
+}
+
+fn nanos(t: OffsetDateTime) -> String {
+    t.unix_timestamp_nanos().to_string()
+}
+
 impl Placement {
     /// The placement of a delivered message: its own sequence and time, or
     /// the earlier ones its headers carry from the copy it was requeued from.
     pub fn of(headers: Option<&HeaderMap>, sequence: u64, published: OffsetDateTime) -> Self {
-        let header = |name: &str| headers.and_then(|h| h.get(name)).map(|v| v.as_str());
-        let original_sequence = header(ORDER_SEQUENCE)
+        let original_sequence = header(headers, ORDER_SEQUENCE)
             .and_then(|v| v.parse::<u64>().ok())
             .filter(|s| *s > 0 && *s <= sequence);
-        let original_time = header(ORDER_TIME)
+        let original_time = header(headers, ORDER_TIME)
             .and_then(|v| v.parse::<i128>().ok())
             .and_then(|n| OffsetDateTime::from_unix_timestamp_nanos(n).ok())
             .filter(|t| *t <= published);
@@ -44,33 +69,76 @@ impl Placement {
     }
 }
 
-/// Publishes a fresh copy of a job that keeps its placement. The message id
-/// makes a repeat of the same requeue (after a lost publish ack) a duplicate
-/// JetStream drops.
-pub async fn requeue(
-    js: &Context,
-    stream: &str,
-    subject: String,
-    payload: Bytes,
-    placement: Placement,
-    message_sequence: u64,
-    deliveries: u64,
-) -> Result<(), String> {
+/// The counts a job carries from its earlier copies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Carried {
+    /// Calls that failed.
+    pub failures: u64,
+    /// Server deliveries of earlier copies.
+    pub deliveries: u64,
+    /// Not to run before.
+    pub retry_at: Option<OffsetDateTime>,
+    /// Waiting since (for its source) when it went back to the stream.
+    pub waiting_since: Option<OffsetDateTime>,
+}
+
+impl Carried {
+    /// What a message's headers carry; an unreadable value counts as none.
+    pub fn of(headers: Option<&HeaderMap>) -> Self {
+        let count = |name| {
+            header(headers, name)
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        let time = |name| {
+            header(headers, name)
+                .and_then(|v| v.parse::<i128>().ok())
+                .and_then(|n| OffsetDateTime::from_unix_timestamp_nanos(n).ok())
+        };
+        Carried {
+            failures: count(FAILED_ATTEMPTS),
+            deliveries: count(EARLIER_DELIVERIES),
+            retry_at: time(RETRY_AT),
+            waiting_since: time(WAITING_SINCE),
+        }
+    }
+
+    /// How long a copy delivered at `now` must still wait, at most `cap`
+    /// (a header from a publisher cannot park a job for longer).
+    pub fn wait_left(&self, now: OffsetDateTime, cap: Duration) -> Option<Duration> {
+        let left: Duration = (self.retry_at? - now).try_into().ok()?;
+        (!left.is_zero()).then(|| left.min(cap))
+    }
+}
+
+/// A fresh copy of a job: its payload, where it goes, and what it carries.
+pub struct FreshCopy {
+    pub subject: String,
+    pub payload: Bytes,
+    pub placement: Placement,
+    pub carried: Carried,
+    /// Names the copy for the duplicate window: the same from every process
+    /// that makes it, so a repeat (after a lost publish ack) is dropped.
+    pub message_id: String,
+}
+
+/// Publishes a fresh copy of a job that keeps its placement and carries its
+/// counts.
+pub async fn publish_copy(js: &Context, copy: FreshCopy) -> Result<(), String> {
     let mut h = HeaderMap::new();
-    h.insert(
-        "Nats-Msg-Id",
-        format!("requeue-{stream}-{message_sequence}-{deliveries}").as_str(),
-    );
-    h.insert(ORDER_SEQUENCE, placement.sequence.to_string().as_str());
-    h.insert(
-        ORDER_TIME,
-        placement
-            .published
-            .unix_timestamp_nanos()
-            .to_string()
-            .as_str(),
-    );
-    js.publish_with_headers(subject, h, payload)
+    h.insert("Nats-Msg-Id", copy.message_id.as_str());
+    h.insert(ORDER_SEQUENCE, copy.placement.sequence.to_string().as_str());
+    h.insert(ORDER_TIME, nanos(copy.placement.published).as_str());
+    let c = copy.carried;
+    h.insert(FAILED_ATTEMPTS, c.failures.to_string().as_str());
+    h.insert(EARLIER_DELIVERIES, c.deliveries.to_string().as_str());
+    if let Some(at) = c.retry_at {
+        h.insert(RETRY_AT, nanos(at).as_str());
+    }
+    if let Some(since) = c.waiting_since {
+        h.insert(WAITING_SINCE, nanos(since).as_str());
+    }
+    js.publish_with_headers(copy.subject, h, copy.payload)
         .await
         .map_err(|e| e.to_string())?
         .await
@@ -78,8 +146,37 @@ pub async fn requeue(
     Ok(())
 }
 
+/// Publishes a fresh copy of a job out of server deliveries, or released
+/// on its last one: same counts, the deliveries of this copy added.
+#[allow(clippy::too_many_arguments)]
+pub async fn requeue(
+    js: &Context,
+    stream: &str,
+    subject: String,
+    payload: Bytes,
+    placement: Placement,
+    carried: Carried,
+    message_sequence: u64,
+    deliveries: u64,
+) -> Result<(), String> {
+    publish_copy(
+        js,
+        FreshCopy {
+            subject,
+            payload,
+            placement,
+            carried: Carried {
+                deliveries: carried.deliveries.saturating_add(deliveries),
+                ..carried
+            },
+            message_id: format!("requeue-{stream}-{message_sequence}-{deliveries}"),
+        },
+    )
+    .await
+}
+
 /// Requeues a message read from the work stream (by sequence), keeping the
-/// placement it or its headers carry.
+/// placement and counts it or its headers carry.
 pub async fn requeue_stored(
     js: &Context,
     stream: &str,
@@ -93,6 +190,7 @@ pub async fn requeue_stored(
         stored.subject.to_string(),
         stored.payload.clone(),
         placement,
+        Carried::of(Some(&stored.headers)),
         stored.sequence,
         deliveries,
     )
@@ -147,5 +245,29 @@ mod tests {
                 "{h:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_copy_carries_its_failures_and_deliveries_and_waits_at_most_the_cap() {
+        let now = OffsetDateTime::from_unix_timestamp(1_700_000_000).unwrap();
+        assert_eq!(Carried::of(None), Carried::default());
+        let mut h = HeaderMap::new();
+        h.insert(FAILED_ATTEMPTS, "2");
+        h.insert(EARLIER_DELIVERIES, "5");
+        let at = now + time::Duration::seconds(3);
+        h.insert(RETRY_AT, nanos(at).as_str());
+        let c = Carried::of(Some(&h));
+        assert_eq!((c.failures, c.deliveries, c.retry_at), (2, 5, Some(at)));
+        let cap = Duration::from_secs(60);
+        assert_eq!(c.wait_left(now, cap), Some(Duration::from_secs(3)));
+        assert_eq!(c.wait_left(at, cap), None);
+        assert_eq!(
+            c.wait_left(now, Duration::from_secs(1)),
+            Some(Duration::from_secs(1))
+        );
+        let mut junk = HeaderMap::new();
+        junk.insert(FAILED_ATTEMPTS, "-1");
+        junk.insert(RETRY_AT, "soon");
+        assert_eq!(Carried::of(Some(&junk)), Carried::default());
     }
 }

@@ -161,7 +161,7 @@ async fn setup_reports_every_setting_that_differs_from_the_config_and_updates_it
         .toml
         .replace(
             "[nats]\n",
-            "[nats]\nmax_messages = 1234\nmax_ack_pending = 77\ndead_letter_max_age = \"48h\"\n",
+            "[nats]\nmax_messages = 1234\nmax_ack_pending = 77\nmax_deliver = 5\ndead_letter_max_age = \"48h\"\n",
         )
         .replace("duplicate_window = \"1m\"", "duplicate_window = \"90s\"")
         .replace("ack_wait = \"5s\"", "ack_wait = \"7s\"")
@@ -187,7 +187,7 @@ async fn setup_reports_every_setting_that_differs_from_the_config_and_updates_it
         let consumer = line_of(&out, &format!("updated consumer {} ", spec.durable_name));
         for change in [
             "ack_wait 5s -> 7s",
-            "max_deliver 3 -> 5",
+            "max_deliver 50 -> 5",
             "max_ack_pending 1000 -> 77",
         ] {
             assert!(consumer.contains(change), "{change}: {out}");

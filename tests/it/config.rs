@@ -280,6 +280,8 @@ fn numbers_out_of_range_are_errors_naming_the_key() {
         ("nats", "replicas", "6"),
         ("nats", "ack_wait", "\"500ms\""),
         ("nats", "max_ack_pending", "0"),
+        ("nats", "max_deliver", "1"),
+        ("nats", "max_deliver", "-2"),
         ("nats", "max_bytes", "-2"),
         ("nats", "duplicate_window", "\"0s\""),
         ("database", "max_connections", "0"),
@@ -728,6 +730,7 @@ fn the_defaults_are_those_of_the_design() {
         (1, 1000, -1, 10_000_000)
     );
     assert_eq!(n.ack_wait, Duration::from_secs(30));
+    assert_eq!(n.max_deliver, 50);
     assert_eq!(n.duplicate_window, Duration::from_secs(120));
     assert_eq!(n.dead_letter_max_age, Duration::from_secs(720 * 3600));
     assert_eq!(n.fetch_expires, Duration::from_secs(5));

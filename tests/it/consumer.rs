@@ -215,6 +215,13 @@ fn short_ack_wait(toml: &mut String) {
     *toml = toml.replace("ack_wait = \"5s\"", "ack_wait = \"1s\"");
 }
 
+/// A short ack wait, and the server giving up after three deliveries, as
+/// `strand` needs.
+fn strandable(toml: &mut String) {
+    short_ack_wait(toml);
+    *toml = toml.replacen("\n[nats]\n", "\n[nats]\nmax_deliver = 3\n", 1);
+}
+
 #[tokio::test]
 async fn an_update_for_a_target_already_at_the_generation_is_skipped_without_a_call() {
     let c = Cluster::start(2).await;
@@ -607,7 +614,7 @@ async fn shutdown_in_the_middle_of_a_batch_loses_nothing() {
 
 #[tokio::test]
 async fn a_job_stranded_at_max_deliver_is_moved_to_the_dead_letters_from_the_advisory() {
-    let c = Cluster::start_with(2, short_ack_wait).await;
+    let c = Cluster::start_with(2, strandable).await;
     c.publish(&c.job(json!({"change": "cleanup", "relative_path": "stranded.git", "target_node_storage": "gitaly-2"}))).await;
     // A process that takes the job and dies before acking, three times over.
     // The server gives up one ack wait after the third delivery; the advisory
@@ -625,7 +632,9 @@ async fn a_job_stranded_at_max_deliver_is_moved_to_the_dead_letters_from_the_adv
     );
     let dead = &c.dead_letters().await[0];
     assert_eq!(dead.header(headers::REASON), Some("stranded"));
-    assert_eq!(dead.header(headers::ATTEMPTS), Some("3"));
+    // Three deliveries, each cut short: no call failed.
+    assert_eq!(dead.header(headers::ATTEMPTS), Some("0"));
+    assert_eq!(dead.header(headers::DELIVERIES), Some("3"));
     assert!(
         c.eventually(WAIT, || async { c.work_messages().await == 0 })
             .await
@@ -636,7 +645,7 @@ async fn a_job_stranded_at_max_deliver_is_moved_to_the_dead_letters_from_the_adv
 
 #[tokio::test]
 async fn jobs_the_server_keeps_but_never_delivers_again_are_requeued_or_removed_when_dead() {
-    let c = Cluster::start_with(2, short_ack_wait).await;
+    let c = Cluster::start_with(2, strandable).await;
     for path in ["kept.git", "dead.git"] {
         c.publish(&c.job(
             json!({"change": "cleanup", "relative_path": path, "target_node_storage": "gitaly-2"}),

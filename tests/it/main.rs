@@ -31,3 +31,4 @@ mod replica_ids;
 mod retention;
 mod secrets;
 mod secure;
+mod waiting;

@@ -3,9 +3,11 @@
 
 use crate::common::cluster::Cluster;
 use crate::common::process::ReplicatorProcess;
+use gitaly_replicator::dead_letters::headers;
 use serde_json::json;
 use std::time::Duration;
 use testkit::recording_gitaly::Behaviour;
+use tonic::Code;
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -65,6 +67,68 @@ async fn a_consumer_killed_in_the_middle_of_a_job_loses_nothing() {
     assert!(c.dead_letters().await.is_empty());
     p2.signal("TERM");
     assert_eq!(p2.wait().await.0, Some(0));
+}
+
+#[tokio::test]
+async fn calls_cut_short_by_killed_processes_use_no_attempt_and_a_later_failure_is_retried() {
+    let c = Cluster::start_with(2, |toml| {
+        short_ack_wait(toml);
+        *toml = toml.replacen("\n[replication]\n", "\n[replication]\nattempts = 3\n", 1);
+    })
+    .await;
+    c.db.store
+        .create_repository(c.vs(), "cut.git", "gitaly-1", 2, &["gitaly-1"])
+        .await
+        .unwrap();
+    let replicate = || c.node(2).calls_to("ReplicateRepository").len();
+    // Each call hangs until its process is killed.
+    c.node(2).respond(
+        "ReplicateRepository",
+        Behaviour::delay(Duration::from_secs(120)),
+    );
+    c.publish(&c.job(json!({"change": "update", "relative_path": "cut.git", "target_node_storage": "gitaly-2", "source_node_storage": "gitaly-1"}))).await;
+    for delivery in 1..=2 {
+        let p = ReplicatorProcess::run(&c.toml);
+        assert!(
+            c.eventually(WAIT, || async { replicate() == delivery })
+                .await,
+            "delivery {delivery} never called ReplicateRepository"
+        );
+        p.signal("KILL");
+        assert_eq!(p.wait().await.0, None, "killed by a signal");
+    }
+    // The third call is the first that fails; the fourth succeeds.
+    c.node(2).respond(
+        "ReplicateRepository",
+        Behaviour::fail(Code::Unavailable, "restarting").times(1),
+    );
+    let p = ReplicatorProcess::run(&c.toml);
+    let replicated = c
+        .eventually(WAIT, || async {
+            c.db.store
+                .generation(c.vs(), "cut.git", "gitaly-2")
+                .await
+                .unwrap()
+                == Some(2)
+        })
+        .await;
+    let dead = c.dead_letters().await;
+    assert!(
+        replicated,
+        "the job did not take effect; dead letters {:?}",
+        dead.iter()
+            .map(|d| d.header(headers::ERROR).unwrap_or_default().to_owned())
+            .collect::<Vec<_>>()
+    );
+    assert!(dead.is_empty(), "one failure dead-lettered the job");
+    assert_eq!(replicate(), 4, "two cut short, one failed, one completed");
+    assert!(
+        c.eventually(WAIT, || async { c.work_messages().await == 0 })
+            .await
+    );
+    p.signal("TERM");
+    let (code, stderr) = p.wait().await;
+    assert_eq!(code, Some(0), "{stderr}");
 }
 
 #[tokio::test]

@@ -593,8 +593,10 @@ async fn each_nats_role_can_do_its_job_and_nothing_more() {
         nodes.push(node);
     }
     // The permissions follow the layout, which does not depend on the URL.
+    // `strand` needs the server to give up after three deliveries.
     let base = config_toml(&names, &specs, &db.url, "NATS_URL")
-        .replace("ack_wait = \"5s\"", "ack_wait = \"1s\"");
+        .replace("ack_wait = \"5s\"", "ack_wait = \"1s\"")
+        .replacen("\n[nats]\n", "\n[nats]\nmax_deliver = 3\n", 1);
     let layout = Layout::from_config(&Config::from_toml_str(&base).unwrap());
     let permissions = gitaly_replicator::manifests::nats_permissions_conf(&layout);
     let mut users = String::new();
