@@ -35,6 +35,26 @@ pub struct JobFields<'a> {
     pub delivery: u64,
 }
 
+impl<'a> JobFields<'a> {
+    /// The fields of a message not decoded (or not decodable): where it was
+    /// delivered and its counts.
+    pub fn undecoded(
+        virtual_storage: &'a str,
+        target: &'a str,
+        stream_sequence: u64,
+        deliveries: &Deliveries,
+    ) -> JobFields<'a> {
+        JobFields {
+            virtual_storage,
+            target,
+            stream_sequence,
+            attempt: deliveries.failures + 1,
+            delivery: deliveries.delivered,
+            ..JobFields::default()
+        }
+    }
+}
+
 /// Logs an event of one job with Praefect's field names at the top level of
 /// the line, where log queries written for Praefect look for them.
 macro_rules! job_log {

@@ -376,14 +376,7 @@ async fn pull_loop<R: Replicator>(
             deliveries,
             placement,
             carried,
-            fields: JobFields {
-                virtual_storage: &subject.0,
-                target: &subject.1,
-                stream_sequence: sequence,
-                attempt: deliveries.failures + 1,
-                delivery: deliveries.delivered,
-                ..JobFields::default()
-            },
+            fields: JobFields::undecoded(&subject.0, &subject.1, sequence, &deliveries),
         };
         target
             .acknowledger

@@ -106,14 +106,12 @@ pub(super) fn dispatch_batch<R: Replicator>(
                     deliveries,
                     placement,
                     carried,
-                    fields: JobFields {
-                        virtual_storage: &target.spec.virtual_storage,
-                        target: &target.spec.target_storage,
-                        stream_sequence: sequence,
-                        attempt: deliveries.failures + 1,
-                        delivery: deliveries.delivered,
-                        ..JobFields::default()
-                    },
+                    fields: JobFields::undecoded(
+                        &target.spec.virtual_storage,
+                        &target.spec.target_storage,
+                        sequence,
+                        &deliveries,
+                    ),
                 };
                 let acks = &target.acknowledger;
                 acks.settle(&d, Stage::Early(left), Role::Leader, "").await;
@@ -127,14 +125,12 @@ pub(super) fn dispatch_batch<R: Replicator>(
                 shared.jobs.spawn(async move {
                     let _held = held;
                     target.metrics.outcome(None, "invalid");
-                    let fields = JobFields {
-                        virtual_storage: &target.spec.virtual_storage,
-                        target: &target.spec.target_storage,
-                        stream_sequence: sequence,
-                        attempt: deliveries.failures + 1,
-                        delivery: deliveries.delivered,
-                        ..JobFields::default()
-                    };
+                    let fields = JobFields::undecoded(
+                        &target.spec.virtual_storage,
+                        &target.spec.target_storage,
+                        sequence,
+                        &deliveries,
+                    );
                     job_log!(warn, fields, error = %reason, "invalid replication job");
                     let d = Delivery {
                         message: &message,

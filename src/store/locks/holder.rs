@@ -86,11 +86,7 @@ async fn keep_alive(
             None
         }
         Err(_) => {
-            let why = if s.lease_ran_out(lease) {
-                Loss::LeaseRanOut
-            } else {
-                Loss::Unanswered
-            };
+            let why = s.loss_when_unanswered(lease);
             departed.push(s.lose(why, lease).await);
             None
         }
@@ -190,11 +186,7 @@ pub(super) async fn lock_holder(
                 departed.push(s.lose(Loss::Broken, lease).await);
             }
             Err(_) => {
-                let why = if s.lease_ran_out(lease) {
-                    Loss::LeaseRanOut
-                } else {
-                    Loss::Unanswered
-                };
+                let why = s.loss_when_unanswered(lease);
                 departed.push(s.lose(why, lease).await);
             }
         }

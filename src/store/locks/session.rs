@@ -127,6 +127,16 @@ impl LockSession {
         Instant::now() >= self.renewed_at + lease.length
     }
 
+    /// Why the session is lost when a statement went unanswered past its
+    /// deadline: its lease ran out, or only its time to answer did.
+    pub fn loss_when_unanswered(&self, lease: Lease) -> Loss {
+        if self.lease_ran_out(lease) {
+            Loss::LeaseRanOut
+        } else {
+            Loss::Unanswered
+        }
+    }
+
     /// Ends the session: every job holding one of its locks is told to stop.
     pub async fn lose(self, why: Loss, lease: Lease) -> Departed {
         if !self.held.is_empty() {
