@@ -57,7 +57,10 @@ async fn chaos_with_a_three_node_nats_cluster_every_replica_ends_as_its_last_job
 /// The config of the consumers. Attempts are many because here, with a
 /// consumer killed every second or so, most failed deliveries are kills,
 /// not the job's fault: a job that loses its few deliveries to kills would
-/// be dead-lettered, which production's rare crashes never cause.
+/// be dead-lettered, which production's rare crashes never cause. The lock
+/// lease is short (5 s, not 30 s), so that the repositories of a killed
+/// consumer, and all of them after a Postgres restart, are granted again
+/// within the run: leases run out, and peers end sessions, many times.
 fn consumer_toml(
     names: &TestNames,
     nodes: &[NodeProcess],
@@ -79,7 +82,7 @@ fn consumer_toml(
         )
         .replacen(
             "\n[replication]\n",
-            "max_connections = 4\n\n[replication]\nattempts = 15\n",
+            "max_connections = 4\n\n[replication]\nattempts = 15\nlock_lease = \"5s\"\n",
             1,
         );
     toml.replacen(

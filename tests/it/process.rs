@@ -11,8 +11,17 @@ use tonic::Code;
 
 const WAIT: Duration = Duration::from_secs(30);
 
+/// A killed process's jobs come back within a second, and the repository
+/// locks its session held are granted again 5 s after the kill (its lease),
+/// not after the default 30 s.
 fn short_ack_wait(toml: &mut String) {
-    *toml = toml.replace("ack_wait = \"5s\"", "ack_wait = \"1s\"");
+    *toml = toml
+        .replace("ack_wait = \"5s\"", "ack_wait = \"1s\"")
+        .replacen(
+            "\n[replication]\n",
+            "\n[replication]\nlock_lease = \"5s\"\n",
+            1,
+        );
 }
 
 #[tokio::test]
