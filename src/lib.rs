@@ -83,6 +83,7 @@ pub use subject::{
 // JetStream: the layout, connecting, publishing, what an operator reads.
 pub use queue::connect::{ConnectError, connect as connect_nats};
 pub use queue::depth::{TargetDepth, snapshot as queue_depth};
+pub use queue::incarnation::Incarnation;
 pub use queue::layout::{ConsumerSpec, Layout, LayoutChange, LayoutError, byte_limit_is_safe};
 pub use queue::publisher::{PublishError, Published, Publisher};
 
@@ -108,8 +109,8 @@ pub mod metric_names {
     pub use crate::metrics::{
         ALL, DEAD_LETTERS_TOTAL, JOBS_TOTAL, LEFTOVER_JOBS_TOTAL, OUTCOMES, PULL_RENEWALS_TOTAL,
         QUEUE_DEPTH, RECONCILER_LEADER, RECONCILIATION_JOBS_TOTAL, RECONCILIATION_SCHEDULING,
-        REPLICATION_DELAY, REPLICATION_JOBS, REPLICATION_LATENCY, TARGET_HEALTHY,
-        VERIFICATIONS_TOTAL,
+        REPLICATION_DELAY, REPLICATION_JOBS, REPLICATION_LATENCY, STREAM_RECREATIONS_TOTAL,
+        TARGET_HEALTHY, VERIFICATIONS_TOTAL,
     };
 }
 pub use metrics::install as install_metrics;

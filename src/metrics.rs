@@ -66,8 +66,12 @@ pub const LEFTOVER_RESULTS: [&str; 2] = ["requeued", "removed"];
 /// repository_locked).
 pub const JOBS_WAITING: &str = "gitaly_replicator_jobs_waiting";
 
+/// Times this process found its work stream created again (deleted and
+/// made anew) and followed it (counter).
+pub const STREAM_RECREATIONS_TOTAL: &str = "gitaly_replicator_stream_recreations_total";
+
 /// Every metric the service exports (for docs, alert rules and their tests).
-pub const ALL: [&str; 16] = [
+pub const ALL: [&str; 17] = [
     REPLICATION_JOBS,
     REPLICATION_LATENCY,
     REPLICATION_DELAY,
@@ -84,6 +88,7 @@ pub const ALL: [&str; 16] = [
     VERIFICATIONS_TOTAL,
     LEFTOVER_JOBS_TOTAL,
     JOBS_WAITING,
+    STREAM_RECREATIONS_TOTAL,
 ];
 
 static HANDLE: OnceLock<Result<PrometheusHandle, String>> = OnceLock::new();
@@ -167,6 +172,11 @@ pub fn install(
                 RECONCILER_LEADER,
                 "1 while this process is the reconciler (one across all processes)"
             );
+            metrics::describe_counter!(
+                STREAM_RECREATIONS_TOTAL,
+                "Times the work stream was found created again and followed"
+            );
+            counter!(STREAM_RECREATIONS_TOTAL).increment(0);
             // Exported from the start, so a rate over it is never empty.
             for kind in ACK_ERROR_KINDS {
                 counter!(ACK_ERRORS_TOTAL, "kind" => kind).increment(0);
@@ -236,6 +246,11 @@ pub fn dependency_up(dependency: &'static str, up: bool) {
 /// `removed`.
 pub fn leftover_settled(virtual_storage: &str, storage: &str, result: &'static str) {
     leftover_jobs(virtual_storage, storage, result).increment(1);
+}
+
+/// Counts one re-creation of the work stream this process followed.
+pub fn stream_recreated() {
+    counter!(STREAM_RECREATIONS_TOTAL).increment(1);
 }
 
 /// The waiting gauge of one target and reason.

@@ -11,11 +11,13 @@
 use crate::metrics::{self, TargetMetrics};
 use crate::queue::ack::{AckAction, Deliveries, Role, Stage, decide};
 use crate::queue::dead_letter::{DeadJob, DeadReason, publish_dead};
+use crate::queue::incarnation::{Incarnation, StreamIdentity};
 use crate::queue::layout::Layout;
 use crate::queue::requeue::{Carried, FreshCopy, Placement, publish_copy, requeue};
 use crate::retry_delay::RetryPolicy;
 use async_nats::connection::State;
 use async_nats::jetstream::{self, AckKind};
+use std::sync::Arc;
 use std::time::Duration;
 use time::OffsetDateTime;
 
@@ -79,6 +81,8 @@ pub(crate) use job_log;
 /// One delivered message, as the acknowledger needs it.
 pub struct Delivery<'a> {
     pub message: &'a jetstream::Message,
+    /// The incarnation of the work stream it came from.
+    pub incarnation: &'a Incarnation,
     /// The message's own stream sequence.
     pub sequence: u64,
     pub deliveries: Deliveries,
@@ -93,6 +97,7 @@ pub struct Delivery<'a> {
 pub struct Acknowledger {
     js: jetstream::Context,
     layout: Layout,
+    identity: Arc<StreamIdentity>,
     retry: RetryPolicy,
     metrics: TargetMetrics,
 }
@@ -101,12 +106,14 @@ impl Acknowledger {
     pub fn new(
         js: jetstream::Context,
         layout: Layout,
+        identity: Arc<StreamIdentity>,
         retry: RetryPolicy,
         metrics: TargetMetrics,
     ) -> Self {
         Acknowledger {
             js,
             layout,
+            identity,
             retry,
             metrics,
         }
@@ -116,6 +123,19 @@ impl Acknowledger {
     /// requeue whose publish fails is decided again as such. `error` is what
     /// a dead letter records as the reason.
     pub async fn settle(&self, d: &Delivery<'_>, stage: Stage<'_>, role: Role, error: &str) {
+        // The stream it came from is gone: its ack subject could name a job
+        // of the new one with the same sequence, and its copy or dead letter
+        // would carry a place that means nothing there.
+        if !self.identity.is_current(d.incarnation) {
+            if matches!(stage, Stage::Finished(_) | Stage::Undecodable) {
+                job_log!(
+                    info,
+                    d.fields,
+                    "job of a work stream that was created again since it was delivered: not acknowledged (it went with the old stream)"
+                );
+            }
+            return;
+        }
         let action = decide(stage, role, &d.deliveries, &self.retry);
         let fallback = match &action {
             AckAction::DeadLetter(reason) => match self.dead_letter(d, *reason, error).await {
@@ -180,7 +200,9 @@ impl Acknowledger {
     ) -> Result<(), String> {
         let dead = DeadJob {
             work_subject: d.message.message.subject.as_str(),
+            incarnation: d.incarnation,
             work_sequence: d.sequence,
+            placement: d.placement,
             payload: d.message.message.payload.clone(),
             reason,
             error,
@@ -202,7 +224,7 @@ impl Acknowledger {
     async fn requeue(&self, d: &Delivery<'_>) -> Result<(), String> {
         requeue(
             &self.js,
-            &self.layout.stream,
+            d.incarnation,
             d.message.message.subject.to_string(),
             d.message.message.payload.clone(),
             d.placement,
@@ -227,7 +249,11 @@ impl Acknowledger {
                 // A wait it was in goes on; it is logged once.
                 waiting_since: d.carried.waiting_since,
             },
-            message_id: format!("retry-{}-{}-{failures}", self.layout.stream, d.sequence),
+            message_id: format!(
+                "retry-{}-{}-{failures}",
+                d.incarnation.label(),
+                d.sequence
+            ),
         };
         publish_copy(&self.js, copy).await
     }

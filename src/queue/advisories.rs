@@ -10,10 +10,12 @@ use crate::event::{ChangeType, Job};
 use crate::queue::dead_letter::{DeadJob, DeadReason, publish_dead};
 use crate::queue::layout::Layout;
 use crate::queue::puller::{Pulled, Puller};
-use crate::queue::requeue::{Carried, requeue_stored};
+use crate::queue::incarnation::Incarnation;
+use crate::queue::requeue::{Carried, Placement, requeue_stored};
 use async_nats::jetstream::{self, Context};
 use serde::Deserialize;
 use std::time::Duration;
+use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Deserialize)]
@@ -21,6 +23,10 @@ struct MaxDeliveriesAdvisory {
     stream: String,
     stream_seq: u64,
     deliveries: u64,
+    /// When the server gave up on the job (RFC 3339): it names the
+    /// incarnation of the stream, which the sequence alone does not.
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    timestamp: Option<OffsetDateTime>,
 }
 
 /// Handles advisories until `stop`.
@@ -95,10 +101,11 @@ async fn move_stranded(
     if a.stream != layout.stream {
         return Ok(());
     }
-    let stream = js
+    let mut stream = js
         .get_stream(&layout.stream)
         .await
         .map_err(|e| e.to_string())?;
+    let incarnation = Incarnation::of(stream.info().await.map_err(|e| e.to_string())?);
     let raw = match stream.get_raw_message(a.stream_seq).await {
         Ok(raw) => raw,
         Err(e) if e.kind() == jetstream::stream::RawMessageErrorKind::NoMessageFound => {
@@ -106,23 +113,39 @@ async fn move_stranded(
         }
         Err(e) => return Err(e.to_string()),
     };
+    // The job the server gave up on was stored before it gave up, in the
+    // stream as it was then: an advisory from before the stream was created
+    // again names a job that went with the old one, and the job now at its
+    // sequence is another.
+    if let Some(at) = a.timestamp
+        && (incarnation.predates(at) || raw.time > at)
+    {
+        tracing::info!(
+            stream_sequence = a.stream_seq,
+            "max-deliveries advisory of a work stream that was created again since: its job went with the old stream"
+        );
+        return Ok(());
+    }
     let unlimited = Job::from_json(&raw.payload)
         .map(|j| j.change_type() == ChangeType::DeleteReplica)
         .unwrap_or(false);
     if unlimited {
-        requeue_stored(js, &layout.stream, &raw, a.deliveries).await?;
+        requeue_stored(js, &incarnation, &raw, a.deliveries).await?;
         tracing::info!(
             stream_sequence = a.stream_seq,
             "stranded delete_replica job requeued (its attempts are unlimited)"
         );
     } else {
         let carried = Carried::of(Some(&raw.headers));
+        let placement = Placement::of(Some(&raw.headers), raw.sequence, raw.time, &incarnation);
         publish_dead(
             js,
             layout,
             DeadJob {
                 work_subject: raw.subject.as_str(),
+                incarnation: &incarnation,
                 work_sequence: a.stream_seq,
+                placement,
                 payload: raw.payload.clone(),
                 reason: DeadReason::Stranded,
                 error: "max deliveries reached without an acknowledgement: its process stopped during the call on every delivery (the backstop for a job that kills its process), or the last acknowledgement was lost",

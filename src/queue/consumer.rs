@@ -17,6 +17,7 @@ use crate::metrics::{self, TargetMetrics};
 use crate::ops_server::Readiness;
 use crate::queue::ack::{Deliveries, Role, Stage, attempts_for};
 use crate::queue::acknowledger::{Acknowledger, Delivery, JobFields};
+use crate::queue::incarnation::{Belonging, Incarnation, StreamIdentity};
 use crate::queue::job;
 use crate::queue::layout::{ConsumerSpec, Layout, LayoutChange, LayoutError};
 use crate::queue::puller::{PullError, Pulled, Puller};
@@ -111,8 +112,8 @@ pub(super) struct Shared<R> {
     pub abort: CancellationToken,
     pub jobs: TaskTracker,
     pub warned_unsupported: Mutex<HashSet<(String, &'static str)>>,
-    /// The work stream's incarnation, which order records are kept for.
-    pub stream_incarnation: String,
+    /// The work stream's identity: which incarnation each job is of.
+    pub identity: Arc<StreamIdentity>,
     /// The latest stream time (Unix nanoseconds) of any job this process has
     /// received: the broker's clock was at least there when a job starts
     /// after it, so completions are recorded on the same clock as the
@@ -147,7 +148,12 @@ pub async fn run<R: Replicator>(deps: ConsumerDeps<R>) -> Result<(), ConsumerErr
         readiness,
     } = deps;
     let js = jetstream::new(client.clone());
-    let stream_incarnation = stream_incarnation(&js, &layout.stream).await?;
+    let identity = StreamIdentity::new(js.clone(), &layout.stream)
+        .await
+        .map_err(|message| ConsumerError::Stream {
+            stream: layout.stream.clone(),
+            message,
+        })?;
     let shared = Arc::new(Shared {
         layout: layout.clone(),
         replicator,
@@ -162,7 +168,7 @@ pub async fn run<R: Replicator>(deps: ConsumerDeps<R>) -> Result<(), ConsumerErr
         abort,
         jobs,
         warned_unsupported: Mutex::new(HashSet::new()),
-        stream_incarnation,
+        identity: identity.clone(),
         latest_published: AtomicI64::new(0),
     });
     let mut loops = Vec::new();
@@ -184,6 +190,13 @@ pub async fn run<R: Replicator>(deps: ConsumerDeps<R>) -> Result<(), ConsumerErr
         js.clone(),
         layout.clone(),
         crate::queue::leftovers::sweep_interval(shared.settings.ack_wait),
+        background.clone(),
+    ));
+    tasks.spawn(crate::queue::incarnation::follow(
+        identity.clone(),
+        js.clone(),
+        layout.clone(),
+        crate::queue::incarnation::LOOK_INTERVAL,
         background.clone(),
     ));
     tasks.spawn(crate::queue::depth::poll(
@@ -220,6 +233,7 @@ pub async fn run<R: Replicator>(deps: ConsumerDeps<R>) -> Result<(), ConsumerErr
             acknowledger: Acknowledger::new(
                 js.clone(),
                 layout.clone(),
+                identity.clone(),
                 shared.settings.retry,
                 metrics.clone(),
             ),
@@ -257,21 +271,6 @@ pub async fn run<R: Replicator>(deps: ConsumerDeps<R>) -> Result<(), ConsumerErr
         let _ = l.await;
     }
     Ok(())
-}
-
-/// Names the work stream's incarnation: a recreated stream numbers its jobs
-/// from 1 again, and its jobs must not look older than the old stream's.
-async fn stream_incarnation(
-    js: &jetstream::Context,
-    stream: &str,
-) -> Result<String, ConsumerError> {
-    let failed = |e: &dyn std::fmt::Display| ConsumerError::Stream {
-        stream: stream.to_owned(),
-        message: e.to_string(),
-    };
-    let mut s = js.get_stream(stream).await.map_err(|e| failed(&e))?;
-    let created = s.info().await.map_err(|e| failed(&e))?.created;
-    Ok(format!("{stream}@{}", created.unix_timestamp_nanos()))
 }
 
 /// Jobs one process may hold: every job slot busy, plus one open request
@@ -342,6 +341,7 @@ async fn pull_loop<R: Replicator>(
                     .into_iter()
                     .map(|m| (m, reserved.as_mut().and_then(|r| r.split(1))))
                     .collect();
+                let batch = of_current_stream(&shared, &target, batch).await;
                 job::dispatch_batch(&shared, &target, batch)
             }
             Ok(Pulled::RequestDone(None)) => {}
@@ -363,8 +363,10 @@ async fn pull_loop<R: Replicator>(
         }
     }
     // Jobs that arrived after the stop are handed back at once.
+    let incarnation = shared.identity.current();
     for m in puller.close().await {
-        let (deliveries, sequence, placement, carried) = delivery_facts(&shared, &m);
+        let (deliveries, sequence, placement, carried) =
+            delivery_facts(&shared, &m, &incarnation);
         let subject = crate::subject::parse_job_subject(
             &shared.layout.subject_prefix,
             m.message.subject.as_str(),
@@ -372,6 +374,7 @@ async fn pull_loop<R: Replicator>(
         .unwrap_or_default();
         let d = Delivery {
             message: &m,
+            incarnation: &incarnation,
             sequence,
             deliveries,
             placement,
@@ -392,13 +395,14 @@ async fn pull_loop<R: Replicator>(
 pub(super) fn delivery_facts<R>(
     shared: &Shared<R>,
     m: &jetstream::Message,
+    incarnation: &Incarnation,
 ) -> (Deliveries, u64, Placement, Carried) {
     let (delivered, sequence, published) = match m.info() {
         Ok(i) => (i.delivered.max(1) as u64, i.stream_sequence, i.published),
         Err(_) => (1, 0, OffsetDateTime::now_utc()),
     };
     let headers = m.message.headers.as_ref();
-    let placement = Placement::of(headers, sequence, published);
+    let placement = Placement::of(headers, sequence, published, incarnation);
     let carried = Carried::of(headers);
     let deliveries = Deliveries {
         delivered,
@@ -410,6 +414,39 @@ pub(super) fn delivery_facts<R>(
             .unwrap_or(u64::MAX),
     };
     (deliveries, sequence, placement, carried)
+}
+
+/// The jobs of a batch that are of the work stream's current incarnation,
+/// each with it. A job of a stream that is gone (fetched before it was
+/// deleted) is dropped unacknowledged: its ack subject could name the job
+/// of the same sequence in the new stream.
+async fn of_current_stream<R>(
+    shared: &Shared<R>,
+    target: &Target,
+    batch: Vec<(jetstream::Message, Option<OwnedSemaphorePermit>)>,
+) -> Vec<(jetstream::Message, Option<OwnedSemaphorePermit>, Arc<Incarnation>)> {
+    let mut current = Vec::with_capacity(batch.len());
+    let mut dropped = 0;
+    for (m, held) in batch {
+        let Ok(info) = m.info() else {
+            // Not a JetStream delivery: decoding reports it.
+            current.push((m, held, shared.identity.current()));
+            continue;
+        };
+        let (sequence, stored) = (info.stream_sequence, info.published);
+        match shared.identity.belonging(sequence, stored).await {
+            Belonging::Current(incarnation) => current.push((m, held, incarnation)),
+            Belonging::Earlier => dropped += 1,
+        }
+    }
+    if dropped > 0 {
+        tracing::warn!(
+            consumer = %target.spec.durable_name,
+            jobs = dropped,
+            "jobs of a work stream that was deleted since they were fetched were dropped unacknowledged; they went with the old stream"
+        );
+    }
+    current
 }
 
 /// The attempts a decoded job may have.

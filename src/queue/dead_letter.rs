@@ -3,7 +3,9 @@
 //! after how many attempts, from which subject, and when. Operators list,
 //! replay and purge it.
 
+use crate::queue::incarnation::Incarnation;
 use crate::queue::layout::Layout;
+use crate::queue::requeue::{ORDER_SEQUENCE, ORDER_TIME, Placement};
 use crate::subject::{dead_letter_prefix, parse_job_subject};
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, Context};
@@ -68,10 +70,12 @@ pub enum DeadLetterError {
     },
 }
 
-/// The message id of the dead letter of the work stream's job `sequence`:
-/// the same from every process, so a repeat is a duplicate JetStream drops.
-pub fn dead_message_id(layout: &Layout, sequence: u64) -> String {
-    format!("dead-{}-{sequence}", layout.stream)
+/// The message id of the dead letter of the job `sequence` of a work
+/// stream's incarnation: the same from every process, so a repeat is a
+/// duplicate JetStream drops, and another from a job of the same sequence
+/// in a re-created stream.
+pub fn dead_message_id(incarnation: &Incarnation, sequence: u64) -> String {
+    format!("dead-{}-{sequence}", incarnation.label())
 }
 
 /// The dead subject for a work subject: the prefix gains `-dead`, the
@@ -88,7 +92,11 @@ pub fn dead_subject_for(layout: &Layout, work_subject: &str) -> String {
 /// What to write for one dead job.
 pub struct DeadJob<'a> {
     pub work_subject: &'a str,
+    /// The incarnation of the work stream the job is of.
+    pub incarnation: &'a Incarnation,
     pub work_sequence: u64,
+    /// Its place in its replica's order, which a replay keeps.
+    pub placement: Placement,
     pub payload: Bytes,
     pub reason: DeadReason,
     pub error: &'a str,
@@ -127,9 +135,10 @@ pub async fn publish_dead(
         .format(&Rfc3339)
         .unwrap_or_default();
     h.insert(headers::DEAD_AT, now.as_str());
+    job.placement.write(&mut h);
     h.insert(
         "Nats-Msg-Id",
-        dead_message_id(layout, job.work_sequence).as_str(),
+        dead_message_id(job.incarnation, job.work_sequence).as_str(),
     );
     let subject = dead_subject_for(layout, job.work_subject);
     js.publish_with_headers(subject, h, job.payload)
@@ -153,6 +162,18 @@ pub struct DeadMessage {
 impl DeadMessage {
     pub fn header(&self, key: &str) -> Option<&str> {
         self.headers.get(key).map(|v| v.as_str())
+    }
+
+    /// The job's place in its replica's order, when its dead letter records
+    /// it (sequence and time; dead letters from before have neither).
+    pub fn placement(&self) -> Option<Placement> {
+        let sequence = self.header(ORDER_SEQUENCE)?.parse::<u64>().ok()?;
+        let nanos = self.header(ORDER_TIME)?.parse::<i128>().ok()?;
+        let published = OffsetDateTime::from_unix_timestamp_nanos(nanos).ok()?;
+        Some(Placement {
+            sequence,
+            published,
+        })
     }
 }
 
@@ -197,7 +218,9 @@ pub async fn list(
 }
 
 /// Sends a dead message back to its work subject as a new job (fresh
-/// attempts, new message id) and removes it from the dead-letter stream.
+/// attempts, new message id) that keeps its place in its replica's order
+/// (the consumer skips it as out of order when a later job of its replica
+/// took effect), and removes it from the dead-letter stream.
 pub async fn replay(
     js: &Context,
     layout: &Layout,
@@ -206,6 +229,15 @@ pub async fn replay(
     let work_subject = replay_subject(layout, message)?;
     let mut h = HeaderMap::new();
     h.insert("Nats-Msg-Id", uuid::Uuid::new_v4().to_string().as_str());
+    // Both or neither: a sequence without its time cannot say which
+    // incarnation of the work stream it is of.
+    if let (Some(sequence), Some(time)) = (
+        message.header(ORDER_SEQUENCE),
+        message.header(ORDER_TIME),
+    ) {
+        h.insert(ORDER_SEQUENCE, sequence);
+        h.insert(ORDER_TIME, time);
+    }
     js.publish_with_headers(work_subject, h, message.payload.clone())
         .await
         .map_err(|e| DeadLetterError::Publish(e.to_string()))?

@@ -141,7 +141,7 @@ pub(super) async fn run_job<R: Replicator>(
         .unwrap_or(d.placement.published)
         .max(d.placement.published);
         let order = ordered.then(|| WriteOrder {
-            stream: shared.stream_incarnation.clone(),
+            stream: d.incarnation.label(),
             sequence: i64::try_from(d.placement.sequence).unwrap_or(i64::MAX),
             lock_session: guards.first().map(|g| g.session()),
             repository_id: job.repository_id,

@@ -15,6 +15,7 @@ use crate::queue::ack::{Deliveries, Role, Stage};
 use crate::queue::acknowledger::{Delivery, JobFields, job_log};
 use crate::queue::consumer::{Shared, Target, delivery_facts, with_attempts};
 use crate::queue::dispatch::{Ran, run_job};
+use crate::queue::incarnation::Incarnation;
 use crate::queue::layout::Layout;
 use crate::queue::requeue::{Carried, Placement};
 use crate::queue::waiting::WaitReason;
@@ -32,6 +33,8 @@ use tokio::time::Instant;
 /// One delivered job before it runs.
 pub(super) struct Delivered {
     pub(super) message: jetstream::Message,
+    /// The incarnation of the work stream it came from.
+    pub(super) incarnation: Arc<Incarnation>,
     pub(super) job: Job,
     pub(super) deliveries: Deliveries,
     /// The message's own stream sequence.
@@ -65,6 +68,7 @@ impl Delivered {
     fn delivery(&self) -> Delivery<'_> {
         Delivery {
             message: &self.message,
+            incarnation: &self.incarnation,
             sequence: self.sequence,
             deliveries: self.deliveries,
             placement: self.placement,
@@ -84,12 +88,13 @@ fn unix_nanos(t: OffsetDateTime) -> i64 {
 pub(super) fn dispatch_batch<R: Replicator>(
     shared: &Arc<Shared<R>>,
     target: &Arc<Target>,
-    batch: Vec<(jetstream::Message, Option<OwnedSemaphorePermit>)>,
+    batch: Vec<(jetstream::Message, Option<OwnedSemaphorePermit>, Arc<Incarnation>)>,
 ) {
     let mut groups: Vec<(Delivered, Vec<Delivered>)> = Vec::new();
     let mut update_leader: HashMap<(String, String), usize> = HashMap::new();
-    for (message, held) in batch {
-        let (deliveries, sequence, placement, carried) = delivery_facts(shared, &message);
+    for (message, held, incarnation) in batch {
+        let (deliveries, sequence, placement, carried) =
+            delivery_facts(shared, &message, &incarnation);
         shared
             .latest_published
             .fetch_max(unix_nanos(placement.published), Ordering::Relaxed);
@@ -102,6 +107,7 @@ pub(super) fn dispatch_batch<R: Replicator>(
                 let _held = held;
                 let d = Delivery {
                     message: &message,
+                    incarnation: &incarnation,
                     sequence,
                     deliveries,
                     placement,
@@ -134,6 +140,7 @@ pub(super) fn dispatch_batch<R: Replicator>(
                     job_log!(warn, fields, error = %reason, "invalid replication job");
                     let d = Delivery {
                         message: &message,
+                        incarnation: &incarnation,
                         sequence,
                         deliveries,
                         placement,
@@ -150,6 +157,7 @@ pub(super) fn dispatch_batch<R: Replicator>(
         let deliveries = with_attempts(shared, &job, deliveries);
         let d = Delivered {
             message,
+            incarnation,
             job,
             deliveries,
             sequence,

@@ -20,6 +20,7 @@
 
 use crate::error_chain::display_error_chain;
 use crate::queue::dead_letter::{dead_message_id, dead_subject_for};
+use crate::queue::incarnation::Incarnation;
 use crate::queue::layout::Layout;
 use crate::queue::requeue::requeue_stored;
 use async_nats::jetstream::Context;
@@ -65,12 +66,20 @@ pub async fn run(js: Context, layout: Layout, interval: Duration, stop: Cancella
             Err(e) => Err(e.to_string()),
         };
         match found {
-            Ok((work, found)) => {
-                let found: BTreeSet<u64> = found.into_iter().collect();
+            Ok((work, (incarnation, found))) => {
+                // A sequence found in two sweeps of different incarnations
+                // (the stream was created again between them) is two jobs.
+                let found: BTreeSet<(String, u64)> = found
+                    .into_iter()
+                    .map(|s| (incarnation.label(), s))
+                    .collect();
                 // Read once per sweep, for all the jobs it settles.
                 let mut dead = DeadLetterIds::default();
-                for &sequence in found.intersection(&seen) {
-                    if let Err(e) = settle(&js, &layout, &work, &mut dead, sequence).await {
+                for (_, sequence) in found.intersection(&seen) {
+                    let sequence = *sequence;
+                    if let Err(e) =
+                        settle(&js, &layout, &work, &incarnation, &mut dead, sequence).await
+                    {
                         tracing::warn!(error = %e, stream_sequence = sequence, "could not settle a job left in the work stream; will retry");
                     }
                 }
@@ -83,10 +92,14 @@ pub async fn run(js: Context, layout: Layout, interval: Duration, stop: Cancella
     }
 }
 
-/// The sequences of the jobs at or below their consumer's acknowledgement
-/// floor, in the stream's order per target.
-pub async fn find(work: &mut Stream, layout: &Layout) -> Result<Vec<u64>, String> {
-    let state = work.info().await.map_err(|e| e.to_string())?.state.clone();
+/// The stream's incarnation, and the sequences of the jobs at or below
+/// their consumer's acknowledgement floor, in the stream's order per target.
+pub async fn find(
+    work: &mut Stream,
+    layout: &Layout,
+) -> Result<(Incarnation, Vec<u64>), String> {
+    let info = work.info().await.map_err(|e| e.to_string())?;
+    let (incarnation, state) = (Incarnation::of(info), info.state.clone());
     let mut floors = Vec::new();
     let mut accounted = 0u64;
     for c in &layout.consumers {
@@ -100,7 +113,7 @@ pub async fn find(work: &mut Stream, layout: &Layout) -> Result<Vec<u64>, String
     let mut found = Vec::new();
     // Every message waiting or in flight: nothing is left over.
     if state.messages <= accounted {
-        return Ok(found);
+        return Ok((incarnation, found));
     }
     for (filter, floor) in floors {
         let mut next = state.first_sequence;
@@ -116,7 +129,7 @@ pub async fn find(work: &mut Stream, layout: &Layout) -> Result<Vec<u64>, String
             }
         }
     }
-    Ok(found)
+    Ok((incarnation, found))
 }
 
 /// Settles one left-over job of `work` (see the module's docs).
@@ -124,6 +137,7 @@ pub async fn settle(
     js: &Context,
     layout: &Layout,
     work: &Stream,
+    incarnation: &Incarnation,
     dead: &mut DeadLetterIds,
     sequence: u64,
 ) -> Result<Settled, String> {
@@ -132,14 +146,23 @@ pub async fn settle(
         Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => return Ok(Settled::Gone),
         Err(e) => return Err(e.to_string()),
     };
+    // The stream was created again since the sweep looked: the message at
+    // this sequence is another job, of the new stream.
+    let now = js
+        .get_stream(&layout.stream)
+        .await
+        .map_err(|e| e.to_string())?;
+    if Incarnation::of(now.cached_info()) != *incarnation {
+        return Ok(Settled::Gone);
+    }
     let settled = if dead
-        .holds(js, layout, raw.subject.as_str(), sequence)
+        .holds(js, layout, raw.subject.as_str(), incarnation, sequence)
         .await?
     {
         Settled::Removed
     } else {
         // Deliveries 0: the same message id from every process that sweeps.
-        requeue_stored(js, &layout.stream, &raw, 0).await?;
+        requeue_stored(js, incarnation, &raw, 0).await?;
         Settled::Requeued
     };
     remove(work, sequence).await?;
@@ -189,6 +212,7 @@ impl DeadLetterIds {
         js: &Context,
         layout: &Layout,
         work_subject: &str,
+        incarnation: &Incarnation,
         sequence: u64,
     ) -> Result<bool, String> {
         let subject = dead_subject_for(layout, work_subject);
@@ -199,7 +223,7 @@ impl DeadLetterIds {
                 slot.insert(ids)
             }
         };
-        Ok(ids.contains(&dead_message_id(layout, sequence)))
+        Ok(ids.contains(&dead_message_id(incarnation, sequence)))
     }
 }
 

@@ -7,6 +7,7 @@ pub mod advisories;
 pub mod connect;
 pub mod consumer;
 pub mod dead_letter;
+pub mod incarnation;
 pub mod depth;
 mod dispatch;
 mod job;

@@ -15,6 +15,7 @@
 //! starts: a process killed in its call writes nothing, so an interrupted
 //! call uses no attempt.
 
+use crate::queue::incarnation::Incarnation;
 use async_nats::HeaderMap;
 use async_nats::jetstream::Context;
 use bytes::Bytes;
@@ -52,20 +53,42 @@ fn nanos(t: OffsetDateTime) -> String {
 }
 
 impl Placement {
-    /// The placement of a delivered message: its own sequence and time, or
-    /// the earlier ones its headers carry from the copy it was requeued from.
-    pub fn of(headers: Option<&HeaderMap>, sequence: u64, published: OffsetDateTime) -> Self {
-        let original_sequence = header(headers, ORDER_SEQUENCE)
-            .and_then(|v| v.parse::<u64>().ok())
-            .filter(|s| *s > 0 && *s <= sequence);
+    /// The placement of a message of `incarnation`: its own sequence and
+    /// time, or the earlier ones its headers carry from the copy it was
+    /// requeued (or replayed) from. A copy of a job first published in an
+    /// earlier incarnation of the stream goes before every job of this one
+    /// (sequence 0): its old sequence means nothing here, and every job of
+    /// this incarnation was published after it.
+    pub fn of(
+        headers: Option<&HeaderMap>,
+        sequence: u64,
+        published: OffsetDateTime,
+        incarnation: &Incarnation,
+    ) -> Self {
         let original_time = header(headers, ORDER_TIME)
             .and_then(|v| v.parse::<i128>().ok())
             .and_then(|n| OffsetDateTime::from_unix_timestamp_nanos(n).ok())
             .filter(|t| *t <= published);
+        if let Some(t) = original_time.filter(|t| incarnation.predates(*t)) {
+            return Placement {
+                sequence: 0,
+                published: t,
+            };
+        }
+        let original_sequence = header(headers, ORDER_SEQUENCE)
+            .and_then(|v| v.parse::<u64>().ok())
+            .filter(|s| *s > 0 && *s <= sequence);
         Placement {
             sequence: original_sequence.unwrap_or(sequence),
             published: original_time.unwrap_or(published),
         }
+    }
+
+    /// The headers that carry it on a copy (or a dead letter, for its
+    /// replay).
+    pub fn write(&self, h: &mut HeaderMap) {
+        h.insert(ORDER_SEQUENCE, self.sequence.to_string().as_str());
+        h.insert(ORDER_TIME, nanos(self.published).as_str());
     }
 }
 
@@ -127,8 +150,7 @@ pub struct FreshCopy {
 pub async fn publish_copy(js: &Context, copy: FreshCopy) -> Result<(), String> {
     let mut h = HeaderMap::new();
     h.insert("Nats-Msg-Id", copy.message_id.as_str());
-    h.insert(ORDER_SEQUENCE, copy.placement.sequence.to_string().as_str());
-    h.insert(ORDER_TIME, nanos(copy.placement.published).as_str());
+    copy.placement.write(&mut h);
     let c = copy.carried;
     h.insert(FAILED_ATTEMPTS, c.failures.to_string().as_str());
     h.insert(EARLIER_DELIVERIES, c.deliveries.to_string().as_str());
@@ -151,7 +173,7 @@ pub async fn publish_copy(js: &Context, copy: FreshCopy) -> Result<(), String> {
 #[allow(clippy::too_many_arguments)]
 pub async fn requeue(
     js: &Context,
-    stream: &str,
+    incarnation: &Incarnation,
     subject: String,
     payload: Bytes,
     placement: Placement,
@@ -169,7 +191,10 @@ pub async fn requeue(
                 deliveries: carried.deliveries.saturating_add(deliveries),
                 ..carried
             },
-            message_id: format!("requeue-{stream}-{message_sequence}-{deliveries}"),
+            message_id: format!(
+                "requeue-{}-{message_sequence}-{deliveries}",
+                incarnation.label()
+            ),
         },
     )
     .await
@@ -179,14 +204,19 @@ pub async fn requeue(
 /// placement and counts it or its headers carry.
 pub async fn requeue_stored(
     js: &Context,
-    stream: &str,
+    incarnation: &Incarnation,
     stored: &async_nats::jetstream::message::StreamMessage,
     deliveries: u64,
 ) -> Result<(), String> {
-    let placement = Placement::of(Some(&stored.headers), stored.sequence, stored.time);
+    let placement = Placement::of(
+        Some(&stored.headers),
+        stored.sequence,
+        stored.time,
+        incarnation,
+    );
     requeue(
         js,
-        stream,
+        incarnation,
         stored.subject.to_string(),
         stored.payload.clone(),
         placement,
@@ -213,17 +243,33 @@ mod tests {
         let now = OffsetDateTime::from_unix_timestamp(1_700_000_000).unwrap();
         let earlier = now - time::Duration::minutes(5);
         let earlier_ns = earlier.unix_timestamp_nanos().to_string();
+        let stream = Incarnation {
+            stream: "W".into(),
+            created: earlier - time::Duration::DAY,
+        };
         assert_eq!(
-            Placement::of(None, 42, now),
+            Placement::of(None, 42, now, &stream),
             Placement {
                 sequence: 42,
                 published: now
             }
         );
         assert_eq!(
-            Placement::of(Some(&headers("7", &earlier_ns)), 42, now),
+            Placement::of(Some(&headers("7", &earlier_ns)), 42, now, &stream),
             Placement {
                 sequence: 7,
+                published: earlier
+            }
+        );
+        // A copy from an earlier incarnation of the stream goes first.
+        let rebuilt = Incarnation {
+            stream: "W".into(),
+            created: now - time::Duration::minutes(1),
+        };
+        assert_eq!(
+            Placement::of(Some(&headers("7", &earlier_ns)), 42, now, &rebuilt),
+            Placement {
+                sequence: 0,
                 published: earlier
             }
         );
@@ -237,7 +283,7 @@ mod tests {
             headers("-1", "-99999999999999999999999999999"),
         ] {
             assert_eq!(
-                Placement::of(Some(&h), 42, now),
+                Placement::of(Some(&h), 42, now, &stream),
                 Placement {
                     sequence: 42,
                     published: now

@@ -688,7 +688,11 @@ async fn jobs_the_server_keeps_but_never_delivers_again_are_requeued_or_removed_
     let mut h = async_nats::HeaderMap::new();
     h.insert(
         "Nats-Msg-Id",
-        gitaly_replicator::dead_letters::dead_message_id(&c.layout, 2).as_str(),
+        gitaly_replicator::dead_letters::dead_message_id(
+            &gitaly_replicator::Incarnation::of(work.info().await.unwrap()),
+            2,
+        )
+        .as_str(),
     );
     let dead_subject = dead_job.subject.replacen(
         &c.layout.subject_prefix,

@@ -31,4 +31,5 @@ mod replica_ids;
 mod retention;
 mod secrets;
 mod secure;
+mod stream_identity;
 mod waiting;
