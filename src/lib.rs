@@ -102,6 +102,7 @@ pub mod dead_letters {
         DeadLetterError, DeadMessage, dead_message_id, delete, headers, list, purge_all, replay,
         replay_subject,
     };
+    pub use crate::queue::replay::superseded;
 }
 
 /// The metric names, Praefect's kept where dashboards expect them.

@@ -314,9 +314,18 @@ async fn serve(
         config.database.connect_timeout,
         tokens.background.clone(),
     ));
+    let pruning = CompletionPruning::for_retention(config.replication.completion_retention);
     tasks.spawn(prune_completions(
         store.clone(),
-        CompletionPruning::for_retention(config.replication.completion_retention),
+        pruning,
+        tokens.background.clone(),
+    ));
+    // Order records are pruned as often as completion records.
+    tasks.spawn(crate::queue::order_pruning::run(
+        async_nats::jetstream::new(nats.clone()),
+        layout.clone(),
+        store.clone(),
+        pruning.interval,
         tokens.background.clone(),
     ));
     let nodes = NodeSet::from_config(config)?;

@@ -92,6 +92,7 @@ pub async fn run(config: &Config, command: DeadCommand) -> anyhow::Result<()> {
         }
         DeadCommand::Replay(Selection { sequences, all }) => {
             let chosen = choose(&js, &layout, sequences, all).await?;
+            let superseded = count_superseded(config, &js, &layout, &chosen).await;
             let mut refused = 0;
             for m in &chosen {
                 match dead_letters::replay(&js, &layout, m).await {
@@ -104,6 +105,15 @@ pub async fn run(config: &Config, command: DeadCommand) -> anyhow::Result<()> {
                 }
             }
             println!("replayed {} job(s)", chosen.len() - refused);
+            match superseded {
+                Ok(0) => {}
+                Ok(n) => println!(
+                    "{n} of them were superseded by a later job of their replica (or their repository was created again): they keep their place in its order and are skipped as out of order"
+                ),
+                Err(e) => eprintln!(
+                    "gitaly-replicator: could not tell how many replayed jobs a later job superseded (those are skipped as out of order when they run): {e:#}"
+                ),
+            }
             if refused > 0 {
                 anyhow::bail!(
                     "{refused} dead job(s) refused: not on a work subject of this deployment"
@@ -126,6 +136,26 @@ pub async fn run(config: &Config, command: DeadCommand) -> anyhow::Result<()> {
     }
     client.flush().await.ok();
     Ok(())
+}
+
+/// How many of `chosen` a later job of their replica superseded, read
+/// before they are replayed.
+async fn count_superseded(
+    config: &Config,
+    js: &async_nats::jetstream::Context,
+    layout: &Layout,
+    chosen: &[dead_letters::DeadMessage],
+) -> anyhow::Result<usize> {
+    let mut work = js.get_stream(&layout.stream).await?;
+    let incarnation = gitaly_replicator::Incarnation::of(work.info().await?);
+    let store = gitaly_replicator::open_store(config, 1).await?;
+    let mut superseded = 0;
+    for m in chosen {
+        if dead_letters::superseded(&store, &incarnation, m).await? {
+            superseded += 1;
+        }
+    }
+    Ok(superseded)
 }
 
 async fn choose(

@@ -60,6 +60,8 @@ pub enum Belonging {
 
 struct Known {
     current: Arc<Incarnation>,
+    /// Changes of incarnation seen so far.
+    changes: u64,
     /// Messages stored up to this time are proven to be of `current`.
     covered_until: OffsetDateTime,
 }
@@ -94,6 +96,7 @@ impl StreamIdentity {
             stream: stream.to_owned(),
             known: Mutex::new(Known {
                 current: Arc::new(Incarnation::of(&info)),
+                changes: 0,
                 covered_until: info.state.last_timestamp,
             }),
             looking: tokio::sync::Mutex::new(()),
@@ -132,10 +135,23 @@ impl StreamIdentity {
         let before = known.current.clone();
         known.current = Arc::new(seen);
         known.covered_until = info.state.last_timestamp;
+        known.changes += 1;
+        tracing::warn!(
+            stream = %known.current.stream,
+            was_created = %before.created,
+            created = %known.current.created,
+            "the work stream was created again (deleted and made anew): its jobs are numbered afresh, and this process follows it; jobs of the old stream that were not acknowledged are gone with it"
+        );
+        crate::metrics::stream_recreated();
         Ok(Look::Changed {
             before,
             now: known.current.clone(),
         })
+    }
+
+    /// Changes of incarnation seen so far (by any look).
+    fn changes(&self) -> u64 {
+        self.known().changes
     }
 
     /// Which incarnation the message of `sequence`, stored at `stored`, is
@@ -218,8 +234,9 @@ pub async fn follow(
 ) {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // Consumers still to be made for an incarnation that came.
-    let mut rebind = false;
+    // The incarnation the consumers were last made for (a look by a job may
+    // have seen a new one first).
+    let mut bound = identity.changes();
     let mut missing_reported = false;
     loop {
         tokio::select! {
@@ -227,18 +244,7 @@ pub async fn follow(
             _ = stop.cancelled() => break,
         }
         match identity.look().await {
-            Ok(Look::Same) => missing_reported = false,
-            Ok(Look::Changed { before, now }) => {
-                missing_reported = false;
-                tracing::warn!(
-                    stream = %now.stream,
-                    was_created = %before.created,
-                    created = %now.created,
-                    "the work stream was created again (deleted and made anew): its jobs are numbered afresh, and this process follows it; jobs of the old stream that were not acknowledged are gone with it"
-                );
-                crate::metrics::stream_recreated();
-                rebind = true;
-            }
+            Ok(_) => missing_reported = false,
             Err(e) => {
                 if !missing_reported {
                     tracing::warn!(error = %e, "the work stream cannot be read (deleted, or the broker does not answer); run `gitaly-replicator setup` if it was deleted; this process goes on once it is back");
@@ -247,8 +253,9 @@ pub async fn follow(
                 continue;
             }
         }
-        if rebind {
-            rebind = !bind_consumers(&js, &layout).await;
+        let seen = identity.changes();
+        if seen != bound && bind_consumers(&js, &layout).await {
+            bound = seen;
         }
     }
 }

@@ -321,3 +321,42 @@ impl RepositoryStore {
             .await
     }
 }
+
+impl RepositoryStore {
+    /// Deletes the order records of work stream `stream` that decide
+    /// nothing any more: those of another incarnation than `current` (a
+    /// label, `<stream>@<created>`), and those of `current` below `floor`,
+    /// the lowest place a queued or dead job holds. In batches, so no
+    /// statement holds many rows that gated writes may be waiting for;
+    /// answers how many went.
+    pub async fn prune_order(
+        &self,
+        stream: &str,
+        current: &str,
+        floor: i64,
+    ) -> Result<u64, StoreError> {
+        const BATCH: i64 = 5000;
+        let mut pruned = 0;
+        loop {
+            let done = sqlx::query(
+                "DELETE FROM replication_order
+                WHERE ctid = ANY(ARRAY(
+                    SELECT ctid FROM replication_order
+                    WHERE starts_with(stream, $1 || '@')
+                      AND (stream <> $2 OR sequence < $3)
+                    LIMIT $4))",
+            )
+            .bind(stream)
+            .bind(current)
+            .bind(floor)
+            .bind(BATCH)
+            .execute(&self.pool)
+            .await
+            .map_err(failed("prune_order"))?;
+            pruned += done.rows_affected();
+            if done.rows_affected() < BATCH as u64 {
+                return Ok(pruned);
+            }
+        }
+    }
+}

@@ -712,3 +712,81 @@ async fn dead_replay_publishes_only_to_this_deployments_work_subjects() {
     assert_eq!(c.work_messages().await, 1);
     c.js.delete_stream(&victim).await.unwrap();
 }
+
+#[tokio::test]
+async fn dead_replay_keeps_each_jobs_place_and_says_how_many_a_later_job_superseded() {
+    let c = Cluster::start(2).await;
+    for p in ["superseded.git", "current.git"] {
+        c.db.store
+            .create_repository(c.vs(), p, "gitaly-1", 1, &["gitaly-1"])
+            .await
+            .unwrap();
+    }
+    let update = |p: &str| {
+        c.job(json!({"change": "update", "relative_path": p, "target_node_storage": "gitaly-2", "source_node_storage": "gitaly-1"}))
+    };
+    // Both updates die on their one attempt.
+    c.node(2).respond(
+        "ReplicateRepository",
+        Behaviour::fail(tonic::Code::Unavailable, "down for now").times(2),
+    );
+    let consumer = c
+        .consumer_with(|config| config.replication.attempts = 1)
+        .await;
+    c.publish(&update("superseded.git")).await;
+    c.publish(&update("current.git")).await;
+    assert!(
+        c.eventually(Duration::from_secs(15), || async {
+            c.dead_letters().await.len() == 2
+        })
+        .await
+    );
+    // Later, one replica is removed: its dead update is superseded.
+    c.publish(&c.job(json!({"change": "delete_replica", "relative_path": "superseded.git", "target_node_storage": "gitaly-2"})))
+        .await;
+    assert!(
+        c.eventually(Duration::from_secs(15), || async {
+            c.node(2).calls_to("RemoveRepository").len() == 1 && c.work_messages().await == 0
+        })
+        .await
+    );
+    let o = cli(&c.toml, &["dead", "replay", "--all"], None);
+    assert!(o.status.success(), "{}", all(&o));
+    let out = stdout(&o);
+    assert!(out.contains("replayed 2 job(s)"), "{out}");
+    assert!(out.contains("1 of them were superseded"), "{out}");
+    assert!(
+        c.eventually(Duration::from_secs(15), || async {
+            c.work_messages().await == 0
+                && c.db
+                    .store
+                    .generation(c.vs(), "current.git", "gitaly-2")
+                    .await
+                    .unwrap()
+                    == Some(1)
+        })
+        .await,
+        "the replayed update that nothing superseded did not take effect"
+    );
+    // The superseded one was skipped: the replica stays removed.
+    let replicated: Vec<String> = c
+        .node(2)
+        .calls_to("ReplicateRepository")
+        .iter()
+        .map(|call| call.relative_path.clone())
+        .collect();
+    assert_eq!(
+        replicated.iter().filter(|p| *p == "superseded.git").count(),
+        1,
+        "the replayed update ran after the delete_replica that superseded it: {replicated:?}"
+    );
+    assert_eq!(
+        c.db.store
+            .generation(c.vs(), "superseded.git", "gitaly-2")
+            .await
+            .unwrap(),
+        None
+    );
+    assert!(c.dead_letters().await.is_empty());
+    consumer.stop().await.unwrap();
+}

@@ -331,3 +331,77 @@ async fn a_killed_lock_connection_never_lets_two_processes_call_gitaly_for_one_r
     assert_eq!(target_rows(&c).await, [("r.git".to_owned(), 5)]);
     assert!(c.dead_letters().await.is_empty());
 }
+
+/// Order records of this test's virtual storage.
+async fn order_records(c: &Cluster) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM replication_order WHERE virtual_storage = $1")
+        .bind(c.vs())
+        .fetch_one(c.db.store.pool())
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn order_records_go_once_no_queued_or_dead_job_can_be_older() {
+    let c = Cluster::start(2).await;
+    c.db.store
+        .create_repository(c.vs(), "life.git", "gitaly-1", 1, &["gitaly-1"])
+        .await
+        .unwrap();
+    // A dead update of another replica holds its place: records from it
+    // on stay while it may be replayed.
+    c.node(2).respond(
+        "ReplicateRepository",
+        Behaviour::fail(Code::Unavailable, "down for now").times(1),
+    );
+    c.db.store
+        .create_repository(c.vs(), "held.git", "gitaly-1", 1, &["gitaly-1"])
+        .await
+        .unwrap();
+    // Pruning passes every second.
+    let consumer = c
+        .consumer_with(|config| {
+            config.replication.completion_retention = Duration::from_secs(4);
+            config.replication.attempts = 1;
+        })
+        .await;
+    c.publish(&c.job(json!({"change": "update", "relative_path": "held.git", "target_node_storage": "gitaly-2", "source_node_storage": "gitaly-1"})))
+        .await;
+    assert!(
+        c.eventually(WAIT, || async { c.dead_letters().await.len() == 1 })
+            .await
+    );
+    // A repository's life on the target: created, updated, renamed, deleted.
+    let life = [
+        json!({"change": "create", "relative_path": "life.git", "target_node_storage": "gitaly-2", "source_node_storage": "gitaly-1"}),
+        json!({"change": "update", "relative_path": "life.git", "target_node_storage": "gitaly-2", "source_node_storage": "gitaly-1"}),
+        json!({"change": "rename", "relative_path": "life.git", "target_node_storage": "gitaly-2", "params": {"new_relative_path": "moved.git"}}),
+        json!({"change": "delete", "relative_path": "moved.git", "target_node_storage": "gitaly-2"}),
+    ];
+    for j in life {
+        c.publish(&c.job(j)).await;
+        assert!(
+            c.eventually(WAIT, || async { c.work_messages().await == 0 })
+                .await
+        );
+    }
+    assert_eq!(c.node(2).calls_to("RemoveRepository").len(), 1);
+    // The records of the life are all later than the dead job: they stay.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        order_records(&c).await,
+        2,
+        "the records later than a dead job that may be replayed went"
+    );
+    // Once the dead job is gone, nothing can be older than them: they go.
+    gitaly_replicator::dead_letters::purge_all(&c.js, &c.layout)
+        .await
+        .unwrap();
+    assert!(
+        c.eventually(WAIT, || async { order_records(&c).await == 0 })
+            .await,
+        "{} order records left after the repository's life",
+        order_records(&c).await
+    );
+    consumer.stop().await.unwrap();
+}
