@@ -171,8 +171,14 @@ max_ack_pending = -1
 
     /// Starts `gitaly-replicator run` on this environment's config.
     pub fn spawn_consumer(&self) -> anyhow::Result<Child> {
-        let path: PathBuf = self.dir.path().join("config.toml");
-        std::fs::write(&path, &self.toml)?;
+        self.spawn_consumer_with(&self.toml, "config.toml")
+    }
+
+    /// Starts `gitaly-replicator run` on `toml`, written to `name` in this
+    /// environment's directory.
+    pub fn spawn_consumer_with(&self, toml: &str, name: &str) -> anyhow::Result<Child> {
+        let path: PathBuf = self.dir.path().join(name);
+        std::fs::write(&path, toml)?;
         Ok(Command::new(env!("CARGO_BIN_EXE_gitaly-replicator"))
             .arg("--config")
             .arg(&path)
@@ -408,10 +414,20 @@ pub fn peak_rss_kib(pid: u32) -> u64 {
 }
 
 /// Stops a consumer process with SIGTERM and waits for it.
-pub fn stop(mut child: Child) {
+pub fn stop(child: Child) {
+    signal_and_wait(child, "TERM");
+}
+
+/// Sends `signal` (`KILL`, `TERM`) and waits for the process to end.
+pub fn signal_and_wait(mut child: Child, signal: &str) {
+    signal_child(&child, signal);
+    let _ = child.wait();
+}
+
+/// Sends `signal` (`STOP`, `CONT`, `KILL`) to a process.
+pub fn signal_child(child: &Child, signal: &str) {
     let _ = Command::new("kill")
-        .arg("-TERM")
+        .arg(format!("-{signal}"))
         .arg(child.id().to_string())
         .status();
-    let _ = child.wait();
 }

@@ -5,7 +5,7 @@
 //! real consumer (beside the ceiling of one gRPC call per job with nothing
 //! else running), publish→dispatch latency at a steady rate, drain rate over
 //! growing backlogs with the consumer's peak memory, and scale-out to two
-//! processes; Praefect's own replication queue, emulated on the same
+//! processes, and a fleet of four that loses one to SIGKILL or SIGSTOP; Praefect's own replication queue, emulated on the same
 //! Postgres and target, on the same backlogs; and the reconciler's round over
 //! a store of 100,000 repositories. Prints one table and writes it
 //! as JSON under `target/bench/`.
@@ -144,6 +144,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if wanted("scale-out") {
         rows.extend(scenarios::scale_out(&sizes).await?);
+    }
+    if wanted("fleet") {
+        rows.extend(scenarios::fleet(&sizes).await?);
     }
     print_table(&rows, &sizes, started.elapsed().as_secs_f64());
     write_json(&rows, &sizes)?;

@@ -1,11 +1,12 @@
 //! The scenarios, one function each.
 
-use crate::env::{BenchEnv, CpuSplit, Drained, EnvOptions, stop};
+use crate::env::{BenchEnv, CpuSplit, Drained, EnvOptions, signal_and_wait, signal_child, stop};
 use crate::praefect::{self, Kind};
 use crate::{Row, Sizes};
 use futures::StreamExt;
 use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime};
+use testkit::recording_gitaly::{Behaviour, RecordingGitaly, RunningGitaly};
 
 const BATCH: usize = 100;
 /// Praefect's workers beside one: the consumer's `max_connections`.
@@ -883,4 +884,218 @@ async fn reconcile_in(env: &BenchEnv, s: &Sizes) -> anyhow::Result<Vec<Row>> {
             None,
         ),
     ])
+}
+
+/// The lock lease of the fleet scenario's processes.
+const FLEET_LEASE: Duration = Duration::from_secs(5);
+
+/// The fleet's TOML for one process: the target storage at its own node,
+/// a short lease, and an ack wait as short, so a stopped process's jobs are
+/// delivered again within the measurement.
+fn fleet_toml(env: &BenchEnv, node: &RunningGitaly) -> String {
+    env.toml
+        .replace(&env.target.address(), &node.address())
+        .replacen(
+            "\n[replication]\n",
+            &format!(
+                "\n[replication]\nlock_lease = \"{}s\"\n",
+                FLEET_LEASE.as_secs()
+            ),
+            1,
+        )
+        .replacen("\n[nats]\n", "\n[nats]\nack_wait = \"5s\"\n", 1)
+}
+
+/// Nodes for the target storage, one per process (the environment's own
+/// first), each answering after `latency`.
+async fn fleet_nodes(n: usize, latency: Duration) -> anyhow::Result<Vec<RunningGitaly>> {
+    let mut nodes = Vec::new();
+    for _ in 1..n {
+        let node = RecordingGitaly::new(Some("token-2")).serve().await?;
+        node.gitaly.respond("*", Behaviour::delay(latency));
+        nodes.push(node);
+    }
+    Ok(nodes)
+}
+
+/// A fleet of `run` processes on one consumer, each calling the target
+/// through a node of its own, so each one's calls are counted by its node:
+/// (a) four processes drain maintenance jobs against nodes that answer after
+/// 5 ms, one is SIGKILLed, and the others' completion rate over the 5 s after
+/// the kill is compared with theirs over the 5 s before; (b) three processes
+/// drain jobs against nodes that answer after 200 ms, one is SIGSTOPped, and
+/// the time until every repository it was running is called again through
+/// another process is measured (lease 5 s, ack wait 5 s).
+pub async fn fleet(s: &Sizes) -> anyhow::Result<Vec<Row>> {
+    let mut rows = Vec::new();
+    let (ratio, before, after) = fleet_kill(s).await?;
+    rows.push(row(
+        "fleet",
+        "3 others' rate in the 5 s before a SIGKILL of the 4th",
+        before,
+        "jobs/s",
+        None,
+    ));
+    rows.push(row(
+        "fleet",
+        "3 others' rate in the 5 s after it",
+        after,
+        "jobs/s",
+        None,
+    ));
+    rows.push(row(
+        "fleet",
+        "after / before, 5 ms target",
+        ratio,
+        "x",
+        Some((">= 0.7".into(), ratio >= 0.7)),
+    ));
+    let regrant = fleet_stop().await?;
+    let bound = FLEET_LEASE + Duration::from_secs(5);
+    rows.push(row(
+        "fleet",
+        format!(
+            "SIGSTOP to its repositories run elsewhere, lease {} s",
+            FLEET_LEASE.as_secs()
+        ),
+        regrant.as_secs_f64(),
+        "s",
+        Some((format!("<= {} s", bound.as_secs()), regrant <= bound)),
+    ));
+    Ok(rows)
+}
+
+async fn fleet_kill(s: &Sizes) -> anyhow::Result<(f64, f64, f64)> {
+    let latency = Duration::from_millis(5);
+    let env = BenchEnv::new(&EnvOptions {
+        batch_size: BATCH,
+        target_latency: latency,
+        max_concurrent_jobs: 16,
+        pull_loops: 1,
+    })
+    .await?;
+    let result = fleet_kill_in(&env, s, latency).await;
+    env.cleanup().await;
+    result
+}
+
+async fn fleet_kill_in(
+    env: &BenchEnv,
+    s: &Sizes,
+    latency: Duration,
+) -> anyhow::Result<(f64, f64, f64)> {
+    let extra = fleet_nodes(4, latency).await?;
+    let nodes: Vec<&RunningGitaly> = std::iter::once(&env.target).chain(&extra).collect();
+    let jobs_n = if s.quick { 30_000 } else { 100_000 };
+    let jobs: Vec<_> = (0..jobs_n).map(|i| env.maintenance_job(i)).collect();
+    env.publish_all(&jobs).await?;
+    let mut children: Vec<_> = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| env.spawn_consumer_with(&fleet_toml(env, n), &format!("fleet-{i}.toml")))
+        .collect::<Result<_, _>>()?;
+    // Every process works, then a few seconds of steady draining.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !nodes.iter().all(|n| n.gitaly.call_count() > 100) {
+        anyhow::ensure!(Instant::now() < deadline, "not every process drained");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let window = Duration::from_secs(5);
+    let others = |nodes: &[&RunningGitaly]| -> usize {
+        nodes[1..].iter().map(|n| n.gitaly.call_count()).sum()
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let start = others(&nodes);
+    tokio::time::sleep(window).await;
+    let at_kill = others(&nodes);
+    let killed = children.remove(0);
+    signal_and_wait(killed, "KILL");
+    tokio::time::sleep(window).await;
+    let end = others(&nodes);
+    anyhow::ensure!(
+        env.jobs_left().await? > 0,
+        "the backlog ran out during the measurement: raise the job count"
+    );
+    for c in children {
+        signal_and_wait(c, "KILL");
+    }
+    let before = (at_kill - start) as f64 / window.as_secs_f64();
+    let after = (end - at_kill) as f64 / window.as_secs_f64();
+    Ok((after / before.max(f64::MIN_POSITIVE), before, after))
+}
+
+async fn fleet_stop() -> anyhow::Result<Duration> {
+    let latency = Duration::from_millis(200);
+    let env = BenchEnv::new(&EnvOptions {
+        batch_size: BATCH,
+        target_latency: latency,
+        max_concurrent_jobs: 8,
+        pull_loops: 1,
+    })
+    .await?;
+    let result = fleet_stop_in(&env, latency).await;
+    env.cleanup().await;
+    result
+}
+
+async fn fleet_stop_in(env: &BenchEnv, latency: Duration) -> anyhow::Result<Duration> {
+    let extra = fleet_nodes(3, latency).await?;
+    let nodes: Vec<&RunningGitaly> = std::iter::once(&env.target).chain(&extra).collect();
+    for n in &nodes {
+        n.gitaly.set_recording(true);
+    }
+    let jobs: Vec<_> = (0..600).map(|i| env.maintenance_job(i)).collect();
+    env.publish_all(&jobs).await?;
+    let children: Vec<_> = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| env.spawn_consumer_with(&fleet_toml(env, n), &format!("fleet-{i}.toml")))
+        .collect::<Result<_, _>>()?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while nodes[0].gitaly.call_count() < 20 {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the process to stop never ran a job"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    signal_child(&children[0], "STOP");
+    let stopped_at = tokio::time::Instant::now();
+    // The repositories it was running: calls its node received in the last
+    // call time before the stop.
+    let held: Vec<String> = nodes[0]
+        .gitaly
+        .calls()
+        .iter()
+        .filter(|c| c.received_at + latency > stopped_at)
+        .map(|c| c.relative_path.clone())
+        .collect();
+    anyhow::ensure!(!held.is_empty(), "the stopped process was running nothing");
+    let deadline = stopped_at + Duration::from_secs(120);
+    let regrant = loop {
+        let firsts: Vec<Option<tokio::time::Instant>> = held
+            .iter()
+            .map(|path| {
+                nodes[1..]
+                    .iter()
+                    .flat_map(|n| n.gitaly.calls())
+                    .filter(|c| c.relative_path == *path && c.received_at > stopped_at)
+                    .map(|c| c.received_at)
+                    .min()
+            })
+            .collect();
+        if firsts.iter().all(Option::is_some) {
+            break firsts.into_iter().flatten().max().unwrap_or(stopped_at) - stopped_at;
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "a stopped process's repositories were not run elsewhere within 120 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    signal_child(&children[0], "CONT");
+    for c in children {
+        signal_and_wait(c, "KILL");
+    }
+    Ok(regrant)
 }

@@ -249,11 +249,7 @@ impl Acknowledger {
                 // A wait it was in goes on; it is logged once.
                 waiting_since: d.carried.waiting_since,
             },
-            message_id: format!(
-                "retry-{}-{}-{failures}",
-                d.incarnation.label(),
-                d.sequence
-            ),
+            message_id: format!("retry-{}-{}-{failures}", d.incarnation.label(), d.sequence),
         };
         publish_copy(&self.js, copy).await
     }

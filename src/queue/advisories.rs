@@ -8,9 +8,9 @@
 use crate::error_chain::display_error_chain;
 use crate::event::{ChangeType, Job};
 use crate::queue::dead_letter::{DeadJob, DeadReason, publish_dead};
+use crate::queue::incarnation::Incarnation;
 use crate::queue::layout::Layout;
 use crate::queue::puller::{Pulled, Puller};
-use crate::queue::incarnation::Incarnation;
 use crate::queue::requeue::{Carried, Placement, requeue_stored};
 use async_nats::jetstream::{self, Context};
 use serde::Deserialize;

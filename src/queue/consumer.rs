@@ -365,8 +365,7 @@ async fn pull_loop<R: Replicator>(
     // Jobs that arrived after the stop are handed back at once.
     let incarnation = shared.identity.current();
     for m in puller.close().await {
-        let (deliveries, sequence, placement, carried) =
-            delivery_facts(&shared, &m, &incarnation);
+        let (deliveries, sequence, placement, carried) = delivery_facts(&shared, &m, &incarnation);
         let subject = crate::subject::parse_job_subject(
             &shared.layout.subject_prefix,
             m.message.subject.as_str(),
@@ -424,7 +423,11 @@ async fn of_current_stream<R>(
     shared: &Shared<R>,
     target: &Target,
     batch: Vec<(jetstream::Message, Option<OwnedSemaphorePermit>)>,
-) -> Vec<(jetstream::Message, Option<OwnedSemaphorePermit>, Arc<Incarnation>)> {
+) -> Vec<(
+    jetstream::Message,
+    Option<OwnedSemaphorePermit>,
+    Arc<Incarnation>,
+)> {
     let mut current = Vec::with_capacity(batch.len());
     let mut dropped = 0;
     for (m, held) in batch {

@@ -231,10 +231,9 @@ pub async fn replay(
     h.insert("Nats-Msg-Id", uuid::Uuid::new_v4().to_string().as_str());
     // Both or neither: a sequence without its time cannot say which
     // incarnation of the work stream it is of.
-    if let (Some(sequence), Some(time)) = (
-        message.header(ORDER_SEQUENCE),
-        message.header(ORDER_TIME),
-    ) {
+    if let (Some(sequence), Some(time)) =
+        (message.header(ORDER_SEQUENCE), message.header(ORDER_TIME))
+    {
         h.insert(ORDER_SEQUENCE, sequence);
         h.insert(ORDER_TIME, time);
     }

@@ -88,7 +88,11 @@ fn unix_nanos(t: OffsetDateTime) -> i64 {
 pub(super) fn dispatch_batch<R: Replicator>(
     shared: &Arc<Shared<R>>,
     target: &Arc<Target>,
-    batch: Vec<(jetstream::Message, Option<OwnedSemaphorePermit>, Arc<Incarnation>)>,
+    batch: Vec<(
+        jetstream::Message,
+        Option<OwnedSemaphorePermit>,
+        Arc<Incarnation>,
+    )>,
 ) {
     let mut groups: Vec<(Delivered, Vec<Delivered>)> = Vec::new();
     let mut update_leader: HashMap<(String, String), usize> = HashMap::new();

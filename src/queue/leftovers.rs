@@ -94,10 +94,7 @@ pub async fn run(js: Context, layout: Layout, interval: Duration, stop: Cancella
 
 /// The stream's incarnation, and the sequences of the jobs at or below
 /// their consumer's acknowledgement floor, in the stream's order per target.
-pub async fn find(
-    work: &mut Stream,
-    layout: &Layout,
-) -> Result<(Incarnation, Vec<u64>), String> {
+pub async fn find(work: &mut Stream, layout: &Layout) -> Result<(Incarnation, Vec<u64>), String> {
     let info = work.info().await.map_err(|e| e.to_string())?;
     let (incarnation, state) = (Incarnation::of(info), info.state.clone());
     let mut floors = Vec::new();

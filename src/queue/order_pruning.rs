@@ -45,8 +45,13 @@ pub async fn floor(js: &Context, layout: &Layout) -> Result<Option<(Incarnation,
         lowest: u64::MAX,
         budget: READ_LIMIT,
     };
-    let dead_next = read.walk(&dead, dead_info.state.first_sequence, true).await?;
-    let Some(work_next) = read.walk(&work, work_info.state.first_sequence, false).await? else {
+    let dead_next = read
+        .walk(&dead, dead_info.state.first_sequence, true)
+        .await?;
+    let Some(work_next) = read
+        .walk(&work, work_info.state.first_sequence, false)
+        .await?
+    else {
         return Ok(None);
     };
     let Some(dead_next) = dead_next else {
@@ -76,7 +81,12 @@ impl Reading<'_> {
     /// Reads `stream` from `from` to its last message, lowering `lowest` to
     /// each job's place; answers the sequence after the last one read, or
     /// `None` when the budget ran out.
-    async fn walk(&mut self, stream: &Stream, from: u64, dead: bool) -> Result<Option<u64>, String> {
+    async fn walk(
+        &mut self,
+        stream: &Stream,
+        from: u64,
+        dead: bool,
+    ) -> Result<Option<u64>, String> {
         let mut next = from.max(1);
         loop {
             let m = match stream.get_first_raw_message_by_subject(">", next).await {
@@ -133,7 +143,9 @@ pub async fn run(
             Ok(None) => tracing::debug!(
                 "replica order records not pruned: the work and dead-letter streams hold more messages than a pass reads"
             ),
-            Err(e) => tracing::warn!(error = %e, "pruning replica order records failed; trying again at the next pass"),
+            Err(e) => {
+                tracing::warn!(error = %e, "pruning replica order records failed; trying again at the next pass")
+            }
         }
     }
 }

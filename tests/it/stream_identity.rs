@@ -25,7 +25,9 @@ async fn replicas_at(pool: &sqlx::PgPool, vs: &str, generation: i64) -> i64 {
 async fn a_running_process_follows_a_work_stream_created_again_and_skips_nothing_of_the_new_one() {
     let c = Cluster::start(2).await;
     let pool = sqlx::PgPool::connect(&c.db.url).await.unwrap();
-    let paths: Vec<String> = (0..REPOSITORIES).map(|i| format!("rebuilt-{i}.git")).collect();
+    let paths: Vec<String> = (0..REPOSITORIES)
+        .map(|i| format!("rebuilt-{i}.git"))
+        .collect();
     for p in &paths {
         c.db.store
             .create_repository(c.vs(), p, "gitaly-1", 1, &["gitaly-1"])
@@ -41,7 +43,12 @@ async fn a_running_process_follows_a_work_stream_created_again_and_skips_nothing
         json!({"change": "update", "virtual_storage": c.vs(), "relative_path": path, "target_node_storage": "gitaly-2"})
     };
     let p = ReplicatorProcess::run(&c.toml);
-    let subject = c.layout.consumer(c.vs(), "gitaly-2").unwrap().filter_subject.clone();
+    let subject = c
+        .layout
+        .consumer(c.vs(), "gitaly-2")
+        .unwrap()
+        .filter_subject
+        .clone();
     let publish_raw = |payload: serde_json::Value| {
         let js = c.js.clone();
         let subject = subject.clone();
@@ -86,7 +93,12 @@ async fn a_running_process_follows_a_work_stream_created_again_and_skips_nothing
     let (code, stderr) = setup.wait().await;
     assert_eq!(code, Some(0), "setup: {stderr}");
     for p in &paths {
-        assert!(c.db.store.set_generation(c.vs(), p, "gitaly-1", 2).await.unwrap());
+        assert!(
+            c.db.store
+                .set_generation(c.vs(), p, "gitaly-1", 2)
+                .await
+                .unwrap()
+        );
     }
     // The new stream's first job has the sequence of the old stream's dead
     // one, and is dead as well: it needs a dead letter of its own.
