@@ -20,10 +20,9 @@ use crate::metrics::ReconcilerMetrics;
 use crate::queue::layout::Layout;
 use crate::queue::pending::{PendingJobs, PendingScanError, scan_target};
 use crate::queue::publisher::{PublishError, Publisher};
-use crate::store::PgEndpoint;
+use crate::store::leadership::Leadership;
 use crate::store::{RepositoryStore, StoreError, VerificationCursor};
 use async_nats::jetstream::Context;
-use sqlx::{ConnectOptions, PgConnection};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 use tokio::time::Instant;
@@ -117,11 +116,7 @@ impl Reconciler {
             storages,
             settings: config.reconciliation.clone(),
             verification: config.background_verification.clone(),
-            leadership: Leadership {
-                session,
-                connection: None,
-                leading: false,
-            },
+            leadership: Leadership::new(session, RECONCILER_LOCK_KEY, "the reconciler"),
             verification_cursors: HashMap::new(),
         })
     }
@@ -214,7 +209,7 @@ impl Reconciler {
                     ),
                 }
             }
-            if !self.leadership.leading {
+            if !self.leadership.leading() {
                 // Lost between verification batches.
                 self.metrics.leader.set(0.0);
                 continue;
@@ -392,88 +387,5 @@ impl Reconciler {
             "reconciliation job scheduled"
         );
         Ok(())
-    }
-}
-
-/// The lock that makes one process the reconciler, held by a session of its
-/// own (`[database.session_pooled]`: a session advisory lock does not
-/// survive transaction pooling). It is gone when that session ends, a
-/// killed process's included, and another process takes it on its next try.
-struct Leadership {
-    session: PgEndpoint,
-    connection: Option<PgConnection>,
-    leading: bool,
-}
-
-/// How long a leader check may take before the session counts as lost.
-const LEADER_CHECK_TIMEOUT: Duration = Duration::from_secs(10);
-
-impl Leadership {
-    /// Whether this process holds the lock now, trying to take it if not.
-    async fn hold(&mut self) -> bool {
-        let checked = match self.connection.as_mut() {
-            Some(c) if self.leading => Some(
-                tokio::time::timeout(LEADER_CHECK_TIMEOUT, sqlx::query("SELECT 1").execute(c))
-                    .await
-                    .is_ok_and(|r| r.is_ok()),
-            ),
-            _ => None,
-        };
-        match checked {
-            Some(true) => return true,
-            Some(false) => {
-                tracing::warn!(
-                    "the reconciler's lock session ended; another process may reconcile now"
-                );
-                self.connection = None;
-                self.leading = false;
-            }
-            None => {}
-        }
-        if self.connection.is_none() {
-            match tokio::time::timeout(LEADER_CHECK_TIMEOUT, self.session.options().connect()).await
-            {
-                Ok(Ok(mut c)) => {
-                    // A half-open session would keep leadership from others.
-                    if let Err(e) = crate::store::keep_connection_alive(&mut c).await {
-                        tracing::warn!(
-                            error = display_error_chain(&e),
-                            "cannot turn on TCP keepalives for the reconciler's lock session"
-                        );
-                    }
-                    self.connection = Some(c);
-                }
-                Ok(Err(e)) => {
-                    tracing::warn!(
-                        error = display_error_chain(&e),
-                        "the reconciler could not open its lock session"
-                    );
-                    return false;
-                }
-                Err(_) => return false,
-            }
-        }
-        let Some(c) = self.connection.as_mut() else {
-            return false;
-        };
-        let taken = tokio::time::timeout(
-            LEADER_CHECK_TIMEOUT,
-            sqlx::query_scalar::<_, bool>("SELECT pg_try_advisory_lock($1)")
-                .bind(RECONCILER_LOCK_KEY)
-                .fetch_one(c),
-        )
-        .await;
-        match taken {
-            Ok(Ok(true)) => {
-                self.leading = true;
-                tracing::info!("this process is now the reconciler");
-                true
-            }
-            Ok(Ok(false)) => false,
-            _ => {
-                self.connection = None;
-                false
-            }
-        }
     }
 }

@@ -369,7 +369,15 @@ async fn serve(
         tasks: tasks.clone(),
         jobs: jobs.clone(),
         readiness: readiness.clone(),
+        store: store.clone(),
     };
+    tasks.spawn(crate::queue::praefect_capture::run(
+        async_nats::jetstream::new(deps.client.clone()),
+        deps.layout.clone(),
+        store.clone(),
+        session_endpoint(config, &store)?,
+        tokens.background.clone(),
+    ));
     drop(store);
     let consumer = consumer::run(deps);
     tokio::pin!(consumer);

@@ -34,35 +34,6 @@ pub const SOURCE: &str = "gitaly-1";
 /// the queue and the replicator touch (`repository_assignments`,
 /// `node_status` and the views are left out: nothing here reads them).
 const SCHEMA: &str = r#"
-CREATE TYPE REPLICATION_JOB_STATE AS ENUM('ready', 'in_progress', 'completed', 'cancelled', 'failed', 'dead');
-CREATE TABLE replication_queue_lock (
-    id TEXT PRIMARY KEY
-    , acquired BOOLEAN NOT NULL DEFAULT FALSE
-);
-CREATE TABLE replication_queue (
-    id BIGSERIAL PRIMARY KEY
-    , state REPLICATION_JOB_STATE NOT NULL DEFAULT 'ready'
-    , created_at TIMESTAMP WITHOUT TIME ZONE NOT NULL DEFAULT (NOW() AT TIME ZONE 'UTC')
-    , updated_at TIMESTAMP WITHOUT TIME ZONE
-    , attempt INTEGER NOT NULL DEFAULT 3
-    , lock_id TEXT
-    , job JSONB
-    , meta JSONB
-);
-CREATE TABLE replication_queue_job_lock (
-    job_id BIGINT REFERENCES replication_queue(id)
-    , lock_id TEXT REFERENCES replication_queue_lock(id)
-    , triggered_at TIMESTAMP WITHOUT TIME ZONE NOT NULL DEFAULT (NOW() AT TIME ZONE 'UTC')
-    , CONSTRAINT replication_queue_job_lock_pk PRIMARY KEY (job_id, lock_id)
-);
-CREATE INDEX virtual_target_on_replication_queue_idx
-    ON replication_queue USING BTREE ((job->>'virtual_storage'), (job->>'target_node_storage'));
-CREATE UNIQUE INDEX delete_replica_unique_index
-    ON replication_queue ((job->>'virtual_storage'), (job->>'relative_path'))
-    WHERE state NOT IN ('completed', 'cancelled', 'dead') AND job->>'change' = 'delete_replica';
-CREATE INDEX replication_queue_target_index
-    ON replication_queue ((job->>'virtual_storage'), (job->>'relative_path'), (job->>'target_node_storage'), (job->>'change'))
-    WHERE state NOT IN ('completed', 'cancelled', 'dead');
 CREATE TABLE repositories (
     repository_id BIGSERIAL PRIMARY KEY,
     virtual_storage TEXT,
@@ -118,65 +89,7 @@ CREATE TRIGGER notify_on_delete AFTER DELETE ON storage_repositories
     EXECUTE FUNCTION notify_on_change('storage_repositories_updates');
 "#;
 
-const ENQUEUE: &str = r#"
-WITH insert_lock AS (
-    INSERT INTO replication_queue_lock(id)
-    VALUES ($1 || '|' || $2 || '|' || $3)
-    ON CONFLICT (id) DO UPDATE SET id = EXCLUDED.id
-    RETURNING id
-)
-INSERT INTO replication_queue(lock_id, job, meta)
-SELECT insert_lock.id, $4::jsonb, $5::jsonb
-FROM insert_lock
-RETURNING id, state::text, created_at, updated_at, lock_id, attempt, job::text, meta::text"#;
-
-/// Praefect's statement, but for `::text` casts where Go's driver reads the
-/// enum and the JSON columns as text (the bench's sqlx has no JSON types).
-const DEQUEUE: &str = r#"
-WITH lock AS (
-    SELECT id
-    FROM replication_queue_lock
-    WHERE id LIKE ($1 || '|' || $2 || '|%') AND NOT acquired
-    FOR UPDATE SKIP LOCKED
-)
-, candidate AS (
-    SELECT id
-    FROM replication_queue
-    WHERE id IN (
-        SELECT DISTINCT FIRST_VALUE(queue.id) OVER (PARTITION BY lock_id, job->>'change'  ORDER BY queue.created_at)
-        FROM replication_queue AS queue
-        JOIN lock ON queue.lock_id = lock.id
-        WHERE queue.state IN ('ready', 'failed' )
-            AND NOT EXISTS (SELECT 1 FROM replication_queue_job_lock WHERE lock_id = queue.lock_id)
-    )
-    ORDER BY created_at
-    LIMIT $3
-    FOR UPDATE
-)
-, job AS (
-    UPDATE replication_queue AS queue
-    SET attempt = CASE WHEN job->>'change' = 'delete_replica' THEN queue.attempt ELSE queue.attempt - 1 END
-        , state = 'in_progress'
-        , updated_at = NOW() AT TIME ZONE 'UTC'
-    FROM candidate
-    WHERE queue.id = candidate.id
-    RETURNING queue.id, queue.state, queue.created_at, queue.updated_at, queue.lock_id, queue.attempt, queue.job, queue.meta
-)
-, track_job_lock AS (
-    INSERT INTO replication_queue_job_lock (job_id, lock_id, triggered_at)
-    SELECT job.id, job.lock_id, NOW() AT TIME ZONE 'UTC'
-    FROM job
-    RETURNING lock_id
-)
-, acquire_lock AS (
-    UPDATE replication_queue_lock AS lock
-    SET acquired = TRUE
-    FROM track_job_lock AS tracked
-    WHERE lock.id = tracked.lock_id
-)
-SELECT id, state::text, created_at, updated_at, lock_id, attempt, job::text, meta::text
-FROM job
-ORDER BY id"#;
+use testkit::praefect_queue::{DEQUEUE, ENQUEUE_V14 as ENQUEUE};
 
 const ACKNOWLEDGE: &str = r#"
 WITH existing AS (
@@ -356,6 +269,9 @@ impl Queue {
         let pool = PgPoolOptions::new()
             .max_connections(connections)
             .connect_with(options)
+            .await?;
+        sqlx::raw_sql(testkit::praefect_queue::QUEUE_TABLES)
+            .execute(&pool)
             .await?;
         sqlx::raw_sql(SCHEMA).execute(&pool).await?;
         Ok(Queue {

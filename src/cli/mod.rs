@@ -4,6 +4,7 @@ mod dataloss;
 mod dead;
 mod deploy_manifests;
 mod logging;
+mod praefect_queue;
 mod publish;
 mod status;
 
@@ -64,6 +65,10 @@ enum Command {
     /// Inspect and handle the dead-letter stream.
     #[command(subcommand)]
     Dead(dead::DeadCommand),
+    /// Capture Praefect's replication queue (its events are then published
+    /// to NATS and replicated here), or release it back to Praefect.
+    #[command(subcommand)]
+    PraefectQueue(praefect_queue::PraefectQueueCommand),
     /// Validate a configuration file and print it with secrets masked.
     CheckConfig {
         /// The file to check (default: --config).
@@ -214,6 +219,7 @@ pub async fn dispatch(args: Args) -> ExitCode {
         Command::Publish(p) => publish::run(&config, p).await,
         Command::Status => report(status::run(&config).await),
         Command::Dead(d) => report(dead::run(&config, d).await),
+        Command::PraefectQueue(p) => report(praefect_queue::run(&config, p).await),
         Command::Dataloss(d) => report(dataloss::run(&config, d).await),
         Command::CheckConfig { .. } => {
             print!("{}", config.to_masked_toml());

@@ -15,6 +15,7 @@ use crate::queue::incarnation::{Incarnation, StreamIdentity};
 use crate::queue::layout::Layout;
 use crate::queue::requeue::{Carried, FreshCopy, Placement, publish_copy, requeue};
 use crate::retry_delay::RetryPolicy;
+use crate::store::RepositoryStore;
 use async_nats::connection::State;
 use async_nats::jetstream::{self, AckKind};
 use std::sync::Arc;
@@ -92,12 +93,26 @@ pub struct Delivery<'a> {
     pub fields: JobFields<'a>,
 }
 
+/// The Praefect event a job came from, if it was captured.
+fn praefect_event(d: &Delivery<'_>) -> Option<i64> {
+    d.message
+        .message
+        .headers
+        .as_ref()?
+        .get(crate::queue::praefect_capture::PRAEFECT_EVENT)?
+        .as_str()
+        .parse()
+        .ok()
+}
+
 /// Carries out the acknowledgements of one target's jobs; cheap to clone.
 #[derive(Clone)]
 pub struct Acknowledger {
     js: jetstream::Context,
     layout: Layout,
     identity: Arc<StreamIdentity>,
+    /// Settles the rows of Praefect's captured events.
+    store: RepositoryStore,
     retry: RetryPolicy,
     metrics: TargetMetrics,
 }
@@ -107,6 +122,7 @@ impl Acknowledger {
         js: jetstream::Context,
         layout: Layout,
         identity: Arc<StreamIdentity>,
+        store: RepositoryStore,
         retry: RetryPolicy,
         metrics: TargetMetrics,
     ) -> Self {
@@ -114,6 +130,7 @@ impl Acknowledger {
             js,
             layout,
             identity,
+            store,
             retry,
             metrics,
         }
@@ -137,9 +154,35 @@ impl Acknowledger {
             return;
         }
         let action = decide(stage, role, &d.deliveries, &self.retry);
+        // A job of Praefect's captured event: Praefect's row follows before
+        // the job's message goes, so a crash between the two only runs the
+        // job again.
+        if let Some(event) = praefect_event(d) {
+            let settled = match (&action, stage) {
+                (AckAction::Ack, Stage::Finished(_)) => {
+                    Some(self.store.settle_captured_done(event).await)
+                }
+                _ => None,
+            };
+            if let Some(Err(e)) = settled {
+                self.failed(d, "settle", &crate::error_chain::display_error_chain(&e));
+                return self
+                    .send(d, AckKind::Nak(Some(Duration::from_secs(1))), "nak")
+                    .await;
+            }
+        }
         let fallback = match &action {
             AckAction::DeadLetter(reason) => match self.dead_letter(d, *reason, error).await {
-                Ok(()) => return self.send(d, AckKind::Term, "term").await,
+                Ok(()) => {
+                    if let Some(event) = praefect_event(d)
+                        && let Err(e) = self.store.settle_captured_dead(event).await
+                    {
+                        // The dead letter is written; Praefect's row stays
+                        // pending until a release hands it back.
+                        self.failed(d, "settle", &crate::error_chain::display_error_chain(&e));
+                    }
+                    return self.send(d, AckKind::Term, "term").await;
+                }
                 Err(e) => {
                     self.failed(d, "dead_letter", &e);
                     Stage::DeadLetterFailed

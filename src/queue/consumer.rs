@@ -25,6 +25,7 @@ use crate::queue::requeue::{Carried, Placement};
 use crate::queue::waiting::Waiting;
 use crate::replicator::Replicator;
 use crate::retry_delay::RetryPolicy;
+use crate::store::RepositoryStore;
 use crate::store::locks::RepositoryLocks;
 use async_nats::jetstream;
 use std::collections::HashSet;
@@ -93,6 +94,8 @@ pub struct ConsumerDeps<R> {
     pub jobs: TaskTracker,
     /// Set once every target is set up and pulling.
     pub readiness: Readiness,
+    /// Where the jobs of Praefect's captured events are settled.
+    pub store: RepositoryStore,
 }
 
 /// What every job task of this process shares.
@@ -146,6 +149,7 @@ pub async fn run<R: Replicator>(deps: ConsumerDeps<R>) -> Result<(), ConsumerErr
         tasks,
         jobs,
         readiness,
+        store,
     } = deps;
     let js = jetstream::new(client.clone());
     let identity = StreamIdentity::new(js.clone(), &layout.stream)
@@ -234,6 +238,7 @@ pub async fn run<R: Replicator>(deps: ConsumerDeps<R>) -> Result<(), ConsumerErr
                 js.clone(),
                 layout.clone(),
                 identity.clone(),
+                store.clone(),
                 shared.settings.retry,
                 metrics.clone(),
             ),

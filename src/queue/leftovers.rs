@@ -1,5 +1,6 @@
 //! Jobs left in the work stream at or below their consumer's acknowledgement
-//! floor: jobs the server will never deliver again, yet keeps.
+//! floor (or below its last delivery, when nothing is waiting or
+//! unacknowledged): jobs the server will never deliver again, yet keeps.
 //!
 //! A nats-server killed (`kill -9`) right after acknowledgements can come
 //! back with the consumer's state saved (the floor past a job) but the job's
@@ -105,7 +106,16 @@ pub async fn find(work: &mut Stream, layout: &Layout) -> Result<(Incarnation, Ve
             .await
             .map_err(|e| format!("consumer {}: {e}", c.durable_name))?;
         accounted += info.num_pending + info.num_ack_pending as u64;
-        floors.push((c.filter_subject.as_str(), info.ack_floor.stream_sequence));
+        // With nothing waiting or unacknowledged, every job it delivered is
+        // done: nats-server 2.9 can leave the acknowledgement floor behind
+        // after a restart (acks of jobs above it saved one by one), and a
+        // job whose removal was lost then sits above the floor.
+        let floor = if info.num_pending == 0 && info.num_ack_pending == 0 {
+            info.delivered.stream_sequence.max(info.ack_floor.stream_sequence)
+        } else {
+            info.ack_floor.stream_sequence
+        };
+        floors.push((c.filter_subject.as_str(), floor));
     }
     let mut found = Vec::new();
     // Every message waiting or in flight: nothing is left over.

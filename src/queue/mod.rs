@@ -16,6 +16,7 @@ pub mod leftovers;
 pub mod names;
 pub mod order_pruning;
 pub mod pending;
+pub mod praefect_capture;
 pub mod publisher;
 pub mod puller;
 pub mod replay;

@@ -21,6 +21,7 @@ mod ops;
 mod ordering;
 mod pgbouncer;
 mod postgres_tls;
+mod praefect_capture;
 mod praefect_config;
 mod praefect_jobs;
 mod praefect_schema;

@@ -27,6 +27,7 @@ pub mod nats_server;
 pub mod pgbouncer;
 pub mod ports;
 pub mod postgres_server;
+pub mod praefect_queue;
 pub mod recording_gitaly;
 pub mod storage_node;
 pub mod tls;

@@ -1,0 +1,126 @@
+//! Praefect's replication_queue, captured: events Praefect writes with its
+//! own Enqueue statement are published, replicated and settled here, while
+//! Praefect's own Dequeue finds nothing; release hands the unsettled ones
+//! back.
+
+use crate::cli::{all, cli, stdout};
+use crate::common::cluster::Cluster;
+use serde_json::json;
+use sqlx::Row;
+use std::time::Duration;
+use testkit::praefect_queue::{DEQUEUE, ENQUEUE_V14, QUEUE_TABLES};
+
+/// Runs Praefect's Enqueue for `job`; answers the event's id and state.
+async fn enqueue(pool: &sqlx::PgPool, job: &serde_json::Value) -> (i64, String) {
+    let row = sqlx::query(ENQUEUE_V14)
+        .bind(job["virtual_storage"].as_str().unwrap())
+        .bind(job["target_node_storage"].as_str().unwrap())
+        .bind(job["relative_path"].as_str().unwrap())
+        .bind(job.to_string())
+        .bind(json!({"correlation_id": "capture-test"}).to_string())
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    (row.get("id"), row.get("state"))
+}
+
+/// Events Praefect's own Dequeue hands its worker for `target`.
+async fn praefect_dequeues(pool: &sqlx::PgPool, vs: &str, target: &str) -> usize {
+    let mut tx = pool.begin().await.unwrap();
+    let rows = sqlx::query(DEQUEUE)
+        .bind(vs)
+        .bind(target)
+        .bind(100_i64)
+        .fetch_all(&mut *tx)
+        .await
+        .unwrap();
+    // Looked at, not taken.
+    tx.rollback().await.unwrap();
+    rows.len()
+}
+
+async fn queue_rows(pool: &sqlx::PgPool) -> Vec<(i64, String)> {
+    sqlx::query_as("SELECT id, state::text FROM replication_queue ORDER BY id")
+        .fetch_all(pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn captured_events_replicate_and_settle_praefects_rows_and_release_hands_back_the_rest() {
+    let c = Cluster::start(2).await;
+    let pool = c.db.store.pool().clone();
+    sqlx::raw_sql(QUEUE_TABLES).execute(&pool).await.unwrap();
+    let o = cli(&c.toml, &["praefect-queue", "capture"], None);
+    assert!(o.status.success(), "{}", all(&o));
+    let update = |path: &str| {
+        json!({"change": "update", "virtual_storage": c.vs(), "relative_path": path,
+               "target_node_storage": "gitaly-2", "source_node_storage": "gitaly-1",
+               "repository_id": 0, "replica_path": path, "params": null})
+    };
+    let paths: Vec<String> = (0..5).map(|i| format!("captured-{i}.git")).collect();
+    for p in &paths {
+        c.db.store
+            .create_repository(c.vs(), p, "gitaly-1", 1, &["gitaly-1"])
+            .await
+            .unwrap();
+    }
+    // Praefect's inserts return their row, pending in Praefect's eyes.
+    for p in &paths {
+        let (_, state) = enqueue(&pool, &update(p)).await;
+        assert_eq!(state, "in_progress");
+    }
+    // An update without a source is invalid: dead-lettered.
+    let mut invalid = update("captured-invalid.git");
+    invalid
+        .as_object_mut()
+        .unwrap()
+        .remove("source_node_storage");
+    let (dead_id, _) = enqueue(&pool, &invalid).await;
+    assert_eq!(praefect_dequeues(&pool, c.vs(), "gitaly-2").await, 0);
+
+    let consumer = c.consumer().await;
+    let settled = c
+        .eventually(Duration::from_secs(20), || async {
+            queue_rows(&pool).await == vec![(dead_id, "dead".to_owned())]
+        })
+        .await;
+    assert!(settled, "Praefect's rows: {:?}", queue_rows(&pool).await);
+    for p in &paths {
+        assert_eq!(
+            c.db.store.generation(c.vs(), p, "gitaly-2").await.unwrap(),
+            Some(1),
+            "{p} not replicated"
+        );
+    }
+    assert_eq!(c.dead_letters().await.len(), 1);
+    consumer.stop().await.unwrap();
+
+    // Nothing runs now: the next events stay captured, and release hands
+    // exactly those back to Praefect.
+    let mut waiting = Vec::new();
+    for p in &paths[..3] {
+        waiting.push(enqueue(&pool, &update(p)).await.0);
+    }
+    let o = cli(&c.toml, &["praefect-queue", "status"], None);
+    assert!(
+        stdout(&o).contains("capture installed; 3 event(s) not yet published"),
+        "{}",
+        all(&o)
+    );
+    let o = cli(&c.toml, &["praefect-queue", "release"], None);
+    assert!(o.status.success(), "{}", all(&o));
+    assert!(
+        stdout(&o).contains("3 unsettled event(s) handed back"),
+        "{}",
+        all(&o)
+    );
+    let mut expected: Vec<(i64, String)> =
+        waiting.iter().map(|id| (*id, "ready".to_owned())).collect();
+    expected.insert(0, (dead_id, "dead".to_owned()));
+    assert_eq!(queue_rows(&pool).await, expected);
+    assert_eq!(praefect_dequeues(&pool, c.vs(), "gitaly-2").await, 3);
+    // Released: Praefect's next insert is its own.
+    let (_, state) = enqueue(&pool, &update("after-release.git")).await;
+    assert_eq!(state, "ready");
+}
