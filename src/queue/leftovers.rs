@@ -111,7 +111,9 @@ pub async fn find(work: &mut Stream, layout: &Layout) -> Result<(Incarnation, Ve
         // after a restart (acks of jobs above it saved one by one), and a
         // job whose removal was lost then sits above the floor.
         let floor = if info.num_pending == 0 && info.num_ack_pending == 0 {
-            info.delivered.stream_sequence.max(info.ack_floor.stream_sequence)
+            info.delivered
+                .stream_sequence
+                .max(info.ack_floor.stream_sequence)
         } else {
             info.ack_floor.stream_sequence
         };

@@ -124,3 +124,48 @@ async fn captured_events_replicate_and_settle_praefects_rows_and_release_hands_b
     let (_, state) = enqueue(&pool, &update("after-release.git")).await;
     assert_eq!(state, "ready");
 }
+
+#[tokio::test]
+async fn with_praefect_15s_unique_jobs_an_identical_event_while_the_first_is_captured_still_inserts()
+ {
+    let c = Cluster::start(2).await;
+    let pool = c.db.store.pool().clone();
+    sqlx::raw_sql(QUEUE_TABLES).execute(&pool).await.unwrap();
+    sqlx::raw_sql(testkit::praefect_queue::QUEUE_UNIQUE_V15)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let o = cli(&c.toml, &["praefect-queue", "capture"], None);
+    assert!(o.status.success(), "{}", all(&o));
+    c.db.store
+        .create_repository(c.vs(), "twice.git", "gitaly-1", 1, &["gitaly-1"])
+        .await
+        .unwrap();
+    let job = json!({"change": "update", "virtual_storage": c.vs(), "relative_path": "twice.git",
+                     "target_node_storage": "gitaly-2", "source_node_storage": "gitaly-1",
+                     "repository_id": 0, "replica_path": "twice.git", "params": null});
+    // Both pending at once: without the capture's mark the second would
+    // break (job, state) uniqueness and Praefect's insert would fail.
+    let (first, _) = enqueue(&pool, &job).await;
+    let (second, state) = enqueue(&pool, &job).await;
+    assert_ne!(first, second);
+    assert_eq!(state, "in_progress");
+    let consumer = c.consumer().await;
+    assert!(
+        c.eventually(Duration::from_secs(20), || async {
+            queue_rows(&pool).await.is_empty()
+        })
+        .await,
+        "Praefect's rows: {:?}",
+        queue_rows(&pool).await
+    );
+    assert_eq!(
+        c.db.store
+            .generation(c.vs(), "twice.git", "gitaly-2")
+            .await
+            .unwrap(),
+        Some(1)
+    );
+    assert!(c.dead_letters().await.is_empty());
+    consumer.stop().await.unwrap();
+}
