@@ -50,7 +50,13 @@ impl fmt::Display for Secret {
 }
 
 impl Serialize for Secret {
+    /// An unset (empty) secret prints as empty: printed as the mask, it
+    /// would read back as a secret that is set, to the mask.
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_str(MASK)
+        if self.0.is_empty() {
+            serializer.serialize_str("")
+        } else {
+            serializer.serialize_str(MASK)
+        }
     }
 }

@@ -357,3 +357,34 @@ fn check_config_prints_the_warnings_and_the_ignored_keys() {
         }
     }
 }
+
+/// The printed configuration without its comments.
+fn printed_body(config: &Config) -> String {
+    config
+        .to_masked_toml()
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn check_configs_output_fed_back_in_is_the_same_config_with_unset_secrets_still_unset() {
+    let mut unset_tokens = 0;
+    for name in FILES {
+        let config = load(name);
+        let printed = config.to_masked_toml();
+        let back =
+            Config::from_toml_str(&printed).unwrap_or_else(|e| panic!("{name}: {e}\n{printed}"));
+        let warnings =
+            |c: &Config| -> Vec<String> { c.warnings().iter().map(ToString::to_string).collect() };
+        // A node without a token warns so, read back as well.
+        assert_eq!(warnings(&back), warnings(&config), "{name}:\n{printed}");
+        assert_eq!(printed_body(&back), printed_body(&config), "{name}");
+        unset_tokens += warnings(&config)
+            .iter()
+            .filter(|w| w.contains("token"))
+            .count();
+    }
+    assert!(unset_tokens > 0, "no file has a node without a token");
+}
