@@ -157,7 +157,8 @@ impl Acknowledger {
         // A job of Praefect's captured event: Praefect's row follows before
         // the job's message goes, so a crash between the two only runs the
         // job again.
-        if let Some(event) = praefect_event(d) {
+        let event = praefect_event(d);
+        if let Some(event) = event {
             let settled = match (&action, stage) {
                 (AckAction::Ack, Stage::Finished(_)) => {
                     Some(self.store.settle_captured_done(event).await)
@@ -174,7 +175,7 @@ impl Acknowledger {
         let fallback = match &action {
             AckAction::DeadLetter(reason) => match self.dead_letter(d, *reason, error).await {
                 Ok(()) => {
-                    if let Some(event) = praefect_event(d)
+                    if let Some(event) = event
                         && let Err(e) = self.store.settle_captured_dead(event).await
                     {
                         // The dead letter is written; Praefect's row stays

@@ -75,18 +75,6 @@ pub struct StreamIdentity {
     looking: tokio::sync::Mutex<()>,
 }
 
-/// What a look at the work stream found.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Look {
-    /// The incarnation already known.
-    Same,
-    /// Another incarnation than the one known before.
-    Changed {
-        before: Arc<Incarnation>,
-        now: Arc<Incarnation>,
-    },
-}
-
 impl StreamIdentity {
     /// Looks at the stream for the first time.
     pub async fn new(js: Context, stream: &str) -> Result<Arc<StreamIdentity>, String> {
@@ -118,19 +106,20 @@ impl StreamIdentity {
         *self.known().current == *incarnation
     }
 
-    /// Looks at the stream now.
-    pub async fn look(&self) -> Result<Look, String> {
+    /// Looks at the stream now; a new incarnation is logged, counted and
+    /// followed from then on.
+    pub async fn look(&self) -> Result<(), String> {
         let _one = self.looking.lock().await;
         self.look_locked().await
     }
 
-    async fn look_locked(&self) -> Result<Look, String> {
+    async fn look_locked(&self) -> Result<(), String> {
         let info = stream_info(&self.js, &self.stream).await?;
         let seen = Incarnation::of(&info);
         let mut known = self.known();
         if *known.current == seen {
             known.covered_until = known.covered_until.max(info.state.last_timestamp);
-            return Ok(Look::Same);
+            return Ok(());
         }
         let before = known.current.clone();
         known.current = Arc::new(seen);
@@ -143,10 +132,7 @@ impl StreamIdentity {
             "the work stream was created again (deleted and made anew): its jobs are numbered afresh, and this process follows it; jobs of the old stream that were not acknowledged are gone with it"
         );
         crate::metrics::stream_recreated();
-        Ok(Look::Changed {
-            before,
-            now: known.current.clone(),
-        })
+        Ok(())
     }
 
     /// Changes of incarnation seen so far (by any look).
