@@ -10,8 +10,8 @@ use crate::proto::gitaly as pb;
 use crate::store::generation_batcher::GenerationBatcher;
 use crate::store::repository_paths::{NamedRepository, RepositoryPathBatcher};
 use crate::store::{
-    Gated, GenerationQuery, GenerationRecord, ReplicatedGeneration, RepositoryStore, Standing,
-    StoreError, WriteOrder,
+    Gated, GenerationQuery, GenerationRecord, InvalidSource, ReplicatedGeneration, RepositoryStore,
+    Standing, StoreError, WriteOrder,
 };
 use std::fmt;
 use std::future::Future;
@@ -88,6 +88,12 @@ pub enum ReplicationError {
         "source storage {storage:?} has no such repository while another job holds its replica; retried once that job is done"
     )]
     SourceReplicaBusy { storage: String },
+    /// Retried: the source's replica was being renamed, and the rename may
+    /// have moved it on disk without being recorded yet.
+    #[error(
+        "source storage {storage:?} has no such repository: a rename of its replica to {to:?} has not been recorded yet; retried once it is"
+    )]
+    SourceReplicaMoving { storage: String, to: String },
     /// Retried: the repository to rename is at neither path on the target
     /// (its creation may not have reached it yet).
     #[error(
@@ -355,6 +361,13 @@ impl GitalyReplicator {
                         .map_err(store_failed)?;
                     return Ok(after_write(gated, JobOutcome::Completed));
                 }
+                // Recorded before the call: should the call move the
+                // directory and the record fail, this replica must not be
+                // taken for an invalid source until the rename is recorded.
+                self.store
+                    .begin_move(vs, rel, storage, new_relative_path)
+                    .await
+                    .map_err(store_failed)?;
                 let mut client = target.repository_service();
                 let req = target.request(
                     pb::RenameRepositoryRequest {
@@ -711,10 +724,17 @@ impl GitalyReplicator {
                         storage: source_storage.to_owned(),
                     }));
                 }
-                self.store
+                let dropped = self
+                    .store
                     .delete_invalid_repository(vs, rel, source_storage)
                     .await
                     .map_err(store_failed)?;
+                if let InvalidSource::Moving { to } = dropped {
+                    return Err(JobOutcome::Failed(ReplicationError::SourceReplicaMoving {
+                        storage: source_storage.to_owned(),
+                        to,
+                    }));
+                }
                 return self
                     .skip_in_order(job, order, SkipReason::InvalidSource)
                     .await;

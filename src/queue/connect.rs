@@ -4,6 +4,8 @@
 
 use crate::config::{NatsConfig, UrlCredentials};
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 /// Why the NATS connection could not be made.
@@ -224,26 +226,36 @@ fn nkey_seed(path: &Path) -> Result<String, ConnectError> {
 
 /// Connects with the configured auth and TLS; logs disconnects and reconnects.
 pub async fn connect(config: &NatsConfig, name: &str) -> Result<async_nats::Client, ConnectError> {
+    // The first connection is logged when `connect` returns: the callback
+    // runs on a task a short-lived command may exit before.
+    let first = Arc::new(AtomicBool::new(true));
     let mut options = async_nats::ConnectOptions::new()
         .name(name)
         .connection_timeout(Duration::from_secs(5))
-        .event_callback(|event| async move {
-            match event {
-                async_nats::Event::Connected => tracing::info!("connected to NATS"),
-                async_nats::Event::Disconnected => tracing::warn!("disconnected from NATS"),
-                // The server drops a refused request: the caller only sees
-                // its timeout, so the reason is said here, where it arrives.
-                async_nats::Event::ServerError(async_nats::ServerError::Other(message))
-                    if message.contains("Permissions Violation") =>
-                {
-                    tracing::error!(
-                        error = %message,
-                        "NATS refused this user a request; the request times out. The \
-                         service's user needs the consumer role (docs/security.md), and \
-                         streams and consumers are changed only by `setup`, run as the operator"
-                    )
+        .event_callback(move |event| {
+            let first = Arc::clone(&first);
+            async move {
+                match event {
+                    async_nats::Event::Connected => {
+                        if !first.swap(false, Ordering::SeqCst) {
+                            tracing::info!("reconnected to NATS")
+                        }
+                    }
+                    async_nats::Event::Disconnected => tracing::warn!("disconnected from NATS"),
+                    // The server drops a refused request: the caller only sees
+                    // its timeout, so the reason is said here, where it arrives.
+                    async_nats::Event::ServerError(async_nats::ServerError::Other(message))
+                        if message.contains("Permissions Violation") =>
+                    {
+                        tracing::error!(
+                            error = %message,
+                            "NATS refused this user a request; the request times out. The \
+                             service's user needs the consumer role (docs/security.md), and \
+                             streams and consumers are changed only by `setup`, run as the operator"
+                        )
+                    }
+                    other => tracing::info!(event = %other, "NATS event"),
                 }
-                other => tracing::info!(event = %other, "NATS event"),
             }
         });
     if let Some(path) = &config.credentials_file {
@@ -288,12 +300,14 @@ pub async fn connect(config: &NatsConfig, name: &str) -> Result<async_nats::Clie
     if config.tls_required {
         options = options.require_tls(true);
     }
-    options
+    let client = options
         .connect(servers)
         .await
         .map_err(|source| ConnectError::Connect {
             url: config.masked_url(),
             refused: refusal(config, &source),
             source,
-        })
+        })?;
+    tracing::info!("connected to NATS");
+    Ok(client)
 }

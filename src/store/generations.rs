@@ -442,18 +442,47 @@ impl RepositoryStore {
         .map_err(failed("replica_locked"))
     }
 
+    /// Records that the replica on `storage` is about to be moved to
+    /// `new_relative_path`, before the Gitaly call that moves it; the
+    /// statement that records the rename clears it. Until then the replica
+    /// is not dropped as an invalid source ([`Self::delete_invalid_repository`]).
+    pub(crate) async fn begin_move(
+        &self,
+        virtual_storage: &str,
+        relative_path: &str,
+        storage: &str,
+        new_relative_path: &str,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO replica_moves (virtual_storage, relative_path, storage, new_relative_path)
+            VALUES ($1, $2, $3, $4)
+            ON CONFLICT (virtual_storage, relative_path, storage)
+            DO UPDATE SET new_relative_path = EXCLUDED.new_relative_path",
+        )
+        .bind(virtual_storage)
+        .bind(relative_path)
+        .bind(storage)
+        .bind(new_relative_path)
+        .persistent(self.pool.persistent())
+        .execute(&self.pool)
+        .await
+        .map_err(failed("begin_move"))?;
+        Ok(())
+    }
+
     /// Deletes the replica row of `storage`, and the repository row when no
-    /// other replica remains, in one transaction. The repository row is locked
-    /// first, so two of these for different storages cannot both see the
-    /// other's replica and leave the repository row behind (which one
-    /// statement with CTEs could, all of it reading one snapshot). Returns
-    /// false when neither row was deleted.
+    /// other replica remains, in one transaction, unless a rename of that
+    /// replica may have moved it on disk without being recorded yet
+    /// ([`InvalidSource::Moving`]). The repository row is locked first, so
+    /// two of these for different storages cannot both see the other's
+    /// replica and leave the repository row behind (which one statement with
+    /// CTEs could, all of it reading one snapshot).
     pub(crate) async fn delete_invalid_repository(
         &self,
         virtual_storage: &str,
         relative_path: &str,
         storage: &str,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<InvalidSource, StoreError> {
         const OPERATION: &str = "delete_invalid_repository";
         let mut tx = self.pool.begin().await.map_err(failed(OPERATION))?;
         sqlx::query(
@@ -467,6 +496,20 @@ impl RepositoryStore {
         .execute(&mut *tx)
         .await
         .map_err(failed(OPERATION))?;
+        let moving: Option<String> = sqlx::query_scalar(
+            "SELECT new_relative_path FROM replica_moves
+            WHERE virtual_storage = $1 AND relative_path = $2 AND storage = $3",
+        )
+        .bind(virtual_storage)
+        .bind(relative_path)
+        .bind(storage)
+        .persistent(self.pool.persistent())
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(failed(OPERATION))?;
+        if let Some(to) = moving {
+            return Ok(InvalidSource::Moving { to });
+        }
         let replica = sqlx::query(
             "DELETE FROM storage_repositories
             WHERE virtual_storage = $1 AND relative_path = $2 AND storage = $3",
@@ -491,7 +534,13 @@ impl RepositoryStore {
         .await
         .map_err(failed(OPERATION))?;
         tx.commit().await.map_err(failed(OPERATION))?;
-        Ok(replica.rows_affected() > 0 || repository.rows_affected() > 0)
+        Ok(
+            if replica.rows_affected() > 0 || repository.rows_affected() > 0 {
+                InvalidSource::Deleted
+            } else {
+                InvalidSource::Absent
+            },
+        )
     }
 
     /// The generation the replica on `storage` holds; None when it has no row.
@@ -553,4 +602,16 @@ impl RepositoryStore {
         .await
         .map_err(failed("create_repository"))
     }
+}
+
+/// What [`RepositoryStore::delete_invalid_repository`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum InvalidSource {
+    /// The replica row (and the repository row, with its last replica) went.
+    Deleted,
+    /// There was no such replica row.
+    Absent,
+    /// Nothing was deleted: a rename to `to` may have moved the replica on
+    /// disk and not been recorded yet.
+    Moving { to: String },
 }

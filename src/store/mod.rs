@@ -38,6 +38,7 @@ pub use dataloss::{LaggingRepository, ReplicaState};
 pub use error::StoreError;
 pub(crate) use error::is_transient;
 use error::{encode_failed, failed};
+pub(crate) use generations::InvalidSource;
 pub use generations::{GenerationQuery, GenerationRecord, ReplicatedGeneration};
 pub use lock_sessions::{register_lock_session, renew_lock_session, unregister_lock_session};
 pub use lock_statements::{

@@ -307,6 +307,10 @@ impl RepositoryStore {
                     WHERE virtual_storage = $1[1] AND relative_path = $2[1] AND storage = $3[1]
                       AND (SELECT held AND in_order FROM gate)
                     RETURNING 1
+                ), moved AS (
+                    DELETE FROM replica_moves
+                    WHERE virtual_storage = $1[1] AND relative_path = $2[1] AND storage = $3[1]
+                      AND (SELECT held FROM gate)
                 ), {FORGET_REPLICA_COMPLETIONS}
                 SELECT held, current, in_order,
                        EXISTS (SELECT FROM repository) OR EXISTS (SELECT FROM replica)

@@ -5,7 +5,7 @@
 
 use crate::common::eventually;
 use crate::common::git;
-use crate::common::service_metrics::{jobs_with_outcome, metric};
+use crate::common::service_metrics::{jobs_with_outcome, metric, samples};
 use crate::common::storage_nodes::{NodeCluster, NodeSetup, call_context};
 use gitaly_replicator::proto::gitaly as pb;
 use serde_json::json;
@@ -667,4 +667,75 @@ async fn an_update_at_the_new_path_before_the_targets_rename_leaves_the_replica_
     assert_eq!(c.generation(new, "gitaly-2").await, Some(2));
     assert_eq!(repository_rows(&c, old).await, 0);
     assert_eq!(repository_rows(&c, new).await, 1);
+}
+
+/// A rename that moved the source's directory but failed to record it (its
+/// database write refused, here by a trigger standing in for a database
+/// outage at that moment), then an update from that source: the source
+/// answers "no such repository" at the old path, and no job holds its lock.
+/// The update must not drop the source's replica row as invalid: the
+/// rename's retry records the move, and the replica keeps its generation at
+/// the new path.
+#[tokio::test]
+async fn an_update_from_a_source_whose_rename_is_not_yet_recorded_keeps_the_sources_replica() {
+    let c = NodeCluster::start_with(vec![NodeSetup::default(); 2], |t| {
+        *t = t.replace("batch_size = 10", "batch_size = 10\nattempts = 20");
+    })
+    .await;
+    let (old, new) = ("unrecorded/old.git", "unrecorded/new.git");
+    let source = Repo::at(&c, 1, old);
+    source.populate();
+    c.db.store
+        .create_repository(c.vs(), old, "gitaly-1", 1, &["gitaly-1"])
+        .await
+        .unwrap();
+    sqlx::raw_sql(
+        "CREATE FUNCTION refuse_renames() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN RAISE EXCEPTION 'renames refused by the test'; END $$;
+            CREATE TRIGGER refuse_renames BEFORE UPDATE OF relative_path ON repositories
+        FOR EACH ROW EXECUTE FUNCTION refuse_renames();",
+    )
+    .execute(c.db.store.pool())
+    .await
+    .unwrap();
+    let service = c.replicator();
+    c.publish(&c.job(json!({"change": "rename", "relative_path": old, "target_node_storage": "gitaly-1", "params": {"new_relative_path": new}})))
+        .await;
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            Repo::at(&c, 1, new).exists() && jobs_with_outcome(c.vs(), "failed") >= 1.0
+        })
+        .await,
+        "the rename never moved the directory"
+    );
+    c.publish_update(old, "gitaly-2").await;
+    // The update ran against the moved source: retried (or, were the move
+    // not known, skipped after dropping the source's row).
+    let updates = || {
+        samples().sum(
+            "gitaly_replicator_jobs_total",
+            &[("virtual_storage", c.vs()), ("change_type", "update")],
+        )
+    };
+    assert!(
+        eventually(Duration::from_secs(20), || async { updates() >= 1.0 }).await,
+        "the update never ran"
+    );
+    assert_eq!(c.generation(old, "gitaly-1").await, Some(1));
+
+    sqlx::query("DROP TRIGGER refuse_renames ON repositories")
+        .execute(c.db.store.pool())
+        .await
+        .unwrap();
+    c.wait_for_generation(new, "gitaly-1", 1).await;
+    c.wait_until_drained().await;
+    service.stop().await.unwrap();
+    assert!(
+        c.dead_letters().await.is_empty(),
+        "{:?}",
+        c.dead_letter_errors().await
+    );
+    assert_eq!(repository_rows(&c, old).await, 0);
+    assert_eq!(repository_rows(&c, new).await, 1);
+    assert!(!Repo::at(&c, 2, old).exists());
 }

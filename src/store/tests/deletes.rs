@@ -2,6 +2,7 @@
 //! records.
 
 use super::{REPO, VS, replica_storages, repository_generation};
+use crate::store::InvalidSource;
 use crate::test_database::TestDatabase;
 
 // --- delete_repository, delete_replica ---
@@ -158,11 +159,12 @@ async fn delete_invalid_repository_keeps_the_repository_while_another_replica_re
         .await
         .unwrap();
 
-    assert!(
+    assert_eq!(
         db.store
             .delete_invalid_repository(VS, REPO, "gitaly-2")
             .await
-            .unwrap()
+            .unwrap(),
+        InvalidSource::Deleted
     );
 
     assert_eq!(replica_storages(&db.store, REPO).await, ["gitaly-1"]);
@@ -177,17 +179,19 @@ async fn delete_invalid_repository_deletes_the_repository_with_its_last_replica(
         .await
         .unwrap();
 
-    assert!(
+    assert_eq!(
         db.store
             .delete_invalid_repository(VS, REPO, "gitaly-2")
             .await
-            .unwrap()
+            .unwrap(),
+        InvalidSource::Deleted
     );
-    assert!(
+    assert_eq!(
         db.store
             .delete_invalid_repository(VS, REPO, "gitaly-1")
             .await
-            .unwrap()
+            .unwrap(),
+        InvalidSource::Deleted
     );
 
     assert!(replica_storages(&db.store, REPO).await.is_empty());
@@ -208,7 +212,7 @@ async fn delete_invalid_repository_run_for_all_replicas_at_once_leaves_no_reposi
         tokio::spawn(async move { store.delete_invalid_repository(VS, REPO, storage).await })
     });
     for delete in deletes {
-        assert!(delete.await.unwrap().unwrap());
+        assert_eq!(delete.await.unwrap().unwrap(), InvalidSource::Deleted);
     }
 
     assert_eq!(repository_generation(&db.store, REPO).await, None);
@@ -218,12 +222,61 @@ async fn delete_invalid_repository_run_for_all_replicas_at_once_leaves_no_reposi
 async fn delete_invalid_repository_reports_a_missing_replica() {
     let db = TestDatabase::new().await;
 
-    assert!(
-        !db.store
+    assert_eq!(
+        db.store
             .delete_invalid_repository(VS, REPO, "gitaly-1")
+            .await
+            .unwrap(),
+        InvalidSource::Absent
+    );
+}
+
+#[tokio::test]
+async fn delete_invalid_repository_keeps_a_replica_whose_rename_is_not_recorded_yet() {
+    let db = TestDatabase::new().await;
+    db.store
+        .create_repository(VS, REPO, "gitaly-1", 1, &["gitaly-1", "gitaly-2"])
+        .await
+        .unwrap();
+    db.store
+        .begin_move(VS, REPO, "gitaly-1", "renamed.git")
+        .await
+        .unwrap();
+
+    assert_eq!(
+        db.store
+            .delete_invalid_repository(VS, REPO, "gitaly-1")
+            .await
+            .unwrap(),
+        InvalidSource::Moving {
+            to: "renamed.git".into()
+        }
+    );
+    assert_eq!(
+        replica_storages(&db.store, REPO).await,
+        ["gitaly-1", "gitaly-2"]
+    );
+
+    // Recording the rename ends the move: the replica at its new path is
+    // an ordinary replica again.
+    assert!(
+        db.store
+            .rename_repository(VS, REPO, "gitaly-1", "renamed.git")
             .await
             .unwrap()
     );
+    assert_eq!(
+        db.store
+            .delete_invalid_repository(VS, "renamed.git", "gitaly-1")
+            .await
+            .unwrap(),
+        InvalidSource::Deleted
+    );
+    let moves: i64 = sqlx::query_scalar("SELECT count(*) FROM replica_moves")
+        .fetch_one(db.store.pool())
+        .await
+        .unwrap();
+    assert_eq!(moves, 0);
 }
 
 // --- completion records of deleted and renamed replicas ---
