@@ -106,8 +106,9 @@ impl DependencyState {
 /// Why waiting ended without the dependency.
 #[derive(Debug)]
 pub enum WaitEnded<E> {
-    /// The start-up timeout passed; the last error says why.
-    TimedOut(E),
+    /// The start-up timeout passed; the last error says why (none when the
+    /// first try was still waiting for an answer).
+    TimedOut(Option<E>),
     /// An error that waiting cannot cure (a refused password, say).
     Refused(E),
     /// Shutdown was asked for.
@@ -133,9 +134,20 @@ where
 {
     let retry = RetryPolicy::reconnect();
     let mut failures = 0;
+    let mut last = None;
+    // A try still under way at the deadline ends there, with the error of
+    // the try before it.
+    let past_deadline = async {
+        match deadline {
+            Some(at) => tokio::time::sleep_until(at).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(past_deadline);
     loop {
         let result = tokio::select! {
             r = attempt() => r,
+            () = &mut past_deadline => return Err(WaitEnded::TimedOut(last)),
             () = stop.cancelled() => return Err(WaitEnded::Stopped),
         };
         match result {
@@ -150,10 +162,14 @@ where
             Err(e) => {
                 state.set(d, false);
                 failures += 1;
-                let delay = retry.delay_after(failures);
-                if deadline.is_some_and(|at| Instant::now() + delay >= at) {
-                    return Err(WaitEnded::TimedOut(e));
+                if deadline.is_some_and(|at| Instant::now() >= at) {
+                    return Err(WaitEnded::TimedOut(Some(e)));
                 }
+                // The last try is made at the deadline, not a backoff before it.
+                let delay = retry.delay_after(failures);
+                let delay = deadline.map_or(delay, |at| {
+                    delay.min(at.saturating_duration_since(Instant::now()))
+                });
                 tracing::warn!(
                     dependency = d.label(),
                     error = display_error_chain(&e),
@@ -161,6 +177,7 @@ where
                     "waiting for {}",
                     d.name()
                 );
+                last = Some(e);
                 tokio::select! {
                     () = tokio::time::sleep(delay) => {}
                     () = stop.cancelled() => return Err(WaitEnded::Stopped),
@@ -234,9 +251,19 @@ mod tests {
             || async { Err(std::io::Error::other("refused")) },
         )
         .await;
-        assert!(matches!(got, Err(WaitEnded::TimedOut(_))));
+        assert!(matches!(got, Err(WaitEnded::TimedOut(Some(_)))));
+        // Honoured: not given up a backoff early, nor long after.
+        assert!(started.elapsed() >= Duration::from_millis(300));
         assert!(started.elapsed() < Duration::from_secs(1));
         assert!(!state.is_up(Dependency::Postgres));
+
+        // A try that never answers ends at the deadline too.
+        let deadline = Some(Instant::now() + Duration::from_millis(200));
+        let got = wait_for(Dependency::Nats, &state, deadline, &stop, any, || {
+            std::future::pending::<Result<(), std::io::Error>>()
+        })
+        .await;
+        assert!(matches!(got, Err(WaitEnded::TimedOut(None))));
 
         let none = |_: &std::io::Error| false;
         let got: Result<(), _> =

@@ -72,7 +72,10 @@ pub use config::{
     UrlCredentials, VerificationConfig, VirtualStorage, node_token_env_var, trim_directives,
 };
 pub use error_chain::display_error_chain;
-pub use service::{ServiceError, connect_store, open_store, provision, run, run_with_ops_listener};
+pub use service::{
+    ServiceError, connect_and_migrate, connect_store, open_store, provision, run,
+    run_with_ops_listener,
+};
 
 // The job contract.
 pub use event::{Change, ChangeType, InvalidEvent, Job, MAX_TEXT_LEN, SplitStrategy};

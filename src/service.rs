@@ -30,7 +30,7 @@ use tokio_util::task::TaskTracker;
 mod database;
 
 pub(crate) use database::session_endpoint;
-pub use database::{connect_store, open_store};
+pub use database::{connect_and_migrate, connect_store, open_store};
 use database::{database_reason, is_tls_failure, key_prefix, url_part};
 
 /// Why the service stopped with an error.
@@ -82,6 +82,20 @@ pub enum ServiceError {
 }
 
 impl ServiceError {
+    /// Whether NATS or Postgres could not be reached (down, not resolved,
+    /// timed out, or its TLS refused), as opposed to refusing credentials
+    /// or this side failing: what exit status 69 says.
+    pub fn is_unreachable(&self) -> bool {
+        match self {
+            ServiceError::Unavailable { .. } => true,
+            ServiceError::Database { source, .. } => {
+                is_tls_failure(source) || crate::store::is_transient(source)
+            }
+            ServiceError::Nats(e) => e.is_unreachable(),
+            _ => false,
+        }
+    }
+
     /// Whether waiting may help: the dependency is down or starting, not
     /// refusing the configuration.
     fn is_transient(&self) -> bool {
@@ -281,24 +295,43 @@ async fn serve(
         .then(|| tokio::time::Instant::now() + config.startup_timeout);
     let dependencies = readiness.dependencies().clone();
     let connected = async {
-        tokio::try_join!(
-            wait_until_up(
-                Dependency::Postgres,
-                config,
-                &dependencies,
-                deadline,
-                &tokens.stop,
-                || { connect_store(config, EmptyDatabase::Refuse) }
-            ),
-            wait_until_up(
-                Dependency::Nats,
-                config,
-                &dependencies,
-                deadline,
-                &tokens.stop,
-                || { connect_streams(config, &layout) }
-            ),
-        )
+        // Both are waited for side by side to the same deadline, so a
+        // time-out names every dependency still missing; a refusal of
+        // either ends both waits at once.
+        let give_up = tokens.stop.child_token();
+        let (store, nats) = tokio::join!(
+            async {
+                let r = wait_for(
+                    Dependency::Postgres,
+                    &dependencies,
+                    deadline,
+                    &give_up,
+                    ServiceError::is_transient,
+                    || connect_store(config, EmptyDatabase::Refuse),
+                )
+                .await;
+                if matches!(r, Err(WaitEnded::Refused(_))) {
+                    give_up.cancel();
+                }
+                r
+            },
+            async {
+                let r = wait_for(
+                    Dependency::Nats,
+                    &dependencies,
+                    deadline,
+                    &give_up,
+                    ServiceError::is_transient,
+                    || connect_streams(config, &layout),
+                )
+                .await;
+                if matches!(r, Err(WaitEnded::Refused(_))) {
+                    give_up.cancel();
+                }
+                r
+            },
+        );
+        both_up(config, store, nats)
     };
     tokio::pin!(shutdown);
     let (store, nats) = tokio::select! {
@@ -408,54 +441,48 @@ async fn connect_streams(
     Ok(nats)
 }
 
-/// [`wait_for`] `d` while its errors are transient; a permanent one (a
-/// refused password, an incompatible stream) ends `run` at once.
-async fn wait_until_up<T, F, Fut>(
-    d: Dependency,
+/// Both dependencies, or why `run` cannot start: a refusal (an error
+/// waiting cannot cure: a refused password, an incompatible stream), else
+/// every dependency that did not answer by the deadline, each with its last
+/// error.
+fn both_up<S, N>(
     config: &Config,
-    state: &DependencyState,
-    deadline: Option<tokio::time::Instant>,
-    stop: &tokio_util::sync::CancellationToken,
-    attempt: F,
-) -> Result<T, ServiceError>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, ServiceError>>,
-{
-    match wait_for(
-        d,
-        state,
-        deadline,
-        stop,
-        ServiceError::is_transient,
-        attempt,
-    )
-    .await
-    {
-        Ok(v) => Ok(v),
-        Err(WaitEnded::Refused(e)) => Err(e),
-        Err(WaitEnded::Stopped) => Err(ServiceError::Stopped),
-        Err(WaitEnded::TimedOut(e)) => {
-            let missing: Vec<&str> = [Dependency::Nats, Dependency::Postgres]
-                .into_iter()
-                .filter(|&other| other == d || !state.is_up(other))
-                .map(Dependency::name)
-                .collect();
-            Err(ServiceError::Unavailable {
-                missing: missing.join(" and "),
-                waited: config.startup_timeout.into(),
-                cause: {
+    store: Result<S, WaitEnded<ServiceError>>,
+    nats: Result<N, WaitEnded<ServiceError>>,
+) -> Result<(S, N), ServiceError> {
+    let (store, nats) = match (store, nats) {
+        (Ok(s), Ok(n)) => return Ok((s, n)),
+        (Err(WaitEnded::Refused(e)), _) | (_, Err(WaitEnded::Refused(e))) => return Err(e),
+        (store, nats) => (store.err(), nats.err()),
+    };
+    let mut missing = Vec::new();
+    let mut causes = Vec::new();
+    for (d, ended) in [(Dependency::Nats, nats), (Dependency::Postgres, store)] {
+        match ended {
+            Some(WaitEnded::TimedOut(e)) => {
+                missing.push(d.name());
+                causes.push(match e {
                     // Named once: most causes name their dependency already.
-                    let chain = display_error_chain(&e);
-                    if chain.contains(d.name()) {
-                        chain
-                    } else {
-                        format!("{}: {chain}", d.name())
+                    Some(e) => {
+                        let chain = display_error_chain(&e);
+                        if chain.contains(d.name()) {
+                            chain
+                        } else {
+                            format!("{}: {chain}", d.name())
+                        }
                     }
-                },
-            })
+                    None => format!("{}: no answer yet", d.name()),
+                });
+            }
+            Some(WaitEnded::Stopped) => return Err(ServiceError::Stopped),
+            _ => {}
         }
     }
+    Err(ServiceError::Unavailable {
+        missing: missing.join(" and "),
+        waited: config.startup_timeout.into(),
+        cause: causes.join("; "),
+    })
 }
 
 pub(crate) fn log_changes(changes: &[LayoutChange]) {

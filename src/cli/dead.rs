@@ -46,6 +46,7 @@ pub async fn run(config: &Config, command: DeadCommand) -> anyhow::Result<()> {
     let client = connect_nats(&config.nats, "gitaly-replicator dead").await?;
     let js = async_nats::jetstream::new(client.clone());
     let layout = Layout::from_config(config);
+    layout.require_streams(&js).await?;
     match command {
         DeadCommand::List { from, limit, json } => {
             let dead = dead_letters::list(&js, &layout, from, limit).await?;

@@ -3,6 +3,17 @@
 //! warnings, so the NATS client's INFO lines do not bury their output.
 
 use gitaly_replicator::{LogFormat, LoggingConfig, trim_directives};
+use std::io::IsTerminal;
+use std::sync::OnceLock;
+
+/// The format [`init`] chose, for the one line that reports a command's
+/// failure.
+static CHOSEN: OnceLock<LogFormat> = OnceLock::new();
+
+/// The format the log lines are in: JSON, or readable text.
+pub fn chosen() -> LogFormat {
+    CHOSEN.get().copied().unwrap_or(LogFormat::Text)
+}
 
 /// Who reads a command's log lines.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,7 +38,9 @@ pub fn format(flag: Option<LogFormat>, config: &LoggingConfig, audience: Audienc
 /// whatever the server's level, and `RUST_LOG` makes it talk.
 pub fn directive(config: &LoggingConfig, audience: Audience) -> String {
     match audience {
-        Audience::Service => config.filter_directive(),
+        // Postgres's notices ("relation … already exists, skipping" on every
+        // start) are the server's chatter, not the service's news.
+        Audience::Service => format!("{},sqlx::postgres::notice=warn", config.filter_directive()),
         Audience::Operator => "warn".into(),
     }
 }
@@ -41,9 +54,13 @@ pub fn init(flag: Option<LogFormat>, config: &LoggingConfig, audience: Audience)
         from_env.unwrap_or_else(|| tracing_subscriber::EnvFilter::new(directive(config, audience)));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        // Colour codes only for a person at a terminal, not in a file.
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
+    let chosen = format(flag, config, audience);
+    let _ = CHOSEN.set(chosen);
     // Fails only when a subscriber is already installed, which then logs.
-    let _ = match format(flag, config, audience) {
+    let _ = match chosen {
         LogFormat::Json => builder
             .json()
             .flatten_event(true)
@@ -94,7 +111,10 @@ mod tests {
             level: "debug".into(),
             ..LoggingConfig::default()
         };
-        assert_eq!(directive(&debug, Service), "debug");
+        assert_eq!(
+            directive(&debug, Service),
+            "debug,sqlx::postgres::notice=warn"
+        );
         assert_eq!(directive(&debug, Operator), "warn");
     }
 }

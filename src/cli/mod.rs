@@ -151,13 +151,18 @@ fn report(result: anyhow::Result<()>) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             let text = gitaly_replicator::display_error_chain(e.as_ref());
-            tracing::error!(error = text, "failed");
-            eprintln!("gitaly-replicator: {text}");
+            // Once: a JSON line for a log collector, else plain text.
+            match logging::chosen() {
+                gitaly_replicator::LogFormat::Json => tracing::error!(error = text, "failed"),
+                gitaly_replicator::LogFormat::Text => eprintln!("gitaly-replicator: {text}"),
+            }
             let unavailable = e.chain().any(|cause| {
-                matches!(
-                    cause.downcast_ref(),
-                    Some(gitaly_replicator::ServiceError::Unavailable { .. })
-                )
+                cause
+                    .downcast_ref::<gitaly_replicator::ServiceError>()
+                    .is_some_and(gitaly_replicator::ServiceError::is_unreachable)
+                    || cause
+                        .downcast_ref::<gitaly_replicator::ConnectError>()
+                        .is_some_and(gitaly_replicator::ConnectError::is_unreachable)
             });
             if unavailable {
                 ExitCode::from(EXIT_UNAVAILABLE)
@@ -204,7 +209,7 @@ pub async fn dispatch(args: Args) -> ExitCode {
         ),
         Command::Setup => report(setup(&config).await),
         Command::Migrate { standalone } => report(
-            gitaly_replicator::connect_store(
+            gitaly_replicator::connect_and_migrate(
                 &config,
                 if standalone {
                     gitaly_replicator::EmptyDatabase::CreateStandalone
@@ -213,7 +218,14 @@ pub async fn dispatch(args: Args) -> ExitCode {
                 },
             )
             .await
-            .map(|_| println!("migrations applied"))
+            .map(|(_, applied)| {
+                if applied.is_empty() {
+                    println!("already up to date: no migration to apply");
+                }
+                for migration in applied {
+                    println!("applied {migration}");
+                }
+            })
             .context("migrate"),
         ),
         Command::Publish(p) => publish::run(&config, p).await,

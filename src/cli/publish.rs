@@ -68,16 +68,49 @@ fn job_from_flags(a: &PublishArgs) -> anyhow::Result<Job> {
     if !a.params.is_empty() {
         let mut p = Map::new();
         for kv in &a.params {
-            let (k, v) = kv
-                .split_once('=')
-                .with_context(|| format!("--param {kv:?}: expected KEY=VALUE"))?;
+            let (k, v) = kv.split_once('=').ok_or_else(|| UsageError {
+                flag: format!("--param {kv}"),
+                reason: "expected KEY=VALUE".into(),
+            })?;
             // true/false/numbers as JSON, anything else as a string.
             let value = serde_json::from_str(v).unwrap_or_else(|_| Value::String(v.to_owned()));
             p.insert(k.to_owned(), value);
         }
         m.insert("params".into(), Value::Object(p));
     }
-    Ok(Job::from_value(&Value::Object(m))?)
+    Job::from_value(&Value::Object(m)).map_err(|e| {
+        UsageError {
+            flag: flag_of(&e.field),
+            reason: e.reason,
+        }
+        .into()
+    })
+}
+
+/// A job the flags describe wrongly: exit 64, naming the flag to change.
+#[derive(Debug, thiserror::Error)]
+#[error("{flag}: {reason}")]
+struct UsageError {
+    flag: String,
+    reason: String,
+}
+
+/// The flag that sets the job field `field` (a JSON path such as
+/// `params.prune`).
+fn flag_of(field: &str) -> String {
+    match field {
+        "change" => "--change".into(),
+        "virtual_storage" => "--virtual-storage".into(),
+        "relative_path" => "--relative-path".into(),
+        "target_node_storage" => "--target".into(),
+        "source_node_storage" => "--source".into(),
+        "correlation_id" => "--correlation-id".into(),
+        "params" => "--param".into(),
+        other => match other.strip_prefix("params.") {
+            Some(key) => format!("--param {key}=…"),
+            None => other.to_owned(),
+        },
+    }
 }
 
 pub async fn run(config: &Config, args: PublishArgs) -> ExitCode {
@@ -87,13 +120,11 @@ pub async fn run(config: &Config, args: PublishArgs) -> ExitCode {
             eprintln!("gitaly-replicator: {failed} job(s) not published");
             ExitCode::FAILURE
         }
-        Err(e) => {
-            eprintln!(
-                "gitaly-replicator: {}",
-                gitaly_replicator::display_error_chain(e.as_ref())
-            );
-            ExitCode::FAILURE
+        Err(e) if e.downcast_ref::<UsageError>().is_some() => {
+            eprintln!("gitaly-replicator: publish: {e}");
+            ExitCode::from(super::EXIT_USAGE)
         }
+        Err(e) => super::report(Err(e)),
     }
 }
 

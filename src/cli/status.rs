@@ -8,7 +8,9 @@ use gitaly_replicator::queue_depth;
 pub async fn run(config: &Config) -> anyhow::Result<()> {
     let client = connect_nats(&config.nats, "gitaly-replicator status").await?;
     let js = async_nats::jetstream::new(client);
-    let rows = queue_depth(&js, &Layout::from_config(config))
+    let layout = Layout::from_config(config);
+    layout.require_streams(&js).await?;
+    let rows = queue_depth(&js, &layout)
         .await
         .map_err(anyhow::Error::msg)?;
     let vs_w = rows

@@ -33,6 +33,17 @@ pub enum ConnectError {
 }
 
 impl ConnectError {
+    /// Whether the server could not be reached, or its TLS handshake
+    /// failed; not a refusal of the credentials.
+    pub fn is_unreachable(&self) -> bool {
+        match self {
+            ConnectError::Connect { source, .. } => {
+                self.is_transient() || source.kind() == async_nats::ConnectErrorKind::Tls
+            }
+            ConnectError::File { .. } => false,
+        }
+    }
+
     /// Whether waiting may help: the server is down or unreachable, rather
     /// than refusing the credentials or a certificate.
     pub fn is_transient(&self) -> bool {

@@ -33,6 +33,11 @@ pub enum LayoutError {
     UnsafeByteLimit { max_bytes: i64, version: String },
     #[error("JetStream request for {what} failed: {message}")]
     Api { what: String, message: String },
+    #[error(
+        "stream {stream} does not exist: run `gitaly-replicator setup` with this config to \
+         create the streams and consumers"
+    )]
+    NotSetUp { stream: String },
 }
 
 fn api(what: impl Into<String>, e: impl std::fmt::Display) -> LayoutError {
@@ -315,6 +320,29 @@ impl Layout {
             max_ack_pending: 1000,
             ..Default::default()
         }
+    }
+
+    /// Checks that the work and dead-letter streams exist, for the commands
+    /// that read them: a missing one is [`LayoutError::NotSetUp`].
+    pub async fn require_streams(&self, js: &Context) -> Result<(), LayoutError> {
+        use async_nats::jetstream::ErrorCode;
+        use async_nats::jetstream::context::GetStreamErrorKind;
+        for stream in [&self.stream, &self.dead_letter_stream] {
+            match js.get_stream(stream.as_str()).await {
+                Ok(_) => {}
+                Err(e) => {
+                    if let GetStreamErrorKind::JetStream(inner) = e.kind()
+                        && inner.error_code() == ErrorCode::STREAM_NOT_FOUND
+                    {
+                        return Err(LayoutError::NotSetUp {
+                            stream: stream.clone(),
+                        });
+                    }
+                    return Err(api(format!("stream {stream}"), e));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Creates what is missing, updates what JetStream can change, and refuses

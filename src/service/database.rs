@@ -4,7 +4,8 @@
 //! refused connection, which names the keys to look at.
 
 use sqlx::Connection;
-use sqlx::postgres::{PgConnection, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPoolOptions};
+use std::time::Duration;
 
 use super::ServiceError;
 use crate::config::{Config, ConfigError};
@@ -19,10 +20,27 @@ pub async fn connect_store(
     config: &Config,
     empty: EmptyDatabase,
 ) -> Result<RepositoryStore, ServiceError> {
+    let (store, applied) = connect_and_migrate(config, empty).await?;
+    for migration in applied {
+        tracing::info!(migration, "applied migration");
+    }
+    Ok(store)
+}
+
+/// [`connect_store`], answering the migrations it applied (`<version>_<name>`).
+pub async fn connect_and_migrate(
+    config: &Config,
+    empty: EmptyDatabase,
+) -> Result<(RepositoryStore, Vec<String>), ServiceError> {
     let db = &config.database;
-    let pool_endpoint = PgEndpoint::start(db.pool_target()?, db.connect_timeout)
+    let target = db.pool_target()?;
+    let fail = unreachable(config, "[database]", &target.options);
+    let pool_endpoint = PgEndpoint::start(target, db.connect_timeout)
         .await
-        .map_err(unreachable(config, "[database]"))?;
+        .map_err(&fail)?;
+    first_connection(pool_endpoint.options(), db.connect_timeout)
+        .await
+        .map_err(&fail)?;
     let pool = pool_options(db.max_connections)
         // Opened at start, so the first jobs do not wait for connections.
         .min_connections(db.max_connections.min(4))
@@ -32,7 +50,7 @@ pub async fn connect_store(
         .acquire_timeout(db.connect_timeout)
         .connect_with(pool_endpoint.options().clone())
         .await
-        .map_err(unreachable(config, "[database]"))?;
+        .map_err(&fail)?;
     let pool = if db.transaction_pooled() {
         StatementPool::transaction_pooled(pool, db.per_transaction_statement_timeout_ms())
     } else {
@@ -44,20 +62,21 @@ pub async fn connect_store(
     } else {
         "[database]"
     };
-    let session_endpoint = PgEndpoint::start(db.session_target()?, db.connect_timeout)
+    let target = db.session_target()?;
+    let fail = unreachable(config, session, &target.options);
+    let session_endpoint = PgEndpoint::start(target, db.connect_timeout)
         .await
-        .map_err(unreachable(config, session))?;
-    let mut conn = tokio::time::timeout(
-        db.connect_timeout,
-        PgConnection::connect_with(session_endpoint.options()),
-    )
-    .await
-    .unwrap_or(Err(sqlx::Error::PoolTimedOut))
-    .map_err(unreachable(config, session))?;
+        .map_err(&fail)?;
+    let mut conn = connect_within(session_endpoint.options(), db.connect_timeout)
+        .await
+        .map_err(&fail)?;
     let migrated = store::migrate_on(&mut conn, empty).await;
     let _ = conn.close().await;
-    migrated?;
-    Ok(store.with_endpoints(pool_endpoint, Some(session_endpoint)))
+    let applied = migrated?;
+    Ok((
+        store.with_endpoints(pool_endpoint, Some(session_endpoint)),
+        applied,
+    ))
 }
 
 /// A pool of at most `max_connections` whose every connection asks the server
@@ -82,14 +101,19 @@ pub async fn open_store(
     max_connections: u32,
 ) -> Result<RepositoryStore, ServiceError> {
     let db = &config.database;
-    let endpoint = PgEndpoint::start(db.pool_target()?, db.connect_timeout)
+    let target = db.pool_target()?;
+    let fail = unreachable(config, "[database]", &target.options);
+    let endpoint = PgEndpoint::start(target, db.connect_timeout)
         .await
-        .map_err(unreachable(config, "[database]"))?;
+        .map_err(&fail)?;
+    first_connection(endpoint.options(), db.connect_timeout)
+        .await
+        .map_err(&fail)?;
     let pool = pool_options(max_connections)
         .acquire_timeout(db.connect_timeout)
         .connect_with(endpoint.options().clone())
         .await
-        .map_err(unreachable(config, "[database]"))?;
+        .map_err(&fail)?;
     Ok(RepositoryStore::new(pool).with_endpoints(endpoint, None))
 }
 
@@ -107,14 +131,56 @@ pub(crate) fn session_endpoint(
     }
 }
 
-/// An error of `connection` (`[database]` or `[database.session_pooled]`).
-fn unreachable<'a>(
-    config: &'a Config,
+/// A connection within `timeout`, or the driver's error; past it, an I/O
+/// time-out that says so (not the pool's "timed out waiting for an open
+/// connection", which names no cause).
+async fn connect_within(
+    options: &PgConnectOptions,
+    timeout: Duration,
+) -> Result<PgConnection, sqlx::Error> {
+    tokio::time::timeout(timeout, PgConnection::connect_with(options))
+        .await
+        .unwrap_or_else(|_| {
+            Err(sqlx::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "no answer within database.connect_timeout ({})",
+                    humantime::format_duration(timeout)
+                ),
+            )))
+        })
+}
+
+/// One connection made and closed before a pool is opened, so a server that
+/// is down, unknown or refusing is reported with the driver's reason; the
+/// pool would retry until its time-out and say only that.
+async fn first_connection(
+    options: &PgConnectOptions,
+    timeout: Duration,
+) -> Result<(), sqlx::Error> {
+    let conn = connect_within(options, timeout).await?;
+    let _ = conn.close().await;
+    Ok(())
+}
+
+/// An error of `connection` (`[database]` or `[database.session_pooled]`),
+/// naming where it went: the masked URL, else host, port and database.
+fn unreachable(
+    config: &Config,
     connection: &'static str,
-) -> impl Fn(sqlx::Error) -> ServiceError + 'a {
+    options: &PgConnectOptions,
+) -> impl Fn(sqlx::Error) -> ServiceError + use<> {
+    let url = config.database.masked_url().unwrap_or_else(|| {
+        format!(
+            "{}:{}/{}",
+            options.get_host(),
+            options.get_port(),
+            options.get_database().unwrap_or_default()
+        )
+    });
     move |source| ServiceError::Database {
         connection,
-        url: config.database.masked_url().unwrap_or_default(),
+        url: url.clone(),
         source,
     }
 }

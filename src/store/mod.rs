@@ -129,19 +129,37 @@ impl RepositoryStore {
 
 /// Checks the database's schema (see [`schema`]), then applies the embedded
 /// migrations, on `conn`: a session of its own, since the migrator holds a
-/// session advisory lock while it runs.
+/// session advisory lock while it runs. Answers the migrations it applied,
+/// as `<version>_<name>`.
 pub async fn migrate_on(
     conn: &mut sqlx::PgConnection,
     empty: EmptyDatabase,
-) -> Result<(), StoreError> {
+) -> Result<Vec<String>, StoreError> {
     let found = schema::inspect(conn).await?;
     schema::check(&found, empty)?;
+    let recorded: bool = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(failed("migrate"))?;
+    let before: Vec<i64> = if recorded {
+        sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(failed("migrate"))?
+    } else {
+        Vec::new()
+    };
     // `run_direct`: `run`'s future, generic over `Acquire<'c>`, is not `Send`
     // for every lifetime, which keeps the service's future from being spawned.
     MIGRATOR
         .run_direct(None, conn, false)
         .await
-        .map_err(|source| StoreError::Migrate { source })
+        .map_err(|source| StoreError::Migrate { source })?;
+    Ok(MIGRATOR
+        .iter()
+        .filter(|m| !before.contains(&m.version))
+        .map(|m| format!("{:04}_{}", m.version, m.description.replace(' ', "_")))
+        .collect())
 }
 
 #[cfg(test)]

@@ -612,11 +612,11 @@ async fn status_logs_readable_warnings_by_default_and_json_when_asked() {
     // An unreachable NATS: the failure is logged as text, or as JSON when asked.
     let unreachable = c.toml.replace(&nats_url(), "nats://127.0.0.1:1");
     let o = cli(&unreachable, &["status"], None);
-    assert_eq!(o.status.code(), Some(1), "{}", all(&o));
+    assert_eq!(o.status.code(), Some(69), "{}", all(&o));
     assert!(stderr(&o).contains("cannot connect to NATS"), "{}", all(&o));
     assert!(json_log_lines(&o).is_empty(), "{}", stderr(&o));
     let o = cli(&unreachable, &["--log-format", "json", "status"], None);
-    assert_eq!(o.status.code(), Some(1), "{}", all(&o));
+    assert_eq!(o.status.code(), Some(69), "{}", all(&o));
     assert!(
         json_log_lines(&o).iter().any(|l| l["level"] == "ERROR"),
         "{}",
@@ -789,4 +789,200 @@ async fn dead_replay_keeps_each_jobs_place_and_says_how_many_a_later_job_superse
     );
     assert!(c.dead_letters().await.is_empty());
     consumer.stop().await.unwrap();
+}
+
+/// Every command that needs NATS or Postgres exits 69 when it cannot reach
+/// it, with the driver's cause and the address, each named once, and
+/// prints that once: plain text without colour codes when stderr is not a
+/// terminal, a JSON line alone in JSON mode.
+#[tokio::test]
+async fn commands_that_cannot_reach_nats_or_postgres_exit_69_with_the_cause_once() {
+    let c = Cluster::start(1).await;
+    let no_nats = c.toml.replace(&nats_url(), "nats://127.0.0.1:1");
+    let publish = [
+        "publish",
+        "--change",
+        "update",
+        "--relative-path",
+        "a.git",
+        "--target",
+        "gitaly-2",
+        "--source",
+        "gitaly-1",
+    ];
+    let nats_commands: [&[&str]; 4] = [&["setup"], &["status"], &["dead", "list"], &publish];
+    for args in nats_commands {
+        let o = cli(&no_nats, args, None);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(69), "{args:?}: {}", all(&o));
+        assert_eq!(
+            err.matches("cannot connect to NATS").count(),
+            1,
+            "{args:?}: {err}"
+        );
+        assert_eq!(err.matches("127.0.0.1:1").count(), 1, "{args:?}: {err}");
+        assert_eq!(
+            err.matches("onnection refused").count(),
+            1,
+            "{args:?}: {err}"
+        );
+        assert!(
+            !err.contains('\u{1b}'),
+            "{args:?}: colour codes in a file: {err:?}"
+        );
+    }
+
+    let db_port = crate::common::cluster::db_port(&c.db.url);
+    let no_postgres = c
+        .toml
+        .replace(&format!("127.0.0.1:{db_port}"), "127.0.0.1:1")
+        .replace(&format!("localhost:{db_port}"), "127.0.0.1:1");
+    assert_ne!(no_postgres, c.toml);
+    let postgres_commands: [&[&str]; 3] =
+        [&["migrate"], &["dataloss"], &["praefect-queue", "status"]];
+    for args in postgres_commands {
+        let started = std::time::Instant::now();
+        let o = cli(&no_postgres, args, None);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(69), "{args:?}: {}", all(&o));
+        assert_eq!(
+            err.matches("cannot connect to Postgres").count(),
+            1,
+            "{args:?}: {err}"
+        );
+        assert_eq!(err.matches("127.0.0.1:1").count(), 1, "{args:?}: {err}");
+        assert_eq!(
+            err.matches("onnection refused").count(),
+            1,
+            "{args:?}: {err}"
+        );
+        assert!(!err.contains("pool timed out"), "{args:?}: {err}");
+        // Refused at once, not after the connect timeout.
+        assert!(started.elapsed() < Duration::from_secs(3), "{args:?}");
+    }
+
+    // JSON mode: the failure is one JSON line, and nothing else is printed.
+    let o = cli(&no_nats, &["--log-format", "json", "status"], None);
+    assert_eq!(o.status.code(), Some(69), "{}", all(&o));
+    let err = stderr(&o);
+    for line in err.lines() {
+        assert!(
+            serde_json::from_str::<serde_json::Value>(line).is_ok(),
+            "not JSON: {line:?}"
+        );
+    }
+    assert_eq!(err.matches("cannot connect to NATS").count(), 1, "{err}");
+}
+
+/// `status` and `dead` before `setup` name the missing stream and say to run
+/// `setup`.
+#[tokio::test]
+async fn status_and_dead_before_setup_name_the_missing_stream_and_the_command_to_run() {
+    let c = Cluster::start(1).await;
+    let unset = c
+        .toml
+        .replace(&c.names.stream, &format!("{}_NEVER_SET_UP", c.names.stream));
+    for args in [&["status"][..], &["dead", "list"][..]] {
+        let o = cli(&unset, args, None);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {}", all(&o));
+        assert!(
+            err.contains(&format!(
+                "stream {}_NEVER_SET_UP does not exist",
+                c.names.stream
+            )),
+            "{args:?}: {err}"
+        );
+        assert!(err.contains("gitaly-replicator setup"), "{args:?}: {err}");
+    }
+}
+
+/// `publish`'s usage mistakes exit 64 and name the flag to change.
+#[test]
+fn publish_usage_mistakes_exit_64_naming_the_flag() {
+    let base = [
+        "publish",
+        "--relative-path",
+        "a.git",
+        "--target",
+        "gitaly-2",
+    ];
+    let cases: [(&[&str], &str); 4] = [
+        (&["--change", "gc"], "--param create_bitmap"),
+        (
+            &[
+                "--change",
+                "gc",
+                "--param",
+                "create_bitmap=true",
+                "--param",
+                "prune=maybe",
+            ],
+            "--param prune",
+        ),
+        (&["--change", "update", "--param", "prune"], "--param prune"),
+        (
+            &["--change", "repack_full", "--param", "create_bitmap=yes"],
+            "--param create_bitmap",
+        ),
+    ];
+    for (extra, flag) in cases {
+        let args: Vec<&str> = base.iter().chain(extra).copied().collect();
+        // Nothing is contacted: the config points nowhere.
+        let o = cli(&unreachable_config(), &args, None);
+        assert_eq!(o.status.code(), Some(64), "{args:?}: {}", all(&o));
+        assert!(stderr(&o).contains(flag), "{args:?}: {}", stderr(&o));
+        assert!(!stderr(&o).contains("params."), "{args:?}: {}", stderr(&o));
+    }
+    let absolute = [
+        "publish",
+        "--change",
+        "update",
+        "--relative-path",
+        "/var/opt/gitlab/a.git",
+        "--target",
+        "gitaly-2",
+        "--source",
+        "gitaly-1",
+    ];
+    let o = cli(&unreachable_config(), &absolute, None);
+    assert_eq!(o.status.code(), Some(64), "{}", all(&o));
+    assert!(stderr(&o).contains("--relative-path"), "{}", stderr(&o));
+}
+
+/// A config whose NATS and Postgres do not answer: a command that gets as far
+/// as connecting exits 69, so 64 shows it stopped before.
+fn unreachable_config() -> String {
+    "[[virtual_storage]]\nname = \"default\"\n\n[[virtual_storage.node]]\nstorage = \"gitaly-1\"\naddress = \"tcp://127.0.0.1:1\"\ntoken = \"t\"\n\n[[virtual_storage.node]]\nstorage = \"gitaly-2\"\naddress = \"tcp://127.0.0.1:1\"\ntoken = \"t\"\n\n[database]\nurl = \"postgres://postgres@127.0.0.1:1/x\"\n\n[nats]\nurl = \"nats://127.0.0.1:1\"\n".to_owned()
+}
+
+/// `migrate` says what it applied, then that the database is up to date;
+/// `run` does not log Postgres's notices about tables that exist already.
+#[tokio::test]
+async fn migrate_says_what_it_applied_and_then_that_nothing_was_left() {
+    let db = crate::common::db::TestDatabase::empty().await;
+    let toml = unreachable_config().replace("postgres://postgres@127.0.0.1:1/x", &db.url);
+    let o = cli(&toml, &["migrate", "--standalone"], None);
+    assert!(o.status.success(), "{}", all(&o));
+    let out = stdout(&o);
+    let applied: Vec<&str> = out.lines().filter(|l| l.starts_with("applied ")).collect();
+    let embedded = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations"))
+        .unwrap()
+        .count();
+    assert_eq!(applied.len(), embedded, "{out}");
+    assert!(out.contains("applied 0007_replica_moves"), "{out}");
+
+    let o = cli(&toml, &["migrate"], None);
+    assert!(o.status.success(), "{}", all(&o));
+    assert_eq!(
+        stdout(&o).trim(),
+        "already up to date: no migration to apply"
+    );
+
+    // `run` at its default level: connects, migrates (nothing), waits for
+    // NATS, gives up; Postgres's "already exists" notices are not logged.
+    let run = format!("startup_timeout = \"1s\"\nprometheus_listen_addr = \"127.0.0.1:0\"\n{toml}");
+    let o = cli(&run, &["run"], None);
+    assert_eq!(o.status.code(), Some(69), "{}", all(&o));
+    assert!(!stderr(&o).contains("already exists"), "{}", stderr(&o));
 }

@@ -204,16 +204,39 @@ async fn run_waits_for_nats_and_postgres_and_loses_nothing_when_postgres_stops()
 async fn past_startup_timeout_run_exits_69_naming_what_is_missing() {
     let nats = PrivateNats::not_started();
     let pg = PrivatePostgres::init();
-    let p = parts(&nats, &pg, "startup_timeout = \"2s\"\n").await;
+    let p = parts(&nats, &pg, "startup_timeout = \"3s\"\n").await;
     let started = std::time::Instant::now();
     let (code, stderr) = ReplicatorProcess::run(&p.toml).wait().await;
+    let took = started.elapsed();
     assert_eq!(code, Some(69), "{stderr}");
-    assert!(started.elapsed() < Duration::from_secs(15));
+    // Honoured to within a second, not given up a backoff early.
     assert!(
-        stderr.contains("NATS and Postgres did not answer within startup_timeout (2s)"),
+        took >= Duration::from_secs(3) && took < Duration::from_secs(4),
+        "exited after {took:?}"
+    );
+    assert!(
+        stderr.contains("NATS and Postgres did not answer within startup_timeout (3s)"),
         "{stderr}"
     );
-    // The cause is named once.
+    // Each one's cause, named once.
     let last = stderr.lines().last().unwrap_or_default();
-    assert_eq!(last.matches("Connection refused").count(), 1, "{last}");
+    assert_eq!(last.matches("cannot connect to NATS").count(), 1, "{last}");
+    assert_eq!(
+        last.matches("cannot connect to Postgres").count(),
+        1,
+        "{last}"
+    );
+    assert_eq!(last.matches("Connection refused").count(), 2, "{last}");
+
+    // With Postgres up, only NATS is named.
+    let db = crate::common::db::TestDatabase::new().await;
+    let toml = p.toml.replace(&pg.url(), &db.url);
+    let (code, stderr) = ReplicatorProcess::run(&toml).wait().await;
+    assert_eq!(code, Some(69), "{stderr}");
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.contains("NATS did not answer within startup_timeout (3s): cannot connect to NATS"),
+        "{last}"
+    );
+    assert!(!last.contains("Postgres"), "{last}");
 }

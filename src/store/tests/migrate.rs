@@ -88,7 +88,7 @@ async fn session(db: &TestDatabase) -> sqlx::PgConnection {
     sqlx::PgConnection::connect(&db.url).await.unwrap()
 }
 
-fn schema_problem(result: Result<(), StoreError>) -> String {
+fn schema_problem<T: std::fmt::Debug>(result: Result<T, StoreError>) -> String {
     match result {
         Err(e @ StoreError::Schema { .. }) => {
             assert!(
