@@ -14,7 +14,7 @@
 use crate::config::Config;
 use crate::event::ChangeType;
 use crate::queue::layout::Layout;
-use crate::queue::pending::{PendingJobs, PendingScanError, scan_target};
+use crate::queue::pending::{PendingJobs, PendingScanError, scan_dead, scan_target};
 use crate::store::{LaggingRepository, RepositoryStore, StoreError};
 use async_nats::jetstream::Context;
 use serde::Serialize;
@@ -116,6 +116,10 @@ pub struct StorageReport {
     pub pending_job: Option<bool>,
     /// The change types of those jobs.
     pub pending_changes: Vec<String>,
+    /// The change types of this replica's jobs in the dead letters: they
+    /// ran out of attempts (or were invalid) and run again only when
+    /// replayed (`dead list`, `dead replay`).
+    pub dead_changes: Vec<String>,
 }
 
 /// Builds the report from the store and the work stream.
@@ -147,12 +151,15 @@ pub async fn report(
 
     // Each target's subject is read once, however many repositories it lags on.
     let mut scans: HashMap<(String, String), PendingJobs> = HashMap::new();
+    let mut dead: HashMap<(String, String), PendingJobs> = HashMap::new();
     for repo in &lagging {
         for replica in &repo.replicas {
             let key = (repo.virtual_storage.clone(), replica.storage.clone());
             if let Entry::Vacant(slot) = scans.entry(key) {
                 let (vs, storage) = slot.key();
                 let found = scan_target(js, layout, vs, storage, options.scan_limit).await?;
+                let dead_found = scan_dead(js, layout, vs, storage, options.scan_limit).await?;
+                dead.insert(slot.key().clone(), dead_found);
                 slot.insert(found);
             }
         }
@@ -171,7 +178,7 @@ pub async fn report(
 
     let mut by_vs: HashMap<String, Vec<RepositoryReport>> = HashMap::new();
     for repo in lagging {
-        let report = repository_report(&repo, &scans);
+        let report = repository_report(&repo, &scans, &dead);
         if report.unavailable || options.partially_unavailable {
             by_vs
                 .entry(repo.virtual_storage.clone())
@@ -194,6 +201,7 @@ pub async fn report(
 fn repository_report(
     repo: &LaggingRepository,
     scans: &HashMap<(String, String), PendingJobs>,
+    dead: &HashMap<(String, String), PendingJobs>,
 ) -> RepositoryReport {
     let mut storages = Vec::new();
     let mut unavailable = true;
@@ -212,6 +220,10 @@ fn repository_report(
                 }
                 None => (None, Default::default()),
             };
+        let dead_changes = dead
+            .get(&(repo.virtual_storage.clone(), replica.storage.clone()))
+            .map(|d| d.for_repository(&repo.relative_path, repo.repository_id))
+            .unwrap_or_default();
         let being_deleted = pending.contains(&ChangeType::DeleteReplica);
         if status == ReplicaStatus::UpToDate
             && replica.assigned
@@ -229,6 +241,7 @@ fn repository_report(
             configured: replica.configured,
             pending_job,
             pending_changes: pending.iter().map(|c| c.as_str().to_owned()).collect(),
+            dead_changes: dead_changes.iter().map(|c| c.as_str().to_owned()).collect(),
         });
     }
     let with = |status: ReplicaStatus| {

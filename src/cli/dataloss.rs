@@ -72,6 +72,11 @@ fn print_table(report: &DatalossReport, partially_unavailable: bool) {
                         Some(false) => "no".to_owned(),
                         None => "unknown".to_owned(),
                     },
+                    if s.dead_changes.is_empty() {
+                        "no".to_owned()
+                    } else {
+                        format!("yes ({})", s.dead_changes.join(","))
+                    },
                 ]);
             }
         }
@@ -87,6 +92,7 @@ fn print_table(report: &DatalossReport, partially_unavailable: bool) {
         "BEHIND",
         "ASSIGNED",
         "PENDING JOB",
+        "DEAD JOB",
     ];
     let mut widths = header.map(str::len);
     for row in &rows {
@@ -105,6 +111,12 @@ fn print_table(report: &DatalossReport, partially_unavailable: bool) {
     line(&header.map(String::from));
     for row in &rows {
         line(row);
+    }
+    if rows.iter().any(|row| row[10] != "no") {
+        eprintln!(
+            "a DEAD JOB ran out of attempts (or was invalid) and runs again only when replayed: \
+             see `gitaly-replicator dead list`, then `dead replay`"
+        );
     }
     for vs in report
         .virtual_storages

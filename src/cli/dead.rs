@@ -63,8 +63,8 @@ pub async fn run(config: &Config, command: DeadCommand) -> anyhow::Result<()> {
                         "time": m.time.format(&Rfc3339).unwrap_or_default(),
                         "target": storages,
                         "reason": m.header(headers::REASON),
-                        "attempts": m.header(headers::ATTEMPTS),
-                        "deliveries": m.header(headers::DELIVERIES),
+                        "attempts": number(m.header(headers::ATTEMPTS)),
+                        "deliveries": number(m.header(headers::DELIVERIES)),
                         "error": m.header(headers::ERROR),
                         "original_subject": m.header(headers::ORIGINAL_SUBJECT),
                         "payload": String::from_utf8_lossy(&m.payload),
@@ -181,4 +181,11 @@ async fn choose(
         anyhow::bail!("no dead job with sequence {missing:?}");
     }
     Ok(found)
+}
+
+/// A count header as a JSON number (null when absent or not a number).
+fn number(header: Option<&str>) -> serde_json::Value {
+    header
+        .and_then(|h| h.trim().parse::<u64>().ok())
+        .map_or(serde_json::Value::Null, Into::into)
 }

@@ -159,10 +159,6 @@ async fn move_stranded(
             crate::subject::parse_job_subject(&layout.subject_prefix, raw.subject.as_str())
                 .unwrap_or_default();
         crate::metrics::TargetMetrics::new(&vs, &target).dead_letter(DeadReason::Stranded.as_str());
-        tracing::warn!(
-            stream_sequence = a.stream_seq,
-            "stranded job moved to the dead-letter stream"
-        );
     }
     stream
         .delete_message(a.stream_seq)

@@ -141,12 +141,39 @@ pub async fn publish_dead(
         dead_message_id(job.incarnation, job.work_sequence).as_str(),
     );
     let subject = dead_subject_for(layout, job.work_subject);
-    js.publish_with_headers(subject, h, job.payload)
+    let acked = js
+        .publish_with_headers(subject, h, job.payload.clone())
         .await
         .map_err(|e| DeadLetterError::Publish(e.to_string()))?
         .await
         .map_err(|e| DeadLetterError::Publish(e.to_string()))?;
+    // Once per job: a repeat the stream dropped as a duplicate was logged
+    // the first time.
+    if !acked.duplicate {
+        log_dead(&job);
+    }
     Ok(())
+}
+
+/// The one line that says a job went to the dead letters, with Praefect's
+/// fields when its payload is a job.
+fn log_dead(job: &DeadJob<'_>) {
+    let parsed = crate::event::Job::from_json(&job.payload).ok();
+    let field = |f: fn(&crate::event::Job) -> &str| parsed.as_ref().map(f).unwrap_or_default();
+    tracing::warn!(
+        virtual_storage = field(|j| &j.virtual_storage),
+        replication_job_target = field(|j| &j.target_node_storage),
+        replication_job_source = field(|j| j.source_node_storage.as_deref().unwrap_or_default()),
+        correlation_id = field(|j| j.correlation_id.as_deref().unwrap_or_default()),
+        change_type = field(|j| j.change_type().as_str()),
+        relative_path = field(|j| &j.relative_path),
+        stream_sequence = job.work_sequence,
+        reason = job.reason.as_str(),
+        attempts = job.attempts,
+        deliveries = job.deliveries,
+        error = job.error,
+        "job moved to the dead letters"
+    );
 }
 
 /// One dead message as stored.

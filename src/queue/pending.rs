@@ -17,9 +17,9 @@ use std::collections::{BTreeSet, HashMap};
 /// Why the work stream could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum PendingScanError {
-    #[error("work stream {stream}: {message}")]
+    #[error("stream {stream}: {message}")]
     Stream { stream: String, message: String },
-    #[error("work stream {stream}: reading {subject} after sequence {sequence}: {message}")]
+    #[error("stream {stream}: reading {subject} after sequence {sequence}: {message}")]
     Read {
         stream: String,
         subject: String,
@@ -62,15 +62,48 @@ pub async fn scan_target(
     target: &str,
     limit: u64,
 ) -> Result<PendingJobs, PendingScanError> {
+    let subject = job_subject(&layout.subject_prefix, virtual_storage, target);
+    scan(js, &layout.stream, subject, virtual_storage, target, limit).await
+}
+
+/// Reads up to `limit` dead jobs of (`virtual_storage`, `target`): those
+/// that ran out of attempts or were invalid, kept until replayed or purged.
+pub async fn scan_dead(
+    js: &Context,
+    layout: &Layout,
+    virtual_storage: &str,
+    target: &str,
+    limit: u64,
+) -> Result<PendingJobs, PendingScanError> {
+    let prefix = crate::subject::dead_letter_prefix(&layout.subject_prefix);
+    let subject = job_subject(&prefix, virtual_storage, target);
+    scan(
+        js,
+        &layout.dead_letter_stream,
+        subject,
+        virtual_storage,
+        target,
+        limit,
+    )
+    .await
+}
+
+async fn scan(
+    js: &Context,
+    stream_name: &str,
+    subject: String,
+    virtual_storage: &str,
+    target: &str,
+    limit: u64,
+) -> Result<PendingJobs, PendingScanError> {
     let stream_err = |message: String| PendingScanError::Stream {
-        stream: layout.stream.clone(),
+        stream: stream_name.to_owned(),
         message,
     };
     let stream = js
-        .get_stream_no_info(&layout.stream)
+        .get_stream_no_info(stream_name)
         .await
         .map_err(|e| stream_err(e.to_string()))?;
-    let subject = job_subject(&layout.subject_prefix, virtual_storage, target);
     let mut found = PendingJobs::default();
     let mut sequence = 1;
     loop {
@@ -88,7 +121,7 @@ pub async fn scan_target(
             }
             Err(e) => {
                 return Err(PendingScanError::Read {
-                    stream: layout.stream.clone(),
+                    stream: stream_name.to_owned(),
                     subject,
                     sequence,
                     message: e.to_string(),

@@ -2,9 +2,11 @@
 //! missing replicas are listed with the storages that hold the latest
 //! generation and whether a job waits in the work stream for them.
 
-use crate::cli::{all, cli, stdout};
+use crate::cli::{all, cli, stderr, stdout};
 use crate::common::cluster::Cluster;
 use serde_json::{Value, json};
+use std::time::Duration;
+use testkit::recording_gitaly::Behaviour;
 
 /// A repository row and its replica rows (storage, generation).
 async fn repository(c: &Cluster, path: &str, generation: i64, replicas: &[(&str, i64)]) -> i64 {
@@ -205,7 +207,8 @@ async fn dataloss_lists_outdated_and_missing_replicas_with_latest_holders_and_pe
             "1",
             "yes",
             "yes",
-            "(update)"
+            "(update)",
+            "no"
         ]
     );
     assert_eq!(
@@ -220,6 +223,7 @@ async fn dataloss_lists_outdated_and_missing_replicas_with_latest_holders_and_pe
             "missing",
             "2",
             "yes",
+            "no",
             "no"
         ]
     );
@@ -329,4 +333,69 @@ async fn a_replica_with_a_pending_delete_replica_cannot_serve_its_repository() {
         json!(["delete_replica"])
     );
     assert_eq!(storage(e, "gitaly-2")["pending_job"], false);
+}
+
+/// A replica whose job went to the dead letters: `dataloss` says so (no
+/// pending job, a dead one), in the table and in JSON, and `dead list
+/// --json` gives its counts as numbers.
+#[tokio::test]
+async fn a_dead_lettered_job_shows_as_dead_not_as_nothing_pending() {
+    let c = Cluster::start(2).await;
+    let vs = c.vs().to_owned();
+    repository(&c, "e.git", 2, &[("gitaly-1", 2), ("gitaly-2", 1)]).await;
+    c.node(2).respond(
+        "ReplicateRepository",
+        Behaviour::fail(tonic::Code::InvalidArgument, "refused"),
+    );
+    let consumer = c.consumer().await;
+    c.publish(&c.job(json!({"change": "update", "relative_path": "e.git",
+        "target_node_storage": "gitaly-2", "source_node_storage": "gitaly-1"})))
+        .await;
+    assert!(
+        c.eventually(Duration::from_secs(10), || async {
+            c.dead_letters().await.len() == 1
+        })
+        .await
+    );
+    consumer.stop().await.unwrap();
+
+    let report = dataloss_json(&c, &["--partially-unavailable"]);
+    let repos = listed(&report, &vs);
+    let e = by_path(&repos, "e.git");
+    assert_eq!(storage(e, "gitaly-2")["pending_job"], false, "{e:#}");
+    assert_eq!(
+        storage(e, "gitaly-2")["dead_changes"],
+        json!(["update"]),
+        "{e:#}"
+    );
+    assert_eq!(storage(e, "gitaly-1")["dead_changes"], json!([]), "{e:#}");
+
+    let o = cli(&c.toml, &["dataloss", "--partially-unavailable"], None);
+    assert!(o.status.success(), "{}", all(&o));
+    let table = stdout(&o);
+    assert!(
+        table
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .ends_with("DEAD JOB"),
+        "{table}"
+    );
+    let row = table
+        .lines()
+        .find(|l| l.contains("e.git"))
+        .unwrap_or_default();
+    assert!(
+        row.split_whitespace()
+            .collect::<Vec<_>>()
+            .ends_with(&["no", "yes", "(update)"]),
+        "{table}"
+    );
+    assert!(stderr(&o).contains("dead list"), "{}", stderr(&o));
+
+    let o = cli(&c.toml, &["dead", "list", "--json"], None);
+    assert!(o.status.success(), "{}", all(&o));
+    let line: Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    assert!(line["attempts"].is_u64(), "{line}");
+    assert!(line["deliveries"].is_u64(), "{line}");
 }

@@ -268,3 +268,45 @@ async fn logs_are_json_lines_with_praefects_field_names_and_no_tokens() {
     // Tokens travel in gitaly-servers metadata; never in logs.
     assert!(!stderr.contains("token-1") && !stderr.contains("token-2"));
 }
+
+/// A job that goes to the dead letters is logged once, at warn, with
+/// Praefect's fields, its reason and its attempts.
+#[tokio::test]
+async fn a_dead_lettered_job_is_logged_once_with_its_fields_reason_and_attempts() {
+    let c = Cluster::start_with(2, |toml| {
+        *toml = toml.replacen("\n[replication]\n", "\n[replication]\nattempts = 2\n", 1);
+    })
+    .await;
+    c.db.store
+        .create_repository(c.vs(), "doomed.git", "gitaly-1", 2, &["gitaly-1"])
+        .await
+        .unwrap();
+    c.node(2).respond(
+        "ReplicateRepository",
+        Behaviour::fail(Code::Unavailable, "down for good"),
+    );
+    let p = ReplicatorProcess::run(&c.toml);
+    c.publish(&c.job(json!({"change": "update", "relative_path": "doomed.git", "target_node_storage": "gitaly-2", "source_node_storage": "gitaly-1", "correlation_id": "cid-doomed"}))).await;
+    assert!(
+        c.eventually(WAIT, || async { c.dead_letters().await.len() == 1 })
+            .await
+    );
+    p.signal("TERM");
+    let (_, stderr) = p.wait().await;
+    let lines: Vec<serde_json::Value> = stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|l| l["message"] == "job moved to the dead letters")
+        .collect();
+    assert_eq!(lines.len(), 1, "{stderr}");
+    let line = &lines[0];
+    assert_eq!(line["level"], "WARN", "{line}");
+    assert_eq!(line["relative_path"], "doomed.git", "{line}");
+    assert_eq!(line["virtual_storage"], c.vs(), "{line}");
+    assert_eq!(line["replication_job_target"], "gitaly-2", "{line}");
+    assert_eq!(line["replication_job_source"], "gitaly-1", "{line}");
+    assert_eq!(line["change_type"], "update", "{line}");
+    assert_eq!(line["correlation_id"], "cid-doomed", "{line}");
+    assert_eq!(line["reason"], "dead", "{line}");
+    assert_eq!(line["attempts"], 2, "{line}");
+}
