@@ -34,6 +34,12 @@ pub enum LayoutError {
     #[error("JetStream request for {what} failed: {message}")]
     Api { what: String, message: String },
     #[error(
+        "nats.replicas = {replicas}, but nats-server {server} is not in a cluster: the cluster \
+         size is 1, so a stream keeps one copy of each job whatever it says; set nats.replicas \
+         = 1, or point nats.url at a JetStream cluster of at least {replicas} servers"
+    )]
+    ReplicasWithoutCluster { replicas: usize, server: String },
+    #[error(
         "stream {stream} does not exist: run `gitaly-replicator setup` with this config to \
          create the streams and consumers"
     )]
@@ -358,7 +364,16 @@ impl Layout {
     /// The streams and the advisory consumer: what must exist before any
     /// target's consumer.
     pub async fn ensure_streams(&self, js: &Context) -> Result<Vec<LayoutChange>, LayoutError> {
-        let version = js.client().server_info().version;
+        let info = js.client().server_info();
+        // A server outside a cluster accepts any replica count and keeps one
+        // copy: asking for more would only overstate durability.
+        if self.replicas > 1 && info.cluster.as_deref().is_none_or(str::is_empty) {
+            return Err(LayoutError::ReplicasWithoutCluster {
+                replicas: self.replicas,
+                server: format!("{} ({}:{})", info.server_name, info.host, info.port),
+            });
+        }
+        let version = info.version;
         if self.max_bytes != -1 && !byte_limit_is_safe(&version) {
             return Err(LayoutError::UnsafeByteLimit {
                 max_bytes: self.max_bytes,

@@ -986,3 +986,37 @@ async fn migrate_says_what_it_applied_and_then_that_nothing_was_left() {
     assert_eq!(o.status.code(), Some(69), "{}", all(&o));
     assert!(!stderr(&o).contains("already exists"), "{}", stderr(&o));
 }
+
+/// `setup` and `run` refuse a stream replica count a single nats-server
+/// cannot provide, naming the cluster size; nothing is created.
+#[tokio::test]
+async fn setup_and_run_refuse_replicas_a_single_nats_server_cannot_keep() {
+    let nats = testkit::nats_server::PrivateNats::start().await;
+    let c = Cluster::start(1).await;
+    let toml = c
+        .toml
+        .replace(&nats_url(), &nats.url())
+        .replace("[nats]\n", "[nats]\nreplicas = 3\n");
+    let o = cli(&toml, &["setup"], None);
+    assert_eq!(o.status.code(), Some(1), "{}", all(&o));
+    let err = stderr(&o);
+    assert!(err.contains("nats.replicas = 3"), "{err}");
+    assert!(err.contains("cluster size is 1"), "{err}");
+    assert!(!stdout(&o).contains("replicas 1 -> 3"), "{}", stdout(&o));
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    assert!(
+        js.get_stream(&c.names.stream).await.is_err(),
+        "a stream was created"
+    );
+
+    let run = format!("startup_timeout = \"5s\"\n{toml}");
+    let o = cli(&run, &["run", "--log-format", "text"], None);
+    assert_eq!(o.status.code(), Some(1), "{}", all(&o));
+    assert!(stderr(&o).contains("cluster size is 1"), "{}", stderr(&o));
+
+    // One replica is what it can keep.
+    let single = toml.replace("replicas = 3\n", "replicas = 1\n");
+    let o = cli(&single, &["setup"], None);
+    assert!(o.status.success(), "{}", all(&o));
+}
