@@ -53,6 +53,48 @@ impl Config {
             }
         }
         out.extend(self.database.warnings());
+        if self.nats.url == super::NatsConfig::default().url {
+            out.push(ConfigWarning {
+                key: "nats.url".into(),
+                message: format!(
+                    "{} is the default: a Praefect config has no [nats], so this is the \
+                     broker every job goes through; set [nats] url (or \
+                     GITALY_REPLICATOR_NATS__URL) to your NATS server",
+                    self.nats.url
+                ),
+            });
+        }
+        if self
+            .prometheus_listen_addr
+            .is_some_and(|a| a.port() == PRAEFECT_PROMETHEUS_PORT)
+        {
+            out.push(ConfigWarning {
+                key: "prometheus_listen_addr".into(),
+                message: format!(
+                    "port {PRAEFECT_PROMETHEUS_PORT} is Praefect's own metrics port: the \
+                     replicator and Praefect cannot both listen there on one host (`run` would \
+                     fail with \"address in use\"); next to Praefect, give the replicator \
+                     another port (for example :9655); on a host or pod of its own this is \
+                     harmless"
+                ),
+            });
+        }
+        let interval = self.background_verification.verification_interval;
+        if !interval.is_zero() {
+            out.push(ConfigWarning {
+                key: "background_verification.verification_interval".into(),
+                message: format!(
+                    "{}: checksum verification of replicas is on (Praefect's key, read from \
+                     this file): replicas not verified within it are compared with the primary \
+                     by CalculateChecksum, a read of the whole repository on both nodes; set \
+                     it to 0s to turn it off",
+                    humantime::format_duration(interval)
+                ),
+            });
+        }
         out
     }
 }
+
+/// The port Praefect's `prometheus_listen_addr` uses in GitLab's packages.
+const PRAEFECT_PROMETHEUS_PORT: u16 = 9652;

@@ -457,7 +457,12 @@ fn an_empty_or_missing_token_loads_with_a_warning_naming_the_key() {
         MINIMAL.replace("\"secret-token-1\"", "\"\""),
         MINIMAL.replace("token = \"secret-token-1\"", ""),
     ] {
-        let warnings = Config::from_toml_str(&toml).unwrap().warnings();
+        let warnings: Vec<_> = Config::from_toml_str(&toml)
+            .unwrap()
+            .warnings()
+            .into_iter()
+            .filter(|w| w.key.starts_with("virtual_storage"))
+            .collect();
         assert_eq!(warnings.len(), 1, "{warnings:?}");
         assert_eq!(warnings[0].key, "virtual_storage[0].node[0].token");
         assert!(
@@ -469,10 +474,11 @@ fn an_empty_or_missing_token_loads_with_a_warning_naming_the_key() {
         );
     }
     assert!(
-        Config::from_toml_str(MINIMAL)
+        !Config::from_toml_str(MINIMAL)
             .unwrap()
             .warnings()
-            .is_empty()
+            .iter()
+            .any(|w| w.key.starts_with("virtual_storage"))
     );
 }
 

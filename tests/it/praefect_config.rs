@@ -34,6 +34,14 @@ fn warning_keys(config: &Config) -> Vec<String> {
     config.warnings().into_iter().map(|w| w.key).collect()
 }
 
+/// The keys of the warnings about nodes and the database.
+fn node_and_database_warning_keys(config: &Config) -> Vec<String> {
+    warning_keys(config)
+        .into_iter()
+        .filter(|k| k.starts_with("virtual_storage") || k.starts_with("database"))
+        .collect()
+}
+
 const FILES: [&str; 5] = [
     "praefect-14.0.toml",
     "praefect-14.3.toml",
@@ -196,7 +204,7 @@ fn addresses_without_a_port_and_nodes_without_a_token_load_with_a_warning_each()
         ("praefect-15.11.toml", &["virtual_storage[0].node[2].token"]),
     ];
     for (name, keys) in expected {
-        assert_eq!(warning_keys(&load(name)), keys, "{name}");
+        assert_eq!(node_and_database_warning_keys(&load(name)), keys, "{name}");
     }
     let config = load("praefect-14.8.toml");
     let warnings = config.warnings();
@@ -387,4 +395,56 @@ fn check_configs_output_fed_back_in_is_the_same_config_with_unset_secrets_still_
             .count();
     }
     assert!(unset_tokens > 0, "no file has a node without a token");
+}
+
+/// Next to Praefect: a file without [nats] warns that the default broker is
+/// used, Praefect's own metrics port warns that both cannot share a host,
+/// and a verification interval read from Praefect's file is named, in
+/// check-config's output too.
+#[test]
+fn praefect_files_warn_of_the_default_nats_praefects_metrics_port_and_verification() {
+    let expected: [(&str, &[&str]); 5] = [
+        (
+            "praefect-14.0.toml",
+            &["nats.url", "prometheus_listen_addr"],
+        ),
+        ("praefect-14.3.toml", &["nats.url"]),
+        (
+            "praefect-14.6.toml",
+            &["nats.url", "prometheus_listen_addr"],
+        ),
+        ("praefect-14.8.toml", &["nats.url"]),
+        (
+            "praefect-15.11.toml",
+            &[
+                "nats.url",
+                "prometheus_listen_addr",
+                "background_verification.verification_interval",
+            ],
+        ),
+    ];
+    for (name, keys) in expected {
+        let config = load(name);
+        let others: Vec<String> = warning_keys(&config)
+            .into_iter()
+            .filter(|k| !k.starts_with("virtual_storage") && !k.starts_with("database"))
+            .collect();
+        assert_eq!(others, keys, "{name}");
+    }
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_gitaly-replicator"))
+        .args(["check-config"])
+        .arg(file("praefect-15.11.toml"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("background_verification.verification_interval: 7days"),
+        "{err}"
+    );
+    assert!(err.contains("prometheus_listen_addr: port 9652"), "{err}");
+    assert!(
+        err.contains("nats.url: nats://127.0.0.1:4222 is the default"),
+        "{err}"
+    );
 }
