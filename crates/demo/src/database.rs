@@ -47,11 +47,27 @@ impl DemoDatabase {
         mask_password(&self.url)
     }
 
-    /// Drops the database, ending its sessions first.
-    pub async fn drop_database(&self) -> Result<(), DemoError> {
+    /// The database `name` of an earlier run, on the server of `server_url`.
+    pub fn existing(server_url: &str, name: &str) -> Result<DemoDatabase, DemoError> {
+        Ok(DemoDatabase {
+            name: name.to_owned(),
+            url: String::new(),
+            server: server_options(server_url)?,
+        })
+    }
+
+    /// Drops the database, ending its sessions first; answers whether it
+    /// was there.
+    pub async fn drop_database(&self) -> Result<bool, DemoError> {
         let mut admin = PgConnection::connect_with(&self.server)
             .await
             .map_err(DemoError::database("connecting to Postgres"))?;
+        let existed: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT FROM pg_database WHERE datname = $1)")
+                .bind(&self.name)
+                .fetch_one(&mut admin)
+                .await
+                .map_err(DemoError::database("connecting to Postgres"))?;
         sqlx::query(sqlx::AssertSqlSafe(format!(
             "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
             self.name
@@ -63,6 +79,6 @@ impl DemoDatabase {
             self.name
         )))?;
         let _ = admin.close().await;
-        Ok(())
+        Ok(existed)
     }
 }

@@ -45,7 +45,7 @@ pub mod workspace;
 pub use error::{DemoError, Unreachable};
 pub use progress::ProgressStyle;
 pub use report::DemoReport;
-pub use session::run;
+pub use session::{clean, run};
 pub use tls::DemoTls;
 
 use std::time::Duration;

@@ -21,9 +21,14 @@ struct DemoArgs {
     /// Repositories to create on gitaly-1 (at least 3: one is renamed, one deleted).
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u16).range(3..=2000))]
     repositories: u16,
-    /// Keep the streams, the database and the repositories, and print where they are.
+    /// Keep the streams, the database and the repositories, and print where
+    /// they are and the command that removes them.
     #[arg(long)]
     keep: bool,
+    /// Remove what the `--keep` run with this id kept (its streams, database
+    /// and directory), then exit.
+    #[arg(long, value_name = "ID", conflicts_with_all = ["keep", "tls", "repositories"])]
+    clean: Option<String>,
     /// The NATS server (JetStream enabled).
     #[arg(long, value_name = "URL", default_value = "nats://127.0.0.1:4222")]
     nats_url: String,
@@ -106,6 +111,21 @@ fn main() -> ExitCode {
 
 async fn run(args: &DemoArgs, tls: Option<DemoTls>) -> ExitCode {
     init_logging();
+    if let Some(id) = &args.clean {
+        return match demo::clean(id, &args.nats_url, &args.database_url).await {
+            Ok(removed) if removed.is_empty() => {
+                println!("nothing of run {id} was left");
+                ExitCode::SUCCESS
+            }
+            Ok(removed) => {
+                for what in removed {
+                    println!("removed {what}");
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => failed(e),
+        };
+    }
     let options = DemoOptions {
         repositories: usize::from(args.repositories),
         keep: args.keep,
@@ -127,14 +147,17 @@ async fn run(args: &DemoArgs, tls: Option<DemoTls>) -> ExitCode {
                 ExitCode::FAILURE
             }
         }
-        Err(e) => {
-            eprintln!("gitaly-replicator-demo: {e}");
-            match e {
-                DemoError::Unreachable(_) => ExitCode::from(EXIT_UNAVAILABLE),
-                DemoError::Usage(_) => ExitCode::from(EXIT_USAGE),
-                DemoError::Interrupted => ExitCode::from(130),
-                _ => ExitCode::FAILURE,
-            }
-        }
+        Err(e) => failed(e),
+    }
+}
+
+/// Says why the demo failed and picks the exit code.
+fn failed(e: DemoError) -> ExitCode {
+    eprintln!("gitaly-replicator-demo: {e}");
+    match e {
+        DemoError::Unreachable(_) => ExitCode::from(EXIT_UNAVAILABLE),
+        DemoError::Usage(_) => ExitCode::from(EXIT_USAGE),
+        DemoError::Interrupted => ExitCode::from(130),
+        _ => ExitCode::FAILURE,
     }
 }

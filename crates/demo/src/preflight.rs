@@ -12,6 +12,7 @@ const TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Checks both services at once; reports every one that is down.
 pub async fn check(nats_url: &str, database_url: &str) -> Result<(), DemoError> {
+    check_nats_url(nats_url)?;
     let server = server_options(database_url)?;
     let (nats, postgres) = tokio::join!(check_nats(nats_url), check_postgres(database_url, server));
     let down: Vec<Unreachable> = [nats.err(), postgres.err()].into_iter().flatten().collect();
@@ -22,8 +23,40 @@ pub async fn check(nats_url: &str, database_url: &str) -> Result<(), DemoError> 
     }
 }
 
+/// `--nats-url` is one or more `nats://`, `tls://`, `ws://` or `wss://`
+/// URLs (or bare `host:port`), separated by commas: anything else is a
+/// usage error, not an outage.
+pub fn check_nats_url(nats_url: &str) -> Result<(), DemoError> {
+    for server in nats_url.split(',').map(str::trim) {
+        let with_scheme = if server.contains("://") {
+            server.to_owned()
+        } else {
+            format!("nats://{server}")
+        };
+        let bad =
+            |why: String| DemoError::Usage(format!("--nats-url {}: {why}", mask_password(server)));
+        let url = url::Url::parse(&with_scheme).map_err(|e| bad(e.to_string()))?;
+        if !["nats", "tls", "ws", "wss"].contains(&url.scheme()) {
+            return Err(bad(format!(
+                "unknown scheme {:?}; expected nats://, tls://, ws:// or wss://",
+                url.scheme()
+            )));
+        }
+        if url.host_str().is_none_or(str::is_empty) {
+            return Err(bad("no host".into()));
+        }
+    }
+    Ok(())
+}
+
 /// The connect options of `--database-url`.
 pub fn server_options(database_url: &str) -> Result<PgConnectOptions, DemoError> {
+    if !(database_url.starts_with("postgres://") || database_url.starts_with("postgresql://")) {
+        return Err(DemoError::Usage(format!(
+            "--database-url {}: expected a postgres:// URL",
+            mask_password(database_url)
+        )));
+    }
     PgConnectOptions::from_str(database_url).map_err(|e| {
         DemoError::Usage(format!(
             "--database-url {}: {e}",

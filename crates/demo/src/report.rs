@@ -22,6 +22,10 @@ pub struct RepositoryStats {
 /// Where things stay after `--keep`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Kept {
+    /// The run id, which `--clean` takes.
+    pub run_id: String,
+    /// With `--tls`: the run's CA, which the nodes' certificates need.
+    pub ca_file: Option<PathBuf>,
     pub workspace: PathBuf,
     pub storages: Vec<(String, PathBuf)>,
     pub config_file: PathBuf,
@@ -252,10 +256,20 @@ impl fmt::Display for DemoReport {
             }
             writeln!(f, "      database      {}", k.database_url)?;
             writeln!(f, "      streams       {}", k.streams.join(", "))?;
+            let trust = k
+                .ca_file
+                .as_ref()
+                .map(|ca| format!("SSL_CERT_FILE={} ", ca.display()))
+                .unwrap_or_default();
             writeln!(
                 f,
-                "      inspect with  gitaly-replicator --config {} status",
+                "      inspect with  {trust}gitaly-replicator --config {} status",
                 k.config_file.display()
+            )?;
+            writeln!(
+                f,
+                "      remove with   gitaly-replicator-demo --clean {} (with the same --nats-url and --database-url, if given)",
+                k.run_id
             )?;
         }
         writeln!(f)?;

@@ -60,7 +60,15 @@ pub async fn run(
         r = body(&options, &mut owned, started) => r,
         _ = interrupted => Err(DemoError::Interrupted),
     };
-    let (kept, warnings) = owned.release(options.keep).await;
+    let (mut kept, mut warnings) = owned.release(options.keep).await;
+    // A kept --tls run keeps its CA, so its nodes can be reached again.
+    if let (Some(k), Some(tls)) = (kept.as_mut(), options.tls.as_ref()) {
+        let ca = k.workspace.join("ca.pem");
+        match std::fs::write(&ca, &tls.ca_pem) {
+            Ok(()) => k.ca_file = Some(ca),
+            Err(e) => warnings.push(format!("keeping the CA in {}: {e}", ca.display())),
+        }
+    }
     let out = Progress::new(options.progress);
     for w in &warnings {
         tracing::warn!("{w}");
@@ -103,10 +111,7 @@ async fn body(
 
     let (ops_listener, ops) = bind_metrics_listener()?;
     let toml = config_toml(&ws, nodes, &database.url, &options.nats_url, ops);
-    std::fs::write(ws.config_file(), &toml).map_err(DemoError::io(format!(
-        "writing {}",
-        ws.config_file().display()
-    )))?;
+    ws.write_config(&toml)?;
     let config = parse(&toml)?;
     let store = gitaly_replicator::connect_store(
         &config,
@@ -326,6 +331,8 @@ impl Owned {
         }
         if keep {
             let kept = Kept {
+                run_id: self.workspace.id.clone(),
+                ca_file: None,
                 workspace: self.workspace.root.clone(),
                 storages,
                 config_file: self.workspace.config_file(),
@@ -361,4 +368,42 @@ impl Owned {
         }
         (None, warnings)
     }
+}
+
+/// `--clean ID`: removes what a `--keep` run kept (its streams, database
+/// and directory), and answers what it removed. What is gone already is
+/// not an error.
+pub async fn clean(id: &str, nats_url: &str, database_url: &str) -> Result<Vec<String>, DemoError> {
+    let ws = Workspace::of(id)?;
+    preflight::check(nats_url, database_url).await?;
+    let mut removed = Vec::new();
+    let client = async_nats::connect(nats_url)
+        .await
+        .map_err(|e| DemoError::Usage(format!("--nats-url: {e}")))?;
+    let js = jetstream::new(client.clone());
+    let prefix = ws.stream();
+    let mut names = js.stream_names();
+    let mut ours = Vec::new();
+    while let Some(name) = futures::StreamExt::next(&mut names).await {
+        match name {
+            Ok(n) if n == prefix || n.starts_with(&format!("{prefix}_")) => ours.push(n),
+            Ok(_) => {}
+            Err(e) => return Err(DemoError::Usage(format!("listing streams: {e}"))),
+        }
+    }
+    for stream in ours {
+        js.delete_stream(&stream)
+            .await
+            .map_err(|e| DemoError::Usage(format!("deleting stream {stream}: {e}")))?;
+        removed.push(format!("stream {stream}"));
+    }
+    let database = DemoDatabase::existing(database_url, &ws.database_name())?;
+    if database.drop_database().await? {
+        removed.push(format!("database {}", ws.database_name()));
+    }
+    if ws.root.exists() {
+        ws.remove()?;
+        removed.push(format!("directory {}", ws.root.display()));
+    }
+    Ok(removed)
 }

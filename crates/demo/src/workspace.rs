@@ -20,10 +20,50 @@ impl Workspace {
     /// Picks an id and creates the scratch directory.
     pub fn create() -> Result<Workspace, DemoError> {
         let id = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
+        let ws = Workspace::of(&id)?;
+        std::fs::create_dir_all(&ws.root)
+            .map_err(DemoError::io(format!("creating {}", ws.root.display())))?;
+        Ok(ws)
+    }
+
+    /// The workspace of an earlier run (`--clean ID`); nothing is created.
+    pub fn of(id: &str) -> Result<Workspace, DemoError> {
+        if id.len() != 8
+            || !id
+                .chars()
+                .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+        {
+            return Err(DemoError::Usage(format!(
+                "run id {id:?}: expected the 8 hex digits a run prints (gitaly-replicator-demo-<ID>)"
+            )));
+        }
         let root = std::env::temp_dir().join(format!("gitaly-replicator-demo-{id}"));
-        std::fs::create_dir_all(&root)
-            .map_err(DemoError::io(format!("creating {}", root.display())))?;
-        Ok(Workspace { id, root })
+        Ok(Workspace {
+            id: id.to_owned(),
+            root,
+        })
+    }
+
+    /// The config file, written readable by its owner alone: it holds the
+    /// nodes' tokens.
+    pub fn write_config(&self, toml: &str) -> Result<(), DemoError> {
+        use std::io::Write;
+        #[cfg(unix)]
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = self.config_file();
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        options.mode(0o600);
+        options
+            .open(&path)
+            .and_then(|mut f| f.write_all(toml.as_bytes()))
+            .map_err(DemoError::io(format!("writing {}", path.display())))
+    }
+
+    /// Where a kept `--tls` run keeps its CA.
+    pub fn ca_file(&self) -> PathBuf {
+        self.root.join("ca.pem")
     }
 
     /// The directory of repositories of `storage`.

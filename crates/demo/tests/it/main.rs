@@ -106,3 +106,98 @@ fn two_demos_run_at_once_and_both_pass_ten_times_in_a_row() {
         }
     }
 }
+
+/// `--keep` keeps the run's config readable by its owner alone and its CA
+/// with `--tls`, and prints the one command that removes what it kept;
+/// that command removes the streams, the database and the directory.
+#[test]
+fn keep_prints_the_command_that_removes_what_it_kept_and_that_command_does() {
+    let database_url = std::env::var(testkit::db::SERVER_URL_ENV)
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
+    let demo = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_gitaly-replicator-demo"))
+            .args(args)
+            .args(["--nats-url", &nats_url(), "--database-url", &database_url])
+            .output()
+            .unwrap()
+    };
+    let out = demo(&["--keep", "--tls", "--repositories", "3"]);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let id = stdout
+        .split("gitaly-replicator-demo --clean ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no --clean command in\n{stdout}"))
+        .to_owned();
+    let dir = std::env::temp_dir().join(format!("gitaly-replicator-demo-{id}"));
+    let config = dir.join("config.toml");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&config).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "{}", config.display());
+    assert!(
+        dir.join("ca.pem").exists(),
+        "the CA of a --tls run is not kept"
+    );
+    assert!(
+        stdout.contains(&format!("SSL_CERT_FILE={}", dir.join("ca.pem").display())),
+        "{stdout}"
+    );
+
+    let out = demo(&["--clean", &id]);
+    let cleaned = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{cleaned}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        cleaned.contains(&format!("removed stream DEMO_{}", id.to_ascii_uppercase())),
+        "{cleaned}"
+    );
+    assert!(
+        cleaned.contains(&format!("removed database gitaly_replicator_demo_{id}")),
+        "{cleaned}"
+    );
+    assert!(!dir.exists(), "{} is left", dir.display());
+    let left = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let client = async_nats::connect(nats_url()).await.unwrap();
+        let js = async_nats::jetstream::new(client);
+        let mut left = Vec::new();
+        for stream in [
+            format!("DEMO_{}", id.to_ascii_uppercase()),
+            format!("DEMO_{}_DEAD", id.to_ascii_uppercase()),
+        ] {
+            if js.get_stream(&stream).await.is_ok() {
+                left.push(stream);
+            }
+        }
+        left
+    });
+    assert!(left.is_empty(), "{left:?}");
+    // Again: nothing is left, and that is no error.
+    let out = demo(&["--clean", &id]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("nothing of run"));
+}
+
+/// A malformed URL is a usage mistake (64), not an outage (69).
+#[test]
+fn a_malformed_url_is_a_usage_error() {
+    for args in [
+        ["--nats-url", "bogus://x"],
+        ["--database-url", "mysql://root@127.0.0.1/x"],
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_gitaly-replicator-demo"))
+            .args(args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {stderr}");
+        assert!(stderr.contains(args[0]), "{args:?}: {stderr}");
+    }
+}
