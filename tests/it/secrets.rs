@@ -106,14 +106,24 @@ impl Outputs {
     }
 }
 
-/// The line `gitaly-replicator: …` that a failed command ends with.
+/// The line `gitaly-replicator: …` that a failed command ends with, or in
+/// JSON mode (`run`'s default) the `error` of its `failed` line.
 fn error_line(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr)
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    let plain = stderr
         .lines()
         .rev()
         .find(|l| l.starts_with("gitaly-replicator: "))
+        .map(str::to_owned);
+    let json = || {
+        stderr.lines().rev().find_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).ok()?;
+            (v["message"] == "failed").then(|| v["error"].as_str().map(str::to_owned))?
+        })
+    };
+    plain
+        .or_else(json)
         .unwrap_or_else(|| panic!("no error line in\n{}", all(o)))
-        .to_owned()
 }
 
 /// Each `: `-separated part of an error line that says something (the
