@@ -8,7 +8,7 @@ use crate::common::cluster::Cluster;
 use serde_json::json;
 use sqlx::Row;
 use std::time::Duration;
-use testkit::praefect_queue::{DEQUEUE, ENQUEUE_V14, QUEUE_TABLES};
+use testkit::praefect_queue::{DEQUEUE, ENQUEUE_V14, QUEUE_TABLES, VALID_PRIMARIES};
 
 /// Runs Praefect's Enqueue for `job`; answers the event's id and state.
 async fn enqueue(pool: &sqlx::PgPool, job: &serde_json::Value) -> (i64, String) {
@@ -168,4 +168,70 @@ async fn with_praefect_15s_unique_jobs_an_identical_event_while_the_first_is_cap
     );
     assert!(c.dead_letters().await.is_empty());
     consumer.stop().await.unwrap();
+}
+
+/// Praefect's `valid_primaries` (its own view) leaves out a storage whose
+/// captured `delete_replica` is pending, as for its own jobs; once the job
+/// is done here, Praefect's row is gone and so is the replica.
+#[tokio::test]
+async fn a_captured_delete_replica_keeps_its_storage_out_of_valid_primaries_until_done() {
+    let c = Cluster::start(2).await;
+    let pool = c.db.store.pool().clone();
+    sqlx::raw_sql(QUEUE_TABLES).execute(&pool).await.unwrap();
+    // Both storages healthy, as Praefect's health checks would say.
+    let healthy = format!(
+        "CREATE VIEW healthy_storages AS SELECT * FROM (VALUES ('{vs}', 'gitaly-1'), ('{vs}', 'gitaly-2')) AS h (virtual_storage, storage)",
+        vs = c.vs()
+    );
+    sqlx::raw_sql(sqlx::AssertSqlSafe(healthy))
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::raw_sql(VALID_PRIMARIES).execute(&pool).await.unwrap();
+    let o = cli(&c.toml, &["praefect-queue", "capture"], None);
+    assert!(o.status.success(), "{}", all(&o));
+    let path = "leaving.git";
+    let id =
+        c.db.store
+            .create_repository(c.vs(), path, "gitaly-1", 1, &["gitaly-1", "gitaly-2"])
+            .await
+            .unwrap();
+    let primaries = || async {
+        sqlx::query_scalar::<_, String>(
+            "SELECT storage FROM valid_primaries WHERE repository_id = $1 ORDER BY storage",
+        )
+        .bind(id)
+        .fetch_all(&pool)
+        .await
+        .unwrap()
+    };
+    assert_eq!(primaries().await, ["gitaly-1", "gitaly-2"]);
+
+    let delete = json!({"change": "delete_replica", "virtual_storage": c.vs(),
+        "relative_path": path, "target_node_storage": "gitaly-2", "source_node_storage": "",
+        "repository_id": id, "replica_path": path, "params": null});
+    let (_, state) = enqueue(&pool, &delete).await;
+    assert_eq!(state, "in_progress");
+    assert_eq!(
+        primaries().await,
+        ["gitaly-1"],
+        "a pending delete_replica's storage"
+    );
+
+    let consumer = c.consumer().await;
+    let done = c
+        .eventually(Duration::from_secs(20), || async {
+            queue_rows(&pool).await.is_empty()
+        })
+        .await;
+    consumer.stop().await.unwrap();
+    assert!(done, "Praefect's rows: {:?}", queue_rows(&pool).await);
+    assert_eq!(
+        c.db.store
+            .generation(c.vs(), path, "gitaly-2")
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(primaries().await, ["gitaly-1"]);
 }

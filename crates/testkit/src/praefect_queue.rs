@@ -35,6 +35,45 @@ CREATE INDEX replication_queue_target_index
     WHERE state NOT IN ('completed', 'cancelled', 'dead');
 "#;
 
+/// Praefect's `valid_primaries` view as its migration
+/// `20220211161203_json_job_state` leaves it (v14.10): the storages that may
+/// become a repository's primary, which leaves out one with a pending
+/// `delete_replica` event. With Praefect's `repository_assignments` table.
+/// `healthy_storages` (a view over Praefect's `node_status`, fed by its
+/// health checks) is not here: a test defines which storages are healthy.
+pub const VALID_PRIMARIES: &str = r#"
+CREATE TABLE IF NOT EXISTS repository_assignments (
+    virtual_storage TEXT NOT NULL,
+    relative_path TEXT NOT NULL,
+    storage TEXT NOT NULL,
+    repository_id BIGINT,
+    PRIMARY KEY (virtual_storage, relative_path, storage)
+);
+CREATE VIEW valid_primaries AS
+SELECT repository_id, virtual_storage, relative_path, storage
+FROM (
+    SELECT
+        repository_id,
+        repositories.virtual_storage,
+        repositories.relative_path,
+        storage,
+        repository_assignments.storage IS NOT NULL
+            OR bool_and(repository_assignments.storage IS NULL) OVER (PARTITION BY repository_id) AS eligible
+    FROM repositories
+    JOIN (SELECT repository_id, storage, generation FROM storage_repositories) AS storage_repositories USING (repository_id, generation)
+    JOIN healthy_storages USING (virtual_storage, storage)
+    LEFT JOIN repository_assignments USING (repository_id, storage)
+    WHERE NOT EXISTS (
+        SELECT FROM replication_queue
+        WHERE state NOT IN ('completed', 'dead')
+            AND job->>'change' = 'delete_replica'
+            AND (job->>'repository_id')::bigint = repository_id
+            AND job->>'target_node_storage' = storage
+    )
+) AS candidates
+WHERE eligible;
+"#;
+
 /// Praefect 15.9's index that keeps `(job, state)` unique (migration
 /// `20230118161145_replication_queue_unique_constraint`).
 pub const QUEUE_UNIQUE_V15: &str =
