@@ -8,7 +8,9 @@ use crate::common::cluster::Cluster;
 use serde_json::json;
 use sqlx::Row;
 use std::time::Duration;
-use testkit::praefect_queue::{DEQUEUE, ENQUEUE_V14, QUEUE_TABLES, VALID_PRIMARIES};
+use testkit::praefect_queue::{
+    DEQUEUE, ENQUEUE_V14, QUEUE_TABLES, RECONCILER_INSERT, VALID_PRIMARIES,
+};
 
 /// Runs Praefect's Enqueue for `job`; answers the event's id and state.
 async fn enqueue(pool: &sqlx::PgPool, job: &serde_json::Value) -> (i64, String) {
@@ -234,4 +236,62 @@ async fn a_captured_delete_replica_keeps_its_storage_out_of_valid_primaries_unti
         None
     );
     assert_eq!(primaries().await, ["gitaly-1"]);
+}
+
+/// Events Praefect's reconciler inserts (its own `INSERT … SELECT
+/// to_jsonb(…)` in a CTE, `RETURNING` what it scheduled) are captured like
+/// the coordinator's: the statement returns them, Praefect's Dequeue finds
+/// nothing, and they replicate and settle here.
+#[tokio::test]
+async fn events_praefects_reconciler_inserts_are_captured_and_replicate() {
+    let c = Cluster::start(3).await;
+    let pool = c.db.store.pool().clone();
+    sqlx::raw_sql(QUEUE_TABLES).execute(&pool).await.unwrap();
+    let o = cli(&c.toml, &["praefect-queue", "capture"], None);
+    assert!(o.status.success(), "{}", all(&o));
+    let path = "reconciled.git";
+    c.db.store
+        .create_repository(c.vs(), path, "gitaly-1", 1, &["gitaly-1"])
+        .await
+        .unwrap();
+    let vs = c.vs().to_owned();
+    let scheduled = sqlx::query(RECONCILER_INSERT)
+        .bind(vec![vs.clone(), vs.clone()])
+        .bind(vec![path.to_owned(), path.to_owned()])
+        .bind(vec![
+            Some("gitaly-1".to_owned()),
+            Some("gitaly-1".to_owned()),
+        ])
+        .bind(vec!["gitaly-2".to_owned(), "gitaly-3".to_owned()])
+        .bind(vec!["update".to_owned(), "update".to_owned()])
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        scheduled.len(),
+        2,
+        "the reconciler's RETURNING still returns its rows"
+    );
+    let states: Vec<String> = sqlx::query_scalar("SELECT state::text FROM replication_queue")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(states, ["in_progress", "in_progress"]);
+    assert_eq!(praefect_dequeues(&pool, c.vs(), "gitaly-2").await, 0);
+
+    let consumer = c.consumer().await;
+    let settled = c
+        .eventually(Duration::from_secs(20), || async {
+            queue_rows(&pool).await.is_empty()
+        })
+        .await;
+    consumer.stop().await.unwrap();
+    assert!(settled, "Praefect's rows: {:?}", queue_rows(&pool).await);
+    for target in ["gitaly-2", "gitaly-3"] {
+        assert_eq!(
+            c.db.store.generation(c.vs(), path, target).await.unwrap(),
+            Some(1),
+            "{target}"
+        );
+    }
 }

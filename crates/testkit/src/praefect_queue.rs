@@ -35,6 +35,45 @@ CREATE INDEX replication_queue_target_index
     WHERE state NOT IN ('completed', 'cancelled', 'dead');
 "#;
 
+/// The insert of Praefect's reconciler (`reconciler.go`, v14.10): its jobs
+/// go into `replication_queue` by `INSERT … SELECT to_jsonb(…)` inside a
+/// CTE, with the lock rows made after them, and `RETURNING` what it
+/// scheduled. Which replicas it picks is Praefect's scan of its tables;
+/// here they come as arrays ($1 virtual storages, $2 relative paths, $3
+/// sources, NULL for a `delete_replica`, $4 targets, $5 changes), so a test
+/// chooses them.
+pub const RECONCILER_INSERT: &str = r#"
+WITH reconciliation_jobs AS (
+    INSERT INTO replication_queue (lock_id, job, meta)
+    SELECT
+        (virtual_storage || '|' || target_node_storage || '|' || relative_path),
+        to_jsonb(reconciliation_jobs),
+        jsonb_build_object('correlation_id', encode(random()::text::bytea, 'base64'))
+    FROM (
+        SELECT
+            unnest($1::text[]) AS virtual_storage,
+            unnest($2::text[]) AS relative_path,
+            unnest($3::text[]) AS source_node_storage,
+            unnest($4::text[]) AS target_node_storage,
+            unnest($5::text[]) AS change
+    ) AS reconciliation_jobs
+    RETURNING lock_id, meta, job
+),
+create_locks AS (
+    INSERT INTO replication_queue_lock(id)
+    SELECT lock_id
+    FROM reconciliation_jobs
+    ON CONFLICT (id) DO NOTHING
+)
+SELECT
+    meta->>'correlation_id',
+    job->>'change',
+    job->>'virtual_storage',
+    job->>'relative_path',
+    job->>'source_node_storage',
+    job->>'target_node_storage'
+FROM reconciliation_jobs"#;
+
 /// Praefect's `valid_primaries` view as its migration
 /// `20220211161203_json_job_state` leaves it (v14.10): the storages that may
 /// become a repository's primary, which leaves out one with a pending
