@@ -5,12 +5,14 @@
 
 use crate::cli::{all, cli, stdout};
 use crate::common::cluster::Cluster;
+use crate::common::process::ReplicatorProcess;
 use serde_json::json;
 use sqlx::Row;
 use std::time::Duration;
 use testkit::praefect_queue::{
     DEQUEUE, ENQUEUE_V14, QUEUE_TABLES, RECONCILER_INSERT, VALID_PRIMARIES,
 };
+use testkit::recording_gitaly::Behaviour;
 
 /// Runs Praefect's Enqueue for `job`; answers the event's id and state.
 async fn enqueue(pool: &sqlx::PgPool, job: &serde_json::Value) -> (i64, String) {
@@ -292,6 +294,100 @@ async fn events_praefects_reconciler_inserts_are_captured_and_replicate() {
             c.db.store.generation(c.vs(), path, target).await.unwrap(),
             Some(1),
             "{target}"
+        );
+    }
+}
+
+/// The capturing process is SIGKILLed while Praefect keeps inserting: a
+/// second process takes the capture over, every event is published and
+/// settled, and none runs more often than a kill mid-call explains.
+#[tokio::test]
+async fn a_capturing_process_killed_mid_stream_is_taken_over_and_no_event_is_lost() {
+    const EVENTS: usize = 120;
+    // A short lease: the killed process's repositories are taken sooner.
+    let c = Cluster::start_with(2, |toml| {
+        *toml = toml.replacen(
+            "\n[replication]\n",
+            "\n[replication]\nlock_lease = \"3s\"\n",
+            1,
+        );
+    })
+    .await;
+    let pool = c.db.store.pool().clone();
+    sqlx::raw_sql(QUEUE_TABLES).execute(&pool).await.unwrap();
+    let o = cli(&c.toml, &["praefect-queue", "capture"], None);
+    assert!(o.status.success(), "{}", all(&o));
+    let paths: Vec<String> = (0..EVENTS).map(|i| format!("taken-over-{i}.git")).collect();
+    for p in &paths {
+        c.db.store
+            .create_repository(c.vs(), p, "gitaly-1", 1, &["gitaly-1"])
+            .await
+            .unwrap();
+    }
+    c.node(2).respond(
+        "ReplicateRepository",
+        Behaviour::delay(Duration::from_millis(30)),
+    );
+    let update = |path: &str| {
+        json!({"change": "update", "virtual_storage": c.vs(), "relative_path": path,
+               "target_node_storage": "gitaly-2", "source_node_storage": "gitaly-1",
+               "repository_id": 0, "replica_path": path, "params": null})
+    };
+    let calls = || c.node(2).calls_to("ReplicateRepository");
+
+    let first = ReplicatorProcess::run(&c.toml);
+    for p in &paths[..EVENTS / 2] {
+        enqueue(&pool, &update(p)).await;
+    }
+    assert!(
+        c.eventually(Duration::from_secs(30), || async { calls().len() >= 10 })
+            .await,
+        "the first process never replicated"
+    );
+    first.signal("KILL");
+    assert_eq!(first.wait().await.0, None, "killed by a signal");
+    let called_before_kill: std::collections::HashSet<String> =
+        calls().into_iter().map(|c| c.relative_path).collect();
+    // Praefect goes on inserting while no process runs.
+    for p in &paths[EVENTS / 2..] {
+        enqueue(&pool, &update(p)).await;
+    }
+    let second = ReplicatorProcess::run(&c.toml);
+    let settled = c
+        .eventually(Duration::from_secs(60), || async {
+            queue_rows(&pool).await.is_empty()
+        })
+        .await;
+    assert!(
+        settled,
+        "{} of Praefect's rows left; second process:\n{}",
+        queue_rows(&pool).await.len(),
+        second.stderr.lock().unwrap()
+    );
+    second.signal("TERM");
+    let _ = second.wait().await;
+    for p in &paths {
+        assert_eq!(
+            c.db.store.generation(c.vs(), p, "gitaly-2").await.unwrap(),
+            Some(1),
+            "{p}"
+        );
+    }
+    // Each event went into the work stream once: a republication after the
+    // kill carried the same message id and was dropped as a duplicate.
+    let mut stream = c.js.get_stream(&c.layout.stream).await.unwrap();
+    let stored = stream.info().await.unwrap().state.last_sequence;
+    assert_eq!(stored, EVENTS as u64, "messages stored in the work stream");
+    // A second call only for a job whose first call the kill cut short.
+    let mut per_path: std::collections::HashMap<String, usize> = Default::default();
+    for call in calls() {
+        *per_path.entry(call.relative_path).or_default() += 1;
+    }
+    assert_eq!(per_path.len(), EVENTS);
+    for (path, n) in &per_path {
+        assert!(
+            *n == 1 || (*n == 2 && called_before_kill.contains(path)),
+            "{path} called {n} times"
         );
     }
 }
