@@ -600,6 +600,8 @@ async fn status_logs_readable_warnings_by_default_and_json_when_asked() {
     let o = cli_with_env(&c.toml, &["status"], None, &info);
     assert!(stderr(&o).contains("connected to NATS"), "{}", stderr(&o));
     assert!(json_log_lines(&o).is_empty(), "{}", stderr(&o));
+    // Colour only on a terminal: stderr here is a pipe.
+    assert!(!stderr(&o).contains('\u{1b}'), "{:?}", stderr(&o));
     let o = cli_with_env(&c.toml, &["status", "--log-format", "json"], None, &info);
     assert!(
         json_log_lines(&o)
