@@ -146,6 +146,9 @@ where
     tokio::pin!(past_deadline);
     loop {
         let result = tokio::select! {
+            // The try first: the one made at the deadline, whose sleep has
+            // elapsed, still gets its answer if it comes at once.
+            biased;
             r = attempt() => r,
             () = &mut past_deadline => return Err(WaitEnded::TimedOut(last)),
             () = stop.cancelled() => return Err(WaitEnded::Stopped),
