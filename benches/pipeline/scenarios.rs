@@ -986,8 +986,8 @@ async fn fleet_kill_in(
 ) -> anyhow::Result<(f64, f64, f64)> {
     let extra = fleet_nodes(4, latency).await?;
     let nodes: Vec<&RunningGitaly> = std::iter::once(&env.target).chain(&extra).collect();
-    // Enough that jobs still wait at the end of the window after the kill
-    // (four processes drain some 5,000 jobs/s here).
+    // A first backlog; it is topped up below from the rate measured once
+    // every process works, since that rate differs from machine to machine.
     let jobs_n = if s.quick { 80_000 } else { 150_000 };
     let jobs: Vec<_> = (0..jobs_n).map(|i| env.maintenance_job(i)).collect();
     env.publish_all(&jobs).await?;
@@ -1006,7 +1006,24 @@ async fn fleet_kill_in(
     let others = |nodes: &[&RunningGitaly]| -> usize {
         nodes[1..].iter().map(|n| n.gitaly.call_count()).sum()
     };
+    let all =
+        |nodes: &[&RunningGitaly]| -> usize { nodes.iter().map(|n| n.gitaly.call_count()).sum() };
+    // Jobs must still wait when the window after the kill ends: twice what
+    // the fleet drains in both windows and a few seconds more, at the rate
+    // it drains now.
+    let (t0, c0) = (Instant::now(), all(&nodes));
     tokio::time::sleep(Duration::from_secs(1)).await;
+    let rate = (all(&nodes) - c0) as f64 / t0.elapsed().as_secs_f64();
+    let needed = (rate * (2 * window + Duration::from_secs(5)).as_secs_f64() * 2.0) as u64;
+    let waiting = pending(env).await?;
+    if waiting < needed {
+        let more = usize::try_from(needed - waiting)?;
+        let jobs: Vec<_> = (jobs_n..jobs_n + more)
+            .map(|i| env.maintenance_job(i))
+            .collect();
+        env.publish_all(&jobs).await?;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
     let start = others(&nodes);
     tokio::time::sleep(window).await;
     let at_kill = others(&nodes);
@@ -1014,14 +1031,7 @@ async fn fleet_kill_in(
     signal_and_wait(killed, "KILL");
     tokio::time::sleep(window).await;
     let end = others(&nodes);
-    // Jobs not yet delivered, not the killed process's unacknowledged ones,
-    // which wait for their ack wait.
-    let waiting: u64 = gitaly_replicator::queue_depth(&env.js, &env.layout)
-        .await
-        .map_err(anyhow::Error::msg)?
-        .iter()
-        .map(|d| d.pending)
-        .sum();
+    let waiting = pending(env).await?;
     anyhow::ensure!(
         waiting > 0,
         "the backlog ran out during the measurement: raise the job count"
@@ -1032,6 +1042,17 @@ async fn fleet_kill_in(
     let before = (at_kill - start) as f64 / window.as_secs_f64();
     let after = (end - at_kill) as f64 / window.as_secs_f64();
     Ok((after / before.max(f64::MIN_POSITIVE), before, after))
+}
+
+/// Jobs not yet delivered, not a killed process's unacknowledged ones,
+/// which wait for their ack wait.
+async fn pending(env: &BenchEnv) -> anyhow::Result<u64> {
+    Ok(gitaly_replicator::queue_depth(&env.js, &env.layout)
+        .await
+        .map_err(anyhow::Error::msg)?
+        .iter()
+        .map(|d| d.pending)
+        .sum())
 }
 
 async fn fleet_stop() -> anyhow::Result<Duration> {
