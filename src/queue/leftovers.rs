@@ -18,6 +18,17 @@
 //!
 //! A job is settled only when two sweeps in a row find it, so a stranded
 //! job's advisory, handled in milliseconds, moves it first.
+//!
+//! The same kill can leave the opposite: the job's removal saved but not the
+//! consumer's acknowledgement, so after the restart the consumer lists the
+//! job as unacknowledged while the stream no longer has it. nats-server 2.9
+//! never clears such an entry (a redelivery finds no message and gives up),
+//! so it holds the acknowledgement floor for ever, and every job left above
+//! it would never be found. When a consumer's floor has not moved between
+//! two sweeps and the job just above it is gone, the sweep acknowledges that
+//! sequence: the consumer drops the entry and its floor moves on. An
+//! acknowledgement of a sequence the stream no longer has cannot remove or
+//! skip any job.
 
 use crate::error_chain::display_error_chain;
 use crate::queue::dead_letter::{dead_message_id, dead_subject_for};
@@ -57,6 +68,7 @@ pub enum Settled {
 pub async fn run(js: Context, layout: Layout, interval: Duration, stop: CancellationToken) {
     let mut tick = tokio::time::interval(interval);
     let mut seen = BTreeSet::new();
+    let mut last_floors = HashMap::new();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -67,7 +79,12 @@ pub async fn run(js: Context, layout: Layout, interval: Duration, stop: Cancella
             Err(e) => Err(e.to_string()),
         };
         match found {
-            Ok((work, (incarnation, found))) => {
+            Ok((work, (incarnation, found, floors))) => {
+                release_stalled_floors(&js, &work, &incarnation, &floors, &last_floors).await;
+                last_floors = floors
+                    .into_iter()
+                    .map(|f| (f.consumer.clone(), (incarnation.label(), f)))
+                    .collect();
                 // A sequence found in two sweeps of different incarnations
                 // (the stream was created again between them) is two jobs.
                 let found: BTreeSet<(String, u64)> = found
@@ -93,12 +110,32 @@ pub async fn run(js: Context, layout: Layout, interval: Duration, stop: Cancella
     }
 }
 
-/// The stream's incarnation, and the sequences of the jobs at or below
-/// their consumer's acknowledgement floor, in the stream's order per target.
-pub async fn find(work: &mut Stream, layout: &Layout) -> Result<(Incarnation, Vec<u64>), String> {
+/// Where a consumer's acknowledgement floor stood at a sweep.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AckFloor {
+    /// The consumer's name on the server, and the subject it takes.
+    pub consumer: String,
+    pub filter: String,
+    /// The floor's stream and consumer sequences.
+    pub stream_sequence: u64,
+    pub consumer_sequence: u64,
+    /// The last stream sequence it delivered.
+    pub delivered: u64,
+    /// Jobs it delivered and lists as unacknowledged.
+    pub unacknowledged: usize,
+}
+
+/// The stream's incarnation, the sequences of the jobs at or below their
+/// consumer's acknowledgement floor (in the stream's order per target), and
+/// where each consumer's floor stands.
+pub async fn find(
+    work: &mut Stream,
+    layout: &Layout,
+) -> Result<(Incarnation, Vec<u64>, Vec<AckFloor>), String> {
     let info = work.info().await.map_err(|e| e.to_string())?;
     let (incarnation, state) = (Incarnation::of(info), info.state.clone());
     let mut floors = Vec::new();
+    let mut ack_floors = Vec::new();
     let mut accounted = 0u64;
     for c in &layout.consumers {
         let info = work
@@ -106,6 +143,14 @@ pub async fn find(work: &mut Stream, layout: &Layout) -> Result<(Incarnation, Ve
             .await
             .map_err(|e| format!("consumer {}: {e}", c.durable_name))?;
         accounted += info.num_pending + info.num_ack_pending as u64;
+        ack_floors.push(AckFloor {
+            consumer: info.name.clone(),
+            filter: c.filter_subject.clone(),
+            stream_sequence: info.ack_floor.stream_sequence,
+            consumer_sequence: info.ack_floor.consumer_sequence,
+            delivered: info.delivered.stream_sequence,
+            unacknowledged: info.num_ack_pending,
+        });
         // With nothing waiting or unacknowledged, every job it delivered is
         // done: nats-server 2.9 can leave the acknowledgement floor behind
         // after a restart (acks of jobs above it saved one by one), and a
@@ -122,7 +167,7 @@ pub async fn find(work: &mut Stream, layout: &Layout) -> Result<(Incarnation, Ve
     let mut found = Vec::new();
     // Every message waiting or in flight: nothing is left over.
     if state.messages <= accounted {
-        return Ok((incarnation, found));
+        return Ok((incarnation, found, ack_floors));
     }
     for (filter, floor) in floors {
         let mut next = state.first_sequence;
@@ -138,7 +183,79 @@ pub async fn find(work: &mut Stream, layout: &Layout) -> Result<(Incarnation, Ve
             }
         }
     }
-    Ok((incarnation, found))
+    Ok((incarnation, found, ack_floors))
+}
+
+/// For each consumer whose floor stands where it stood at the last sweep
+/// of this incarnation, with jobs still unacknowledged, acknowledges the
+/// sequences above the floor that the stream no longer has, up to its next
+/// job (see the module's docs). Sequences holding another target's job are
+/// passed over, never acknowledged: an acknowledgement removes whatever
+/// message it names from a work-queue stream. A job of its own that is there
+/// (in flight, or waiting) ends the walk: the floor waits for it rightly.
+async fn release_stalled_floors(
+    js: &Context,
+    work: &Stream,
+    incarnation: &Incarnation,
+    floors: &[AckFloor],
+    last: &HashMap<String, (String, AckFloor)>,
+) {
+    for f in floors {
+        let stalled = matches!(last.get(&f.consumer), Some((label, before))
+            if *label == incarnation.label() && before.stream_sequence == f.stream_sequence);
+        if !stalled || f.unacknowledged == 0 || f.stream_sequence >= f.delivered {
+            continue;
+        }
+        let from = f.stream_sequence + 1;
+        let next_own = match work.get_first_raw_message_by_subject(&f.filter, from).await {
+            Ok(m) => m.sequence,
+            Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => u64::MAX,
+            Err(_) => continue,
+        };
+        let end = next_own.min(f.delivered + 1).min(from + SWEEP_LIMIT as u64);
+        let mut acknowledged = 0;
+        for sequence in from..end {
+            match work.get_raw_message(sequence).await {
+                Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => {}
+                _ => continue,
+            }
+            if let Err(e) = acknowledge_gone(js, work, f, sequence).await {
+                tracing::debug!(error = %e, "acknowledging a job gone from the work stream failed; will retry");
+                break;
+            }
+            acknowledged += 1;
+        }
+        if acknowledged > 0 {
+            tracing::info!(
+                consumer = %f.consumer,
+                from_stream_sequence = from,
+                acknowledged,
+                "acknowledged sequences the work stream no longer has, above an acknowledgement floor that stood still: a broker restart can lose a job's acknowledgement and keep its removal, and the consumer then lists it unacknowledged for ever"
+            );
+        }
+    }
+}
+
+/// Acknowledges `sequence`, which the stream no longer has, on the
+/// consumer of `floor`.
+async fn acknowledge_gone(
+    js: &Context,
+    work: &Stream,
+    floor: &AckFloor,
+    sequence: u64,
+) -> Result<(), async_nats::PublishError> {
+    // The reply subject the server gives a delivery: stream, consumer,
+    // delivery count, stream and consumer sequences, time, pending. The
+    // server takes the consumer sequence from its own entry when it has one;
+    // without one, the floor's next lets the floor move past a sequence that
+    // is gone.
+    let subject = format!(
+        "$JS.ACK.{}.{}.1.{sequence}.{}.0.0",
+        work.cached_info().config.name,
+        floor.consumer,
+        floor.consumer_sequence + 1
+    );
+    js.client().publish(subject, "+ACK".into()).await
 }
 
 /// Settles one left-over job of `work` (see the module's docs).

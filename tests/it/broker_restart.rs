@@ -154,3 +154,129 @@ async fn status_and_the_depth_gauge_count_what_consumers_have_left_after_a_broke
     service.signal("TERM");
     assert_eq!(service.wait().await.0, Some(0));
 }
+
+/// Copies a directory tree (`cp -a`), the server stopped.
+fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
+    let _ = std::fs::remove_dir_all(to);
+    let status = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .status()
+        .unwrap();
+    assert!(status.success(), "cp -a {from:?} {to:?}");
+}
+
+/// A broker killed between saving a job's removal and saving its consumer's
+/// acknowledgement of it comes back with the consumer listing the job as
+/// unacknowledged while the stream no longer has it; nats-server 2.9 never
+/// clears that entry, and it holds the acknowledgement floor. The same kill
+/// can keep another job the consumer counts as acknowledged above that
+/// floor. Such a pair cannot be timed with a kill, so the test builds it
+/// from the server's own files: the consumer's state saved after one job's
+/// acknowledgement, the stream's saved after the other job's removal, each
+/// by a server stopped cleanly. The leftover sweep must free the floor and
+/// bring the kept job back to work.
+#[tokio::test]
+async fn an_unacknowledged_entry_whose_job_is_gone_does_not_hold_back_the_jobs_left_above_it() {
+    use async_nats::jetstream::consumer::PullConsumer;
+    use futures::StreamExt;
+    let mut nats = PrivateNats::start().await;
+    let c = Cluster::start_on(2, nats.url(), |_| {}).await;
+    // A job for a storage no consumer serves stays first in the stream, so
+    // the gone job is not below the stream's first sequence (the server
+    // drops such entries itself).
+    let parked = format!("{}.{}.gitaly-9", c.layout.subject_prefix, c.vs());
+    c.js.publish(parked, "{}".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    for path in ["gone.git", "kept.git"] {
+        c.publish(&c.job(
+            json!({"change": "cleanup", "relative_path": path, "target_node_storage": "gitaly-2"}),
+        ))
+        .await;
+    }
+    let durable = c
+        .layout
+        .consumer(c.vs(), "gitaly-2")
+        .unwrap()
+        .durable_name
+        .clone();
+    let work = c.js.get_stream(&c.layout.stream).await.unwrap();
+    let consumer: PullConsumer = work.get_consumer(&durable).await.unwrap();
+    let mut batch = consumer
+        .fetch()
+        .max_messages(2)
+        .expires(Duration::from_secs(2))
+        .messages()
+        .await
+        .unwrap();
+    let mut delivered = Vec::new();
+    while let Some(m) = batch.next().await {
+        let m = m.unwrap();
+        delivered.push((m.info().unwrap().stream_sequence, m.reply.clone().unwrap()));
+    }
+    let [(gone, _), (kept, kept_reply)] = <[_; 2]>::try_from(delivered).unwrap();
+    let store = nats.dir().join("jetstream");
+    let saved = tempfile::tempdir().unwrap();
+    nats.stop();
+    copy_tree(&store, &saved.path().join("both-delivered"));
+    // The consumer's state once `kept` is acknowledged (and so removed).
+    nats.start_again().await;
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    client.publish(kept_reply, "+ACK".into()).await.unwrap();
+    client.flush().await.unwrap();
+    let acked = || async {
+        let work = c.js.get_stream(&c.layout.stream).await.unwrap();
+        work.consumer_info(&durable).await.unwrap().num_ack_pending
+    };
+    assert!(
+        c.eventually(Duration::from_secs(10), || async { acked().await == 1 })
+            .await
+    );
+    nats.stop();
+    let consumers = store.join("$G/streams").join(&c.layout.stream).join("obs");
+    copy_tree(&consumers, &saved.path().join("obs-kept-acked"));
+    // The stream's state once `gone` is removed, `kept` still in it.
+    copy_tree(&saved.path().join("both-delivered"), &store);
+    nats.start_again().await;
+    let work = c.js.get_stream(&c.layout.stream).await.unwrap();
+    assert!(work.delete_message(gone).await.unwrap());
+    nats.stop();
+    copy_tree(&saved.path().join("obs-kept-acked"), &consumers);
+    nats.start_again().await;
+    // The stream keeps only `kept`, which its consumer will not deliver.
+    let kept_stored = || async {
+        let work = c.js.get_stream(&c.layout.stream).await.unwrap();
+        work.get_raw_message(kept).await.is_ok()
+    };
+    assert!(kept_stored().await);
+    assert_eq!(c.work_messages().await, 2);
+    // Sweeps every 5 s: two to see the floor stand still, two to find and
+    // settle the job left above it.
+    let consumer = c
+        .consumer_with(|config| config.nats.ack_wait = Duration::from_secs(1))
+        .await;
+    assert!(
+        c.eventually(Duration::from_secs(40), || async {
+            c.node(2)
+                .calls()
+                .iter()
+                .any(|call| call.relative_path == "kept.git")
+        })
+        .await,
+        "the job left above the held floor never ran again; server log:\n{}",
+        nats.log()
+    );
+    assert!(
+        c.eventually(Duration::from_secs(10), || async {
+            c.work_messages().await == 1 && acked().await == 0
+        })
+        .await,
+        "the work stream or the consumer's unacknowledged list did not empty"
+    );
+    assert!(c.dead_letters().await.is_empty());
+    consumer.stop().await.unwrap();
+}

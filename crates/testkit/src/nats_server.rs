@@ -195,6 +195,17 @@ impl PrivateNats {
         }
     }
 
+    /// Stops the server with SIGTERM, so it saves its streams' and
+    /// consumers' state before it exits.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
+            let _ = c.wait();
+        }
+    }
+
     /// Kills the server (losing its in-memory pull requests) and starts it
     /// again on the same port and store.
     pub async fn restart(&mut self) {
