@@ -204,7 +204,8 @@ async fn run(settings: Settings, broker: Broker) {
     let mut problems = checker.queue_problems().await;
     let (replica_problems, replicas) = checker.replica_problems(&writer.model, true).await;
     problems.extend(replica_problems);
-    let (dead_problems, dead_letters) = checker.dead_letter_problems(&writer.model.poison).await;
+    let (dead_problems, dead_letters, dead_repeated) =
+        checker.dead_letter_problems(&writer.model.poison).await;
     problems.extend(dead_problems);
     if !renamed {
         problems.push("a rename never took effect on the source".into());
@@ -227,6 +228,7 @@ async fn run(settings: Settings, broker: Broker) {
         chaos: settings.chaos,
         jobs: writer.model.jobs_by_change(),
         poison: writer.model.poison.len(),
+        dead_repeated,
         consumer_kills: fleet.kills.len(),
         longest_kill_gap: fleet.longest_gap(),
         killed_mid_call: targets_killed
@@ -341,7 +343,7 @@ async fn converge(checker: &Checker, model: &Model) -> Option<Instant> {
     let deadline = Instant::now() + CONVERGE_TIMEOUT;
     while Instant::now() < deadline {
         if checker.queue_problems().await.is_empty() {
-            let (dead, _) = checker.dead_letter_problems(&model.poison).await;
+            let (dead, _, _) = checker.dead_letter_problems(&model.poison).await;
             // A dead letter that should not be there never goes away.
             if dead.iter().any(|p| p.starts_with("unexpected")) {
                 return None;

@@ -254,11 +254,17 @@ impl Checker {
     }
 
     /// The dead letters against the poison jobs: each one there, nothing
-    /// else. Returns the problems and how many dead letters there are.
-    pub async fn dead_letter_problems(&self, poison: &[Poison]) -> (Vec<String>, usize) {
+    /// else. Returns the problems, how many dead letters there are, and the
+    /// poison jobs dead-lettered more than once with their reasons (two
+    /// lineages of one job: a retry copy published, then the original's
+    /// acknowledgement lost to a kill).
+    pub async fn dead_letter_problems(
+        &self,
+        poison: &[Poison],
+    ) -> (Vec<String>, usize, Vec<String>) {
         let dead = match dead_letters::list(&self.js, &self.layout, 1, 100_000).await {
             Ok(d) => d,
-            Err(e) => return (vec![format!("dead letters: {e}")], 0),
+            Err(e) => return (vec![format!("dead letters: {e}")], 0, Vec::new()),
         };
         let mut problems = Vec::new();
         for d in &dead {
@@ -276,19 +282,24 @@ impl Checker {
                 )),
             }
         }
+        let mut repeated = Vec::new();
         for p in poison {
-            if !dead
+            let reasons: Vec<_> = dead
                 .iter()
-                .any(|d| d.payload.as_ref() == p.payload.as_slice())
-            {
+                .filter(|d| d.payload.as_ref() == p.payload.as_slice())
+                .map(|d| d.header(headers::REASON).unwrap_or_default())
+                .collect();
+            if reasons.is_empty() {
                 problems.push(format!(
                     "poison job ({}) not in the dead letters: {}",
                     p.what,
                     String::from_utf8_lossy(&p.payload)
                 ));
+            } else if reasons.len() > 1 {
+                repeated.push(format!("{} ({}): {reasons:?}", p.what, reasons.len()));
             }
         }
-        (problems, dead.len())
+        (problems, dead.len(), repeated)
     }
 }
 

@@ -31,6 +31,8 @@ pub struct Summary {
     pub completed_twice: usize,
     pub outcomes: Vec<(String, usize)>,
     pub dead_letters: usize,
+    /// Poison jobs dead-lettered more than once, with their reasons.
+    pub dead_repeated: Vec<String>,
     /// Left-over jobs settled: (requeued, removed).
     pub leftovers: (usize, usize),
     pub converged_after: Option<Duration>,
@@ -122,6 +124,9 @@ impl fmt::Display for Summary {
             "  dead letters         {} (of {} poison jobs)",
             self.dead_letters, self.poison
         )?;
+        for r in &self.dead_repeated {
+            writeln!(f, "    more than once:    {r}")?;
+        }
         writeln!(
             f,
             "  leftovers settled    requeued {}, removed {} (jobs a broker kept below a consumer's acknowledgement floor)",
