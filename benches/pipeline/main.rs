@@ -6,10 +6,12 @@
 //! else running), publish→dispatch latency at a steady rate, drain rate over
 //! growing backlogs with the consumer's peak memory, and scale-out to two
 //! processes, and a fleet of four that loses one to SIGKILL or SIGSTOP; Praefect's own replication queue, emulated on the same
-//! Postgres and target, on the same backlogs; and the reconciler's round over
+//! Postgres and target, on the same backlogs; Praefect's queue captured and
+//! published while its Enqueue inserts; and the reconciler's round over
 //! a store of 100,000 repositories. Prints one table and writes it
 //! as JSON under `target/bench/`.
 
+mod capture;
 mod env;
 mod praefect;
 mod scenarios;
@@ -44,6 +46,8 @@ pub struct Sizes {
     pub idle_probes: usize,
     /// Repositories in the store of the reconcile scenario.
     pub reconcile_repositories: usize,
+    /// Events Praefect's Enqueue inserts flat out in the capture scenario.
+    pub capture_events: usize,
 }
 
 #[tokio::main]
@@ -74,6 +78,7 @@ async fn main() -> anyhow::Result<()> {
             praefect_window: std::time::Duration::from_secs(1),
             idle_probes: 10,
             reconcile_repositories: 20_000,
+            capture_events: 4_000,
         }
     } else {
         Sizes {
@@ -86,6 +91,7 @@ async fn main() -> anyhow::Result<()> {
             praefect_window: std::time::Duration::from_secs(15),
             idle_probes: 20,
             reconcile_repositories: 100_000,
+            capture_events: 20_000,
         }
     };
     let sizes = Sizes {
@@ -132,6 +138,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if wanted("praefect") {
         rows.extend(scenarios::praefect(&sizes).await?);
+    }
+    if wanted("capture") {
+        rows.extend(capture::capture(&sizes).await?);
     }
     if wanted("latency") {
         rows.extend(scenarios::latency(&sizes).await?);

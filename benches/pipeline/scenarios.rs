@@ -12,7 +12,7 @@ const BATCH: usize = 100;
 /// Praefect's workers beside one: the consumer's `max_connections`.
 const PRAEFECT_WORKERS: usize = 16;
 
-fn opts(latency: Duration) -> EnvOptions {
+pub fn opts(latency: Duration) -> EnvOptions {
     EnvOptions {
         batch_size: BATCH,
         target_latency: latency,
@@ -21,7 +21,7 @@ fn opts(latency: Duration) -> EnvOptions {
     }
 }
 
-fn row(
+pub fn row(
     scenario: &'static str,
     metric: impl Into<String>,
     value: f64,
@@ -412,7 +412,7 @@ fn cpu_per_job(scenario: &'static str, drained: &Drained, jobs: usize) -> Row {
     )
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
     }

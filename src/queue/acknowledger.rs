@@ -93,18 +93,6 @@ pub struct Delivery<'a> {
     pub fields: JobFields<'a>,
 }
 
-/// The Praefect event a job came from, if it was captured.
-fn praefect_event(d: &Delivery<'_>) -> Option<i64> {
-    d.message
-        .message
-        .headers
-        .as_ref()?
-        .get(crate::queue::praefect_capture::PRAEFECT_EVENT)?
-        .as_str()
-        .parse()
-        .ok()
-}
-
 /// Carries out the acknowledgements of one target's jobs; cheap to clone.
 #[derive(Clone)]
 pub struct Acknowledger {
@@ -157,7 +145,7 @@ impl Acknowledger {
         // A job of Praefect's captured event: Praefect's row follows before
         // the job's message goes, so a crash between the two only runs the
         // job again.
-        let event = praefect_event(d);
+        let event = d.carried.praefect_event;
         if let Some(event) = event {
             let settled = match (&action, stage) {
                 (AckAction::Ack, Stage::Finished(_)) => {
@@ -292,6 +280,7 @@ impl Acknowledger {
                 retry_at: Some(OffsetDateTime::now_utc() + delay),
                 // A wait it was in goes on; it is logged once.
                 waiting_since: d.carried.waiting_since,
+                praefect_event: d.carried.praefect_event,
             },
             message_id: format!("retry-{}-{}-{failures}", d.incarnation.label(), d.sequence),
         };

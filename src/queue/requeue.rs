@@ -16,6 +16,7 @@
 //! call uses no attempt.
 
 use crate::queue::incarnation::Incarnation;
+use crate::queue::praefect_capture::PRAEFECT_EVENT;
 use async_nats::HeaderMap;
 use async_nats::jetstream::Context;
 use bytes::Bytes;
@@ -103,6 +104,9 @@ pub struct Carried {
     pub retry_at: Option<OffsetDateTime>,
     /// Waiting since (for its source) when it went back to the stream.
     pub waiting_since: Option<OffsetDateTime>,
+    /// The Praefect event the job was captured from: every copy settles
+    /// Praefect's row when the job is done or dead.
+    pub praefect_event: Option<i64>,
 }
 
 impl Carried {
@@ -123,6 +127,7 @@ impl Carried {
             deliveries: count(EARLIER_DELIVERIES),
             retry_at: time(RETRY_AT),
             waiting_since: time(WAITING_SINCE),
+            praefect_event: header(headers, PRAEFECT_EVENT).and_then(|v| v.parse().ok()),
         }
     }
 
@@ -159,6 +164,9 @@ pub async fn publish_copy(js: &Context, copy: FreshCopy) -> Result<(), String> {
     }
     if let Some(since) = c.waiting_since {
         h.insert(WAITING_SINCE, nanos(since).as_str());
+    }
+    if let Some(event) = c.praefect_event {
+        h.insert(PRAEFECT_EVENT, event.to_string().as_str());
     }
     js.publish_with_headers(copy.subject, h, copy.payload)
         .await

@@ -22,6 +22,7 @@ mod ordering;
 mod pgbouncer;
 mod postgres_tls;
 mod praefect_capture;
+mod praefect_capture_nodes;
 mod praefect_config;
 mod praefect_jobs;
 mod praefect_schema;

@@ -15,7 +15,7 @@ use testkit::praefect_queue::{
 use testkit::recording_gitaly::Behaviour;
 
 /// Runs Praefect's Enqueue for `job`; answers the event's id and state.
-async fn enqueue(pool: &sqlx::PgPool, job: &serde_json::Value) -> (i64, String) {
+pub(crate) async fn enqueue(pool: &sqlx::PgPool, job: &serde_json::Value) -> (i64, String) {
     let row = sqlx::query(ENQUEUE_V14)
         .bind(job["virtual_storage"].as_str().unwrap())
         .bind(job["target_node_storage"].as_str().unwrap())
@@ -28,8 +28,39 @@ async fn enqueue(pool: &sqlx::PgPool, job: &serde_json::Value) -> (i64, String) 
     (row.get("id"), row.get("state"))
 }
 
-/// Events Praefect's own Dequeue hands its worker for `target`.
-async fn praefect_dequeues(pool: &sqlx::PgPool, vs: &str, target: &str) -> usize {
+/// Praefect's `valid_primaries` view over our database, with `storages`
+/// healthy (as Praefect's health checks would record them).
+pub(crate) async fn install_valid_primaries(pool: &sqlx::PgPool, vs: &str, storages: &[&str]) {
+    let rows: Vec<String> = storages
+        .iter()
+        .map(|s| format!("('{vs}', '{s}')"))
+        .collect();
+    let healthy = format!(
+        "CREATE VIEW healthy_storages AS SELECT * FROM (VALUES {}) AS h (virtual_storage, storage)",
+        rows.join(", ")
+    );
+    sqlx::raw_sql(sqlx::AssertSqlSafe(healthy))
+        .execute(pool)
+        .await
+        .unwrap();
+    sqlx::raw_sql(VALID_PRIMARIES).execute(pool).await.unwrap();
+}
+
+/// The storages Praefect's `valid_primaries` allows as the repository's
+/// primary, by name.
+pub(crate) async fn valid_primaries(pool: &sqlx::PgPool, repository_id: i64) -> Vec<String> {
+    sqlx::query_scalar(
+        "SELECT storage FROM valid_primaries WHERE repository_id = $1 ORDER BY storage",
+    )
+    .bind(repository_id)
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+/// The ids of the events Praefect's own Dequeue hands its worker for
+/// `target`.
+pub(crate) async fn praefect_dequeues(pool: &sqlx::PgPool, vs: &str, target: &str) -> Vec<i64> {
     let mut tx = pool.begin().await.unwrap();
     let rows = sqlx::query(DEQUEUE)
         .bind(vs)
@@ -40,10 +71,11 @@ async fn praefect_dequeues(pool: &sqlx::PgPool, vs: &str, target: &str) -> usize
         .unwrap();
     // Looked at, not taken.
     tx.rollback().await.unwrap();
-    rows.len()
+    rows.iter().map(|r| r.get("id")).collect()
 }
 
-async fn queue_rows(pool: &sqlx::PgPool) -> Vec<(i64, String)> {
+/// Praefect's rows: id and state, by id.
+pub(crate) async fn queue_rows(pool: &sqlx::PgPool) -> Vec<(i64, String)> {
     sqlx::query_as("SELECT id, state::text FROM replication_queue ORDER BY id")
         .fetch_all(pool)
         .await
@@ -81,7 +113,11 @@ async fn captured_events_replicate_and_settle_praefects_rows_and_release_hands_b
         .unwrap()
         .remove("source_node_storage");
     let (dead_id, _) = enqueue(&pool, &invalid).await;
-    assert_eq!(praefect_dequeues(&pool, c.vs(), "gitaly-2").await, 0);
+    assert!(
+        praefect_dequeues(&pool, c.vs(), "gitaly-2")
+            .await
+            .is_empty()
+    );
 
     let consumer = c.consumer().await;
     let settled = c
@@ -123,7 +159,7 @@ async fn captured_events_replicate_and_settle_praefects_rows_and_release_hands_b
         waiting.iter().map(|id| (*id, "ready".to_owned())).collect();
     expected.insert(0, (dead_id, "dead".to_owned()));
     assert_eq!(queue_rows(&pool).await, expected);
-    assert_eq!(praefect_dequeues(&pool, c.vs(), "gitaly-2").await, 3);
+    assert_eq!(praefect_dequeues(&pool, c.vs(), "gitaly-2").await, waiting);
     // Released: Praefect's next insert is its own.
     let (_, state) = enqueue(&pool, &update("after-release.git")).await;
     assert_eq!(state, "ready");
@@ -182,16 +218,7 @@ async fn a_captured_delete_replica_keeps_its_storage_out_of_valid_primaries_unti
     let c = Cluster::start(2).await;
     let pool = c.db.store.pool().clone();
     sqlx::raw_sql(QUEUE_TABLES).execute(&pool).await.unwrap();
-    // Both storages healthy, as Praefect's health checks would say.
-    let healthy = format!(
-        "CREATE VIEW healthy_storages AS SELECT * FROM (VALUES ('{vs}', 'gitaly-1'), ('{vs}', 'gitaly-2')) AS h (virtual_storage, storage)",
-        vs = c.vs()
-    );
-    sqlx::raw_sql(sqlx::AssertSqlSafe(healthy))
-        .execute(&pool)
-        .await
-        .unwrap();
-    sqlx::raw_sql(VALID_PRIMARIES).execute(&pool).await.unwrap();
+    install_valid_primaries(&pool, c.vs(), &["gitaly-1", "gitaly-2"]).await;
     let o = cli(&c.toml, &["praefect-queue", "capture"], None);
     assert!(o.status.success(), "{}", all(&o));
     let path = "leaving.git";
@@ -200,15 +227,7 @@ async fn a_captured_delete_replica_keeps_its_storage_out_of_valid_primaries_unti
             .create_repository(c.vs(), path, "gitaly-1", 1, &["gitaly-1", "gitaly-2"])
             .await
             .unwrap();
-    let primaries = || async {
-        sqlx::query_scalar::<_, String>(
-            "SELECT storage FROM valid_primaries WHERE repository_id = $1 ORDER BY storage",
-        )
-        .bind(id)
-        .fetch_all(&pool)
-        .await
-        .unwrap()
-    };
+    let primaries = || valid_primaries(&pool, id);
     assert_eq!(primaries().await, ["gitaly-1", "gitaly-2"]);
 
     let delete = json!({"change": "delete_replica", "virtual_storage": c.vs(),
@@ -279,7 +298,11 @@ async fn events_praefects_reconciler_inserts_are_captured_and_replicate() {
         .await
         .unwrap();
     assert_eq!(states, ["in_progress", "in_progress"]);
-    assert_eq!(praefect_dequeues(&pool, c.vs(), "gitaly-2").await, 0);
+    assert!(
+        praefect_dequeues(&pool, c.vs(), "gitaly-2")
+            .await
+            .is_empty()
+    );
 
     let consumer = c.consumer().await;
     let settled = c
