@@ -5,8 +5,10 @@
 //! real consumer (beside the ceiling of one gRPC call per job with nothing
 //! else running), publish→dispatch latency at a steady rate, drain rate over
 //! growing backlogs with the consumer's peak memory, and scale-out to two
-//! processes, and a fleet of four that loses one to SIGKILL or SIGSTOP; Praefect's own replication queue, emulated on the same
-//! Postgres and target, on the same backlogs; Praefect's queue captured and
+//! processes, and a fleet of four that loses one to SIGKILL or SIGSTOP;
+//! Praefect's own replication queue, emulated on the same Postgres and
+//! target, drained to the end beside ours on backlogs of four shapes and
+//! against targets that answer after 5 and 50 ms; Praefect's queue captured and
 //! published while its Enqueue inserts; and the reconciler's round over
 //! a store of 100,000 repositories. Prints one table and writes it
 //! as JSON under `target/bench/`.
@@ -15,6 +17,7 @@ mod capture;
 mod env;
 mod praefect;
 mod scenarios;
+mod shapes;
 
 use serde_json::json;
 use std::time::Instant;
@@ -35,13 +38,16 @@ pub struct Sizes {
     pub latency_secs: u64,
     pub backlogs: Vec<usize>,
     pub scale_out_jobs: usize,
-    /// Backlogs of the praefect scenario, drained by Praefect's emulation
-    /// and by the consumer.
-    pub praefect_backlogs: Vec<usize>,
-    /// How long one drain of Praefect's queue may run: it slows as the
-    /// backlog grows, and its rate is read over this window where the
-    /// backlog outlasts it.
-    pub praefect_window: std::time::Duration,
+    /// The backlog of each shape in the praefect scenario, drained to the
+    /// end by Praefect's emulation and by the consumer.
+    pub praefect_jobs: usize,
+    /// Stale lock rows in Praefect's table for that shape.
+    pub stale_locks: usize,
+    /// How long one drain of Praefect's queue may run before the rest of it
+    /// is extrapolated.
+    pub praefect_cap: std::time::Duration,
+    /// The update backlog drained against slow targets (5 ms, 50 ms).
+    pub call_time_jobs: usize,
     /// Jobs published into Praefect's idle queue in the latency scenario.
     pub idle_probes: usize,
     /// Repositories in the store of the reconcile scenario.
@@ -74,8 +80,10 @@ async fn main() -> anyhow::Result<()> {
             latency_secs: 2,
             backlogs: vec![1_000, 5_000],
             scale_out_jobs: 2_000,
-            praefect_backlogs: vec![2_000],
-            praefect_window: std::time::Duration::from_secs(1),
+            praefect_jobs: 2_000,
+            stale_locks: 100_000,
+            praefect_cap: std::time::Duration::from_secs(8),
+            call_time_jobs: 1_000,
             idle_probes: 10,
             reconcile_repositories: 20_000,
             capture_events: 4_000,
@@ -87,8 +95,10 @@ async fn main() -> anyhow::Result<()> {
             latency_secs: 10,
             backlogs: vec![10_000, 100_000, 1_000_000],
             scale_out_jobs: 20_000,
-            praefect_backlogs: vec![2_000, 10_000, 100_000],
-            praefect_window: std::time::Duration::from_secs(15),
+            praefect_jobs: 10_000,
+            stale_locks: 100_000,
+            praefect_cap: std::time::Duration::from_secs(300),
+            call_time_jobs: 10_000,
             idle_probes: 20,
             reconcile_repositories: 100_000,
             capture_events: 20_000,

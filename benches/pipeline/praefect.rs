@@ -453,18 +453,20 @@ impl Queue {
         Ok(())
     }
 
-    /// A backlog of n jobs, one per repository, with the rows n calls of
-    /// `enqueue` would leave (lock row, job row with increasing created_at),
-    /// written 10,000 at a time because the setup is not what is measured;
-    /// then ANALYZE, as autovacuum would have done on a live queue.
-    pub async fn load_backlog(&self, vs: &str, kind: Kind, n: usize) -> anyhow::Result<()> {
-        for start in (0..n).step_by(10_000) {
-            let end = (start + 10_000).min(n);
-            let locks: Vec<String> = (start..end)
-                .map(|i| format!("{vs}|{TARGET}|{}", relative_path(i)))
+    /// A backlog of one job per entry of `repos` (the job's repository),
+    /// with the rows that many calls of `enqueue` would leave (a lock row
+    /// per repository, job rows with increasing created_at), written 10,000
+    /// at a time because the setup is not what is measured; then ANALYZE,
+    /// as autovacuum would have done on a live queue.
+    pub async fn load_backlog(&self, vs: &str, kind: Kind, repos: &[usize]) -> anyhow::Result<()> {
+        for (chunk_no, chunk) in repos.chunks(10_000).enumerate() {
+            let locks: Vec<String> = chunk
+                .iter()
+                .map(|&r| format!("{vs}|{TARGET}|{}", relative_path(r)))
                 .collect();
-            let jobs: Vec<String> = (start..end).map(|i| job_json(vs, kind, i)).collect();
-            let metas: Vec<String> = (start..end)
+            let jobs: Vec<String> = chunk.iter().map(|&r| job_json(vs, kind, r)).collect();
+            let start = chunk_no * 10_000;
+            let metas: Vec<String> = (start..start + chunk.len())
                 .map(|i| json!({ "correlation_id": format!("bench-{i}") }).to_string())
                 .collect();
             sqlx::query(
@@ -486,6 +488,37 @@ impl Queue {
         }
         sqlx::raw_sql("ANALYZE").execute(&self.pool).await?;
         Ok(())
+    }
+
+    /// Lock rows of `n` repositories that had jobs for the target once and
+    /// have none now: Praefect v14.10 creates one per repository and target
+    /// on Enqueue and never deletes it, and its Dequeue locks every one of
+    /// the target's that is not acquired.
+    pub async fn add_stale_locks(&self, vs: &str, n: usize) -> anyhow::Result<()> {
+        for start in (0..n).step_by(10_000) {
+            let end = (start + 10_000).min(n);
+            let locks: Vec<String> = (start..end)
+                .map(|i| format!("{vs}|{TARGET}|@hashed/gone/{i}.git"))
+                .collect();
+            sqlx::query("INSERT INTO replication_queue_lock(id) SELECT unnest($1::text[])")
+                .bind(&locks)
+                .execute(&self.pool)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Rows still in `replication_queue`: a completed job's row and its
+    /// ready twins are deleted by Acknowledge, so a drain is done when none
+    /// is left. Counted over the admin connection, not a worker's.
+    async fn rows_left(&self) -> anyhow::Result<i64> {
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT count(*) AS n FROM {}.replication_queue",
+            self.schema
+        )))
+        .fetch_one(&self.admin)
+        .await?;
+        Ok(row.try_get("n")?)
     }
 
     /// Target replicas recorded by SetGeneration.
@@ -700,33 +733,58 @@ impl Manager {
 
 /// What a drain of Praefect's queue measured.
 pub struct Drain {
-    /// Jobs completed within the window.
-    pub jobs: usize,
+    pub backlog: usize,
+    /// Rows that left the queue within the measured time: completed jobs
+    /// and the ready twins their Acknowledge removed.
+    pub left: usize,
+    /// The measured time: the whole drain, or the cap where the backlog
+    /// outlasted it.
     pub secs: f64,
-    /// Whether the window ended before the backlog did.
-    pub capped: bool,
+    /// The whole drain's time where it was cut at the cap: the measured
+    /// time plus what was left at the rate of the last quarter of the
+    /// measured time (the fastest part: Praefect speeds up as its backlog
+    /// shrinks, so the remaining time is overstated a little, not more).
+    pub extrapolated: Option<f64>,
     pub cpu: CpuSplit,
 }
 
 impl Drain {
+    /// Time to drain the whole backlog, measured or extrapolated.
+    pub fn whole_secs(&self) -> f64 {
+        self.extrapolated.unwrap_or(self.secs)
+    }
+
+    /// Jobs per second over the whole drain.
     pub fn rate(&self) -> f64 {
-        self.jobs as f64 / self.secs.max(1e-9)
+        self.backlog as f64 / self.whole_secs().max(1e-9)
+    }
+
+    /// " (extrapolated from the first 30 s)" where the drain was cut.
+    pub fn note(&self) -> String {
+        if self.extrapolated.is_some() {
+            format!(" (extrapolated from the first {:.0} s)", self.secs)
+        } else {
+            String::new()
+        }
     }
 }
 
-/// `workers` replication workers on one target's backlog of `backlog` jobs,
-/// until the backlog is done or `window` has passed.
+/// `workers` replication workers on one target's backlog, one job per
+/// entry of `repos` (its repository) of `kind`, with Praefect's lock table
+/// holding `stale_locks` rows of repositories without jobs, until every
+/// row has left the queue or `cap` has passed.
 pub async fn drain(
     env: &BenchEnv,
     kind: Kind,
-    backlog: usize,
+    repos: &[usize],
+    stale_locks: usize,
     workers: usize,
-    window: Duration,
+    cap: Duration,
 ) -> anyhow::Result<Drain> {
     // As many connections as the consumer's pool (`max_connections = 16`).
     let queue = Queue::create(&env.db_url(), 16).await?;
     let manager = Arc::new(Manager::new(queue, env, false)?);
-    let result = run_drain(&manager, env, kind, backlog, workers, window).await;
+    let result = run_drain(&manager, env, kind, repos, stale_locks, workers, cap).await;
     if let Ok(m) = Arc::try_unwrap(manager) {
         m.queue.drop_schema().await;
     }
@@ -737,12 +795,16 @@ async fn run_drain(
     manager: &Arc<Manager>,
     env: &BenchEnv,
     kind: Kind,
-    backlog: usize,
+    repos: &[usize],
+    stale_locks: usize,
     workers: usize,
-    window: Duration,
+    cap: Duration,
 ) -> anyhow::Result<Drain> {
-    manager.queue.seed_repositories(&env.vs, backlog).await?;
-    manager.queue.load_backlog(&env.vs, kind, backlog).await?;
+    let backlog = repos.len();
+    let known = repos.iter().max().map_or(0, |m| m + 1);
+    manager.queue.seed_repositories(&env.vs, known).await?;
+    manager.queue.add_stale_locks(&env.vs, stale_locks).await?;
+    manager.queue.load_backlog(&env.vs, kind, repos).await?;
     // Open the channels first, as a running Praefect has them.
     manager.target.check_health(Duration::from_secs(5)).await?;
     manager.source.check_health(Duration::from_secs(5)).await?;
@@ -752,35 +814,58 @@ async fn run_drain(
     let handles: Vec<_> = (0..workers)
         .map(|_| tokio::spawn(manager.clone().worker(env.vs.clone(), stop.clone())))
         .collect();
-    let (jobs, secs) = loop {
-        let done = manager.completed.load(Ordering::Relaxed);
-        if done >= backlog || started.elapsed() >= window {
-            break (done, started.elapsed().as_secs_f64());
+    // (seconds since the start, rows that had left the queue)
+    let mut samples: Vec<(f64, usize)> = Vec::new();
+    let (left, secs) = loop {
+        tokio::time::sleep(Duration::from_millis(25)).await;
+        let remaining = manager.queue.rows_left().await?;
+        let left = backlog.saturating_sub(usize::try_from(remaining).unwrap_or(0));
+        let t = started.elapsed().as_secs_f64();
+        samples.push((t, left));
+        if left >= backlog || started.elapsed() >= cap {
+            break (left, t);
         }
-        tokio::time::sleep(Duration::from_millis(5)).await;
     };
     let cpu = CpuSample::take(&[], &env.db_name).since(&before);
     stop.cancel();
     for h in handles {
         h.await?;
     }
-    anyhow::ensure!(jobs > 0, "Praefect's workers completed no job");
+    anyhow::ensure!(left > 0, "Praefect's workers completed no job");
     let errors = manager.errors.load(Ordering::Relaxed);
     anyhow::ensure!(
         errors == 0,
         "{errors} failed statements or jobs in Praefect's emulation"
     );
-    if kind == Kind::Update {
-        let replicas = manager.queue.target_replicas().await?;
+    let extrapolated = if left < backlog {
+        let from = secs * 0.75;
+        let (t0, l0) = samples
+            .iter()
+            .copied()
+            .find(|(t, _)| *t >= from)
+            .unwrap_or((0.0, 0));
+        let tail_rate = (left - l0) as f64 / (secs - t0).max(1e-9);
         anyhow::ensure!(
-            replicas as usize >= jobs,
-            "{replicas} target generations recorded for {jobs} update jobs"
+            tail_rate > 0.0,
+            "Praefect's queue made no progress in the last quarter of its {secs:.0} s"
         );
-    }
+        Some(secs + (backlog - left) as f64 / tail_rate)
+    } else {
+        if kind == Kind::Update {
+            let replicas = manager.queue.target_replicas().await?;
+            let wanted = crate::shapes::distinct(repos);
+            anyhow::ensure!(
+                replicas as usize == wanted,
+                "{replicas} target generations recorded for {wanted} repositories"
+            );
+        }
+        None
+    };
     Ok(Drain {
-        jobs,
+        backlog,
+        left,
         secs,
-        capped: jobs < backlog,
+        extrapolated,
         cpu,
     })
 }

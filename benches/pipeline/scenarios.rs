@@ -2,6 +2,7 @@
 
 use crate::env::{BenchEnv, CpuSplit, Drained, EnvOptions, signal_and_wait, signal_child, stop};
 use crate::praefect::{self, Kind};
+use crate::shapes::{self, Shape};
 use crate::{Row, Sizes};
 use futures::StreamExt;
 use std::collections::HashMap;
@@ -140,29 +141,49 @@ pub async fn grpc_ceiling(s: &Sizes) -> anyhow::Result<Row> {
     ))
 }
 
-/// N jobs of one kind through one consumer process: jobs/s and what the
-/// drain measured.
+/// N jobs of one kind, one per repository, through one consumer process:
+/// jobs/s and what the drain measured.
 async fn ours(kind: Kind, n: usize) -> anyhow::Result<(f64, Drained)> {
     let env = BenchEnv::new(&opts(Duration::ZERO)).await?;
-    let result = ours_in(&env, kind, n).await;
+    let repos: Vec<usize> = (0..n).collect();
+    let result = ours_in(&env, kind, &repos).await;
     env.cleanup().await;
-    result
+    result.map(|o| (o.rate, o.drained))
 }
 
-async fn ours_in(env: &BenchEnv, kind: Kind, n: usize) -> anyhow::Result<(f64, Drained)> {
-    let jobs: Vec<_> = (0..n)
-        .map(|i| match kind {
-            Kind::Maintenance => env.maintenance_job(i),
-            Kind::Update => env.update_job(i),
+/// What the consumer's drain of one backlog measured.
+struct Ours {
+    /// Jobs per second from the first call to the last acknowledgement.
+    rate: f64,
+    drained: Drained,
+    /// Calls that reached the target: one per job, less the jobs the
+    /// consumer found done already (a twin completed, or the replica up to
+    /// date).
+    calls: usize,
+}
+
+/// One job of `kind` per entry of `repos` (its repository) through one
+/// consumer process, drained to the end.
+async fn ours_in(env: &BenchEnv, kind: Kind, repos: &[usize]) -> anyhow::Result<Ours> {
+    let n = repos.len();
+    let jobs: Vec<_> = repos
+        .iter()
+        .map(|&r| match kind {
+            Kind::Maintenance => env.maintenance_job(r),
+            Kind::Update => env.update_job(r),
         })
         .collect();
+    let distinct = shapes::distinct(repos);
     if kind == Kind::Update {
         // Update jobs are for repositories the store knows, at generation 1
         // on the source.
-        let seeds = futures::stream::iter(jobs.iter().map(|j| {
+        let mut paths: Vec<&str> = jobs.iter().map(|j| j.relative_path.as_str()).collect();
+        paths.sort_unstable();
+        paths.dedup();
+        let seeds = futures::stream::iter(paths.into_iter().map(|path| {
             let store = env.store.clone();
             let vs = env.vs.clone();
-            let path = j.relative_path.clone();
+            let path = path.to_owned();
             async move {
                 store
                     .create_repository(&vs, &path, "gitaly-1", 1, &["gitaly-1"])
@@ -177,11 +198,15 @@ async fn ours_in(env: &BenchEnv, kind: Kind, n: usize) -> anyhow::Result<(f64, D
         }
     }
     env.publish_all(&jobs).await?;
+    let calls_before = env.target.gitaly.call_count();
     let child = env.spawn_consumer()?;
     let pid = child.id();
-    let drained = env.drain(n, &[pid], Duration::from_secs(600)).await;
+    // Every repository's first job calls the target; the drain ends when no
+    // job is left.
+    let drained = env.drain(distinct, &[pid], Duration::from_secs(600)).await;
     stop(child);
     let drained = drained?;
+    let calls = env.target.gitaly.call_count() - calls_before;
     if kind == Kind::Update {
         // Every target replica must now hold generation 1.
         let sample = &jobs[jobs.len() / 2].relative_path;
@@ -191,7 +216,11 @@ async fn ours_in(env: &BenchEnv, kind: Kind, n: usize) -> anyhow::Result<(f64, D
             "update did not record the generation"
         );
     }
-    Ok((n as f64 / drained.secs, drained))
+    Ok(Ours {
+        rate: n as f64 / drained.secs,
+        drained,
+        calls,
+    })
 }
 
 /// N optimize_repository jobs through the consumer to a target that answers
@@ -292,111 +321,162 @@ fn cpu_split_rows(scenario: &'static str, prefix: &str, split: &CpuSplit, jobs: 
         .collect()
 }
 
-/// "2k", "10k", "100k".
-fn jobs_label(n: usize) -> String {
-    if n >= 1000 && n.is_multiple_of(1000) {
-        format!("{}k", n / 1000)
-    } else {
-        n.to_string()
-    }
-}
-
-/// Praefect's replication queue, emulated, beside ours on the same backlogs:
-/// one worker per target as Praefect runs, and as many workers as the
-/// consumer has Postgres connections.
+/// Praefect's replication queue, emulated, beside ours: backlogs of four
+/// shapes, each drained to the end by both (one Praefect worker per target
+/// as Praefect runs, and as many as the consumer has Postgres connections),
+/// then update backlogs against targets that answer after 5 and 50 ms.
 pub async fn praefect(s: &Sizes) -> anyhow::Result<Vec<Row>> {
-    let env = BenchEnv::new(&opts(Duration::ZERO)).await?;
     let mut rows = Vec::new();
-    let result = praefect_in(&env, s, &mut rows).await;
-    env.cleanup().await;
-    result?;
-    Ok(rows)
-}
-
-async fn praefect_in(env: &BenchEnv, s: &Sizes, rows: &mut Vec<Row>) -> anyhow::Result<()> {
-    // As many workers as the consumer has Postgres connections, one
-    // connection each. As many as it has jobs in flight (256) would share
-    // those 16 connections, and their Dequeues starve the jobs' own
-    // statements; 256 connections exceed what the bench's Postgres allows.
-    let parallel = PRAEFECT_WORKERS;
+    let env = BenchEnv::new(&opts(Duration::ZERO)).await?;
     let enqueue_jobs = if s.quick { 1_000 } else { 2_000 };
+    let enqueue = praefect::enqueue_rate(&env, enqueue_jobs).await;
+    env.cleanup().await;
     rows.push(row(
         "praefect",
         format!("Enqueue, {enqueue_jobs} jobs, 16 connections"),
-        praefect::enqueue_rate(env, enqueue_jobs).await?,
+        enqueue?,
         "jobs/s",
         None,
     ));
-    let split_at = if s.praefect_backlogs.contains(&10_000) {
-        10_000
-    } else {
-        s.praefect_backlogs.last().copied().unwrap_or(0)
-    };
-    for &n in &s.praefect_backlogs {
-        for kind in [Kind::Maintenance, Kind::Update] {
-            let (ours_rate, _) = ours(kind, n).await?;
-            let one = praefect::drain(env, kind, n, 1, s.praefect_window).await?;
-            let many = praefect::drain(env, kind, n, parallel, s.praefect_window).await?;
-            let head = format!("{} {}", kind.name(), jobs_label(n));
-            let window = |d: &praefect::Drain| {
-                if d.capped {
-                    format!(" (first {:.0} s)", d.secs)
-                } else {
-                    String::new()
-                }
-            };
-            rows.push(row(
-                "praefect",
-                format!("{head}, 1 worker{}", window(&one)),
-                one.rate(),
-                "jobs/s",
-                None,
-            ));
-            rows.push(row(
-                "praefect",
-                format!("{head}, {parallel} workers{}", window(&many)),
-                many.rate(),
-                "jobs/s",
-                None,
-            ));
-            rows.push(row(
-                "praefect",
-                format!("{head}, ours"),
-                ours_rate,
-                "jobs/s",
-                None,
-            ));
-            let ratio = ours_rate / one.rate();
-            let target =
-                (kind == Kind::Update && n == 10_000).then(|| (">= 10".to_owned(), ratio >= 10.0));
-            rows.push(row(
-                "praefect",
-                format!("{head}, ours / 1 worker"),
-                ratio,
-                "x",
-                target,
-            ));
-            let ratio = ours_rate / many.rate();
-            let target =
-                (kind == Kind::Update && n == 10_000).then(|| (">= 10".to_owned(), ratio >= 10.0));
-            rows.push(row(
-                "praefect",
-                format!("{head}, ours / {parallel} workers"),
-                ratio,
-                "x",
-                target,
-            ));
-            if n == split_at {
-                rows.extend(cpu_split_rows(
-                    "praefect",
-                    &format!("{head}, 1 worker"),
-                    &one.cpu,
-                    one.jobs,
-                ));
-            }
-        }
+    let shapes = [
+        (Kind::Update, Shape::OnePerRepository),
+        (
+            Kind::Update,
+            Shape::Zipf {
+                s: 1.1,
+                repositories: 1_000,
+            },
+        ),
+        (Kind::Update, Shape::Repositories(100)),
+        (Kind::Update, Shape::StaleLocks(s.stale_locks)),
+        (Kind::Maintenance, Shape::OnePerRepository),
+    ];
+    // Each backlog on a database and stream of its own: the consumer's
+    // store must not know the repositories of the one before.
+    for (kind, shape) in shapes {
+        let env = BenchEnv::new(&opts(Duration::ZERO)).await?;
+        let result = praefect_shape(&env, s, kind, shape, &mut rows).await;
+        env.cleanup().await;
+        result?;
+    }
+    for latency in [Duration::from_millis(5), Duration::from_millis(50)] {
+        let env = BenchEnv::new(&opts(latency)).await?;
+        let result = praefect_call_times(&env, s, latency, &mut rows).await;
+        env.cleanup().await;
+        result?;
+    }
+    Ok(rows)
+}
+
+/// One backlog shape drained by the consumer, then by Praefect's emulation
+/// on the same database and target.
+async fn praefect_shape(
+    env: &BenchEnv,
+    s: &Sizes,
+    kind: Kind,
+    shape: Shape,
+    rows: &mut Vec<Row>,
+) -> anyhow::Result<()> {
+    let n = s.praefect_jobs;
+    let repos = shape.repositories(n);
+    let head = format!(
+        "{} {}, {} ({} repositories, busiest {} jobs)",
+        kind.name(),
+        shapes::label(n),
+        shape.label(),
+        shapes::distinct(&repos),
+        shapes::busiest(&repos),
+    );
+    let ours = ours_in(env, kind, &repos).await?;
+    let stale = shape.stale_locks();
+    let one = praefect::drain(env, kind, &repos, stale, 1, s.praefect_cap).await?;
+    let many = praefect::drain(env, kind, &repos, stale, PRAEFECT_WORKERS, s.praefect_cap).await?;
+    compare(rows, &head, &ours, &one, &many, Some(10.0));
+    if kind == Kind::Update && shape == Shape::OnePerRepository {
+        rows.extend(cpu_split_rows(
+            "praefect",
+            &format!("{head}, 1 worker"),
+            &one.cpu,
+            one.left,
+        ));
     }
     Ok(())
+}
+
+/// Update jobs, one per repository, against a target that answers after
+/// `latency`: the call bounds a serial worker, and the consumer's
+/// concurrency bounds ours.
+async fn praefect_call_times(
+    env: &BenchEnv,
+    s: &Sizes,
+    latency: Duration,
+    rows: &mut Vec<Row>,
+) -> anyhow::Result<()> {
+    let repos: Vec<usize> = (0..s.call_time_jobs).collect();
+    let head = format!(
+        "update {}, target answers after {} ms",
+        shapes::label(repos.len()),
+        latency.as_millis()
+    );
+    let cap = s.praefect_cap.min(Duration::from_secs(60));
+    let ours = ours_in(env, Kind::Update, &repos).await?;
+    let one = praefect::drain(env, Kind::Update, &repos, 0, 1, cap).await?;
+    let many = praefect::drain(env, Kind::Update, &repos, 0, PRAEFECT_WORKERS, cap).await?;
+    compare(rows, &head, &ours, &one, &many, None);
+    Ok(())
+}
+
+/// Rows for one backlog drained by Praefect (1 and 16 workers) and by ours:
+/// whole-drain rates, and ours against Praefect's better one with the
+/// times to drain.
+fn compare(
+    rows: &mut Vec<Row>,
+    head: &str,
+    ours: &Ours,
+    one: &praefect::Drain,
+    many: &praefect::Drain,
+    target: Option<f64>,
+) {
+    rows.push(row(
+        "praefect",
+        format!("{head}: Praefect, 1 worker{}", one.note()),
+        one.rate(),
+        "jobs/s",
+        None,
+    ));
+    rows.push(row(
+        "praefect",
+        format!(
+            "{head}: Praefect, {PRAEFECT_WORKERS} workers{}",
+            many.note()
+        ),
+        many.rate(),
+        "jobs/s",
+        None,
+    ));
+    rows.push(row(
+        "praefect",
+        format!(
+            "{head}: ours ({} target calls for {} jobs)",
+            ours.calls, one.backlog
+        ),
+        ours.rate,
+        "jobs/s",
+        None,
+    ));
+    let best = if one.rate() >= many.rate() { one } else { many };
+    let ratio = ours.rate / best.rate();
+    rows.push(row(
+        "praefect",
+        format!(
+            "{head}: ours / Praefect's best (drained in {:.2} s / {:.1} s)",
+            ours.drained.secs,
+            best.whole_secs()
+        ),
+        ratio,
+        "x",
+        target.map(|t| (format!(">= {t}"), ratio >= t)),
+    ));
 }
 
 /// The machine's busy CPU time per job during a drain: every process
@@ -846,7 +926,7 @@ async fn reconcile_in(env: &BenchEnv, s: &Sizes) -> anyhow::Result<Vec<Row>> {
         "scheduled {scheduled}, stream holds {}",
         env.jobs_left().await?
     );
-    let label = format!("{} repositories", jobs_label(n));
+    let label = format!("{} repositories", shapes::label(n));
     Ok(vec![
         row(
             "reconcile",

@@ -6,8 +6,8 @@
 //! events with a `replication_queue_job_lock` row, so its workers never
 //! take it, while `valid_primaries`, its queue-depth metric and `praefect
 //! dataloss` count it as pending. After the insert, the event is copied into
-//! `replication_captured_events` (same transaction) and a notification
-//! wakes the publisher. Both run as their owner (`SECURITY DEFINER`), so
+//! `replication_captured_events` (same transaction) and, if the publisher
+//! waits for one, a notification wakes it. Both run as their owner (`SECURITY DEFINER`), so
 //! Praefect's database user needs no right on our table, and neither can
 //! make Praefect's insert fail or return no row.
 //!
@@ -78,13 +78,17 @@ BEGIN
     INSERT INTO replication_captured_events (event_id, job, meta, created_at)
     VALUES (NEW.id, NEW.job - '{DUPLICATE_MARK}', NEW.meta, NEW.created_at)
     ON CONFLICT (event_id) DO NOTHING;
-    BEGIN
-        PERFORM pg_notify('{CAPTURE_CHANNEL}', '');
-    EXCEPTION WHEN OTHERS THEN
-        -- A full notification queue must not fail Praefect's insert: the
-        -- publisher's poll finds the event.
-        NULL;
-    END;
+    -- Only a waiting publisher is notified: notifying transactions commit
+    -- one at a time (see migration 0008).
+    IF (SELECT waiting FROM replication_capture_wakeup) IS NOT FALSE THEN
+        BEGIN
+            PERFORM pg_notify('{CAPTURE_CHANNEL}', '');
+        EXCEPTION WHEN OTHERS THEN
+            -- A full notification queue must not fail Praefect's insert:
+            -- the publisher's poll finds the event.
+            NULL;
+        END;
+    END IF;
     RETURN NULL;
 END $$;
 DROP TRIGGER IF EXISTS replication_capture_take ON replication_queue;
@@ -243,6 +247,17 @@ impl RepositoryStore {
         .execute(&self.pool)
         .await
         .map_err(failed("mark_published"))?;
+        Ok(())
+    }
+
+    /// Tells the capture's trigger whether the publisher waits for a
+    /// notification (`true`) or polls (`false`).
+    pub async fn set_capture_waiting(&self, waiting: bool) -> Result<(), StoreError> {
+        sqlx::query("UPDATE replication_capture_wakeup SET waiting = $1 WHERE waiting <> $1")
+            .bind(waiting)
+            .execute(&self.pool)
+            .await
+            .map_err(failed("set_capture_waiting"))?;
         Ok(())
     }
 

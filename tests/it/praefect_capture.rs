@@ -414,3 +414,88 @@ async fn a_capturing_process_killed_mid_stream_is_taken_over_and_no_event_is_los
         );
     }
 }
+
+/// Notifications on the capture's channel that arrived by now.
+async fn notifications(listener: &mut sqlx::postgres::PgListener) -> usize {
+    let mut n = 0;
+    while let Ok(Ok(Some(_))) =
+        tokio::time::timeout(Duration::from_millis(50), listener.try_recv()).await
+    {
+        n += 1;
+    }
+    n
+}
+
+async fn unpublished(pool: &sqlx::PgPool) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM replication_captured_events WHERE published_at IS NULL",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn while_events_keep_coming_praefects_inserts_send_no_notification_and_an_idle_publisher_is_woken_by_one()
+ {
+    // Postgres commits notifying transactions one at a time: a notification
+    // per insert held Praefect's Enqueue to a fifth of its rate.
+    const BURST: usize = 300;
+    let c = Cluster::start(2).await;
+    let pool = c.db.store.pool().clone();
+    sqlx::raw_sql(QUEUE_TABLES).execute(&pool).await.unwrap();
+    let o = cli(&c.toml, &["praefect-queue", "capture"], None);
+    assert!(o.status.success(), "{}", all(&o));
+    let mut listener = sqlx::postgres::PgListener::connect_with(&pool)
+        .await
+        .unwrap();
+    listener
+        // The capture trigger's channel.
+        .listen("replication_captured_events")
+        .await
+        .unwrap();
+    let optimize = |i: usize| {
+        json!({"change": "optimize_repository", "virtual_storage": c.vs(),
+               "relative_path": format!("burst-{i}.git"), "target_node_storage": "gitaly-2",
+               "source_node_storage": "", "repository_id": 0, "params": null})
+    };
+    let consumer = c.consumer().await;
+    // An idle publisher is woken by the first insert's notification.
+    enqueue(&pool, &optimize(0)).await;
+    assert!(
+        c.eventually(Duration::from_secs(5), || async {
+            unpublished(&pool).await == 0
+        })
+        .await
+    );
+    assert_eq!(notifications(&mut listener).await, 1);
+    // Events every 2 ms keep it publishing: the trigger stops notifying.
+    for i in 1..=BURST {
+        enqueue(&pool, &optimize(i)).await;
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let sent = notifications(&mut listener).await;
+    assert!(
+        sent <= 5,
+        "{sent} notifications for {BURST} inserts while the publisher polled"
+    );
+    assert!(
+        c.eventually(Duration::from_secs(10), || async {
+            unpublished(&pool).await == 0
+        })
+        .await,
+        "captured events left unpublished"
+    );
+    // Idle again after a quiet second: the next insert notifies.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let _ = notifications(&mut listener).await;
+    enqueue(&pool, &optimize(BURST + 1)).await;
+    assert_eq!(notifications(&mut listener).await, 1);
+    assert!(
+        c.eventually(Duration::from_secs(5), || async {
+            unpublished(&pool).await == 0
+        })
+        .await
+    );
+    consumer.stop().await.unwrap();
+}
