@@ -12,6 +12,7 @@ use crate::queue::incarnation::Incarnation;
 use crate::queue::layout::Layout;
 use crate::queue::puller::{Pulled, Puller};
 use crate::queue::requeue::{Carried, Placement, requeue_stored};
+use crate::store::RepositoryStore;
 use async_nats::jetstream::{self, Context};
 use serde::Deserialize;
 use std::time::Duration;
@@ -30,7 +31,13 @@ struct MaxDeliveriesAdvisory {
 }
 
 /// Handles advisories until `stop`.
-pub async fn run(js: Context, layout: Layout, mut puller: Puller, stop: CancellationToken) {
+pub async fn run(
+    js: Context,
+    layout: Layout,
+    store: RepositoryStore,
+    mut puller: Puller,
+    stop: CancellationToken,
+) {
     loop {
         if !puller.is_active() && puller.request(16).await.is_err() {
             tokio::select! {
@@ -45,7 +52,7 @@ pub async fn run(js: Context, layout: Layout, mut puller: Puller, stop: Cancella
         match step {
             Ok(Pulled::Messages(ms)) => {
                 for m in ms {
-                    handle(&js, &layout, &m).await;
+                    handle(&js, &layout, &store, &m).await;
                 }
             }
             Ok(_) => {}
@@ -71,7 +78,12 @@ async fn acknowledge(m: &jetstream::Message, kind: jetstream::AckKind, name: &'s
 
 /// Moves the advisory's job; acks the advisory only when that worked (or
 /// there was nothing left to move).
-pub async fn handle(js: &Context, layout: &Layout, m: &jetstream::Message) {
+pub async fn handle(
+    js: &Context,
+    layout: &Layout,
+    store: &RepositoryStore,
+    m: &jetstream::Message,
+) {
     let advisory: MaxDeliveriesAdvisory = match serde_json::from_slice(&m.message.payload) {
         Ok(a) => a,
         Err(e) => {
@@ -83,7 +95,7 @@ pub async fn handle(js: &Context, layout: &Layout, m: &jetstream::Message) {
             return;
         }
     };
-    match move_stranded(js, layout, &advisory).await {
+    match move_stranded(js, layout, store, &advisory).await {
         Ok(()) => acknowledge(m, jetstream::AckKind::Ack, "ack").await,
         Err(e) => {
             tracing::error!(error = %e, stream_sequence = advisory.stream_seq, "could not move a stranded job; will retry");
@@ -96,6 +108,7 @@ pub async fn handle(js: &Context, layout: &Layout, m: &jetstream::Message) {
 async fn move_stranded(
     js: &Context,
     layout: &Layout,
+    store: &RepositoryStore,
     a: &MaxDeliveriesAdvisory,
 ) -> Result<(), String> {
     if a.stream != layout.stream {
@@ -155,6 +168,19 @@ async fn move_stranded(
         )
         .await
         .map_err(|e| e.to_string())?;
+        // A captured job: Praefect's row becomes `dead`, as on any other
+        // way to the dead letters.
+        if let Some(event) = carried.praefect_event
+            && let Err(e) = store.settle_captured_dead(event).await
+        {
+            // The dead letter is written; Praefect's row stays pending until
+            // a release hands it back.
+            tracing::warn!(
+                praefect_event = event,
+                error = display_error_chain(&e),
+                "settling Praefect's row of a stranded job failed"
+            );
+        }
         let (vs, target) =
             crate::subject::parse_job_subject(&layout.subject_prefix, raw.subject.as_str())
                 .unwrap_or_default();

@@ -187,6 +187,7 @@ pub async fn run<R: Replicator>(deps: ConsumerDeps<R>) -> Result<(), ConsumerErr
     loops.push(tasks.spawn(crate::queue::advisories::run(
         js.clone(),
         layout.clone(),
+        store.clone(),
         advisories,
         stop.clone(),
     )));

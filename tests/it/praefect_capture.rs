@@ -499,3 +499,65 @@ async fn while_events_keep_coming_praefects_inserts_send_no_notification_and_an_
     );
     consumer.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_captured_job_stranded_at_max_deliver_leaves_praefects_row_dead() {
+    // A short ack wait, the server giving up after three deliveries, and a
+    // short lease so a killed process's repository comes back soon.
+    let c = Cluster::start_with(2, |toml| {
+        *toml = toml
+            .replace("ack_wait = \"5s\"", "ack_wait = \"1s\"")
+            .replacen("\n[nats]\n", "\n[nats]\nmax_deliver = 3\n", 1)
+            .replacen(
+                "\n[replication]\n",
+                "\n[replication]\nlock_lease = \"3s\"\n",
+                1,
+            );
+    })
+    .await;
+    let pool = c.db.store.pool().clone();
+    sqlx::raw_sql(QUEUE_TABLES).execute(&pool).await.unwrap();
+    let o = cli(&c.toml, &["praefect-queue", "capture"], None);
+    assert!(o.status.success(), "{}", all(&o));
+    // Every call hangs: each process that takes the job dies during it.
+    c.node(2).respond(
+        "OptimizeRepository",
+        Behaviour::delay(Duration::from_secs(120)),
+    );
+    let (event, _) = enqueue(
+        &pool,
+        &json!({"change": "optimize_repository", "virtual_storage": c.vs(),
+                "relative_path": "stranded.git", "target_node_storage": "gitaly-2",
+                "source_node_storage": "", "repository_id": 0, "params": null}),
+    )
+    .await;
+    for delivery in 1..=3 {
+        let p = ReplicatorProcess::run(&c.toml);
+        assert!(
+            c.eventually(Duration::from_secs(30), || async {
+                c.node(2).call_count() >= delivery
+            })
+            .await,
+            "delivery {delivery} never reached the node"
+        );
+        p.signal("KILL");
+        assert_eq!(p.wait().await.0, None, "killed by a signal");
+    }
+    // The server gives up one ack wait after the third delivery; the next
+    // process moves the job to the dead letters from the advisory.
+    let consumer = c.consumer().await;
+    let dead = c
+        .eventually(Duration::from_secs(30), || async {
+            queue_rows(&pool).await == vec![(event, "dead".to_owned())]
+        })
+        .await;
+    assert!(dead, "Praefect's rows: {:?}", queue_rows(&pool).await);
+    let letters = c.dead_letters().await;
+    assert_eq!(letters.len(), 1);
+    assert_eq!(
+        letters[0].header(gitaly_replicator::dead_letters::headers::REASON),
+        Some("stranded")
+    );
+    assert_eq!(c.node(2).call_count(), 3);
+    consumer.stop().await.unwrap();
+}
