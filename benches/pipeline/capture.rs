@@ -181,25 +181,12 @@ async fn measure(
         .lock()
         .map_err(|_| anyhow::anyhow!("insert times poisoned"))?
         .clone();
-    let mut dispatch: Vec<f64> = env
-        .target
-        .gitaly
-        .calls()
-        .iter()
-        .filter_map(|c| {
-            let at = sent.get(c.correlation_id.as_deref()?)?;
-            c.received_wall
-                .duration_since(*at)
-                .ok()
-                .map(|d| d.as_secs_f64() * 1000.0)
-        })
-        .collect();
+    let dispatch = env.dispatch_delays_ms(&sent);
     anyhow::ensure!(
         dispatch.len() == total,
         "{} of {total} captured events dispatched",
         dispatch.len()
     );
-    dispatch.sort_by(f64::total_cmp);
     let p99 = percentile(&dispatch, 0.99);
     rows.push(row(
         SCENARIO,

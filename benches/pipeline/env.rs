@@ -11,7 +11,7 @@ use sqlx::{Connection, PgConnection};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 use testkit::recording_gitaly::{Behaviour, RecordingGitaly, RunningGitaly};
 
 pub const SERVER_DB: &str = "postgres://postgres@127.0.0.1:5432/test";
@@ -120,6 +120,26 @@ max_ack_pending = -1
             toml,
             dir: tempfile::tempdir()?,
         })
+    }
+
+    /// Milliseconds from each job's send time (by correlation id) to its
+    /// call reaching the target, sorted.
+    pub fn dispatch_delays_ms(&self, sent: &HashMap<String, SystemTime>) -> Vec<f64> {
+        let mut delays: Vec<f64> = self
+            .target
+            .gitaly
+            .calls()
+            .iter()
+            .filter_map(|c| {
+                let at = sent.get(c.correlation_id.as_deref()?)?;
+                c.received_wall
+                    .duration_since(*at)
+                    .ok()
+                    .map(|d| d.as_secs_f64() * 1000.0)
+            })
+            .collect();
+        delays.sort_by(f64::total_cmp);
+        delays
     }
 
     pub fn db_url(&self) -> String {

@@ -573,19 +573,7 @@ pub async fn latency(s: &Sizes) -> anyhow::Result<Vec<Row>> {
     }
     let acked = ack_watch.await?;
     stop(child);
-    let mut dispatch: Vec<f64> = env
-        .target
-        .gitaly
-        .calls()
-        .iter()
-        .filter_map(|c| {
-            let sent = by_correlation.get(c.correlation_id.as_deref()?)?;
-            c.received_wall
-                .duration_since(*sent)
-                .ok()
-                .map(|d| d.as_secs_f64() * 1000.0)
-        })
-        .collect();
+    let dispatch = env.dispatch_delays_ms(&by_correlation);
     let mut to_ack: Vec<f64> = acked
         .iter()
         .filter_map(|(seq, at)| {
@@ -595,7 +583,6 @@ pub async fn latency(s: &Sizes) -> anyhow::Result<Vec<Row>> {
         })
         .collect();
     env.cleanup().await;
-    dispatch.sort_by(f64::total_cmp);
     to_ack.sort_by(f64::total_cmp);
     anyhow::ensure!(
         dispatch.len() == total,

@@ -72,12 +72,7 @@ async fn status_and_the_depth_gauge_count_what_consumers_have_left_after_a_broke
             .await
     );
     let work = c.js.get_stream(&c.layout.stream).await.unwrap();
-    let durable = c
-        .layout
-        .consumer(c.vs(), "gitaly-2")
-        .unwrap()
-        .durable_name
-        .clone();
+    let durable = c.durable("gitaly-2");
     assert!(
         c.eventually(Duration::from_secs(10), || async {
             let info = work.consumer_info(&durable).await.unwrap();
@@ -198,12 +193,7 @@ async fn an_unacknowledged_entry_whose_job_is_gone_does_not_hold_back_the_jobs_l
         ))
         .await;
     }
-    let durable = c
-        .layout
-        .consumer(c.vs(), "gitaly-2")
-        .unwrap()
-        .durable_name
-        .clone();
+    let durable = c.durable("gitaly-2");
     let work = c.js.get_stream(&c.layout.stream).await.unwrap();
     let consumer: PullConsumer = work.get_consumer(&durable).await.unwrap();
     let mut batch = consumer

@@ -82,6 +82,24 @@ pub(crate) async fn queue_rows(pool: &sqlx::PgPool) -> Vec<(i64, String)> {
         .unwrap()
 }
 
+/// Runs a second `run` process until Praefect's rows are all settled
+/// (after the first was killed), then stops it.
+pub(crate) async fn a_second_process_settles_every_row(pool: &sqlx::PgPool, toml: &str) {
+    let second = ReplicatorProcess::run(toml);
+    let settled = crate::common::eventually(Duration::from_secs(60), || async {
+        queue_rows(pool).await.is_empty()
+    })
+    .await;
+    assert!(
+        settled,
+        "{} of Praefect's rows left; second process:\n{}",
+        queue_rows(pool).await.len(),
+        second.stderr.lock().unwrap()
+    );
+    second.signal("TERM");
+    let _ = second.wait().await;
+}
+
 #[tokio::test]
 async fn captured_events_replicate_and_settle_praefects_rows_and_release_hands_back_the_rest() {
     let c = Cluster::start(2).await;
@@ -375,20 +393,7 @@ async fn a_capturing_process_killed_mid_stream_is_taken_over_and_no_event_is_los
     for p in &paths[EVENTS / 2..] {
         enqueue(&pool, &update(p)).await;
     }
-    let second = ReplicatorProcess::run(&c.toml);
-    let settled = c
-        .eventually(Duration::from_secs(60), || async {
-            queue_rows(&pool).await.is_empty()
-        })
-        .await;
-    assert!(
-        settled,
-        "{} of Praefect's rows left; second process:\n{}",
-        queue_rows(&pool).await.len(),
-        second.stderr.lock().unwrap()
-    );
-    second.signal("TERM");
-    let _ = second.wait().await;
+    a_second_process_settles_every_row(&pool, &c.toml).await;
     for p in &paths {
         assert_eq!(
             c.db.store.generation(c.vs(), p, "gitaly-2").await.unwrap(),

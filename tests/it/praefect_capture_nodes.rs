@@ -13,7 +13,8 @@ use crate::common::process::ReplicatorProcess;
 use crate::common::service_metrics::metric;
 use crate::common::storage_nodes::{NodeCluster, NodeSetup, call_context, client};
 use crate::praefect_capture::{
-    enqueue, install_valid_primaries, praefect_dequeues, queue_rows, valid_primaries,
+    a_second_process_settles_every_row, enqueue, install_valid_primaries, praefect_dequeues,
+    queue_rows, valid_primaries,
 };
 use serde_json::json;
 use std::time::Duration;
@@ -286,19 +287,7 @@ async fn a_capturing_process_killed_mid_stream_is_taken_over_and_each_event_ente
         enqueue(&pool, &update(&c, p, "gitaly-2")).await;
     }
 
-    let second = ReplicatorProcess::run(&c.toml);
-    let settled = eventually(Duration::from_secs(60), || async {
-        queue_rows(&pool).await.is_empty()
-    })
-    .await;
-    assert!(
-        settled,
-        "{} of Praefect's rows left; second process:\n{}",
-        queue_rows(&pool).await.len(),
-        second.stderr.lock().unwrap()
-    );
-    second.signal("TERM");
-    let _ = second.wait().await;
+    a_second_process_settles_every_row(&pool, &c.toml).await;
     for p in &paths {
         assert_eq!(c.generation(p, "gitaly-2").await, Some(1), "{p}");
         assert_eq!(

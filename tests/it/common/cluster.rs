@@ -308,6 +308,14 @@ impl Cluster {
         }
     }
 
+    /// The durable consumer name of `target`'s jobs.
+    pub fn durable(&self, target: &str) -> String {
+        self.layout
+            .consumer(self.vs(), target)
+            .map(|c| c.durable_name.clone())
+            .unwrap_or_else(|| panic!("no consumer for {target}"))
+    }
+
     pub fn vs(&self) -> &str {
         &self.names.virtual_storage
     }
