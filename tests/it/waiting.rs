@@ -54,6 +54,20 @@ async fn jobs_waiting_for_a_source_that_is_down_neither_hold_up_their_target_nor
         c.job(json!({"change": "update", "relative_path": path, "target_node_storage": "gitaly-2", "source_node_storage": source}))
     };
     let p = ReplicatorProcess::run(&c.toml);
+    // A source not checked yet is tried (the call would find it down), so
+    // the jobs come once the process has seen gitaly-1 unhealthy.
+    let seen_down = || {
+        p.stderr
+            .lock()
+            .unwrap()
+            .lines()
+            .any(|l| l.contains("storage node is unhealthy") && l.contains("gitaly-1"))
+    };
+    assert!(
+        c.eventually(Duration::from_secs(15), || async { seen_down() })
+            .await,
+        "the process never saw gitaly-1 unhealthy"
+    );
     let waiting: Vec<_> = (0..WAITING)
         .map(|i| update(format!("wait-{i}.git"), "gitaly-1"))
         .collect();
