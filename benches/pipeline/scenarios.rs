@@ -173,13 +173,13 @@ async fn ours_in(env: &BenchEnv, kind: Kind, repos: &[usize]) -> anyhow::Result<
             Kind::Update => env.update_job(r),
         })
         .collect();
-    let distinct = shapes::distinct(repos);
+    let mut paths: Vec<&str> = jobs.iter().map(|j| j.relative_path.as_str()).collect();
+    paths.sort_unstable();
+    paths.dedup();
+    let distinct = paths.len();
     if kind == Kind::Update {
         // Update jobs are for repositories the store knows, at generation 1
         // on the source.
-        let mut paths: Vec<&str> = jobs.iter().map(|j| j.relative_path.as_str()).collect();
-        paths.sort_unstable();
-        paths.dedup();
         let seeds = futures::stream::iter(paths.into_iter().map(|path| {
             let store = env.store.clone();
             let vs = env.vs.clone();

@@ -327,17 +327,6 @@ async fn a_pool_linked_repository_replicates_with_its_pool_link_on_the_target() 
     service.stop().await.unwrap();
 }
 
-/// How many of `paths` gitaly-2 holds at generation 1.
-async fn replicated(c: &NodeCluster, paths: &[String]) -> usize {
-    let mut n = 0;
-    for p in paths {
-        if c.generation(p, "gitaly-2").await == Some(1) {
-            n += 1;
-        }
-    }
-    n
-}
-
 #[tokio::test]
 async fn a_target_killed_in_the_middle_of_a_batch_completes_its_jobs_after_a_restart() {
     let slow = NodeSetup {
@@ -362,11 +351,11 @@ async fn a_target_killed_in_the_middle_of_a_batch_completes_its_jobs_after_a_res
     }
     assert!(
         eventually(Duration::from_secs(30), || async {
-            replicated(&c, &paths).await >= 4
+            c.replicated(&paths).await >= 4
         })
         .await
     );
-    let done_before_kill = replicated(&c, &paths).await;
+    let done_before_kill = c.replicated(&paths).await;
     assert!(done_before_kill < paths.len(), "all done before the kill");
 
     c.node_mut(2).kill().await;

@@ -82,6 +82,37 @@ pub(crate) async fn queue_rows(pool: &sqlx::PgPool) -> Vec<(i64, String)> {
         .unwrap()
 }
 
+/// Praefect's queue tables in the database at `pool`, captured by the
+/// CLI; answers a pool of its own.
+pub(crate) async fn captured_queue(pool: &sqlx::PgPool, toml: &str) -> sqlx::PgPool {
+    sqlx::raw_sql(QUEUE_TABLES).execute(pool).await.unwrap();
+    let o = cli(toml, &["praefect-queue", "capture"], None);
+    assert!(o.status.success(), "{}", all(&o));
+    pool.clone()
+}
+
+/// Releases the capture by the CLI, which must say it handed `n` events
+/// back.
+pub(crate) fn release_hands_back(toml: &str, n: usize) {
+    let o = cli(toml, &["praefect-queue", "release"], None);
+    assert!(o.status.success(), "{}", all(&o));
+    assert!(
+        stdout(&o).contains(&format!("{n} unsettled event(s) handed back")),
+        "{}",
+        all(&o)
+    );
+}
+
+/// A short lock lease: a killed process's repositories are granted again
+/// sooner.
+fn short_lease(toml: &mut String) {
+    *toml = toml.replacen(
+        "\n[replication]\n",
+        "\n[replication]\nlock_lease = \"3s\"\n",
+        1,
+    );
+}
+
 /// Runs a second `run` process until Praefect's rows are all settled
 /// (after the first was killed), then stops it.
 pub(crate) async fn a_second_process_settles_every_row(pool: &sqlx::PgPool, toml: &str) {
@@ -103,10 +134,7 @@ pub(crate) async fn a_second_process_settles_every_row(pool: &sqlx::PgPool, toml
 #[tokio::test]
 async fn captured_events_replicate_and_settle_praefects_rows_and_release_hands_back_the_rest() {
     let c = Cluster::start(2).await;
-    let pool = c.db.store.pool().clone();
-    sqlx::raw_sql(QUEUE_TABLES).execute(&pool).await.unwrap();
-    let o = cli(&c.toml, &["praefect-queue", "capture"], None);
-    assert!(o.status.success(), "{}", all(&o));
+    let pool = captured_queue(c.db.store.pool(), &c.toml).await;
     let update = |path: &str| {
         json!({"change": "update", "virtual_storage": c.vs(), "relative_path": path,
                "target_node_storage": "gitaly-2", "source_node_storage": "gitaly-1",
@@ -166,13 +194,7 @@ async fn captured_events_replicate_and_settle_praefects_rows_and_release_hands_b
         "{}",
         all(&o)
     );
-    let o = cli(&c.toml, &["praefect-queue", "release"], None);
-    assert!(o.status.success(), "{}", all(&o));
-    assert!(
-        stdout(&o).contains("3 unsettled event(s) handed back"),
-        "{}",
-        all(&o)
-    );
+    release_hands_back(&c.toml, 3);
     let mut expected: Vec<(i64, String)> =
         waiting.iter().map(|id| (*id, "ready".to_owned())).collect();
     expected.insert(0, (dead_id, "dead".to_owned()));
@@ -187,14 +209,11 @@ async fn captured_events_replicate_and_settle_praefects_rows_and_release_hands_b
 async fn with_praefect_15s_unique_jobs_an_identical_event_while_the_first_is_captured_still_inserts()
  {
     let c = Cluster::start(2).await;
-    let pool = c.db.store.pool().clone();
-    sqlx::raw_sql(QUEUE_TABLES).execute(&pool).await.unwrap();
+    let pool = captured_queue(c.db.store.pool(), &c.toml).await;
     sqlx::raw_sql(testkit::praefect_queue::QUEUE_UNIQUE_V15)
         .execute(&pool)
         .await
         .unwrap();
-    let o = cli(&c.toml, &["praefect-queue", "capture"], None);
-    assert!(o.status.success(), "{}", all(&o));
     c.db.store
         .create_repository(c.vs(), "twice.git", "gitaly-1", 1, &["gitaly-1"])
         .await
@@ -234,11 +253,8 @@ async fn with_praefect_15s_unique_jobs_an_identical_event_while_the_first_is_cap
 #[tokio::test]
 async fn a_captured_delete_replica_keeps_its_storage_out_of_valid_primaries_until_done() {
     let c = Cluster::start(2).await;
-    let pool = c.db.store.pool().clone();
-    sqlx::raw_sql(QUEUE_TABLES).execute(&pool).await.unwrap();
+    let pool = captured_queue(c.db.store.pool(), &c.toml).await;
     install_valid_primaries(&pool, c.vs(), &["gitaly-1", "gitaly-2"]).await;
-    let o = cli(&c.toml, &["praefect-queue", "capture"], None);
-    assert!(o.status.success(), "{}", all(&o));
     let path = "leaving.git";
     let id =
         c.db.store
@@ -284,10 +300,7 @@ async fn a_captured_delete_replica_keeps_its_storage_out_of_valid_primaries_unti
 #[tokio::test]
 async fn events_praefects_reconciler_inserts_are_captured_and_replicate() {
     let c = Cluster::start(3).await;
-    let pool = c.db.store.pool().clone();
-    sqlx::raw_sql(QUEUE_TABLES).execute(&pool).await.unwrap();
-    let o = cli(&c.toml, &["praefect-queue", "capture"], None);
-    assert!(o.status.success(), "{}", all(&o));
+    let pool = captured_queue(c.db.store.pool(), &c.toml).await;
     let path = "reconciled.git";
     c.db.store
         .create_repository(c.vs(), path, "gitaly-1", 1, &["gitaly-1"])
@@ -347,17 +360,10 @@ async fn a_capturing_process_killed_mid_stream_is_taken_over_and_no_event_is_los
     const EVENTS: usize = 120;
     // A short lease: the killed process's repositories are taken sooner.
     let c = Cluster::start_with(2, |toml| {
-        *toml = toml.replacen(
-            "\n[replication]\n",
-            "\n[replication]\nlock_lease = \"3s\"\n",
-            1,
-        );
+        short_lease(toml);
     })
     .await;
-    let pool = c.db.store.pool().clone();
-    sqlx::raw_sql(QUEUE_TABLES).execute(&pool).await.unwrap();
-    let o = cli(&c.toml, &["praefect-queue", "capture"], None);
-    assert!(o.status.success(), "{}", all(&o));
+    let pool = captured_queue(c.db.store.pool(), &c.toml).await;
     let paths: Vec<String> = (0..EVENTS).map(|i| format!("taken-over-{i}.git")).collect();
     for p in &paths {
         c.db.store
@@ -447,10 +453,7 @@ async fn while_events_keep_coming_praefects_inserts_send_no_notification_and_an_
     // per insert held Praefect's Enqueue to a fifth of its rate.
     const BURST: usize = 300;
     let c = Cluster::start(2).await;
-    let pool = c.db.store.pool().clone();
-    sqlx::raw_sql(QUEUE_TABLES).execute(&pool).await.unwrap();
-    let o = cli(&c.toml, &["praefect-queue", "capture"], None);
-    assert!(o.status.success(), "{}", all(&o));
+    let pool = captured_queue(c.db.store.pool(), &c.toml).await;
     let mut listener = sqlx::postgres::PgListener::connect_with(&pool)
         .await
         .unwrap();
@@ -512,18 +515,11 @@ async fn a_captured_job_stranded_at_max_deliver_leaves_praefects_row_dead() {
     let c = Cluster::start_with(2, |toml| {
         *toml = toml
             .replace("ack_wait = \"5s\"", "ack_wait = \"1s\"")
-            .replacen("\n[nats]\n", "\n[nats]\nmax_deliver = 3\n", 1)
-            .replacen(
-                "\n[replication]\n",
-                "\n[replication]\nlock_lease = \"3s\"\n",
-                1,
-            );
+            .replacen("\n[nats]\n", "\n[nats]\nmax_deliver = 3\n", 1);
+        short_lease(toml);
     })
     .await;
-    let pool = c.db.store.pool().clone();
-    sqlx::raw_sql(QUEUE_TABLES).execute(&pool).await.unwrap();
-    let o = cli(&c.toml, &["praefect-queue", "capture"], None);
-    assert!(o.status.success(), "{}", all(&o));
+    let pool = captured_queue(c.db.store.pool(), &c.toml).await;
     // Every call hangs: each process that takes the job dies during it.
     c.node(2).respond(
         "OptimizeRepository",

@@ -6,29 +6,17 @@
 //! exactly the events not yet settled; a capturing process SIGKILLed
 //! mid-stream is taken over with no event lost or stored twice.
 
-use crate::cli::{all, cli, stdout};
 use crate::common::eventually;
 use crate::common::git;
 use crate::common::process::ReplicatorProcess;
 use crate::common::service_metrics::metric;
 use crate::common::storage_nodes::{NodeCluster, NodeSetup, call_context, client};
 use crate::praefect_capture::{
-    a_second_process_settles_every_row, enqueue, install_valid_primaries, praefect_dequeues,
-    queue_rows, valid_primaries,
+    a_second_process_settles_every_row, captured_queue, enqueue, install_valid_primaries,
+    praefect_dequeues, queue_rows, release_hands_back, valid_primaries,
 };
 use serde_json::json;
 use std::time::Duration;
-use testkit::praefect_queue::QUEUE_TABLES;
-
-/// Praefect's queue in the cluster's database, captured by the CLI.
-async fn capture(c: &NodeCluster) {
-    sqlx::raw_sql(QUEUE_TABLES)
-        .execute(c.db.store.pool())
-        .await
-        .unwrap();
-    let o = cli(&c.toml, &["praefect-queue", "capture"], None);
-    assert!(o.status.success(), "{}", all(&o));
-}
 
 /// A job as Praefect's coordinator writes it into `replication_queue.job`.
 fn praefect_job(
@@ -57,17 +45,6 @@ async fn checksum(c: &NodeCluster, i: usize, path: &str) -> String {
         .unwrap()
 }
 
-/// How many of `paths` gitaly-2 holds at generation 1.
-async fn replicated(c: &NodeCluster, paths: &[String]) -> usize {
-    let mut n = 0;
-    for p in paths {
-        if c.generation(p, "gitaly-2").await == Some(1) {
-            n += 1;
-        }
-    }
-    n
-}
-
 #[tokio::test]
 async fn captured_events_change_the_storage_nodes_settle_praefects_rows_and_release_hands_back_the_unsettled()
  {
@@ -84,8 +61,7 @@ async fn captured_events_change_the_storage_nodes_settle_praefects_rows_and_rele
         |_| {},
     )
     .await;
-    let pool = c.db.store.pool().clone();
-    capture(&c).await;
+    let pool = captured_queue(c.db.store.pool(), &c.toml).await;
     install_valid_primaries(&pool, c.vs(), &["gitaly-1", "gitaly-2", "gitaly-3"]).await;
     let updated = ["cap/a.git", "cap/b.git", "cap/c.git"];
     for p in updated {
@@ -208,13 +184,7 @@ async fn captured_events_change_the_storage_nodes_settle_praefects_rows_and_rele
     // Captured with no process running: never published.
     unsettled.push(enqueue(&pool, &update(&c, updated[2], "gitaly-2")).await.0);
 
-    let o = cli(&c.toml, &["praefect-queue", "release"], None);
-    assert!(o.status.success(), "{}", all(&o));
-    assert!(
-        stdout(&o).contains("3 unsettled event(s) handed back"),
-        "{}",
-        all(&o)
-    );
+    release_hands_back(&c.toml, 3);
     let mut expected = vec![(dead_id, "dead".to_owned())];
     expected.extend(unsettled.iter().map(|id| (*id, "ready".to_owned())));
     assert_eq!(queue_rows(&pool).await, expected);
@@ -251,8 +221,7 @@ async fn a_capturing_process_killed_mid_stream_is_taken_over_and_each_event_ente
         );
     })
     .await;
-    let pool = c.db.store.pool().clone();
-    capture(&c).await;
+    let pool = captured_queue(c.db.store.pool(), &c.toml).await;
     let paths: Vec<String> = (0..EVENTS).map(|i| format!("kill/repo-{i}.git")).collect();
     for p in &paths {
         c.create_on_source(p).await;
@@ -264,7 +233,7 @@ async fn a_capturing_process_killed_mid_stream_is_taken_over_and_each_event_ente
     }
     assert!(
         eventually(Duration::from_secs(30), || async {
-            replicated(&c, &paths).await >= 2
+            c.replicated(&paths).await >= 2
         })
         .await,
         "the first process never replicated:\n{}",
@@ -273,7 +242,7 @@ async fn a_capturing_process_killed_mid_stream_is_taken_over_and_each_event_ente
     first.signal("KILL");
     assert_eq!(first.wait().await.0, None, "killed by a signal");
     assert!(
-        replicated(&c, &paths).await < EVENTS / 2,
+        c.replicated(&paths).await < EVENTS / 2,
         "every job was done before the kill"
     );
     let republished = sqlx::query("UPDATE replication_captured_events SET published_at = NULL")

@@ -163,6 +163,17 @@ impl NodeCluster {
             .unwrap()
     }
 
+    /// How many of `paths` gitaly-2 holds at generation 1.
+    pub async fn replicated(&self, paths: &[String]) -> usize {
+        let mut n = 0;
+        for p in paths {
+            if self.generation(p, "gitaly-2").await == Some(1) {
+                n += 1;
+            }
+        }
+        n
+    }
+
     /// A job of this cluster's virtual storage from its JSON fields.
     pub fn job(&self, mut json: serde_json::Value) -> Job {
         json["virtual_storage"] = self.vs().into();
