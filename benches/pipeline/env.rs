@@ -14,7 +14,20 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 use testkit::recording_gitaly::{Behaviour, RecordingGitaly, RunningGitaly};
 
-pub const SERVER_DB: &str = "postgres://postgres@127.0.0.1:5432/test";
+/// The Postgres server (`host:port`) the scenarios make their databases on:
+/// `BENCH_POSTGRES`, or the machine's. Another server lets a run be watched
+/// with extensions the shared one does not load (`pg_stat_statements`).
+fn postgres_server() -> String {
+    std::env::var("BENCH_POSTGRES").unwrap_or_else(|_| "127.0.0.1:5432".into())
+}
+
+/// The URL of database `db` on the benchmark's Postgres server.
+fn database_url(db: &str) -> String {
+    format!("postgres://postgres@{}/{db}", postgres_server())
+}
+
+/// The database connected to for `CREATE DATABASE` and `DROP DATABASE`.
+const SERVER_DB: &str = "test";
 pub const NATS: &str = "nats://127.0.0.1:4222";
 
 pub struct BenchEnv {
@@ -42,12 +55,12 @@ impl BenchEnv {
     pub async fn new(o: &EnvOptions) -> anyhow::Result<BenchEnv> {
         let id = uuid::Uuid::new_v4().simple().to_string()[..10].to_owned();
         let db_name = format!("gr_bench_{id}");
-        let mut admin = PgConnection::connect(SERVER_DB).await?;
+        let mut admin = PgConnection::connect(&database_url(SERVER_DB)).await?;
         sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db_name}")))
             .execute(&mut admin)
             .await?;
         admin.close().await?;
-        let db_url = format!("postgres://postgres@127.0.0.1:5432/{db_name}");
+        let db_url = database_url(&db_name);
         let pool = sqlx::postgres::PgPoolOptions::new()
             .max_connections(8)
             .connect(&db_url)
@@ -143,7 +156,7 @@ max_ack_pending = -1
     }
 
     pub fn db_url(&self) -> String {
-        format!("postgres://postgres@127.0.0.1:5432/{}", self.db_name)
+        database_url(&self.db_name)
     }
 
     pub fn maintenance_job(&self, i: usize) -> Job {
@@ -274,7 +287,7 @@ max_ack_pending = -1
             let _ = self.js.delete_stream(s).await;
         }
         self.store.pool().close().await;
-        if let Ok(mut admin) = PgConnection::connect(SERVER_DB).await {
+        if let Ok(mut admin) = PgConnection::connect(&database_url(SERVER_DB)).await {
             let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
                 "DROP DATABASE IF EXISTS {} WITH (FORCE)",
                 self.db_name

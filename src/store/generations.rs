@@ -247,12 +247,13 @@ impl RepositoryStore {
                   AND (r.generation IS NULL OR r.generation < m.gen)
             ), targets AS MATERIALIZED (
                 SELECT r.repository_id, r.virtual_storage, r.relative_path, gens.storage, gens.gen,
-                    NOT EXISTS (SELECT FROM storage_repositories s
-                                WHERE s.virtual_storage = gens.vs AND s.relative_path = gens.rel
-                                  AND s.storage = gens.storage)
-                    AND EXISTS (SELECT FROM storage_repositories s
-                                WHERE s.repository_id = r.repository_id AND s.storage = gens.storage
-                                  AND s.relative_path <> gens.rel) AS elsewhere
+                    -- The rare case first: AND stops at it, one probe a row.
+                    EXISTS (SELECT FROM storage_repositories s
+                            WHERE s.repository_id = r.repository_id AND s.storage = gens.storage
+                              AND s.relative_path <> gens.rel)
+                    AND NOT EXISTS (SELECT FROM storage_repositories s
+                                    WHERE s.virtual_storage = gens.vs AND s.relative_path = gens.rel
+                                      AND s.storage = gens.storage) AS elsewhere
                 FROM gens
                 JOIN repositories r ON r.virtual_storage = gens.vs AND r.relative_path = gens.rel
             ), moved AS (

@@ -134,12 +134,18 @@ pub async fn advisory_locks_held(conn: &mut sqlx::PgConnection) -> Result<Vec<i6
     .map_err(failed("advisory_locks_held"))
 }
 
-/// Lets this session's commits return before their WAL is flushed.
-pub async fn relax_commit_durability(conn: &mut sqlx::PgConnection) -> Result<(), StoreError> {
-    sqlx::query("SET synchronous_commit = off")
-        .execute(conn)
-        .await
-        .map_err(failed("relax_commit_durability"))?;
+/// Lets this session's commits return before their WAL is flushed, and
+/// plans its statements once: the lock statements are large, and Postgres
+/// would otherwise plan the plain swap anew on every call (its generic plan
+/// is estimated dearer than a custom one), which cost more than running it.
+pub async fn set_lock_session_options(conn: &mut sqlx::PgConnection) -> Result<(), StoreError> {
+    sqlx::query(
+        "SELECT set_config('synchronous_commit', 'off', false),
+                set_config('plan_cache_mode', 'force_generic_plan', false)",
+    )
+    .execute(conn)
+    .await
+    .map_err(failed("set_lock_session_options"))?;
     Ok(())
 }
 

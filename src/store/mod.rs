@@ -43,7 +43,7 @@ pub use generations::{GenerationQuery, GenerationRecord, ReplicatedGeneration};
 pub use lock_sessions::{register_lock_session, renew_lock_session, unregister_lock_session};
 pub use lock_statements::{
     LockSessionAnswers, LockSessionBatch, LockSessionLease, advisory_locks_held,
-    exchange_on_lock_session, relax_commit_durability, swap_advisory_locks,
+    exchange_on_lock_session, set_lock_session_options, swap_advisory_locks,
 };
 pub use order::{Gated, LockSessionId, Standing, WriteOrder};
 pub use reconcile::ReconciliationBatch;

@@ -180,7 +180,7 @@ pub(super) async fn connect(options: &PgConnectOptions, lease: Lease) -> Option<
         // its commits need not wait for the disk, nor the lock requests
         // behind them. Set by statements rather than startup options, which
         // PgBouncer refuses.
-        store::relax_commit_durability(&mut conn).await?;
+        store::set_lock_session_options(&mut conn).await?;
         store::keep_connection_alive(&mut conn).await?;
         Ok::<_, StoreError>(LockSession {
             conn,
