@@ -238,6 +238,7 @@ max_ack_pending = -1
         let start_count = counter.call_count();
         let mut first: Option<(Instant, f64, CpuSample)> = None;
         let mut peak = 0;
+        let (mut peak_anon, mut file) = (0, 0);
         let mut polls: u64 = 0;
         loop {
             let n = counter.call_count() - start_count;
@@ -251,6 +252,9 @@ max_ack_pending = -1
             if polls.is_multiple_of(10) {
                 for pid in watch {
                     peak = peak.max(peak_rss_kib(*pid));
+                    let (anon, mapped) = rss_parts_kib(*pid);
+                    peak_anon = peak_anon.max(anon);
+                    file = file.max(mapped);
                 }
             }
             polls += 1;
@@ -267,6 +271,8 @@ max_ack_pending = -1
                 return Ok(Drained {
                     secs,
                     peak_kib: peak,
+                    peak_anon_kib: peak_anon,
+                    file_kib: file,
                     cpu_secs,
                     split,
                 });
@@ -304,6 +310,12 @@ pub struct Drained {
     pub secs: f64,
     /// The highest peak RSS of the watched processes.
     pub peak_kib: u64,
+    /// The highest anonymous resident memory (heap, stacks) seen, sampled
+    /// every 50 ms, so a shorter peak may be missed.
+    pub peak_anon_kib: u64,
+    /// The highest file-backed resident memory seen: the binary's code and
+    /// read-only data, and the shared libraries, as far as they are mapped.
+    pub file_kib: u64,
     /// CPU time the whole machine spent busy meanwhile (every process:
     /// consumer, NATS, Postgres, the bench's own target), which stolen time
     /// on a shared host does not inflate the way it does wall time.
@@ -433,17 +445,31 @@ pub fn cpu_busy_secs() -> f64 {
         .unwrap_or(0.0)
 }
 
+/// Fields of /proc/<pid>/status counted in KiB, in the order of `names`
+/// (`"VmHWM:"`, …); 0 where unreadable.
+fn status_kib<const N: usize>(pid: u32, names: [&str; N]) -> [u64; N] {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    names.map(|name| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    })
+}
+
 /// Peak resident set (VmHWM) of a process, in KiB.
 pub fn peak_rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
+    let [peak] = status_kib(pid, ["VmHWM:"]);
+    peak
+}
+
+/// Anonymous and file-backed resident memory (RssAnon, RssFile) of a
+/// process, in KiB.
+fn rss_parts_kib(pid: u32) -> (u64, u64) {
+    let [anon, file] = status_kib(pid, ["RssAnon:", "RssFile:"]);
+    (anon, file)
 }
 
 /// Stops a consumer process with SIGTERM and waits for it.
