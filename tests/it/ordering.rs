@@ -284,12 +284,15 @@ async fn a_job_older_than_one_applied_is_superseded_without_a_call() {
 }
 
 /// The backend holding a repository lock in the test's database, once one
-/// does (one job at a time holds one here).
+/// does (one job at a time holds one here). Read from the lock sessions'
+/// registry, which lists each session's repository keys before a job runs
+/// under them: `pg_locks` also shows the reconciler's leadership lock, held
+/// by another backend, and killing that one interrupts no job.
 async fn lock_holder_pid(c: &Cluster) -> Option<i32> {
     sqlx::query_scalar(
-        "SELECT pid FROM pg_locks
-        WHERE locktype = 'advisory' AND granted
-          AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+        "SELECT s.pid FROM replication_lock_sessions s
+        JOIN pg_locks l ON l.pid = s.pid AND l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+                       AND ((l.classid::int8 << 32) | l.objid::int8) = ANY(s.keys)",
     )
     .fetch_optional(c.db.store.pool())
     .await
