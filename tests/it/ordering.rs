@@ -310,10 +310,16 @@ async fn a_killed_lock_connection_never_lets_two_processes_call_gitaly_for_one_r
     }
     let x = c.consumer().await;
     let y = c.consumer().await;
+    // The update takes the lock first: its write is fenced however late its
+    // process learns that its session is gone, so it must run again. (A
+    // `gc` that took the lock first could finish before its process noticed
+    // and, writing nothing, be done with one call.)
     c.publish(&c.job(update("r.git"))).await;
-    c.publish(&c.job(json!({"change": "gc", "relative_path": "r.git", "target_node_storage": "gitaly-2", "params": {"create_bitmap": false, "prune": false}}))).await;
-    // The first job is in its Gitaly call, holding the lock; kill its session.
     assert!(c.node(2).wait_for_calls(1, WAIT).await);
+    c.publish(&c.job(json!({"change": "gc", "relative_path": "r.git", "target_node_storage": "gitaly-2", "params": {"create_bitmap": false, "prune": false}}))).await;
+    // The other process has the gc and waits for the lock; kill the session
+    // of the update, in its Gitaly call.
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let pid = lock_holder_pid(&c)
         .await
         .expect("the running job holds the repository lock");
@@ -329,8 +335,9 @@ async fn a_killed_lock_connection_never_lets_two_processes_call_gitaly_for_one_r
     x.stop().await.unwrap();
     y.stop().await.unwrap();
     assert_eq!(c.node(2).max_overlap(), 1, "two Gitaly calls overlapped");
-    // The interrupted job ran again: three calls for two jobs.
+    // The interrupted update ran again: three calls for two jobs.
     assert_eq!(c.node(2).calls().len(), 3);
+    assert_eq!(c.node(2).calls_to("ReplicateRepository").len(), 2);
     assert_eq!(target_rows(&c).await, [("r.git".to_owned(), 5)]);
     assert!(c.dead_letters().await.is_empty());
 }
