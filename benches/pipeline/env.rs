@@ -251,8 +251,8 @@ max_ack_pending = -1
             }
             if polls.is_multiple_of(10) {
                 for pid in watch {
-                    peak = peak.max(peak_rss_kib(*pid));
-                    let (anon, mapped) = rss_parts_kib(*pid);
+                    let [hwm, anon, mapped] = status_kib(*pid, ["VmHWM:", "RssAnon:", "RssFile:"]);
+                    peak = peak.max(hwm);
                     peak_anon = peak_anon.max(anon);
                     file = file.max(mapped);
                 }
@@ -446,7 +446,8 @@ pub fn cpu_busy_secs() -> f64 {
 }
 
 /// Fields of /proc/<pid>/status counted in KiB, in the order of `names`
-/// (`"VmHWM:"`, …); 0 where unreadable.
+/// (`"VmHWM:"` the peak resident set, `"RssAnon:"`, `"RssFile:"` its
+/// anonymous and file-backed parts now); 0 where unreadable.
 fn status_kib<const N: usize>(pid: u32, names: [&str; N]) -> [u64; N] {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     names.map(|name| {
@@ -457,19 +458,6 @@ fn status_kib<const N: usize>(pid: u32, names: [&str; N]) -> [u64; N] {
             .and_then(|v| v.parse().ok())
             .unwrap_or(0)
     })
-}
-
-/// Peak resident set (VmHWM) of a process, in KiB.
-pub fn peak_rss_kib(pid: u32) -> u64 {
-    let [peak] = status_kib(pid, ["VmHWM:"]);
-    peak
-}
-
-/// Anonymous and file-backed resident memory (RssAnon, RssFile) of a
-/// process, in KiB.
-fn rss_parts_kib(pid: u32) -> (u64, u64) {
-    let [anon, file] = status_kib(pid, ["RssAnon:", "RssFile:"]);
-    (anon, file)
 }
 
 /// Stops a consumer process with SIGTERM and waits for it.

@@ -286,8 +286,8 @@ async fn a_job_older_than_one_applied_is_superseded_without_a_call() {
 /// The backend holding a repository lock in the test's database, once one
 /// does (one job at a time holds one here). Read from the lock sessions'
 /// registry, which lists each session's repository keys before a job runs
-/// under them: `pg_locks` also shows the reconciler's leadership lock, held
-/// by another backend, and killing that one interrupts no job.
+/// under them: any other advisory lock of the database (a leadership lock)
+/// is held by another backend, and killing that one interrupts no job.
 async fn lock_holder_pid(c: &Cluster) -> Option<i32> {
     sqlx::query_scalar(
         "SELECT s.pid FROM replication_lock_sessions s
