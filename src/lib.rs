@@ -106,6 +106,7 @@ pub mod dead_letters {
         replay_subject,
     };
     pub use crate::queue::replay::superseded;
+    pub use crate::queue::requeue::Placement;
 }
 
 /// The metric names, Praefect's kept where dashboards expect them.

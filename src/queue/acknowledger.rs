@@ -13,7 +13,7 @@ use crate::queue::ack::{AckAction, Deliveries, Role, Stage, decide};
 use crate::queue::dead_letter::{DeadJob, DeadReason, publish_dead};
 use crate::queue::incarnation::{Incarnation, StreamIdentity};
 use crate::queue::layout::Layout;
-use crate::queue::requeue::{Carried, FreshCopy, Placement, publish_copy, requeue};
+use crate::queue::requeue::{Carried, FreshCopy, Placement, lineage, publish_copy, requeue};
 use crate::retry_delay::RetryPolicy;
 use crate::store::RepositoryStore;
 use async_nats::connection::State;
@@ -236,6 +236,7 @@ impl Acknowledger {
             work_sequence: d.sequence,
             placement: d.placement,
             payload: d.message.message.payload.clone(),
+            replayed_at: d.carried.replayed_at,
             reason,
             error,
             attempts: d.deliveries.attempts_used(reason),
@@ -267,7 +268,9 @@ impl Acknowledger {
         .await
     }
 
-    /// Records a failed call in a fresh copy that runs after `delay`.
+    /// Records a failed call in a fresh copy that runs after `delay`. The
+    /// copy is named by the job and its failures, so a second line of copies
+    /// of the job (see `requeue`) ends here: its copy is a duplicate.
     async fn retry(&self, d: &Delivery<'_>, delay: Duration) -> Result<(), String> {
         let failures = d.deliveries.failures.saturating_add(1);
         let copy = FreshCopy {
@@ -281,10 +284,22 @@ impl Acknowledger {
                 // A wait it was in goes on; it is logged once.
                 waiting_since: d.carried.waiting_since,
                 praefect_event: d.carried.praefect_event,
+                replayed_at: d.carried.replayed_at,
             },
-            message_id: format!("retry-{}-{}-{failures}", d.incarnation.label(), d.sequence),
+            message_id: format!(
+                "retry-{}-{failures}",
+                lineage(d.incarnation, d.placement, d.carried.replayed_at)
+            ),
         };
-        publish_copy(&self.js, copy).await
+        if !publish_copy(&self.js, copy).await? {
+            job_log!(
+                info,
+                d.fields,
+                failures,
+                "another copy of this job already records as many failed attempts (a lost acknowledgement or a requeued left-over job made a second copy); this one ends here"
+            );
+        }
+        Ok(())
     }
 
     fn failed(&self, d: &Delivery<'_>, kind: &'static str, error: &str) {

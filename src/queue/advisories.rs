@@ -159,6 +159,7 @@ async fn move_stranded(
                 incarnation: &incarnation,
                 work_sequence: a.stream_seq,
                 placement,
+                replayed_at: carried.replayed_at,
                 payload: raw.payload.clone(),
                 reason: DeadReason::Stranded,
                 error: "max deliveries reached without an acknowledgement: its process stopped during the call on every delivery (the backstop for a job that kills its process), or the last acknowledgement was lost",

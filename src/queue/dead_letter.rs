@@ -5,7 +5,7 @@
 
 use crate::queue::incarnation::Incarnation;
 use crate::queue::layout::Layout;
-use crate::queue::requeue::{ORDER_SEQUENCE, ORDER_TIME, Placement};
+use crate::queue::requeue::{ORDER_SEQUENCE, ORDER_TIME, Placement, REPLAYED_AT, lineage};
 use crate::subject::{dead_letter_prefix, parse_job_subject};
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, Context};
@@ -31,6 +31,9 @@ pub mod headers {
     pub const ORIGINAL_SEQUENCE: &str = "Gitaly-Replicator-Original-Sequence";
     /// When it died (RFC 3339).
     pub const DEAD_AT: &str = "Gitaly-Replicator-Dead-At";
+    /// When it was last replayed from the dead letters (Unix nanoseconds),
+    /// if it was.
+    pub use crate::queue::requeue::REPLAYED_AT;
 }
 
 /// Why a job went to the dead-letter stream.
@@ -70,12 +73,17 @@ pub enum DeadLetterError {
     },
 }
 
-/// The message id of the dead letter of the job `sequence` of a work
-/// stream's incarnation: the same from every process, so a repeat is a
-/// duplicate JetStream drops, and another from a job of the same sequence
-/// in a re-created stream.
-pub fn dead_message_id(incarnation: &Incarnation, sequence: u64) -> String {
-    format!("dead-{}-{sequence}", incarnation.label())
+/// The message id of the dead letter of a job: named by the job (its
+/// [`lineage`]), not by the copy that died, so that a repeat, from any
+/// process or from a second copy of the job, is a duplicate JetStream drops;
+/// another from a job of the same sequence in a re-created stream, or from
+/// the job after a replay.
+pub fn dead_message_id(
+    incarnation: &Incarnation,
+    placement: Placement,
+    replayed_at: Option<OffsetDateTime>,
+) -> String {
+    format!("dead-{}", lineage(incarnation, placement, replayed_at))
 }
 
 /// The dead subject for a work subject: the prefix gains `-dead`, the
@@ -97,6 +105,8 @@ pub struct DeadJob<'a> {
     pub work_sequence: u64,
     /// Its place in its replica's order, which a replay keeps.
     pub placement: Placement,
+    /// When it was last replayed from the dead letters.
+    pub replayed_at: Option<OffsetDateTime>,
     pub payload: Bytes,
     pub reason: DeadReason,
     pub error: &'a str,
@@ -113,9 +123,9 @@ fn header_safe(s: &str) -> String {
     one_line.chars().take(2048).collect()
 }
 
-/// Publishes a dead job and waits for the stream's ack. The message id is
-/// derived from the work sequence, so a repeat (after a lost ack) is dropped
-/// by the stream's duplicate window.
+/// Publishes a dead job and waits for the stream's ack. The message id names
+/// the job, so a repeat (after a lost ack, or from a second copy of the job)
+/// is dropped by the stream's duplicate window.
 pub async fn publish_dead(
     js: &Context,
     layout: &Layout,
@@ -136,9 +146,12 @@ pub async fn publish_dead(
         .unwrap_or_default();
     h.insert(headers::DEAD_AT, now.as_str());
     job.placement.write(&mut h);
+    if let Some(at) = job.replayed_at {
+        h.insert(REPLAYED_AT, at.unix_timestamp_nanos().to_string().as_str());
+    }
     h.insert(
         "Nats-Msg-Id",
-        dead_message_id(job.incarnation, job.work_sequence).as_str(),
+        dead_message_id(job.incarnation, job.placement, job.replayed_at).as_str(),
     );
     let subject = dead_subject_for(layout, job.work_subject);
     let acked = js
@@ -264,6 +277,15 @@ pub async fn replay(
         h.insert(ORDER_SEQUENCE, sequence);
         h.insert(ORDER_TIME, time);
     }
+    // The replayed job's retries and dead letter are its own, never taken
+    // for duplicates of the ones before.
+    h.insert(
+        REPLAYED_AT,
+        OffsetDateTime::now_utc()
+            .unix_timestamp_nanos()
+            .to_string()
+            .as_str(),
+    );
     js.publish_with_headers(work_subject, h, message.payload.clone())
         .await
         .map_err(|e| DeadLetterError::Publish(e.to_string()))?

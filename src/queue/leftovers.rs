@@ -10,11 +10,13 @@
 //! info`, until removed.
 //!
 //! Which of the two a left-over job is cannot be told from the stream, so
-//! none is dropped unseen: one already in the dead letters (by the message
-//! id its dead letter carries) is removed; any other goes back to work as a
+//! none is dropped unseen: one whose job is already in the dead letters (by
+//! the message id its dead letter carries, which names the job, so the dead
+//! letter of any copy of it counts) is removed; any other goes back to work as a
 //! fresh message that keeps its place (`requeue`). A job that had completed
 //! is then skipped at once as already in effect (the order gate, or the twin
-//! that completed after it was created); a stranded one runs again.
+//! that completed after it was created); a stranded one runs again; one whose
+//! retry copy lives on ends when it fails, its own retry copy a duplicate.
 //!
 //! A job is settled only when two sweeps in a row find it, so a stranded
 //! job's advisory, handled in milliseconds, moves it first.
@@ -34,7 +36,7 @@ use crate::error_chain::display_error_chain;
 use crate::queue::dead_letter::{dead_message_id, dead_subject_for};
 use crate::queue::incarnation::Incarnation;
 use crate::queue::layout::Layout;
-use crate::queue::requeue::requeue_stored;
+use crate::queue::requeue::{Carried, Placement, requeue_stored};
 use async_nats::jetstream::Context;
 use async_nats::jetstream::stream::{RawMessageErrorKind, Stream};
 use std::collections::hash_map::Entry;
@@ -281,8 +283,15 @@ pub async fn settle(
     if Incarnation::of(now.cached_info()) != *incarnation {
         return Ok(Settled::Gone);
     }
+    let placement = Placement::of(Some(&raw.headers), raw.sequence, raw.time, incarnation);
+    let replayed_at = Carried::of(Some(&raw.headers)).replayed_at;
     let settled = if dead
-        .holds(js, layout, raw.subject.as_str(), incarnation, sequence)
+        .holds(
+            js,
+            layout,
+            raw.subject.as_str(),
+            &dead_message_id(incarnation, placement, replayed_at),
+        )
         .await?
     {
         Settled::Removed
@@ -331,15 +340,14 @@ async fn remove(stream: &Stream, sequence: u64) -> Result<(), String> {
 pub struct DeadLetterIds(HashMap<String, HashSet<String>>);
 
 impl DeadLetterIds {
-    /// Whether the dead letters of the job's target hold the job of
-    /// `sequence`.
+    /// Whether the dead letters of the job's target hold the dead letter
+    /// `id`: that of any copy of the job.
     async fn holds(
         &mut self,
         js: &Context,
         layout: &Layout,
         work_subject: &str,
-        incarnation: &Incarnation,
-        sequence: u64,
+        id: &str,
     ) -> Result<bool, String> {
         let subject = dead_subject_for(layout, work_subject);
         let ids = match self.0.entry(subject) {
@@ -349,7 +357,7 @@ impl DeadLetterIds {
                 slot.insert(ids)
             }
         };
-        Ok(ids.contains(&dead_message_id(incarnation, sequence)))
+        Ok(ids.contains(id))
     }
 }
 

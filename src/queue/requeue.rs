@@ -14,6 +14,15 @@
 //! Failures are written when a failure is decided, never when a delivery
 //! starts: a process killed in its call writes nothing, so an interrupted
 //! call uses no attempt.
+//!
+//! A job can come to have two live copies: a retry copy published, then the
+//! acknowledgement of the copy it replaced lost (a broker killed before it
+//! saved the removal, so the leftover sweep requeues it, or a process killed
+//! before it acknowledged). Each would go on failing and retrying on its own
+//! and end in a dead letter of its own. Retry copies and dead letters are
+//! therefore named by the job ([`lineage`]), not by the message: the second
+//! copy's next retry or dead letter is a duplicate the stream drops, and that
+//! copy ends there.
 
 use crate::queue::incarnation::Incarnation;
 use crate::queue::praefect_capture::PRAEFECT_EVENT;
@@ -37,6 +46,10 @@ pub const RETRY_AT: &str = "Gitaly-Replicator-Retry-At";
 /// When the job started waiting (Unix nanoseconds), on a copy sent back
 /// to the stream while it waits: its wait is logged once, not per copy.
 pub const WAITING_SINCE: &str = "Gitaly-Replicator-Waiting-Since";
+/// When an operator replayed the job from the dead letters (Unix
+/// nanoseconds): a replay starts a new line of copies of the job, whose
+/// retries and dead letter are its own.
+pub const REPLAYED_AT: &str = "Gitaly-Replicator-Replayed-At";
 
 /// Where a job stands among the jobs of its replica: its first publication.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,6 +120,8 @@ pub struct Carried {
     /// The Praefect event the job was captured from: every copy settles
     /// Praefect's row when the job is done or dead.
     pub praefect_event: Option<i64>,
+    /// When it was last replayed from the dead letters.
+    pub replayed_at: Option<OffsetDateTime>,
 }
 
 impl Carried {
@@ -128,6 +143,7 @@ impl Carried {
             retry_at: time(RETRY_AT),
             waiting_since: time(WAITING_SINCE),
             praefect_event: header(headers, PRAEFECT_EVENT).and_then(|v| v.parse().ok()),
+            replayed_at: time(REPLAYED_AT),
         }
     }
 
@@ -137,6 +153,28 @@ impl Carried {
         let left: Duration = (self.retry_at? - now).try_into().ok()?;
         (!left.is_zero()).then(|| left.min(cap))
     }
+}
+
+/// Names one job across all its copies: the stream incarnation it is of,
+/// its first publication, and its last replay. Two copies of one job that
+/// were both left running (see the module's docs) share it; a replayed job
+/// starts another, so its retries and dead letter are never taken for
+/// duplicates of the ones before the replay.
+pub fn lineage(
+    incarnation: &Incarnation,
+    placement: Placement,
+    replayed_at: Option<OffsetDateTime>,
+) -> String {
+    let mut name = format!(
+        "{}-{}-{}",
+        incarnation.label(),
+        placement.sequence,
+        placement.published.unix_timestamp_nanos()
+    );
+    if let Some(at) = replayed_at {
+        name.push_str(&format!("-replayed-{}", at.unix_timestamp_nanos()));
+    }
+    name
 }
 
 /// A fresh copy of a job: its payload, where it goes, and what it carries.
@@ -151,8 +189,9 @@ pub struct FreshCopy {
 }
 
 /// Publishes a fresh copy of a job that keeps its placement and carries its
-/// counts.
-pub async fn publish_copy(js: &Context, copy: FreshCopy) -> Result<(), String> {
+/// counts. Returns false when the stream dropped it as a duplicate: a copy
+/// of that name was published within the duplicate window.
+pub async fn publish_copy(js: &Context, copy: FreshCopy) -> Result<bool, String> {
     let mut h = HeaderMap::new();
     h.insert("Nats-Msg-Id", copy.message_id.as_str());
     copy.placement.write(&mut h);
@@ -168,12 +207,16 @@ pub async fn publish_copy(js: &Context, copy: FreshCopy) -> Result<(), String> {
     if let Some(event) = c.praefect_event {
         h.insert(PRAEFECT_EVENT, event.to_string().as_str());
     }
-    js.publish_with_headers(copy.subject, h, copy.payload)
+    if let Some(at) = c.replayed_at {
+        h.insert(REPLAYED_AT, nanos(at).as_str());
+    }
+    let acked = js
+        .publish_with_headers(copy.subject, h, copy.payload)
         .await
         .map_err(|e| e.to_string())?
         .await
         .map_err(|e| e.to_string())?;
-    Ok(())
+    Ok(!acked.duplicate)
 }
 
 /// Publishes a fresh copy of a job out of server deliveries, or released
@@ -206,6 +249,7 @@ pub async fn requeue(
         },
     )
     .await
+    .map(|_| ())
 }
 
 /// Requeues a message read from the work stream (by sequence), keeping the

@@ -128,6 +128,106 @@ async fn a_job_failing_on_its_last_attempt_goes_to_the_dead_letters_with_its_hea
     consumer.stop().await.unwrap();
 }
 
+/// Two live copies of one job: its retry copy published, then the message
+/// it replaced back in the stream (a broker killed before it saved the
+/// removal, the leftover sweep requeuing it with its place). The second
+/// copy ends at its first failure, its retry copy a duplicate, and the job
+/// dies once.
+#[tokio::test]
+async fn a_second_copy_of_a_failing_job_ends_at_its_next_retry_and_the_job_dies_once() {
+    let c = Cluster::start(2).await;
+    c.node(2).respond(
+        "Cleanup",
+        Behaviour::fail(Code::Unavailable, "disk on fire"),
+    );
+    c.publish(&c.job(
+        json!({"change": "cleanup", "relative_path": "twice.git", "target_node_storage": "gitaly-2"}),
+    ))
+    .await;
+    let work = c.js.get_stream(&c.layout.stream).await.unwrap();
+    let first = work.cached_info().state.first_sequence.max(1);
+    let original = work.get_raw_message(first).await.unwrap();
+    let consumer = c.consumer().await;
+    // The original is removed once its retry copy is published.
+    assert!(
+        c.eventually(WAIT, || async {
+            work.get_raw_message(first).await.is_err()
+        })
+        .await
+    );
+    let mut h = async_nats::HeaderMap::new();
+    h.insert("Nats-Msg-Id", "the original, requeued by a sweep");
+    h.insert(
+        "Gitaly-Replicator-Order-Sequence",
+        first.to_string().as_str(),
+    );
+    h.insert(
+        "Gitaly-Replicator-Order-Time",
+        original.time.unix_timestamp_nanos().to_string().as_str(),
+    );
+    c.js.publish_with_headers(original.subject.to_string(), h, original.payload.clone())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(
+        c.eventually(WAIT, || async {
+            c.work_messages().await == 0 && !c.dead_letters().await.is_empty()
+        })
+        .await
+    );
+    // Long enough for a second line of copies to use its three attempts.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let dead = c.dead_letters().await;
+    assert_eq!(dead.len(), 1, "one dead letter for the one job");
+    assert_eq!(dead[0].header(headers::ATTEMPTS), Some("3"));
+    // Three attempts, and the second copy's one failed call.
+    assert_eq!(c.node(2).calls_to("Cleanup").len(), 4);
+    assert_eq!(c.work_messages().await, 0);
+    consumer.stop().await.unwrap();
+}
+
+/// A replay starts a new line of copies: the replayed job's retries and its
+/// dead letter are not taken for duplicates of the ones before it, however
+/// soon after the first death it is replayed.
+#[tokio::test]
+async fn a_replayed_job_that_fails_again_gets_a_dead_letter_of_its_own() {
+    let c = Cluster::start(2).await;
+    c.node(2).respond(
+        "Cleanup",
+        Behaviour::fail(Code::Unavailable, "disk on fire"),
+    );
+    let consumer = c.consumer().await;
+    c.publish(&c.job(
+        json!({"change": "cleanup", "relative_path": "again.git", "target_node_storage": "gitaly-2"}),
+    ))
+    .await;
+    assert!(
+        c.eventually(WAIT, || async { c.dead_letters().await.len() == 1 })
+            .await
+    );
+    let first = c.dead_letters().await.remove(0);
+    assert_eq!(first.header(headers::REPLAYED_AT), None);
+    gitaly_replicator::dead_letters::replay(&c.js, &c.layout, &first)
+        .await
+        .unwrap();
+    assert!(
+        c.eventually(WAIT, || async {
+            let dead = c.dead_letters().await;
+            dead.len() == 1 && dead[0].sequence != first.sequence
+        })
+        .await,
+        "the replayed job has no dead letter: {} calls",
+        c.node(2).calls_to("Cleanup").len()
+    );
+    let again = c.dead_letters().await.remove(0);
+    assert_eq!(again.header(headers::ATTEMPTS), Some("3"));
+    assert!(again.header(headers::REPLAYED_AT).is_some());
+    assert_eq!(again.placement(), first.placement());
+    assert_eq!(c.node(2).calls_to("Cleanup").len(), 6);
+    consumer.stop().await.unwrap();
+}
+
 #[tokio::test]
 async fn a_malformed_message_is_dead_lettered_at_once_and_does_not_block_the_next_job() {
     let c = Cluster::start(2).await;
@@ -690,7 +790,11 @@ async fn jobs_the_server_keeps_but_never_delivers_again_are_requeued_or_removed_
         "Nats-Msg-Id",
         gitaly_replicator::dead_letters::dead_message_id(
             &gitaly_replicator::Incarnation::of(work.info().await.unwrap()),
-            2,
+            gitaly_replicator::dead_letters::Placement {
+                sequence: 2,
+                published: dead_job.time,
+            },
+            None,
         )
         .as_str(),
     );
