@@ -15,6 +15,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        .codec_path("crate::codec::SmallBufferCodec")
         .compile_fds(descriptors)?;
     println!("cargo:rerun-if-changed={root}");
     Ok(())

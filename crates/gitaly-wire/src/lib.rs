@@ -4,6 +4,7 @@
 //! v2 authentication token, and the metadata Gitaly reads besides it.
 
 pub mod auth;
+pub mod codec;
 pub mod metadata;
 
 /// Code generated from `proto/`.
