@@ -242,10 +242,13 @@ impl Acknowledger {
             attempts: d.deliveries.attempts_used(reason),
             deliveries: self.deliveries(d),
         };
-        publish_dead(&self.js, &self.layout, dead)
+        let written = publish_dead(&self.js, &self.layout, dead)
             .await
             .map_err(|e| e.to_string())?;
-        self.metrics.dead_letter(reason.as_str());
+        // A duplicate the stream dropped was counted when it was written.
+        if written {
+            self.metrics.dead_letter(reason.as_str());
+        }
         Ok(())
     }
 

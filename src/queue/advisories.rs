@@ -151,7 +151,7 @@ async fn move_stranded(
     } else {
         let carried = Carried::of(Some(&raw.headers));
         let placement = Placement::of(Some(&raw.headers), raw.sequence, raw.time, &incarnation);
-        publish_dead(
+        let written = publish_dead(
             js,
             layout,
             DeadJob {
@@ -185,7 +185,10 @@ async fn move_stranded(
         let (vs, target) =
             crate::subject::parse_job_subject(&layout.subject_prefix, raw.subject.as_str())
                 .unwrap_or_default();
-        crate::metrics::TargetMetrics::new(&vs, &target).dead_letter(DeadReason::Stranded.as_str());
+        if written {
+            crate::metrics::TargetMetrics::new(&vs, &target)
+                .dead_letter(DeadReason::Stranded.as_str());
+        }
     }
     stream
         .delete_message(a.stream_seq)

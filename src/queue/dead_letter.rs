@@ -125,12 +125,12 @@ fn header_safe(s: &str) -> String {
 
 /// Publishes a dead job and waits for the stream's ack. The message id names
 /// the job, so a repeat (after a lost ack, or from a second copy of the job)
-/// is dropped by the stream's duplicate window.
+/// is dropped by the stream's duplicate window. Returns false when it was.
 pub async fn publish_dead(
     js: &Context,
     layout: &Layout,
     job: DeadJob<'_>,
-) -> Result<(), DeadLetterError> {
+) -> Result<bool, DeadLetterError> {
     let mut h = HeaderMap::new();
     h.insert(headers::REASON, job.reason.as_str());
     h.insert(headers::ERROR, header_safe(job.error).as_str());
@@ -165,7 +165,7 @@ pub async fn publish_dead(
     if !acked.duplicate {
         log_dead(&job);
     }
-    Ok(())
+    Ok(!acked.duplicate)
 }
 
 /// The one line that says a job went to the dead letters, with Praefect's

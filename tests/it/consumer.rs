@@ -155,21 +155,34 @@ async fn a_second_copy_of_a_failing_job_ends_at_its_next_retry_and_the_job_dies_
         })
         .await
     );
-    let mut h = async_nats::HeaderMap::new();
-    h.insert("Nats-Msg-Id", "the original, requeued by a sweep");
-    h.insert(
-        "Gitaly-Replicator-Order-Sequence",
-        first.to_string().as_str(),
-    );
-    h.insert(
-        "Gitaly-Replicator-Order-Time",
-        original.time.unix_timestamp_nanos().to_string().as_str(),
-    );
-    c.js.publish_with_headers(original.subject.to_string(), h, original.payload.clone())
-        .await
-        .unwrap()
-        .await
-        .unwrap();
+    // Another copy of the job, with its place and `failures` used, as the
+    // leftover sweep publishes one.
+    let publish_copy = |id: &'static str, failures: &'static str| {
+        let mut h = async_nats::HeaderMap::new();
+        h.insert("Nats-Msg-Id", id);
+        h.insert(
+            "Gitaly-Replicator-Order-Sequence",
+            first.to_string().as_str(),
+        );
+        h.insert(
+            "Gitaly-Replicator-Order-Time",
+            original.time.unix_timestamp_nanos().to_string().as_str(),
+        );
+        h.insert("Gitaly-Replicator-Failed-Attempts", failures);
+        let (js, subject, payload) = (
+            c.js.clone(),
+            original.subject.to_string(),
+            original.payload.clone(),
+        );
+        async move {
+            js.publish_with_headers(subject, h, payload)
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        }
+    };
+    publish_copy("the original, requeued by a sweep", "0").await;
     assert!(
         c.eventually(WAIT, || async {
             c.work_messages().await == 0 && !c.dead_letters().await.is_empty()
@@ -184,6 +197,26 @@ async fn a_second_copy_of_a_failing_job_ends_at_its_next_retry_and_the_job_dies_
     // Three attempts, and the second copy's one failed call.
     assert_eq!(c.node(2).calls_to("Cleanup").len(), 4);
     assert_eq!(c.work_messages().await, 0);
+
+    // A copy on its last attempt, dying after the job died: its dead letter
+    // is the job's, a duplicate, neither stored nor counted again.
+    publish_copy("a copy on its last attempt", "2").await;
+    assert!(
+        c.eventually(WAIT, || async {
+            c.node(2).calls_to("Cleanup").len() == 5 && c.work_messages().await == 0
+        })
+        .await
+    );
+    assert_eq!(c.dead_letters().await.len(), 1);
+    let counted = crate::common::service_metrics::samples().sum(
+        gitaly_replicator::metric_names::DEAD_LETTERS_TOTAL,
+        &[
+            ("virtual_storage", c.vs()),
+            ("gitaly_storage", "gitaly-2"),
+            ("reason", "dead"),
+        ],
+    );
+    assert_eq!(counted, 1.0, "dead letters counted");
     consumer.stop().await.unwrap();
 }
 
