@@ -5,7 +5,7 @@
 
 use crate::queue::incarnation::Incarnation;
 use crate::queue::layout::Layout;
-use crate::queue::requeue::{ORDER_SEQUENCE, ORDER_TIME, Placement, REPLAYED_AT, lineage};
+use crate::queue::requeue::{ORDER_SEQUENCE, ORDER_TIME, Placement, REPLAYED_AT, lineage, nanos};
 use crate::subject::{dead_letter_prefix, parse_job_subject};
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, Context};
@@ -147,7 +147,7 @@ pub async fn publish_dead(
     h.insert(headers::DEAD_AT, now.as_str());
     job.placement.write(&mut h);
     if let Some(at) = job.replayed_at {
-        h.insert(REPLAYED_AT, at.unix_timestamp_nanos().to_string().as_str());
+        h.insert(REPLAYED_AT, nanos(at).as_str());
     }
     h.insert(
         "Nats-Msg-Id",
@@ -279,13 +279,7 @@ pub async fn replay(
     }
     // The replayed job's retries and dead letter are its own, never taken
     // for duplicates of the ones before.
-    h.insert(
-        REPLAYED_AT,
-        OffsetDateTime::now_utc()
-            .unix_timestamp_nanos()
-            .to_string()
-            .as_str(),
-    );
+    h.insert(REPLAYED_AT, nanos(OffsetDateTime::now_utc()).as_str());
     js.publish_with_headers(work_subject, h, message.payload.clone())
         .await
         .map_err(|e| DeadLetterError::Publish(e.to_string()))?

@@ -62,7 +62,8 @@ fn header<'a>(headers: Option<&'a HeaderMap>, name: &str) -> Option<&'a str> {
     headers.and_then(|h| h.get(name)).map(|v| v.as_str())
 }
 
-fn nanos(t: OffsetDateTime) -> String {
+/// A time as the headers carry it: Unix nanoseconds.
+pub(crate) fn nanos(t: OffsetDateTime) -> String {
     t.unix_timestamp_nanos().to_string()
 }
 
