@@ -13,7 +13,24 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use clap::Parser;
 use std::process::ExitCode;
 
+/// `mi_option_purge_delay` in mimalloc 3's `mi_option_e` (the Rust bindings
+/// name no constant for it).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// Hands freed memory back to the kernel at once instead of after mimalloc's
+/// default second: the consumer's peak RSS in a 1M drain fell by about
+/// 8 MiB for a few per cent more CPU per job (docs/performance.md, Memory).
+/// `MIMALLOC_PURGE_DELAY` in the environment still decides when set.
+fn purge_freed_memory_at_once() {
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+        // SAFETY: main's first statement, before any other thread exists
+        // (mi_option_set is not thread-safe); the option is a plain integer.
+        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0) };
+    }
+}
+
 fn main() -> ExitCode {
+    purge_freed_memory_at_once();
     let args = match cli::Args::try_parse() {
         Ok(args) => args,
         Err(e) => return cli::parse_error(&e),
@@ -29,4 +46,21 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(cli::dispatch(args))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::MI_OPTION_PURGE_DELAY;
+
+    #[test]
+    fn the_purge_delay_option_index_names_mimallocs_purge_delay() {
+        if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
+            return;
+        }
+        // Of mimalloc 3's options only purge_delay defaults to 1000 (ms): a
+        // wrong index reads another option's default.
+        // SAFETY: reading an option; no other test sets one.
+        let delay = unsafe { libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) };
+        assert_eq!(delay, 1000);
+    }
 }

@@ -1134,11 +1134,24 @@ fn copied_binaries(runtime: &str) -> BTreeSet<&str> {
 #[test]
 fn the_production_image_holds_the_service_alone_without_git_or_the_storage_node() {
     let dockerfile = read("docker/Dockerfile");
-    assert!(
-        dockerfile.contains(
-            "cargo build --release --locked -p gitaly-replicator --bin gitaly-replicator"
-        )
-    );
+    // The image ships the build the benchmark measures: the production
+    // profile, optimised as one unit.
+    assert!(dockerfile.contains(
+        "cargo build --profile production --locked -p gitaly-replicator --bin gitaly-replicator"
+    ));
+    let manifest: toml::Table = toml::from_str(
+        &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml")).unwrap(),
+    )
+    .unwrap();
+    for profile in ["production", "bench"] {
+        let settings = &manifest["profile"][profile];
+        assert_eq!(settings["lto"].as_str(), Some("fat"), "profile {profile}");
+        assert_eq!(
+            settings["codegen-units"].as_integer(),
+            Some(1),
+            "profile {profile}"
+        );
+    }
     let runtime = runtime_stage(&dockerfile);
     assert_eq!(
         copied_binaries(runtime),
