@@ -314,103 +314,141 @@ impl GitalyReplicator {
     async fn run(&self, job: &Job, order: Option<&WriteOrder>) -> Step<JobOutcome> {
         let target = self.target(job)?;
         let ctx = CallContext::new(job.correlation_id.clone(), self.job_timeout);
-        let target_repo = repo(&job.target_node_storage, job.replica_path());
-        let (vs, rel, storage) = job.repository_key();
+        // Each kind boxed on its own: a job's future lives while it is in
+        // flight, and inline every job's would be as large as an update's.
         match &job.change {
-            Change::Update | Change::Create => self.update(job, target, &ctx, order).await,
+            Change::Update | Change::Create => {
+                Box::pin(self.update(job, target, &ctx, order)).await
+            }
             Change::Delete | Change::DeleteReplica => {
-                let standing = self.standing(&[(vs, rel, storage)], order).await?;
-                if let Some(skipped) = standing.into_iter().next().flatten() {
-                    return Ok(JobOutcome::Skipped(skipped));
-                }
-                self.remove(target, &ctx, target_repo).await?;
-                let gated = if matches!(job.change, Change::Delete) {
-                    self.store
-                        .delete_repository_in_order(vs, rel, storage, order)
-                        .await
-                } else {
-                    self.store
-                        .delete_replica_in_order(vs, rel, storage, order)
-                        .await
-                };
-                Ok(after_write(
-                    gated.map_err(store_failed)?,
-                    JobOutcome::Completed,
-                ))
+                Box::pin(self.delete(job, target, &ctx, order)).await
             }
             Change::Rename { new_relative_path } => {
-                // A rename moves the relative path, as Praefect's does; a
-                // replica path does not follow renames.
-                let target_repo = repo(storage, rel);
-                let keys = [
-                    (vs, rel, storage),
-                    (vs, new_relative_path.as_str(), storage),
-                ];
-                let mut standing = self.standing(&keys, order).await?;
-                if let Some(skipped) = standing[0].take() {
-                    return Ok(JobOutcome::Skipped(skipped));
-                }
-                if standing[1].is_some() {
-                    // A later job already settled the new path; what is
-                    // left of the rename is that the old path is gone.
-                    self.remove(target, &ctx, target_repo).await?;
-                    let gated = self
-                        .store
-                        .delete_replica_in_order(vs, rel, storage, order)
-                        .await
-                        .map_err(store_failed)?;
-                    return Ok(after_write(gated, JobOutcome::Completed));
-                }
-                // Recorded before the call: should the call move the
-                // directory and the record fail, this replica must not be
-                // taken for an invalid source until the rename is recorded.
-                self.store
-                    .begin_move(vs, rel, storage, new_relative_path)
-                    .await
-                    .map_err(store_failed)?;
-                let mut client = target.repository_service();
-                let req = target.request(
-                    pb::RenameRepositoryRequest {
-                        repository: target_repo,
-                        relative_path: new_relative_path.clone(),
-                    },
-                    &ctx,
-                );
-                match target
-                    .call("RenameRepository", &ctx, client.rename_repository(req))
-                    .await
-                {
-                    // The old path is gone. Done only if the repository is at
-                    // the new one (a redelivery after the rename took
-                    // effect); else nothing moved, and the record must not
-                    // say it did.
-                    Err(e) if e.kind == CallErrorKind::NotFound => {
-                        let moved = repo(storage, new_relative_path);
-                        if !self.exists(target, &ctx, moved).await? {
-                            return Err(JobOutcome::Failed(ReplicationError::RenameNotFound {
-                                storage: storage.to_owned(),
-                                from: rel.to_owned(),
-                                to: new_relative_path.clone(),
-                            }));
-                        }
-                    }
-                    r => {
-                        r.map_err(call_failed)?;
-                    }
-                }
-                let gated = self
-                    .store
-                    .rename_repository_in_order(vs, rel, storage, new_relative_path, order)
-                    .await
-                    .map_err(store_failed)?;
-                Ok(after_write(gated, JobOutcome::Completed))
+                Box::pin(self.rename(job, new_relative_path, target, &ctx, order)).await
             }
+            _ => Box::pin(self.maintain(job, target, &ctx)).await,
+        }
+    }
+
+    /// Removes the replica, then its record (with `Delete`, the repository's).
+    async fn delete(
+        &self,
+        job: &Job,
+        target: &NodeClient,
+        ctx: &CallContext,
+        order: Option<&WriteOrder>,
+    ) -> Step<JobOutcome> {
+        let target_repo = repo(&job.target_node_storage, job.replica_path());
+        let (vs, rel, storage) = job.repository_key();
+        let standing = self.standing(&[(vs, rel, storage)], order).await?;
+        if let Some(skipped) = standing.into_iter().next().flatten() {
+            return Ok(JobOutcome::Skipped(skipped));
+        }
+        self.remove(target, ctx, target_repo).await?;
+        let gated = if matches!(job.change, Change::Delete) {
+            self.store
+                .delete_repository_in_order(vs, rel, storage, order)
+                .await
+        } else {
+            self.store
+                .delete_replica_in_order(vs, rel, storage, order)
+                .await
+        };
+        Ok(after_write(
+            gated.map_err(store_failed)?,
+            JobOutcome::Completed,
+        ))
+    }
+
+    /// Moves the replica to `new_relative_path`, then its record.
+    async fn rename(
+        &self,
+        job: &Job,
+        new_relative_path: &str,
+        target: &NodeClient,
+        ctx: &CallContext,
+        order: Option<&WriteOrder>,
+    ) -> Step<JobOutcome> {
+        let (vs, rel, storage) = job.repository_key();
+        // A rename moves the relative path, as Praefect's does; a
+        // replica path does not follow renames.
+        let target_repo = repo(storage, rel);
+        let keys = [(vs, rel, storage), (vs, new_relative_path, storage)];
+        let mut standing = self.standing(&keys, order).await?;
+        if let Some(skipped) = standing[0].take() {
+            return Ok(JobOutcome::Skipped(skipped));
+        }
+        if standing[1].is_some() {
+            // A later job already settled the new path; what is
+            // left of the rename is that the old path is gone.
+            self.remove(target, ctx, target_repo).await?;
+            let gated = self
+                .store
+                .delete_replica_in_order(vs, rel, storage, order)
+                .await
+                .map_err(store_failed)?;
+            return Ok(after_write(gated, JobOutcome::Completed));
+        }
+        // Recorded before the call: should the call move the
+        // directory and the record fail, this replica must not be
+        // taken for an invalid source until the rename is recorded.
+        self.store
+            .begin_move(vs, rel, storage, new_relative_path)
+            .await
+            .map_err(store_failed)?;
+        let mut client = target.repository_service();
+        let req = target.request(
+            pb::RenameRepositoryRequest {
+                repository: target_repo,
+                relative_path: new_relative_path.to_owned(),
+            },
+            ctx,
+        );
+        match target
+            .call("RenameRepository", ctx, client.rename_repository(req))
+            .await
+        {
+            // The old path is gone. Done only if the repository is at
+            // the new one (a redelivery after the rename took
+            // effect); else nothing moved, and the record must not
+            // say it did.
+            Err(e) if e.kind == CallErrorKind::NotFound => {
+                let moved = repo(storage, new_relative_path);
+                if !self.exists(target, ctx, moved).await? {
+                    return Err(JobOutcome::Failed(ReplicationError::RenameNotFound {
+                        storage: storage.to_owned(),
+                        from: rel.to_owned(),
+                        to: new_relative_path.to_owned(),
+                    }));
+                }
+            }
+            r => {
+                r.map_err(call_failed)?;
+            }
+        }
+        let gated = self
+            .store
+            .rename_repository_in_order(vs, rel, storage, new_relative_path, order)
+            .await
+            .map_err(store_failed)?;
+        Ok(after_write(gated, JobOutcome::Completed))
+    }
+
+    /// A maintenance change: one call on the target, no rows written.
+    async fn maintain(
+        &self,
+        job: &Job,
+        target: &NodeClient,
+        ctx: &CallContext,
+    ) -> Step<JobOutcome> {
+        let target_repo = repo(&job.target_node_storage, job.replica_path());
+        match &job.change {
             Change::GarbageCollect {
                 create_bitmap,
                 prune,
             } => unary!(
                 target,
-                &ctx,
+                ctx,
                 repository_service,
                 "GarbageCollect",
                 garbage_collect,
@@ -422,7 +460,7 @@ impl GitalyReplicator {
             ),
             Change::RepackFull { create_bitmap } => unary!(
                 target,
-                &ctx,
+                ctx,
                 repository_service,
                 "RepackFull",
                 repack_full,
@@ -433,7 +471,7 @@ impl GitalyReplicator {
             ),
             Change::RepackIncremental => unary!(
                 target,
-                &ctx,
+                ctx,
                 repository_service,
                 "RepackIncremental",
                 repack_incremental,
@@ -443,7 +481,7 @@ impl GitalyReplicator {
             ),
             Change::Cleanup => unary!(
                 target,
-                &ctx,
+                ctx,
                 repository_service,
                 "Cleanup",
                 cleanup,
@@ -453,7 +491,7 @@ impl GitalyReplicator {
             ),
             Change::PackRefs { all_refs } => unary!(
                 target,
-                &ctx,
+                ctx,
                 ref_service,
                 "PackRefs",
                 pack_refs,
@@ -464,7 +502,7 @@ impl GitalyReplicator {
             ),
             Change::WriteCommitGraph { split_strategy } => unary!(
                 target,
-                &ctx,
+                ctx,
                 repository_service,
                 "WriteCommitGraph",
                 write_commit_graph,
@@ -475,7 +513,7 @@ impl GitalyReplicator {
             ),
             Change::MidxRepack => unary!(
                 target,
-                &ctx,
+                ctx,
                 repository_service,
                 "MidxRepack",
                 midx_repack,
@@ -485,7 +523,7 @@ impl GitalyReplicator {
             ),
             Change::OptimizeRepository => unary!(
                 target,
-                &ctx,
+                ctx,
                 repository_service,
                 "OptimizeRepository",
                 optimize_repository,
@@ -493,6 +531,14 @@ impl GitalyReplicator {
                     repository: target_repo
                 }
             ),
+            Change::Update
+            | Change::Create
+            | Change::Delete
+            | Change::DeleteReplica
+            | Change::Rename { .. } => Err(JobOutcome::Invalid(format!(
+                "{:?} is not a maintenance change",
+                job.change_type()
+            ))),
         }
     }
 

@@ -193,3 +193,21 @@ pub(super) fn maintenance_changes() -> [(Change, &'static str); 8] {
         (Change::OptimizeRepository, "OptimizeRepository"),
     ]
 }
+
+/// A job's dispatch future is allocated for every job in flight: it holds
+/// only its kind's future, and a maintenance job's does not carry the size
+/// of an update's.
+#[tokio::test]
+async fn a_maintenance_jobs_dispatch_future_is_small() {
+    let n = TwoNodes::start().await;
+    let maintenance = job(Change::OptimizeRepository);
+    let update = job(Change::Update);
+    let target = n.replicator.target(&maintenance).unwrap();
+    let ctx = crate::gitaly::CallContext::new(None, None);
+    let dispatch = std::mem::size_of_val(&n.replicator.replicate_in_order(&maintenance, None));
+    let maintain = std::mem::size_of_val(&n.replicator.maintain(&maintenance, target, &ctx));
+    let update = std::mem::size_of_val(&n.replicator.update(&update, target, &ctx, None));
+    eprintln!("futures: dispatch {dispatch} B, maintenance {maintain} B, update {update} B");
+    assert!(dispatch <= 256, "{dispatch} B");
+    assert!(maintain * 2 <= update, "{maintain} B against {update} B");
+}
