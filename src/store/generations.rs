@@ -215,11 +215,11 @@ impl RepositoryStore {
                     SELECT FROM alive WHERE alive.pid = input.pid
                                         AND alive.started = input.started)
             ), current AS MATERIALIZED (
-                SELECT f.* FROM fenced f
-                WHERE f.id IS NULL OR NOT EXISTS (
-                    SELECT FROM repositories r
-                    WHERE r.virtual_storage = f.vs AND r.relative_path = f.rel
-                      AND r.repository_id <> f.id)
+                -- The repository row read once: its id and generation serve
+                -- the id check, the raise and the replica row below.
+                SELECT f.*, r.repository_id AS rid, r.generation AS rgen FROM fenced f
+                LEFT JOIN repositories r ON r.virtual_storage = f.vs AND r.relative_path = f.rel
+                WHERE f.id IS NULL OR r.repository_id IS NULL OR r.repository_id = f.id
             ), ordered AS (
                 INSERT INTO replication_order AS o
                     (virtual_storage, relative_path, target_storage, stream, sequence)
@@ -237,25 +237,27 @@ impl RepositoryStore {
                    AND o.target_storage = f.storage AND o.sequence = f.seq
                 WHERE f.stream IS NULL OR o.sequence IS NOT NULL
             ), gens AS (
-                SELECT DISTINCT ON (vs, rel, storage) vs, rel, storage, gen
-                FROM allowed WHERE gen <> -1
+                SELECT DISTINCT ON (vs, rel, storage) vs, rel, storage, gen, rid, rgen
+                FROM allowed WHERE gen <> -1 AND rid IS NOT NULL
                 ORDER BY vs, rel, storage, gen DESC
             ), raised AS (
+                -- Only where the row read is behind: a generation never
+                -- falls, and the update checks again on the latest row.
                 UPDATE repositories r SET generation = m.gen
-                FROM (SELECT vs, rel, max(gen) AS gen FROM gens GROUP BY vs, rel) m
-                WHERE r.virtual_storage = m.vs AND r.relative_path = m.rel
+                FROM (SELECT rid, max(gen) AS gen FROM gens
+                      WHERE rgen IS NULL OR rgen < gen GROUP BY rid) m
+                WHERE r.repository_id = m.rid
                   AND (r.generation IS NULL OR r.generation < m.gen)
             ), targets AS MATERIALIZED (
-                SELECT r.repository_id, r.virtual_storage, r.relative_path, gens.storage, gens.gen,
+                SELECT rid AS repository_id, vs AS virtual_storage, rel AS relative_path, storage, gen,
                     -- The rare case first: AND stops at it, one probe a row.
                     EXISTS (SELECT FROM storage_repositories s
-                            WHERE s.repository_id = r.repository_id AND s.storage = gens.storage
+                            WHERE s.repository_id = gens.rid AND s.storage = gens.storage
                               AND s.relative_path <> gens.rel)
                     AND NOT EXISTS (SELECT FROM storage_repositories s
                                     WHERE s.virtual_storage = gens.vs AND s.relative_path = gens.rel
                                       AND s.storage = gens.storage) AS elsewhere
                 FROM gens
-                JOIN repositories r ON r.virtual_storage = gens.vs AND r.relative_path = gens.rel
             ), moved AS (
                 UPDATE storage_repositories s
                 SET relative_path = t.relative_path, generation = GREATEST(s.generation, t.gen)
