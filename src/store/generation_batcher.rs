@@ -114,7 +114,7 @@ impl GenerationBatcher {
     /// Starts the batching tasks in `tasks`.
     pub fn start(store: RepositoryStore, tasks: &TaskTracker) -> GenerationBatcher {
         let s = store.clone();
-        let reads = Coalescer::start(tasks, MAX_BATCH, 2, move |batch: Vec<Read>| {
+        let reads = Coalescer::start(tasks, MAX_BATCH, 1, move |batch: Vec<Read>| {
             let store = s.clone();
             async move {
                 let queries: Vec<_> = batch.iter().map(Read::query).collect();
@@ -125,12 +125,12 @@ impl GenerationBatcher {
                 }
             }
         });
-        // Two write batches at a time: while one waits for its commit, the
-        // next runs, so a job does not wait a whole commit for a free slot.
-        // They cannot meet on a replica row (its repository lock admits one
-        // job at a time); on a repository row, rows sorted by key lock in the
-        // same order, and a deadlock with another process's batch is retried.
-        let writes = Coalescer::start(tasks, MAX_BATCH, 2, move |mut batch: Vec<Write>| {
+        // One batch at a time, reads and writes alike: what queues meanwhile
+        // goes out as one statement, and a statement's fixed cost is most of
+        // a small one's (docs/performance.md, what an update costs Postgres).
+        // Rows sorted by key lock repository rows in the same order as
+        // another process's batch; a deadlock with one is retried.
+        let writes = Coalescer::start(tasks, MAX_BATCH, 1, move |mut batch: Vec<Write>| {
             let store = store.clone();
             batch.sort_unstable_by(|a, b| {
                 (&a.virtual_storage, &a.relative_path, &a.storage).cmp(&(
