@@ -56,9 +56,66 @@ pub struct Sizes {
     pub capture_events: usize,
 }
 
+const USAGE: &str =
+    "cargo bench --bench pipeline [-- --quick] [--only raw,maintenance,...] [--jobs N]";
+
+/// What `--only` accepts.
+const SCENARIOS: &[&str] = &[
+    "raw",
+    "grpc",
+    "bound",
+    "maintenance",
+    "update",
+    "praefect",
+    "capture",
+    "latency",
+    "backlog",
+    "reconcile",
+    "scale-out",
+    "fleet",
+];
+
+/// Why the arguments are not understood, if they are not. `--bench` is
+/// cargo's own, passed to every bench.
+fn unknown_argument(args: &[String]) -> Option<String> {
+    let mut rest = args.iter().skip(1);
+    while let Some(a) = rest.next() {
+        match a.as_str() {
+            "--quick" | "--bench" | "--help" | "-h" => {}
+            "--jobs" => {
+                if rest.next().is_none() {
+                    return Some("--jobs needs a number of jobs".into());
+                }
+            }
+            "--only" => {
+                let Some(list) = rest.next() else {
+                    return Some("--only needs a list of scenarios".into());
+                };
+                if let Some(bad) = list.split(',').find(|n| !SCENARIOS.contains(n)) {
+                    return Some(format!(
+                        "unknown scenario {bad:?}; the scenarios are {}",
+                        SCENARIOS.join(",")
+                    ));
+                }
+            }
+            other => return Some(format!("unknown argument {other:?}")),
+        }
+    }
+    None
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
+    if let Some(message) = unknown_argument(&args) {
+        // A mistyped flag would otherwise start a full run of many minutes.
+        eprintln!("error: {message}\nusage: {USAGE}");
+        std::process::exit(2);
+    }
+    if args.iter().any(|a| a == "--help" || a == "-h") {
+        println!("usage: {USAGE}\nscenarios: {}", SCENARIOS.join(","));
+        return Ok(());
+    }
     let quick = args.iter().any(|a| a == "--quick");
     let only: Option<Vec<String>> = args
         .iter()
