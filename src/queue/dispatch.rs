@@ -149,9 +149,9 @@ pub(super) async fn run_job<R: Replicator>(
         let lost = guards.first().map(|g| g.lost().clone()).unwrap_or_default();
         let timer = Instant::now();
         let outcome = tokio::select! {
-            // Boxed: Gitaly call futures are large, and moving them inline
-            // made every job's task copy kilobytes.
-            o = Box::pin(shared.replicator.replicate_in_order(job, order.as_ref())) => Some(o),
+            // Inline: the replicator boxes each kind's own future, so this
+            // one is small (see `GitalyReplicator::run`).
+            o = shared.replicator.replicate_in_order(job, order.as_ref()) => Some(o),
             // The lock is gone and another process may run the repository
             // now: stop, write nothing, run again.
             _ = lost.cancelled() => Some(JobOutcome::Interrupted),

@@ -65,6 +65,11 @@ pub struct GenerationBatcher {
 
 const MAX_BATCH: usize = 256;
 
+/// One batch at a time, reads and writes alike: what queues meanwhile goes
+/// out as one statement, and a statement's fixed cost is most of a small
+/// one's (docs/performance.md, what an update costs Postgres).
+const BATCHES_IN_FLIGHT: usize = 1;
+
 fn stopped(operation: &'static str) -> StoreError {
     StoreError::Batch {
         operation,
@@ -114,48 +119,55 @@ impl GenerationBatcher {
     /// Starts the batching tasks in `tasks`.
     pub fn start(store: RepositoryStore, tasks: &TaskTracker) -> GenerationBatcher {
         let s = store.clone();
-        let reads = Coalescer::start(tasks, MAX_BATCH, 1, move |batch: Vec<Read>| {
-            let store = s.clone();
-            async move {
-                let queries: Vec<_> = batch.iter().map(Read::query).collect();
-                let answers: Vec<_> =
-                    each_answered!(&queries[..], |q| store.replicated_generations(q).await);
-                for (read, answer) in batch.into_iter().zip(answers) {
-                    let _ = read.reply.send(answer);
+        let reads = Coalescer::start(
+            tasks,
+            MAX_BATCH,
+            BATCHES_IN_FLIGHT,
+            move |batch: Vec<Read>| {
+                let store = s.clone();
+                async move {
+                    let queries: Vec<_> = batch.iter().map(Read::query).collect();
+                    let answers: Vec<_> =
+                        each_answered!(&queries[..], |q| store.replicated_generations(q).await);
+                    for (read, answer) in batch.into_iter().zip(answers) {
+                        let _ = read.reply.send(answer);
+                    }
                 }
-            }
-        });
-        // One batch at a time, reads and writes alike: what queues meanwhile
-        // goes out as one statement, and a statement's fixed cost is most of
-        // a small one's (docs/performance.md, what an update costs Postgres).
+            },
+        );
         // Rows sorted by key lock repository rows in the same order as
         // another process's batch; a deadlock with one is retried.
-        let writes = Coalescer::start(tasks, MAX_BATCH, 1, move |mut batch: Vec<Write>| {
-            let store = store.clone();
-            batch.sort_unstable_by(|a, b| {
-                (&a.virtual_storage, &a.relative_path, &a.storage).cmp(&(
-                    &b.virtual_storage,
-                    &b.relative_path,
-                    &b.storage,
-                ))
-            });
-            async move {
-                let records: Vec<_> = batch.iter().map(Write::record).collect();
-                let answers: Vec<_> = each_answered!(&records[..], |r| {
-                    let mut result = store.set_generations(r).await;
-                    // A deadlock with another batch is settled by one retry,
-                    // without failing every job.
-                    if result.as_ref().is_err_and(StoreError::is_deadlock) {
-                        result = store.set_generations(r).await;
-                    }
-                    result
+        let writes = Coalescer::start(
+            tasks,
+            MAX_BATCH,
+            BATCHES_IN_FLIGHT,
+            move |mut batch: Vec<Write>| {
+                let store = store.clone();
+                batch.sort_unstable_by(|a, b| {
+                    (&a.virtual_storage, &a.relative_path, &a.storage).cmp(&(
+                        &b.virtual_storage,
+                        &b.relative_path,
+                        &b.storage,
+                    ))
                 });
-                drop(records);
-                for (write, answer) in batch.into_iter().zip(answers) {
-                    let _ = write.reply.send(answer);
+                async move {
+                    let records: Vec<_> = batch.iter().map(Write::record).collect();
+                    let answers: Vec<_> = each_answered!(&records[..], |r| {
+                        let mut result = store.set_generations(r).await;
+                        // A deadlock with another batch is settled by one retry,
+                        // without failing every job.
+                        if result.as_ref().is_err_and(StoreError::is_deadlock) {
+                            result = store.set_generations(r).await;
+                        }
+                        result
+                    });
+                    drop(records);
+                    for (write, answer) in batch.into_iter().zip(answers) {
+                        let _ = write.reply.send(answer);
+                    }
                 }
-            }
-        });
+            },
+        );
         GenerationBatcher { reads, writes }
     }
 
