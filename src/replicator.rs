@@ -34,7 +34,8 @@ pub enum SkipReason {
     InvalidSource,
     /// A twin job completed after this one was created.
     Superseded,
-    /// An identical update in the same batch was dispatched instead.
+    /// An identical update delivered with it, or one still waiting for the
+    /// replica's lock when it arrived, was dispatched instead.
     Collapsed,
     /// A state-changing job published later already took effect on the
     /// replica; applying this one would undo it.
@@ -62,7 +63,7 @@ impl fmt::Display for SkipReason {
             }
             SkipReason::Superseded => f.write_str("superseded by a twin job that completed later"),
             SkipReason::Collapsed => {
-                f.write_str("collapsed into an identical update in the same batch")
+                f.write_str("collapsed into an identical update dispatched after it was published")
             }
             SkipReason::OutOfOrder => {
                 f.write_str("a job published later already took effect on this replica")

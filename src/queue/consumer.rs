@@ -20,6 +20,7 @@ use crate::queue::acknowledger::{Acknowledger, Delivery, JobFields};
 use crate::queue::incarnation::{Belonging, Incarnation, StreamIdentity};
 use crate::queue::job;
 use crate::queue::layout::{ConsumerSpec, Layout, LayoutChange, LayoutError};
+use crate::queue::open_groups::OpenGroups;
 use crate::queue::puller::{PullError, Pulled, Puller};
 use crate::queue::requeue::{Carried, Placement};
 use crate::queue::waiting::Waiting;
@@ -131,6 +132,8 @@ pub(super) struct Target {
     pub acknowledger: Acknowledger,
     /// Its jobs waiting in this process.
     pub waiting: Arc<Waiting>,
+    /// Its groups of identical updates still waiting for their lock.
+    pub(super) groups: OpenGroups,
 }
 
 /// Sets up every target and pulls until `stop`; returns once the pull loops
@@ -249,6 +252,7 @@ pub async fn run<R: Replicator>(deps: ConsumerDeps<R>) -> Result<(), ConsumerErr
                 &spec.target_storage,
                 layout.max_ack_pending,
             ),
+            groups: OpenGroups::default(),
         });
         let database = readiness.dependencies().watch(Dependency::Postgres);
         let healthy = node.subscribe_health();

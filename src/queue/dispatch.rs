@@ -43,18 +43,37 @@ fn lock_keys(job: &Job) -> Vec<i64> {
     keys
 }
 
-/// Waits for the repository and a job slot, checks completion dedup, and
-/// dispatches.
-pub(super) async fn run_job<R: Replicator>(
+/// A job's repository locks, taken.
+pub(super) struct Locked {
+    guards: Vec<crate::store::locks::RepositoryGuard>,
+    /// The relative path the repository was renamed to since the job was
+    /// published, where it runs instead.
+    followed: Option<String>,
+    /// What completion dedup records once it completed (maintenance jobs).
+    completion: Option<JobKey>,
+}
+
+/// The job as it runs: at the path its repository was renamed to, if it was.
+fn as_run<'a>(job: &'a Job, followed: Option<&str>) -> std::borrow::Cow<'a, Job> {
+    match followed {
+        None => std::borrow::Cow::Borrowed(job),
+        Some(path) => std::borrow::Cow::Owned(Job {
+            relative_path: path.to_owned(),
+            ..job.clone()
+        }),
+    }
+}
+
+/// Waits for the job's repository locks, asking with the first whether a
+/// twin's completion supersedes it (maintenance jobs only).
+pub(super) async fn lock_job<R: Replicator>(
     shared: &Shared<R>,
     target: &Target,
     d: &Delivered,
     fields: &JobFields<'_>,
-    waiting: bool,
-) -> Ran {
-    let followed;
-    let job = match shared.replicator.followed_path(&d.job).await {
-        Ok(None) => &d.job,
+) -> Result<Locked, Ran> {
+    let followed = match shared.replicator.followed_path(&d.job).await {
+        Ok(None) => None,
         Ok(Some(path)) => {
             job_log!(
                 info,
@@ -62,23 +81,18 @@ pub(super) async fn run_job<R: Replicator>(
                 followed_path = %path,
                 "the repository was renamed in Praefect's store since the job was published; the job runs at its new relative path"
             );
-            followed = Job {
-                relative_path: path,
-                ..d.job.clone()
-            };
-            &followed
+            Some(path)
         }
-        Err(outcome) => return Ran::Finished(outcome, None, false),
+        Err(outcome) => return Err(Ran::Finished(outcome, None, false)),
     };
-    let change = job.change_type();
-    let ordered = change.changes_state();
+    let job = as_run(&d.job, followed.as_deref());
     // Maintenance jobs are deduplicated Praefect's way; state-changing jobs
     // are ordered instead (a twin's completion says nothing about a delete
     // published between the two).
-    let completion = (!ordered).then(|| JobKey::of(job));
+    let completion = (!job.change_type().changes_state()).then(|| JobKey::of(&job));
     let mut guards = Vec::new();
     let locking = target.waiting.counting(WaitReason::RepositoryLocked);
-    for (i, key) in lock_keys(job).into_iter().enumerate() {
+    for (i, key) in lock_keys(&job).into_iter().enumerate() {
         // The dedup check is answered with the lock, so it sees every twin
         // that completed before the lock was free.
         let check = completion
@@ -91,11 +105,37 @@ pub(super) async fn run_job<R: Replicator>(
                 for g in guards {
                     shared.locks.release(g);
                 }
-                return Ran::Released;
+                return Err(Ran::Released);
             }
         }
     }
     drop(locking);
+    Ok(Locked {
+        guards,
+        followed,
+        completion,
+    })
+}
+
+/// With the job's locks taken: waits for a job slot, checks completion
+/// dedup, and dispatches.
+pub(super) async fn run_locked<R: Replicator>(
+    shared: &Shared<R>,
+    target: &Target,
+    d: &Delivered,
+    locked: Locked,
+    fields: &JobFields<'_>,
+    waiting: bool,
+) -> Ran {
+    let Locked {
+        guards,
+        followed,
+        completion,
+    } = locked;
+    let job = as_run(&d.job, followed.as_deref());
+    let job = &*job;
+    let change = job.change_type();
+    let ordered = change.changes_state();
     let permit = tokio::select! {
         p = shared.permits.acquire() => p,
         _ = shared.stop.cancelled() => {

@@ -1,6 +1,7 @@
 //! One job's life in the consumer, from arrival to its final
-//! acknowledgement: decode it, collapse identical updates of a batch, wait
-//! for the repository and a job slot, dispatch, and settle.
+//! acknowledgement: decode it, collapse identical updates (of a batch, and
+//! into a group of an earlier batch still waiting for its replica's lock),
+//! wait for the repository and a job slot, dispatch, and settle.
 //!
 //! Every delivered message is owned by one task until it is settled; while
 //! it waits or runs, the task keeps it ours with in-progress acks. Each
@@ -14,9 +15,10 @@ use crate::event::Job;
 use crate::queue::ack::{Deliveries, Role, Stage};
 use crate::queue::acknowledger::{Delivery, JobFields, job_log};
 use crate::queue::consumer::{Shared, Target, delivery_facts, with_attempts};
-use crate::queue::dispatch::{Ran, run_job};
+use crate::queue::dispatch::{Ran, lock_job, run_locked};
 use crate::queue::incarnation::Incarnation;
 use crate::queue::layout::Layout;
+use crate::queue::open_groups::{GroupKey, GroupTicket};
 use crate::queue::requeue::{Carried, Placement};
 use crate::queue::waiting::WaitReason;
 use crate::replicator::{JobOutcome, Replicator, SkipReason};
@@ -94,7 +96,7 @@ pub(super) fn dispatch_batch<R: Replicator>(
         Arc<Incarnation>,
     )>,
 ) {
-    let mut groups: Vec<(Delivered, Vec<Delivered>)> = Vec::new();
+    let mut groups: Vec<(Delivered, Vec<Delivered>, Option<GroupKey>)> = Vec::new();
     let mut update_leader: HashMap<(String, String), usize> = HashMap::new();
     for (message, held, incarnation) in batch {
         let (deliveries, sequence, placement, carried) =
@@ -159,7 +161,7 @@ pub(super) fn dispatch_batch<R: Replicator>(
             }
         };
         let deliveries = with_attempts(shared, &job, deliveries);
-        let d = Delivered {
+        let mut d = Delivered {
             message,
             incarnation,
             job,
@@ -169,16 +171,17 @@ pub(super) fn dispatch_batch<R: Replicator>(
             carried,
             held,
         };
+        let mut key = None;
         if d.job.change_type().needs_source() {
-            let key = (
+            let k = (
                 d.job.relative_path.clone(),
                 d.job.source_node_storage.clone().unwrap_or_default(),
             );
-            if let Some(&i) = update_leader.get(&key) {
+            if let Some(&i) = update_leader.get(&k) {
                 // The group runs as its newest job, so it takes that job's
                 // place in the replica's order: a state-changing job
                 // published between the twins cannot undo the newest one.
-                let (leader, followers) = &mut groups[i];
+                let (leader, followers, _) = &mut groups[i];
                 let (newer, mut older) = if d.placement.sequence > leader.placement.sequence {
                     let old = std::mem::replace(leader, d);
                     (leader, old)
@@ -192,16 +195,37 @@ pub(super) fn dispatch_batch<R: Replicator>(
                 followers.push(older);
                 continue;
             }
-            update_leader.insert(key, groups.len());
+            // A group of an earlier batch still waiting for the lock runs
+            // for this one too.
+            d = match target.groups.join(&k, d) {
+                None => continue,
+                Some(d) => d,
+            };
+            update_leader.insert(k.clone(), groups.len());
+            key = Some(k);
         }
-        groups.push((d, Vec::new()));
+        groups.push((d, Vec::new(), key));
     }
-    for (d, followers) in groups {
+    for (d, followers, key) in groups {
+        // Opened here, before the next batch is read, so its twins find it.
+        let ticket = key.and_then(|k| target.groups.open(k, &d.incarnation));
         let shared2 = shared.clone();
         let target = target.clone();
         shared
             .jobs
-            .spawn(Box::pin(process(shared2, target, d, followers)));
+            .spawn(Box::pin(process(shared2, target, d, followers, ticket)));
+    }
+}
+
+/// Folds the members that joined a group while it waited for its lock into
+/// it: the newest leads, so the group takes its place in the replica's order
+/// (see `dispatch_batch`).
+fn fold_joiners(d: &mut Delivered, followers: &mut Vec<Delivered>, joiners: Vec<Delivered>) {
+    for mut j in joiners {
+        if j.placement.sequence > d.placement.sequence {
+            std::mem::swap(d, &mut j);
+        }
+        followers.push(j);
     }
 }
 
@@ -224,22 +248,33 @@ async fn process<R: Replicator>(
     target: Arc<Target>,
     mut d: Delivered,
     mut followers: Vec<Delivered>,
+    mut group: Option<GroupTicket>,
 ) {
     let change_type = d.job.change_type();
     let acks = &target.acknowledger;
-    let follower = Role::Follower {
-        leader_delivered: d.deliveries.delivered,
-        leader_failures: d.deliveries.failures,
-    };
     // When it started waiting: an earlier copy's, if one went back to the
     // stream waiting, so a wait is logged once however many copies it takes.
     let mut waiting_since = d.carried.waiting_since;
     let mut slot = None;
     let ran = loop {
-        let ran = {
+        let locked = {
             let fields = d.fields();
-            let work = run_job(&shared, &target, &d, &fields, waiting_since.is_some());
-            keeping_ours(&shared, &target, &d, &followers, work).await
+            let work = lock_job(&shared, &target, &d, &fields);
+            keeping_ours(&shared, &target, &d, &followers, group.as_ref(), work).await
+        };
+        // Closed once the lock is taken (or never will be): whoever joined
+        // was published before the generations are read.
+        if let Some(ticket) = group.take() {
+            fold_joiners(&mut d, &mut followers, target.groups.close(ticket));
+        }
+        let ran = match locked {
+            Err(ran) => ran,
+            Ok(locked) => {
+                let fields = d.fields();
+                let waiting = waiting_since.is_some();
+                let work = run_locked(&shared, &target, &d, locked, &fields, waiting);
+                keeping_ours(&shared, &target, &d, &followers, None, work).await
+            }
         };
         let Ran::Finished(JobOutcome::SourceUnavailable { storage }, _, _) = &ran else {
             break ran;
@@ -279,7 +314,7 @@ async fn process<R: Replicator>(
             interval.max(Duration::from_secs(1))
         };
         let stop = shared.stop.clone();
-        let waited = keeping_ours(&shared, &target, &d, &followers, async move {
+        let waited = keeping_ours(&shared, &target, &d, &followers, None, async move {
             tokio::select! {
                 _ = tokio::time::sleep(wait) => true,
                 _ = stop.cancelled() => false,
@@ -310,6 +345,10 @@ async fn process<R: Replicator>(
             "stopped waiting: a healthy replica holds the repository's generation again"
         );
     }
+    let follower = Role::Follower {
+        leader_delivered: d.deliveries.delivered,
+        leader_failures: d.deliveries.failures,
+    };
     let fields = d.fields();
     let (outcome, latency, dispatched) = match ran {
         Ran::Finished(o, l, dispatched) => (o, l, dispatched),
@@ -374,13 +413,14 @@ async fn process<R: Replicator>(
     }
 }
 
-/// Runs `work` while keeping the job and its followers ours with
-/// in-progress acks.
+/// Runs `work` while keeping the job, its followers and the members that
+/// joined its open `group` ours with in-progress acks.
 async fn keeping_ours<R, T>(
     shared: &Shared<R>,
     target: &Target,
     d: &Delivered,
     followers: &[Delivered],
+    group: Option<&GroupTicket>,
     work: impl std::future::Future<Output = T>,
 ) -> T {
     let acks = &target.acknowledger;
@@ -398,6 +438,13 @@ async fn keeping_ours<R, T>(
                 acks.settle(&d.delivery(), Stage::InFlight, Role::Leader, "").await;
                 for f in followers {
                     acks.settle(&f.delivery(), Stage::InFlight, follower, "").await;
+                }
+                if let Some(ticket) = group {
+                    let joiners = target.groups.take_joiners(ticket);
+                    for f in &joiners {
+                        acks.settle(&f.delivery(), Stage::InFlight, follower, "").await;
+                    }
+                    target.groups.put_back(ticket, joiners);
                 }
             }
         }

@@ -14,6 +14,7 @@ mod job;
 pub mod layout;
 pub mod leftovers;
 pub mod names;
+mod open_groups;
 pub mod order_pruning;
 pub mod pending;
 pub mod praefect_capture;

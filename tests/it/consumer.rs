@@ -627,6 +627,92 @@ async fn a_collapsed_update_published_after_a_twin_completed_still_runs() {
 }
 
 #[tokio::test]
+async fn twins_delivered_while_their_replica_is_busy_join_one_dispatch_as_the_newest() {
+    let c = Cluster::start(2).await;
+    c.db.store
+        .create_repository(c.vs(), "join.git", "gitaly-1", 1, &["gitaly-1"])
+        .await
+        .unwrap();
+    let update = || {
+        c.job(json!({"change": "update", "relative_path": "join.git", "target_node_storage": "gitaly-2", "source_node_storage": "gitaly-1"}))
+    };
+    // Each replication takes 400 ms, and each one the target receives raises
+    // the source's generation: a twin that ran on its own after another
+    // would find the target behind and call again.
+    c.node(2).respond(
+        "ReplicateRepository",
+        Behaviour::delay(Duration::from_millis(400)),
+    );
+    let raising = {
+        let node = c.node(2).clone();
+        let store = c.db.store.clone();
+        let vs = c.vs().to_owned();
+        tokio::spawn(async move {
+            let mut seen = 0;
+            loop {
+                let calls = node.calls_to("ReplicateRepository").len();
+                if calls > seen {
+                    seen = calls;
+                    let generation = i64::try_from(calls).unwrap() + 1;
+                    store
+                        .set_generation(&vs, "join.git", "gitaly-1", generation)
+                        .await
+                        .unwrap();
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    let consumer = c.consumer().await;
+    c.publish(&update()).await;
+    assert!(
+        c.eventually(WAIT, || async {
+            c.node(2).calls_to("ReplicateRepository").len() == 1
+        })
+        .await
+    );
+    // Four twins, each delivered on its own while the first runs.
+    let mut newest = 0;
+    for _ in 0..4 {
+        newest = c
+            .publisher()
+            .publish(&update(), None)
+            .await
+            .unwrap()
+            .sequence;
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
+    assert!(
+        c.eventually(WAIT, || async { c.work_messages().await == 0 })
+            .await
+    );
+    raising.abort();
+    // The first job, then one dispatch for the four: it read generation 2,
+    // raised by the first call.
+    assert_eq!(c.node(2).calls_to("ReplicateRepository").len(), 2);
+    assert_eq!(
+        c.db.store
+            .generation(c.vs(), "join.git", "gitaly-2")
+            .await
+            .unwrap(),
+        Some(2)
+    );
+    // It ran as the newest twin, so a job published before that one can no
+    // longer undo it.
+    let recorded: i64 = sqlx::query_scalar(
+        "SELECT max(sequence) FROM replication_order
+        WHERE virtual_storage = $1 AND relative_path = 'join.git'",
+    )
+    .bind(c.vs())
+    .fetch_one(c.db.store.pool())
+    .await
+    .unwrap();
+    assert_eq!(recorded, i64::try_from(newest).unwrap());
+    assert!(c.dead_letters().await.is_empty());
+    consumer.stop().await.unwrap();
+}
+
+#[tokio::test]
 async fn jobs_for_an_unhealthy_target_wait_in_the_queue_with_attempts_intact() {
     let c = Cluster::start(2).await;
     c.node(2).set_serving(false);
