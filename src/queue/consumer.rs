@@ -111,6 +111,11 @@ pub(super) struct Shared<R> {
     /// kept fetching and, with an unlimited `max_ack_pending`, memory grew
     /// with the backlog.
     pub intake: Arc<Semaphore>,
+    /// Bounds the twins that joined a group waiting for its lock and gave
+    /// their intake back (see `open_groups`): they hold only memory, so
+    /// more of them than the intake may wait, and the pull loops keep
+    /// fetching the other repositories' jobs behind a busy replica's twins.
+    pub riders: Arc<Semaphore>,
     pub settings: ConsumerSettings,
     pub stop: CancellationToken,
     pub abort: CancellationToken,
@@ -161,15 +166,14 @@ pub async fn run<R: Replicator>(deps: ConsumerDeps<R>) -> Result<(), ConsumerErr
             stream: layout.stream.clone(),
             message,
         })?;
+    let intake = intake_capacity(&settings, layout.consumers.len());
     let shared = Arc::new(Shared {
         layout: layout.clone(),
         replicator,
         locks,
         permits: Arc::new(Semaphore::new(settings.max_concurrent_jobs.max(1))),
-        intake: Arc::new(Semaphore::new(intake_capacity(
-            &settings,
-            layout.consumers.len(),
-        ))),
+        intake: Arc::new(Semaphore::new(intake)),
+        riders: Arc::new(Semaphore::new(intake.saturating_mul(RIDERS_PER_INTAKE))),
         settings,
         stop: stop.clone(),
         abort,
@@ -282,6 +286,10 @@ pub async fn run<R: Replicator>(deps: ConsumerDeps<R>) -> Result<(), ConsumerErr
     }
     Ok(())
 }
+
+/// Twins that may wait in open groups without intake, per job of intake
+/// (a joined twin holds its message and decoded job, a few kB at most).
+const RIDERS_PER_INTAKE: usize = 8;
 
 /// Jobs one process may hold: every job slot busy, plus one open request
 /// per pull loop, so a full process still has its next batches at hand.

@@ -47,7 +47,8 @@ pub(super) struct Delivered {
     pub(super) placement: Placement,
     /// What it carries from the job's earlier copies.
     pub(super) carried: Carried,
-    /// Its share of the intake, given back when the task ends.
+    /// Its share of the intake (or, joined to an open group, a rider's
+    /// place), given back when the task ends.
     pub(super) held: Option<OwnedSemaphorePermit>,
 }
 
@@ -197,7 +198,7 @@ pub(super) fn dispatch_batch<R: Replicator>(
             }
             // A group of an earlier batch still waiting for the lock runs
             // for this one too.
-            d = match target.groups.join(&k, d) {
+            d = match target.groups.join(&k, d, &shared.riders) {
                 None => continue,
                 Some(d) => d,
             };

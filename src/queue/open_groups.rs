@@ -12,6 +12,7 @@ use crate::queue::incarnation::Incarnation;
 use crate::queue::job::Delivered;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use tokio::sync::Semaphore;
 
 /// A replica's identical updates: relative path and source (the target is
 /// the registry's own).
@@ -49,11 +50,20 @@ impl OpenGroups {
 
     /// Adds `d` to the open group of `key`, or gives it back when there is
     /// none (or it reads another incarnation of the stream, whose sequences
-    /// do not compare).
-    pub(super) fn join(&self, key: &GroupKey, d: Delivered) -> Option<Delivered> {
+    /// do not compare). A joiner trades its intake for a rider's place
+    /// while `riders` has one, so the intake goes on fetching.
+    pub(super) fn join(
+        &self,
+        key: &GroupKey,
+        mut d: Delivered,
+        riders: &Arc<Semaphore>,
+    ) -> Option<Delivered> {
         let mut registry = self.registry();
         match registry.groups.get_mut(key) {
             Some(g) if Arc::ptr_eq(&g.incarnation, &d.incarnation) => {
+                if let Ok(rider) = riders.clone().try_acquire_owned() {
+                    d.held = Some(rider);
+                }
                 g.joiners.push(d);
                 None
             }

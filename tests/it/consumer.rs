@@ -713,6 +713,59 @@ async fn twins_delivered_while_their_replica_is_busy_join_one_dispatch_as_the_ne
 }
 
 #[tokio::test]
+async fn twins_waiting_behind_a_busy_replica_leave_the_intake_to_other_repositories() {
+    let c = Cluster::start(2).await;
+    c.db.store
+        .create_repository(c.vs(), "busy.git", "gitaly-1", 1, &["gitaly-1"])
+        .await
+        .unwrap();
+    let update = || {
+        c.job(json!({"change": "update", "relative_path": "busy.git", "target_node_storage": "gitaly-2", "source_node_storage": "gitaly-1"}))
+    };
+    c.node(2).respond(
+        "ReplicateRepository",
+        Behaviour::delay(Duration::from_secs(4)),
+    );
+    // Two job slots and one job per pull: the process holds 4 jobs at most
+    // (slots plus one open request for each of the two targets).
+    let consumer = c
+        .consumer_with(|config| {
+            config.replication.max_concurrent_jobs = 2;
+            config.replication.batch_size = 1;
+        })
+        .await;
+    c.publish(&update()).await;
+    assert!(
+        c.eventually(WAIT, || async {
+            c.node(2).calls_to("ReplicateRepository").len() == 1
+        })
+        .await
+    );
+    // Six twins queue behind the running job, then another repository's job.
+    for _ in 0..6 {
+        c.publish(&update()).await;
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    c.publish(&gc(&c, "elsewhere.git")).await;
+    // It runs in the free slot while the replica's call still runs: the
+    // twins that joined the waiting group gave their intake back.
+    assert!(
+        c.eventually(Duration::from_secs(2), || async {
+            !c.node(2).calls_to("GarbageCollect").is_empty()
+        })
+        .await
+    );
+    assert_eq!(c.node(2).calls_to("ReplicateRepository").len(), 1);
+    assert!(
+        c.eventually(WAIT, || async { c.work_messages().await == 0 })
+            .await
+    );
+    // The twins ran as one group, which found the target up to date.
+    assert_eq!(c.node(2).calls_to("ReplicateRepository").len(), 1);
+    consumer.stop().await.unwrap();
+}
+
+#[tokio::test]
 async fn jobs_for_an_unhealthy_target_wait_in_the_queue_with_attempts_intact() {
     let c = Cluster::start(2).await;
     c.node(2).set_serving(false);
