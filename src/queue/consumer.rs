@@ -240,6 +240,11 @@ pub async fn run<R: Replicator>(deps: ConsumerDeps<R>) -> Result<(), ConsumerErr
         crate::service::log_changes(&changes);
         LayoutChange::all_applied(&changes)?;
         let metrics = TargetMetrics::new(&spec.virtual_storage, &spec.target_storage);
+        let waiting = Waiting::new(
+            &spec.virtual_storage,
+            &spec.target_storage,
+            layout.max_ack_pending,
+        );
         let target = Arc::new(Target {
             spec: spec.clone(),
             acknowledger: Acknowledger::new(
@@ -251,12 +256,8 @@ pub async fn run<R: Replicator>(deps: ConsumerDeps<R>) -> Result<(), ConsumerErr
                 metrics.clone(),
             ),
             metrics,
-            waiting: Waiting::new(
-                &spec.virtual_storage,
-                &spec.target_storage,
-                layout.max_ack_pending,
-            ),
-            groups: OpenGroups::default(),
+            waiting: waiting.clone(),
+            groups: OpenGroups::new(waiting),
         });
         let database = readiness.dependencies().watch(Dependency::Postgres);
         let healthy = node.subscribe_health();

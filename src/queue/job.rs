@@ -260,6 +260,11 @@ async fn process<R: Replicator>(
     let ran = loop {
         let locked = {
             let fields = d.fields();
+            // The leader counts itself; its followers wait with it.
+            let _counted: Vec<_> = followers
+                .iter()
+                .map(|_| target.waiting.counting(WaitReason::RepositoryLocked))
+                .collect();
             let work = lock_job(&shared, &target, &d, &fields);
             keeping_ours(&shared, &target, &d, &followers, group.as_ref(), work).await
         };

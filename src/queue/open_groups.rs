@@ -10,6 +10,7 @@
 
 use crate::queue::incarnation::Incarnation;
 use crate::queue::job::Delivered;
+use crate::queue::waiting::{WaitReason, WaitSlot, Waiting};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use tokio::sync::Semaphore;
@@ -28,12 +29,14 @@ struct OpenGroup {
     id: u64,
     incarnation: Arc<Incarnation>,
     joiners: Vec<Delivered>,
+    /// The joiners in the waiting gauge, until the lock is taken.
+    counted: Vec<WaitSlot>,
 }
 
 /// One target's open groups.
-#[derive(Default)]
 pub(super) struct OpenGroups {
     inner: Mutex<Registry>,
+    waiting: Arc<Waiting>,
 }
 
 #[derive(Default)]
@@ -43,6 +46,14 @@ struct Registry {
 }
 
 impl OpenGroups {
+    /// Joined twins wait for the lock in `waiting`'s gauge.
+    pub(super) fn new(waiting: Arc<Waiting>) -> Self {
+        OpenGroups {
+            inner: Mutex::new(Registry::default()),
+            waiting,
+        }
+    }
+
     fn registry(&self) -> std::sync::MutexGuard<'_, Registry> {
         // Nothing in here can be left half-written by a panic.
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
@@ -65,6 +76,8 @@ impl OpenGroups {
                     d.held = Some(rider);
                 }
                 g.joiners.push(d);
+                g.counted
+                    .push(self.waiting.counting(WaitReason::RepositoryLocked));
                 None
             }
             _ => Some(d),
@@ -90,6 +103,7 @@ impl OpenGroups {
                 id,
                 incarnation: incarnation.clone(),
                 joiners: Vec::new(),
+                counted: Vec::new(),
             },
         );
         Some(GroupTicket { key, id })

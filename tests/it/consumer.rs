@@ -746,6 +746,20 @@ async fn twins_waiting_behind_a_busy_replica_leave_the_intake_to_other_repositor
         c.publish(&update()).await;
         tokio::time::sleep(Duration::from_millis(30)).await;
     }
+    // The six wait for the lock, in the gauge: the group's leader and the
+    // twins that joined it.
+    let locked_waiting = || {
+        crate::common::service_metrics::samples().sum(
+            "gitaly_replicator_jobs_waiting",
+            &[("virtual_storage", c.vs()), ("reason", "repository_locked")],
+        )
+    };
+    assert!(
+        c.eventually(Duration::from_secs(2), || async { locked_waiting() == 6.0 })
+            .await,
+        "jobs waiting for the repository lock: {}",
+        locked_waiting()
+    );
     c.publish(&gc(&c, "elsewhere.git")).await;
     // It runs in the free slot while the replica's call still runs: the
     // twins that joined the waiting group gave their intake back.
@@ -762,6 +776,7 @@ async fn twins_waiting_behind_a_busy_replica_leave_the_intake_to_other_repositor
     );
     // The twins ran as one group, which found the target up to date.
     assert_eq!(c.node(2).calls_to("ReplicateRepository").len(), 1);
+    assert_eq!(locked_waiting(), 0.0);
     consumer.stop().await.unwrap();
 }
 
