@@ -231,11 +231,13 @@ impl RepositoryStore {
                     WHERE o.stream <> EXCLUDED.stream OR o.sequence < EXCLUDED.sequence
                 RETURNING virtual_storage, relative_path, target_storage, sequence
             ), allowed AS MATERIALIZED (
+                -- A hashed semi-join on `ordered` (one row per replica):
+                -- a join was planned as a loop over it for every row.
                 SELECT f.* FROM current f
-                LEFT JOIN ordered o
-                    ON o.virtual_storage = f.vs AND o.relative_path = f.rel
-                   AND o.target_storage = f.storage AND o.sequence = f.seq
-                WHERE f.stream IS NULL OR o.sequence IS NOT NULL
+                WHERE f.stream IS NULL
+                   OR (f.vs, f.rel, f.storage, f.seq) IN (
+                        SELECT virtual_storage, relative_path, target_storage, sequence
+                        FROM ordered)
             ), gens AS (
                 SELECT DISTINCT ON (vs, rel, storage) vs, rel, storage, gen, rid, rgen
                 FROM allowed WHERE gen <> -1 AND rid IS NOT NULL
