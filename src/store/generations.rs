@@ -198,96 +198,7 @@ impl RepositoryStore {
         &self,
         replicas: &[GenerationRecord<'_>],
     ) -> Result<Vec<Gated<bool>>, StoreError> {
-        // The fence: each job's lock session still holds its locks.
-        static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-            "WITH input AS (
-                SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[],
-                                     $5::text[], $6::bigint[], $7::int[], $8::timestamptz[],
-                                     $9::bigint[])
-                    WITH ORDINALITY AS t(vs, rel, storage, gen, stream, seq, pid, started, id, i)
-            ), alive AS MATERIALIZED (
-                SELECT s.pid, s.started FROM (SELECT DISTINCT pid, started FROM input
-                                              WHERE pid IS NOT NULL) s
-                WHERE {HOLDS}
-            ), fenced AS MATERIALIZED (
-                SELECT input.* FROM input
-                WHERE input.pid IS NULL OR EXISTS (
-                    SELECT FROM alive WHERE alive.pid = input.pid
-                                        AND alive.started = input.started)
-            ), current AS MATERIALIZED (
-                -- The repository row read once: its id and generation serve
-                -- the id check, the raise and the replica row below.
-                SELECT f.*, r.repository_id AS rid, r.generation AS rgen FROM fenced f
-                LEFT JOIN repositories r ON r.virtual_storage = f.vs AND r.relative_path = f.rel
-                WHERE f.id IS NULL OR r.repository_id IS NULL OR r.repository_id = f.id
-            ), ordered AS (
-                INSERT INTO replication_order AS o
-                    (virtual_storage, relative_path, target_storage, stream, sequence)
-                SELECT DISTINCT ON (vs, rel, storage) vs, rel, storage, stream, seq
-                FROM current WHERE stream IS NOT NULL
-                ORDER BY vs, rel, storage, seq DESC
-                ON CONFLICT (virtual_storage, relative_path, target_storage) DO UPDATE
-                    SET stream = EXCLUDED.stream, sequence = EXCLUDED.sequence
-                    WHERE o.stream <> EXCLUDED.stream OR o.sequence < EXCLUDED.sequence
-                RETURNING virtual_storage, relative_path, target_storage, sequence
-            ), allowed AS MATERIALIZED (
-                -- A hashed semi-join on `ordered` (one row per replica):
-                -- a join was planned as a loop over it for every row.
-                SELECT f.* FROM current f
-                WHERE f.stream IS NULL
-                   OR (f.vs, f.rel, f.storage, f.seq) IN (
-                        SELECT virtual_storage, relative_path, target_storage, sequence
-                        FROM ordered)
-            ), gens AS (
-                SELECT DISTINCT ON (vs, rel, storage) vs, rel, storage, gen, rid, rgen
-                FROM allowed WHERE gen <> -1 AND rid IS NOT NULL
-                ORDER BY vs, rel, storage, gen DESC
-            ), raised AS (
-                -- Only where the row read is behind: a generation never
-                -- falls, and the update checks again on the latest row.
-                UPDATE repositories r SET generation = m.gen
-                FROM (SELECT rid, max(gen) AS gen FROM gens
-                      WHERE rgen IS NULL OR rgen < gen GROUP BY rid) m
-                WHERE r.repository_id = m.rid
-                  AND (r.generation IS NULL OR r.generation < m.gen)
-            ), targets AS MATERIALIZED (
-                SELECT rid AS repository_id, vs AS virtual_storage, rel AS relative_path, storage, gen,
-                    -- The rare case first: AND stops at it, one probe a row.
-                    EXISTS (SELECT FROM storage_repositories s
-                            WHERE s.repository_id = gens.rid AND s.storage = gens.storage
-                              AND s.relative_path <> gens.rel)
-                    AND NOT EXISTS (SELECT FROM storage_repositories s
-                                    WHERE s.virtual_storage = gens.vs AND s.relative_path = gens.rel
-                                      AND s.storage = gens.storage) AS elsewhere
-                FROM gens
-            ), moved AS (
-                UPDATE storage_repositories s
-                SET relative_path = t.relative_path, generation = GREATEST(s.generation, t.gen)
-                FROM targets t
-                WHERE t.elsewhere AND s.repository_id = t.repository_id AND s.storage = t.storage
-                RETURNING s.virtual_storage, s.relative_path, s.storage, s.generation
-            ), written AS (
-                INSERT INTO storage_repositories
-                    (repository_id, virtual_storage, relative_path, storage, generation)
-                SELECT repository_id, virtual_storage, relative_path, storage, gen
-                FROM targets WHERE NOT elsewhere
-                ON CONFLICT (virtual_storage, relative_path, storage) DO UPDATE
-                    SET repository_id = EXCLUDED.repository_id, generation = EXCLUDED.generation
-                    WHERE storage_repositories.generation <= EXCLUDED.generation
-                RETURNING virtual_storage, relative_path, storage, generation
-            )
-            SELECT f.i IS NOT NULL, c.i IS NOT NULL, a.i IS NOT NULL, w.generation IS NOT NULL
-            FROM input
-            LEFT JOIN fenced f ON f.i = input.i
-            LEFT JOIN current c ON c.i = input.i
-            LEFT JOIN allowed a ON a.i = input.i
-            LEFT JOIN (SELECT DISTINCT * FROM (SELECT * FROM written UNION ALL SELECT * FROM moved) m) w
-                ON w.virtual_storage = input.vs AND w.relative_path = input.rel
-               AND w.storage = input.storage AND w.generation = input.gen
-            ORDER BY input.i"
-            .replace("{HOLDS}", &lock_sessions::holds_sql("s.pid", "s.started"))
-        });
-        let rows: Vec<(bool, bool, bool, bool)> = sqlx::query_as(SQL.as_str())
+        let rows: Vec<(bool, bool, bool, bool)> = sqlx::query_as(set_generations_sql())
             .bind(
                 replicas
                     .iter()
@@ -619,4 +530,98 @@ pub(crate) enum InvalidSource {
     /// Nothing was deleted: a rename to `to` may have moved the replica on
     /// disk and not been recorded yet.
     Moving { to: String },
+}
+
+/// The statement of [`RepositoryStore::set_generations`]. The fence: each
+/// job's lock session still holds its locks.
+pub(super) fn set_generations_sql() -> &'static str {
+    static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        "WITH input AS (
+            SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[],
+                                 $5::text[], $6::bigint[], $7::int[], $8::timestamptz[],
+                                 $9::bigint[])
+                WITH ORDINALITY AS t(vs, rel, storage, gen, stream, seq, pid, started, id, i)
+        ), alive AS MATERIALIZED (
+            SELECT s.pid, s.started FROM (SELECT DISTINCT pid, started FROM input
+                                          WHERE pid IS NOT NULL) s
+            WHERE {HOLDS}
+        ), fenced AS MATERIALIZED (
+            SELECT input.* FROM input
+            WHERE input.pid IS NULL OR EXISTS (
+                SELECT FROM alive WHERE alive.pid = input.pid
+                                    AND alive.started = input.started)
+        ), current AS MATERIALIZED (
+            -- The repository row read once: its id and generation serve
+            -- the id check, the raise and the replica row below.
+            SELECT f.*, r.repository_id AS rid, r.generation AS rgen FROM fenced f
+            LEFT JOIN repositories r ON r.virtual_storage = f.vs AND r.relative_path = f.rel
+            WHERE f.id IS NULL OR r.repository_id IS NULL OR r.repository_id = f.id
+        ), ordered AS (
+            INSERT INTO replication_order AS o
+                (virtual_storage, relative_path, target_storage, stream, sequence)
+            SELECT DISTINCT ON (vs, rel, storage) vs, rel, storage, stream, seq
+            FROM current WHERE stream IS NOT NULL
+            ORDER BY vs, rel, storage, seq DESC
+            ON CONFLICT (virtual_storage, relative_path, target_storage) DO UPDATE
+                SET stream = EXCLUDED.stream, sequence = EXCLUDED.sequence
+                WHERE o.stream <> EXCLUDED.stream OR o.sequence < EXCLUDED.sequence
+            RETURNING virtual_storage, relative_path, target_storage, sequence
+        ), allowed AS MATERIALIZED (
+            -- A hashed semi-join on `ordered` (one row per replica):
+            -- a join was planned as a loop over it for every row.
+            SELECT f.* FROM current f
+            WHERE f.stream IS NULL
+               OR (f.vs, f.rel, f.storage, f.seq) IN (
+                    SELECT virtual_storage, relative_path, target_storage, sequence
+                    FROM ordered)
+        ), gens AS (
+            SELECT DISTINCT ON (vs, rel, storage) vs, rel, storage, gen, rid, rgen
+            FROM allowed WHERE gen <> -1 AND rid IS NOT NULL
+            ORDER BY vs, rel, storage, gen DESC
+        ), raised AS (
+            -- Only where the row read is behind: a generation never
+            -- falls, and the update checks again on the latest row.
+            UPDATE repositories r SET generation = m.gen
+            FROM (SELECT rid, max(gen) AS gen FROM gens
+                  WHERE rgen IS NULL OR rgen < gen GROUP BY rid) m
+            WHERE r.repository_id = m.rid
+              AND (r.generation IS NULL OR r.generation < m.gen)
+        ), targets AS MATERIALIZED (
+            SELECT rid AS repository_id, vs AS virtual_storage, rel AS relative_path, storage, gen,
+                -- The rare case first: AND stops at it, one probe a row.
+                EXISTS (SELECT FROM storage_repositories s
+                        WHERE s.repository_id = gens.rid AND s.storage = gens.storage
+                          AND s.relative_path <> gens.rel)
+                AND NOT EXISTS (SELECT FROM storage_repositories s
+                                WHERE s.virtual_storage = gens.vs AND s.relative_path = gens.rel
+                                  AND s.storage = gens.storage) AS elsewhere
+            FROM gens
+        ), moved AS (
+            UPDATE storage_repositories s
+            SET relative_path = t.relative_path, generation = GREATEST(s.generation, t.gen)
+            FROM targets t
+            WHERE t.elsewhere AND s.repository_id = t.repository_id AND s.storage = t.storage
+            RETURNING s.virtual_storage, s.relative_path, s.storage, s.generation
+        ), written AS (
+            INSERT INTO storage_repositories
+                (repository_id, virtual_storage, relative_path, storage, generation)
+            SELECT repository_id, virtual_storage, relative_path, storage, gen
+            FROM targets WHERE NOT elsewhere
+            ON CONFLICT (virtual_storage, relative_path, storage) DO UPDATE
+                SET repository_id = EXCLUDED.repository_id, generation = EXCLUDED.generation
+                WHERE storage_repositories.generation <= EXCLUDED.generation
+            RETURNING virtual_storage, relative_path, storage, generation
+        )
+        SELECT f.i IS NOT NULL, c.i IS NOT NULL, a.i IS NOT NULL, w.generation IS NOT NULL
+        FROM input
+        LEFT JOIN fenced f ON f.i = input.i
+        LEFT JOIN current c ON c.i = input.i
+        LEFT JOIN allowed a ON a.i = input.i
+        LEFT JOIN (SELECT DISTINCT * FROM (SELECT * FROM written UNION ALL SELECT * FROM moved) m) w
+            ON w.virtual_storage = input.vs AND w.relative_path = input.rel
+           AND w.storage = input.storage AND w.generation = input.gen
+        ORDER BY input.i"
+            .replace("{HOLDS}", &lock_sessions::holds_sql("s.pid", "s.started"))
+    });
+    SQL.as_str()
 }
