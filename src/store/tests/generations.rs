@@ -352,11 +352,12 @@ fn loops_over_a_cte(plan: &[String]) -> Vec<String> {
                 .get(1)
                 .is_some_and(|c| c.starts_with("->  CTE Scan"))
         } else {
+            // The closing parenthesis: `SubPlan 9` is not `SubPlan 90`.
             let name = line.trim();
             children
                 .first()
                 .is_some_and(|c| c.starts_with("->  CTE Scan"))
-                && !plan.iter().any(|l| l.contains(&format!("hashed {name}")))
+                && !plan.iter().any(|l| l.contains(&format!("hashed {name})")))
         };
         if rescans_a_cte {
             found.push(format!("{}\n{}", line.trim(), children.join("\n")));
