@@ -17,20 +17,26 @@ use std::process::ExitCode;
 /// name no constant for it).
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
-/// Hands freed memory back to the kernel at once instead of after mimalloc's
-/// default second: the consumer's peak RSS in a 1M drain fell by about
-/// 8 MiB for a few per cent more CPU per job (docs/performance.md, Memory).
+/// How long (ms) the allocator keeps freed memory before handing it back to
+/// the kernel, unless `MIMALLOC_PURGE_DELAY` says otherwise. mimalloc's own
+/// second let the consumer's peak RSS in a 1M drain grow by about 8 MiB;
+/// handing back at once (0) cost the consumer about a sixth more CPU per
+/// job in returning and refaulting pages it would have reused; 10 ms keeps
+/// most of that CPU for about 1 MiB (docs/performance.md, Memory).
+const PURGE_DELAY_MS: std::os::raw::c_long = 10;
+
+/// Sets the allocator's purge delay to [`PURGE_DELAY_MS`];
 /// `MIMALLOC_PURGE_DELAY` in the environment still decides when set.
-fn purge_freed_memory_at_once() {
+fn set_purge_delay() {
     if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
         // SAFETY: main's first statement, before any other thread exists
         // (mi_option_set is not thread-safe); the option is a plain integer.
-        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0) };
+        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, PURGE_DELAY_MS) };
     }
 }
 
 fn main() -> ExitCode {
-    purge_freed_memory_at_once();
+    set_purge_delay();
     let args = match cli::Args::try_parse() {
         Ok(args) => args,
         Err(e) => return cli::parse_error(&e),
