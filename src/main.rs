@@ -20,9 +20,9 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 /// How long (ms) the allocator keeps freed memory before handing it back to
 /// the kernel, unless `MIMALLOC_PURGE_DELAY` says otherwise. mimalloc's own
 /// second let the consumer's peak RSS in a 1M drain grow by about 8 MiB;
-/// handing back at once (0) cost the consumer about a sixth more CPU per
-/// job in returning and refaulting pages it would have reused; 10 ms keeps
-/// most of that CPU for about 1 MiB (docs/performance.md, Memory).
+/// handing back at once (0) made the consumer spend about an eighth of its
+/// CPU per job returning and refaulting pages it would have reused; 10 ms
+/// saves that for under 1 MiB (docs/performance.md, Memory).
 const PURGE_DELAY_MS: std::os::raw::c_long = 10;
 
 /// Sets the allocator's purge delay to [`PURGE_DELAY_MS`];
